@@ -1,0 +1,129 @@
+"""A GPT-2 style decoder-only transformer built on `CausalAttention`.
+
+token ids -> token + learned position embeddings -> dropout -> N pre-LayerNorm blocks
+(attention and a GELU MLP, each added back to the residual stream) -> final LayerNorm ->
+LM head (tied to the token embedding) -> logits.
+
+The model only computes logits: the loss lives in `gpt.training`, generation in
+`gpt.sampling`. Initialisation follows GPT-2: N(0, 0.02) for weights, zero biases, and the
+projections that write into the residual stream scaled down by 1/sqrt(2 * n_layers) so the
+stream's variance does not grow with depth.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gpt.attention import CausalAttention
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the model; the names follow "LLMs from scratch"."""
+
+    vocab_size: int = 50257  # GPT-2 BPE
+    context_length: int = 256  # longest sequence the model reads
+    emb_dim: int = 384
+    n_heads: int = 6
+    n_layers: int = 6
+    drop_rate: float = 0.1  # embedding, attention-weight and residual dropout
+    qkv_bias: bool = False
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be at least 1, got {getattr(self, name)}")
+        if self.emb_dim % self.n_heads != 0:
+            raise ValueError(
+                f"model.emb_dim ({self.emb_dim}) must be divisible by model.n_heads ({self.n_heads})"
+            )
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"model.drop_rate must be in [0, 1), got {self.drop_rate}")
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: widen 4x, GELU (tanh approximation, as GPT-2), project back."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.gelu(self.fc(x)))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: x + drop(attn(ln(x))), then x + drop(mlp(ln(x)))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.emb_dim)
+        self.att = CausalAttention(
+            d_in=cfg.emb_dim,
+            d_out=cfg.emb_dim,
+            context_length=cfg.context_length,
+            dropout=cfg.drop_rate,
+            qkv_bias=cfg.qkv_bias,
+            num_heads=cfg.n_heads,
+            out_proj=True,
+        )
+        self.norm2 = nn.LayerNorm(cfg.emb_dim)
+        self.ff = FeedForward(cfg)
+        self.drop_resid = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_resid(self.att(self.norm1(x)))
+        x = x + self.drop_resid(self.ff(self.norm2(x)))
+        return x
+
+
+class GPTModel(nn.Module):
+    """GPT-2 style language model: `forward(idx) -> logits`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(cfg.emb_dim)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        # Weight tying (GPT-2): the head reuses the token embedding matrix, which saves
+        # vocab_size * emb_dim parameters, most of a small model.
+        self.out_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        residual_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+        for block in self.trf_blocks:
+            nn.init.normal_(block.att.out_proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.ff.proj.weight, mean=0.0, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        """Number of trainable parameters, the tied embedding counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, vocab_size) logits for the next token at each position."""
+        _, num_tokens = idx.shape
+        if num_tokens > self.cfg.context_length:
+            raise ValueError(
+                f"input of {num_tokens} tokens is longer than context_length "
+                f"{self.cfg.context_length}; crop it to the last {self.cfg.context_length} tokens"
+            )
+        positions = torch.arange(num_tokens, device=idx.device)
+        x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, emb_dim)
+        x = self.drop_emb(x)
+        for block in self.trf_blocks:
+            x = block(x)
+        return self.out_head(self.final_norm(x))  # (B, T, vocab_size)

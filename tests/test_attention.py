@@ -1,0 +1,113 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt import CausalAttention
+
+# The seed notebook's six-token example ("Your journey starts with one step").
+INPUTS = torch.tensor([
+    [0.43, 0.15, 0.89], [0.55, 0.87, 0.66], [0.57, 0.85, 0.64],
+    [0.22, 0.58, 0.33], [0.77, 0.25, 0.10], [0.05, 0.80, 0.55],
+])
+BATCH = torch.stack((INPUTS, INPUTS), dim=0)
+# What the notebook printed: its masked_fill result is dropped, so no row is masked.
+NOTEBOOK_OUTPUT = torch.tensor([
+    [-0.5337, -0.1051], [-0.5323, -0.1080], [-0.5323, -0.1079],
+    [-0.5297, -0.1076], [-0.5311, -0.1066], [-0.5299, -0.1081],
+])
+# The correct causal output (as chapter 3 of "LLMs from scratch" prints it).
+CAUSAL_OUTPUT = torch.tensor([
+    [-0.4519, 0.2216], [-0.5874, 0.0058], [-0.6300, -0.0632],
+    [-0.5675, -0.0843], [-0.5526, -0.0981], [-0.5299, -0.1081],
+])
+
+
+def seed_module(dropout: float = 0.0) -> CausalAttention:
+    torch.manual_seed(123)
+    return CausalAttention(d_in=3, d_out=2, context_length=BATCH.shape[1], dropout=dropout)
+
+
+def test_seed_example_is_causal_and_not_the_notebooks_output():
+    ca = seed_module()
+    out = ca(BATCH)
+    assert out.shape == (2, 6, 2)
+    assert torch.allclose(out[0], CAUSAL_OUTPUT, atol=1e-4)
+    assert torch.allclose(out[1], CAUSAL_OUTPUT, atol=1e-4)
+    # The notebook's printed rows differ everywhere but the last (which sees all tokens anyway).
+    assert not torch.allclose(out[0, :5], NOTEBOOK_OUTPUT[:5], atol=1e-3)
+    assert torch.allclose(out[0, 5], NOTEBOOK_OUTPUT[5], atol=1e-4)
+    # The first token can only attend to itself: its context vector is its own value vector.
+    assert torch.allclose(out[0, 0], ca.W_value(INPUTS[0]), atol=1e-6)
+
+
+def test_notebook_bug_reproduced_by_dropping_the_mask():
+    """The notebook's output is exactly what attention with no mask at all gives."""
+    ca = seed_module()
+    q, k, v = ca.W_query(BATCH), ca.W_key(BATCH), ca.W_value(BATCH)
+    unmasked = torch.softmax(q @ k.transpose(1, 2) / 2 ** 0.5, dim=-1) @ v
+    assert torch.allclose(unmasked[0], NOTEBOOK_OUTPUT, atol=1e-4)
+
+
+def test_matches_torch_sdpa_single_and_multi_head():
+    torch.manual_seed(0)
+    x = torch.randn(3, 10, 24)
+    for heads in (1, 4):
+        ca = CausalAttention(24, 24, context_length=12, dropout=0.0, num_heads=heads, out_proj=False)
+        shape = (3, 10, heads, 24 // heads)
+        q, k, v = (w(x).view(shape).transpose(1, 2) for w in (ca.W_query, ca.W_key, ca.W_value))
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(3, 10, 24)
+        assert torch.allclose(ca(x), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,dropout", [("train", 0.0), ("eval", 0.5)])
+def test_no_future_leak(mode, dropout):
+    torch.manual_seed(0)
+    ca = CausalAttention(8, 8, context_length=12, dropout=dropout, num_heads=2)
+    getattr(ca, mode)()
+    x = torch.randn(2, 12, 8)
+    for t in range(12):
+        changed = x.clone()
+        changed[:, t + 1:] = torch.randn_like(changed[:, t + 1:]) * 10
+        assert torch.allclose(ca(x)[:, :t + 1], ca(changed)[:, :t + 1], atol=1e-6), t
+        if t < 11:  # and the change does reach the later positions (the test can fail)
+            assert not torch.allclose(ca(x)[:, t + 1:], ca(changed)[:, t + 1:])
+
+
+def test_dropout_active_in_train_and_off_in_eval():
+    ca = seed_module(dropout=0.5)
+    ca.train()
+    torch.manual_seed(1)
+    first = ca(BATCH)
+    torch.manual_seed(2)
+    second = ca(BATCH)
+    assert not torch.allclose(first, second)
+    ca.eval()
+    assert torch.allclose(ca(BATCH)[0], CAUSAL_OUTPUT, atol=1e-4)
+    assert torch.equal(ca(BATCH), ca(BATCH))
+
+
+def test_mask_is_a_non_persistent_buffer():
+    ca = CausalAttention(4, 4, context_length=5, dropout=0.0)
+    assert "mask" in dict(ca.named_buffers())
+    assert "mask" not in ca.state_dict()
+    assert ca.mask.dtype == torch.bool
+    assert torch.equal(ca.mask, torch.triu(torch.ones(5, 5, dtype=torch.bool), diagonal=1))
+
+
+def test_parameter_names_order_and_projection():
+    single = CausalAttention(3, 2, 6, 0.0)
+    assert [n for n, _ in single.named_parameters()] == ["W_query.weight", "W_key.weight", "W_value.weight"]
+    multi = CausalAttention(6, 6, 6, 0.0, qkv_bias=True, num_heads=3)
+    names = [n for n, _ in multi.named_parameters()]
+    assert names[:6] == ["W_query.weight", "W_query.bias", "W_key.weight", "W_key.bias",
+                         "W_value.weight", "W_value.bias"]
+    assert "out_proj.weight" in names
+    assert multi(torch.randn(2, 5, 6)).shape == (2, 5, 6)
+
+
+def test_bad_shapes_are_clear_errors():
+    with pytest.raises(ValueError, match="divisible"):
+        CausalAttention(8, 10, 4, 0.0, num_heads=3)
+    ca = CausalAttention(4, 4, context_length=5, dropout=0.0)
+    with pytest.raises(ValueError, match="longer than context_length 5"):
+        ca(torch.randn(1, 6, 4))

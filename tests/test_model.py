@@ -1,0 +1,96 @@
+import math
+
+import pytest
+import torch
+
+from gpt import GPTModel, ModelConfig
+from gpt.training import build_optimizer, calc_loss_batch, TrainConfig
+
+
+def test_logits_shape(tiny_model, tiny_cfg):
+    idx = torch.randint(0, tiny_cfg.vocab_size, (3, 10))
+    assert tiny_model(idx).shape == (3, 10, tiny_cfg.vocab_size)
+
+
+def test_input_longer_than_context_is_a_clear_error(tiny_model, tiny_cfg):
+    idx = torch.zeros(1, tiny_cfg.context_length + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="longer than context_length 16"):
+        tiny_model(idx)
+
+
+@pytest.mark.parametrize("mode,drop_rate", [("train", 0.0), ("eval", 0.3)])
+def test_no_future_leak_through_the_model(mode, drop_rate, tiny_cfg):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**tiny_cfg.__dict__, "drop_rate": drop_rate})
+    model = getattr(GPTModel(cfg), mode)()
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.context_length))
+    base = model(idx)
+    for t in (0, 5, cfg.context_length - 2):
+        changed = idx.clone()
+        changed[:, t + 1:] = (changed[:, t + 1:] + 1) % cfg.vocab_size
+        out = model(changed)
+        assert torch.allclose(base[:, :t + 1], out[:, :t + 1], atol=1e-5)
+        assert not torch.allclose(base[:, t + 1:], out[:, t + 1:], atol=1e-5)
+
+
+def test_dropout_on_in_train_off_in_eval(tiny_cfg):
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(**{**tiny_cfg.__dict__, "drop_rate": 0.2}))
+    idx = torch.randint(0, tiny_cfg.vocab_size, (2, 8))
+    model.train()
+    assert not torch.allclose(model(idx), model(idx))
+    model.eval()
+    assert torch.equal(model(idx), model(idx))
+
+
+def test_weight_tying_and_parameter_count(tiny_model, tiny_cfg):
+    assert tiny_model.out_head.weight is tiny_model.tok_emb.weight
+    d, v, n, c = tiny_cfg.emb_dim, tiny_cfg.vocab_size, tiny_cfg.n_layers, tiny_cfg.context_length
+    per_block = 3 * d * d + (d * d + d) + 2 * 2 * d + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    expected = v * d + c * d + n * per_block + 2 * d
+    assert tiny_model.num_parameters() == expected
+
+
+def test_gpt2_initialisation():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=5000, context_length=64, emb_dim=128, n_heads=4, n_layers=8)
+    model = GPTModel(cfg)
+    assert abs(model.tok_emb.weight.std().item() - 0.02) < 0.002
+    assert abs(model.trf_blocks[0].ff.fc.weight.std().item() - 0.02) < 0.002
+    residual = 0.02 / math.sqrt(2 * cfg.n_layers)
+    assert abs(model.trf_blocks[0].att.out_proj.weight.std().item() - residual) < 0.001
+    assert abs(model.trf_blocks[0].ff.proj.weight.std().item() - residual) < 0.001
+    assert torch.count_nonzero(model.trf_blocks[0].ff.fc.bias) == 0
+
+
+def test_initial_loss_is_near_uniform(tiny_model, tiny_cfg):
+    idx = torch.randint(0, tiny_cfg.vocab_size, (4, 16))
+    loss = calc_loss_batch(tiny_model, idx[:, :-1], idx[:, 1:]).item()
+    assert abs(loss - math.log(tiny_cfg.vocab_size)) < 0.3
+
+
+def test_tiny_model_overfits_one_batch(tiny_model, tiny_cfg):
+    torch.manual_seed(0)
+    x = torch.randint(0, tiny_cfg.vocab_size, (4, 16))
+    y = torch.randint(0, tiny_cfg.vocab_size, (4, 16))
+    opt = build_optimizer(tiny_model, TrainConfig(learning_rate=3e-3, weight_decay=0.0), torch.device("cpu"))
+    tiny_model.train()
+    first = calc_loss_batch(tiny_model, x, y).item()
+    for _ in range(150):
+        loss = calc_loss_batch(tiny_model, x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 4.0
+    assert loss.item() < 0.1
+
+
+def test_mask_buffers_not_in_state_dict(tiny_model):
+    assert not any(k.endswith("mask") for k in tiny_model.state_dict())
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(emb_dim=100, n_heads=3)
+    with pytest.raises(ValueError, match="drop_rate"):
+        ModelConfig(drop_rate=1.0)
