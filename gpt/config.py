@@ -1,0 +1,180 @@
+"""The whole configuration: four sections, each a dataclass owned by the code that uses it.
+
+    model:  gpt.model.ModelConfig       data:   gpt.data.DataConfig
+    train:  gpt.training.TrainConfig    sample: gpt.sampling.SampleConfig
+
+Defaults live only in those dataclasses. A YAML file (read with `yaml.safe_load`) sets what
+differs from them, and the command line overrides single fields as `--section.field=value`.
+Loading is strict: an unknown section or key, or a value of the wrong type, is an error that
+names the key and where it came from, never silently ignored.
+"""
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from gpt.data import DataConfig
+from gpt.errors import UserError
+from gpt.model import ModelConfig
+from gpt.sampling import SampleConfig
+from gpt.training import TrainConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class Config:
+    """Everything a run needs; each part goes only to the code that owns it."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+
+def resolve_config_path(name: str) -> Path:
+    """`name` as given if it exists, else `configs/<name>` (so `--config small.yaml` works)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    candidate = CONFIG_DIR / name
+    if candidate.is_file():
+        return candidate
+    available = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
+    raise UserError(f"config {name!r} not found (looked in . and {CONFIG_DIR}); available: {available}")
+
+
+def _coerce(value: object, annotation: object, where: str) -> object:
+    """`value` checked against a field's type (int, float, bool, str or `X | None`)."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise UserError(f"{where} must not be empty (null)")
+    for kind in options:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is float and isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-3" as a string; accept what Python reads as a number
+                return float(value)
+            except ValueError:
+                pass
+        if kind is str and isinstance(value, str):
+            return value
+    names = " or ".join("null" if k is type(None) else k.__name__ for k in options)
+    raise UserError(f"{where} must be {names}, got {value!r}")
+
+
+def _apply(section: object, section_name: str, values: dict, source: str) -> None:
+    """Set `values` on one section dataclass, checking each key and type."""
+    hints = typing.get_type_hints(type(section))
+    for key, value in values.items():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), hints, n=1)
+            hint = f"; did you mean {section_name}.{close[0]}?" if close else (
+                f"; known keys: {', '.join(hints)}")
+            raise UserError(f"unknown key {section_name}.{key} in {source}{hint}")
+        setattr(section, key, _coerce(value, hints[key], f"{section_name}.{key} in {source}"))
+
+
+def _check_sections(raw: object, source: str) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{source} must be a mapping of sections ({', '.join(SECTIONS)})")
+    for name, values in raw.items():
+        if name not in SECTIONS:
+            raise UserError(f"unknown section {name!r} in {source}; sections are {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise UserError(f"section {name!r} in {source} must be a mapping of key: value")
+    return raw
+
+
+def _join_spaced(items: list[str]) -> list[str]:
+    """['--a.b', '3'] -> ['--a.b=3'], so both `--a.b=3` and `--a.b 3` work."""
+    joined: list[str] = []
+    for item in items:
+        if joined and "=" not in joined[-1] and not item.startswith("--"):
+            joined[-1] = f"{joined[-1]}={item}"
+        else:
+            joined.append(item)
+    return joined
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['--train.max_iters=20', ...] -> {'train': {'max_iters': 20}} (values read as YAML)."""
+    result: dict = {}
+    for item in _join_spaced(overrides):
+        body = item[2:] if item.startswith("--") else item
+        key, sep, text = body.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise UserError(f"cannot read override {item!r}; write it as --section.key=value")
+        if section not in SECTIONS:
+            raise UserError(f"unknown section in override {item!r}; sections are {', '.join(SECTIONS)}")
+        hints = typing.get_type_hints(SECTIONS[section]().__class__)
+        if hints.get(name) in (str, str | None) and text not in ("null", "~"):
+            value: object = text  # strings stay as typed: --data.corpus=2024 is a path
+        else:
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError:
+                value = text
+        result.setdefault(section, {})[name] = value
+    return result
+
+
+def build_config(layers: list[tuple[dict, str]]) -> Config:
+    """A Config from the defaults plus each (values, source) layer in order, then validated."""
+    sections = {name: factory() for name, factory in SECTIONS.items()}
+    for values, source in layers:
+        for name, section_values in _check_sections(values, source).items():
+            _apply(sections[name], name, section_values, source)
+    try:
+        for section in sections.values():
+            section.__post_init__()  # re-run each dataclass's own checks on the final values
+    except ValueError as e:
+        sources = " and ".join(source for _, source in layers) or "the defaults"
+        raise UserError(f"{e} (in {sources})") from None
+    return Config(**sections)
+
+
+def load_config(name: str | None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file `name` (if given) <- `--section.key=value` overrides."""
+    layers = []
+    if name is not None:
+        path = resolve_config_path(name)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"{path} is not valid YAML{at}; fix the syntax") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8 text") from None
+        layers.append((raw, str(path)))
+    if overrides:
+        layers.append((parse_overrides(list(overrides)), "the command line"))
+    return build_config(layers)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain nested dict (what checkpoints store)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(values: dict, source: str = "checkpoint") -> Config:
+    """Inverse of `config_to_dict`, with the same strict checks."""
+    return build_config([(values, source)])

@@ -1,0 +1,150 @@
+"""Autoregressive sampling: one token at a time, each forward seeing at most the context.
+
+The model's mask buffer is `context_length` square and its position table has
+`context_length` rows, so every forward pass is given only the last `context_length` tokens.
+That is what lets a prompt longer than the context, or a generation that runs past it, work:
+the oldest tokens simply fall out of view.
+
+Everything here works on batches: `(B, T)` prompts give `B` independent continuations, and
+temperature, top-k, top-p and end-of-text handling are applied per row.
+"""
+
+import codecs
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gpt.errors import UserError
+from gpt.tokenizer import EOT_ID, get_tokenizer
+
+
+@dataclass
+class SampleConfig:
+    """How to continue a prompt; generate.py's options default to these."""
+
+    prompt: str = "Your journey"  # used for the sample printed at the end of training
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0 means greedy (always the most likely token)
+    top_k: int | None = 50  # keep the k most likely tokens; null keeps all
+    top_p: float | None = None  # keep the smallest set with this much probability; null keeps all
+    seed: int = 1337
+    num_samples: int = 1
+    stop_at_eot: bool = True  # end a sample when the model emits <|endoftext|>
+
+    def __post_init__(self):
+        if not self.prompt:
+            raise ValueError("sample.prompt is empty; give some text to continue")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sample.max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"sample.temperature must be 0 or more, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"sample.top_k must be at least 1 (or null), got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"sample.top_p must be in (0, 1] (or null), got {self.top_p}")
+        if self.num_samples < 1:
+            raise ValueError(f"sample.num_samples must be at least 1, got {self.num_samples}")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """(B, V) logits with everything outside top-k / top-p set to -inf, row by row."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass;
+        # the most likely token is therefore always kept.
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, -torch.inf)
+    return logits
+
+
+@torch.no_grad()
+def generate_stream(
+    model: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,), step by step.
+
+    With `eos_id`, a row that has produced it keeps producing `eos_id` (padding), and the
+    stream ends once every row has. The caller puts the model in eval mode.
+    """
+    context_length = model.cfg.context_length
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    for _ in range(max_new_tokens):
+        idx_cond = idx[:, -context_length:]  # never more than the mask and positions cover
+        logits = model(idx_cond)[:, -1, :]  # (B, V): only the last position predicts the next
+        if temperature == 0:
+            next_id = logits.argmax(dim=-1)  # (B,)
+        else:
+            logits = filter_logits(logits / temperature, top_k, top_p)
+            probs = torch.softmax(logits, dim=-1)
+            next_id = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        if eos_id is not None:
+            next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
+            finished |= next_id == eos_id
+        idx = torch.cat([idx, next_id[:, None]], dim=1)
+        yield next_id
+        if eos_id is not None and bool(finished.all()):
+            return
+
+
+def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    """(B, T) prompt -> (B, T + n) prompt and continuation (see `generate_stream`)."""
+    new = list(generate_stream(model, idx, max_new_tokens, **kwargs))
+    if not new:
+        return idx
+    return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
+
+
+def continue_prompt(
+    model: nn.Module,
+    prompt: str,
+    cfg: SampleConfig,
+    device: torch.device,
+    write: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Continue `prompt` `cfg.num_samples` times in one batch; return the continuations.
+
+    With `write` and a single sample, text is passed to `write` as soon as each token is
+    produced (bytes are held back until they form whole UTF-8 characters).
+    """
+    if not prompt:
+        raise UserError('the prompt is empty; give some text to continue, e.g. "Your journey"')
+    enc = get_tokenizer()
+    ids = enc.encode(prompt, allowed_special={"<|endoftext|>"})
+    idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(cfg.num_samples)]
+    texts = [""] * cfg.num_samples
+    done = [False] * cfg.num_samples
+    model.eval()
+    for next_ids in generate_stream(
+        model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+        top_p=cfg.top_p, eos_id=EOT_ID if cfg.stop_at_eot else None, generator=generator,
+    ):
+        for row, token in enumerate(next_ids.tolist()):
+            if done[row] or (cfg.stop_at_eot and token == EOT_ID):
+                done[row] = True
+                continue
+            piece = decoders[row].decode(enc.decode_single_token_bytes(token))
+            texts[row] += piece
+            if write is not None and cfg.num_samples == 1 and piece:
+                write(piece)
+    for row, decoder in enumerate(decoders):
+        tail = decoder.decode(b"", final=True)
+        texts[row] += tail
+        if write is not None and cfg.num_samples == 1 and tail:
+            write(tail)
+    return texts

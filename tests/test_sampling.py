@@ -1,0 +1,122 @@
+import pytest
+import torch
+
+from gpt.sampling import SampleConfig, continue_prompt, filter_logits, generate, generate_stream
+from gpt.tokenizer import EOT_ID
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a model and records the length of every input it is given."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.cfg, self.lengths = model, model.cfg, []
+
+    def forward(self, idx):
+        self.lengths.append(idx.shape[1])
+        return self.model(idx)
+
+
+def test_generation_runs_past_the_context_and_crops(tiny_model, tiny_cfg):
+    model = Recorder(tiny_model.eval())
+    prompt = torch.randint(0, tiny_cfg.vocab_size, (2, 5))
+    out = generate(model, prompt, max_new_tokens=3 * tiny_cfg.context_length, temperature=1.0)
+    assert out.shape == (2, 5 + 3 * tiny_cfg.context_length)
+    assert torch.equal(out[:, :5], prompt)
+    assert max(model.lengths) == tiny_cfg.context_length
+    assert model.lengths[:3] == [5, 6, 7]
+
+
+def test_prompt_longer_than_the_context(tiny_model, tiny_cfg):
+    model = Recorder(tiny_model.eval())
+    prompt = torch.randint(0, tiny_cfg.vocab_size, (1, 3 * tiny_cfg.context_length))
+    out = generate(model, prompt, max_new_tokens=4, temperature=0)
+    assert out.shape == (1, 3 * tiny_cfg.context_length + 4)
+    assert set(model.lengths) == {tiny_cfg.context_length}
+    # Greedy on the cropped prompt alone gives the same tokens: only the last tokens matter.
+    cropped = generate(tiny_model, prompt[:, -tiny_cfg.context_length:], max_new_tokens=1, temperature=0)
+    assert out[0, -4] == cropped[0, -1]
+
+
+def test_greedy_is_deterministic_and_is_the_argmax(tiny_model, tiny_cfg):
+    tiny_model.eval()
+    prompt = torch.randint(0, tiny_cfg.vocab_size, (3, 4))
+    a = generate(tiny_model, prompt, 10, temperature=0)
+    b = generate(tiny_model, prompt, 10, temperature=0)
+    assert torch.equal(a, b)
+    expected = tiny_model(prompt)[:, -1].argmax(-1)
+    assert torch.equal(a[:, 4], expected)
+
+
+def test_same_seed_same_tokens(tiny_model, tiny_cfg):
+    tiny_model.eval()
+    prompt = torch.randint(0, tiny_cfg.vocab_size, (2, 4))
+    run = lambda seed: generate(tiny_model, prompt, 20, temperature=1.0,
+                                generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(run(7), run(7))
+    assert not torch.equal(run(7), run(8))
+
+
+def test_top_k_and_top_p_filter_per_row():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0], [4.0, 3.0, 2.0, 1.0]])
+    kept = filter_logits(logits, top_k=2).isfinite()
+    assert kept.tolist() == [[False, True, True, False], [True, True, False, False]]
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]])
+    kept = filter_logits(probs.log(), top_p=0.75).isfinite()
+    assert kept.tolist() == [[True, True, False, False], [False, False, True, True]]
+    # The most likely token is kept even when top_p is tiny.
+    assert filter_logits(probs.log(), top_p=0.01).isfinite().sum(-1).tolist() == [1, 1]
+
+
+def test_top_k_one_is_greedy(tiny_model, tiny_cfg):
+    tiny_model.eval()
+    prompt = torch.randint(0, tiny_cfg.vocab_size, (2, 4))
+    sampled = generate(tiny_model, prompt, 8, temperature=1.5, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, generate(tiny_model, prompt, 8, temperature=0))
+
+
+class Scripted(torch.nn.Module):
+    """A stand-in model that emits a fixed token sequence per row."""
+
+    def __init__(self, script, vocab=60000):
+        super().__init__()
+        self.script, self.vocab = script, vocab
+        self.cfg = type("C", (), {"context_length": 8})()
+        self.calls = 0
+
+    def forward(self, idx):
+        logits = torch.full((idx.shape[0], idx.shape[1], self.vocab), -10.0)
+        for row, tokens in enumerate(self.script):
+            logits[row, -1, tokens[min(self.calls, len(tokens) - 1)]] = 10.0
+        self.calls += 1
+        return logits
+
+
+def test_end_of_text_stops_rows_independently():
+    model = Scripted([[5, EOT_ID, 6, 7], [8, 9, 10, EOT_ID]])
+    out = generate(model, torch.zeros(2, 1, dtype=torch.long), 10, temperature=0, eos_id=EOT_ID)
+    assert out[0, 1:].tolist() == [5, EOT_ID, EOT_ID, EOT_ID]  # row 0 padded once finished
+    assert out[1, 1:].tolist() == [8, 9, 10, EOT_ID]
+    assert model.calls == 4  # stopped when both rows finished, not after 10 steps
+
+
+def test_continue_prompt_streams_and_batches(tiny_model, tiny_cfg):
+    from gpt.model import GPTModel, ModelConfig
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(context_length=16, emb_dim=16, n_heads=2, n_layers=1)).eval()
+    cfg = SampleConfig(max_new_tokens=30, temperature=1.0, top_k=None, seed=3, stop_at_eot=False)
+    pieces = []
+    text = continue_prompt(model, "Your journey", cfg, torch.device("cpu"), write=pieces.append)
+    assert len(text) == 1 and "".join(pieces) == text[0] and text[0]
+    again = continue_prompt(model, "Your journey", cfg, torch.device("cpu"))
+    assert again == text
+    many = continue_prompt(model, "Your journey", SampleConfig(**{**cfg.__dict__, "num_samples": 3}),
+                           torch.device("cpu"))
+    assert len(many) == 3 and len(set(many)) > 1
+
+
+def test_sample_config_validation():
+    with pytest.raises(ValueError, match="prompt is empty"):
+        SampleConfig(prompt="")
+    with pytest.raises(ValueError, match="top_p"):
+        SampleConfig(top_p=1.5)
