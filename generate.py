@@ -1,0 +1,89 @@
+"""Continue a prompt with a trained GPT: `python generate.py "Your journey" [options]`."""
+
+import argparse
+import dataclasses
+import sys
+
+from gpt.checkpoint import load_model
+from gpt.config import load_config
+from gpt.errors import UserError
+from gpt.sampling import SampleConfig, continue_prompt
+from gpt.training import pick_device
+
+DEFAULT_CONFIG = "small.yaml"  # with no --checkpoint, sample from the run this config writes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Sample from a trained run. Options left out take the run's sample settings "
+        "(the `sample:` section of its config).",
+        allow_abbrev=False,
+    )
+    parser.add_argument("prompt", help="text to continue")
+    parser.add_argument("--checkpoint", help=f"run folder or checkpoint file (default: the run "
+                        f"configs/{DEFAULT_CONFIG} writes)")
+    parser.add_argument("--max-new-tokens", type=int, help="tokens to generate per sample")
+    parser.add_argument("--temperature", type=float, help="0 is greedy; higher is more random")
+    parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0: all)")
+    parser.add_argument("--top-p", type=float, help="sample among the most likely tokens holding "
+                        "this probability (1: all)")
+    parser.add_argument("--seed", type=int, help="random seed; the same seed gives the same text")
+    parser.add_argument("--num-samples", type=int, help="independent continuations, sampled as a batch")
+    parser.add_argument("--stop-at-eot", action=argparse.BooleanOptionalAction,
+                        help="end a sample at <|endoftext|>")
+    parser.add_argument("--device", default="auto", help="auto, cpu, mps or cuda[:N]")
+    return parser
+
+
+def sample_config(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:
+    """The run's sample settings with the options given on the command line applied."""
+    given = {
+        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+        "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+        "num_samples": args.num_samples, "stop_at_eot": args.stop_at_eot,
+    }
+    changes = {k: v for k, v in given.items() if v is not None}
+    if changes.get("top_k") == 0:
+        changes["top_k"] = None  # 0 means no top-k filter
+    try:
+        return dataclasses.replace(base, **changes)
+    except ValueError as e:
+        option = str(e).split()[0].replace("sample.", "--").replace("_", "-")
+        raise UserError(f"{option}: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if not args.prompt:
+            raise UserError('the prompt is empty; give some text to continue, e.g. "Your journey"')
+        try:
+            device = pick_device(args.device)
+        except ValueError as e:
+            raise UserError(str(e).replace("train.device", "--device")) from None
+        location = args.checkpoint or load_config(DEFAULT_CONFIG).train.out_dir
+        model, config = load_model(location, device)
+        cfg = sample_config(config.sample, args)
+        if cfg.num_samples == 1:
+            print(args.prompt, end="", flush=True)
+            continue_prompt(model, args.prompt, cfg, device, write=_write)
+            print()
+        else:
+            for i, text in enumerate(continue_prompt(model, args.prompt, cfg, device), start=1):
+                print(f"--- sample {i} ---\n{args.prompt}{text}\n")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The scripts, end to end, as a user runs them; and bad input as a user makes it."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import generate
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:]], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_train_then_generate_on_tiny(tmp_path):
+    out = tmp_path / "run"
+    result = run_script("train.py", "--config", "tiny.yaml", f"--train.out_dir={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "parameters" in result.stdout and "val loss" in result.stdout
+    assert "--- sample ---\nYour journey" in result.stdout
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    assert state["step"] == 10
+    assert state["config"]["model"]["n_layers"] == 2
+    assert not any(k.startswith("_orig_mod") or k.endswith("mask") for k in state["model"])
+
+    gen = run_script("generate.py", "To be", "--checkpoint", str(out), "--max-new-tokens", "12",
+                     "--seed", "5", cwd=tmp_path)
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.startswith("To be") and len(gen.stdout) > len("To be\n")
+    again = run_script("generate.py", "To be", "--checkpoint", str(out / "ckpt.pt"),
+                       "--max-new-tokens", "12", "--seed", "5", cwd=tmp_path)
+    assert again.stdout == gen.stdout  # same seed, same text
+    many = run_script("generate.py", "To be", "--checkpoint", str(out), "--num-samples", "2",
+                      "--max-new-tokens", "5", "--temperature", "0", "--top-k", "0", cwd=tmp_path)
+    assert many.returncode == 0, many.stderr
+    assert "--- sample 1 ---" in many.stdout and "--- sample 2 ---" in many.stdout
+
+
+def test_bad_input_through_a_real_process(tmp_path):
+    result = run_script("train.py", "--config", "missing.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: config 'missing.yaml' not found")
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert train.main(["--config", "tiny.yaml", f"--train.out_dir={out}", "--train.max_iters=2",
+                       "--sample.max_new_tokens=2"]) == 0
+    return out
+
+
+def bad_train_inputs(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("model:\n  n_layer: 2\n", encoding="utf-8")
+    typed = tmp_path / "typed.yaml"
+    typed.write_text("train:\n  max_iters: many\n", encoding="utf-8")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to train on. " * 3, encoding="utf-8")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Ophélie".encode("latin-1") * 100)
+    base = ["--config", "tiny.yaml", f"--train.out_dir={tmp_path / 'out'}"]
+    return {
+        "missing config": (["--config", str(tmp_path / "nope.yaml")], "not found"),
+        "unknown key": (["--config", str(cfg)], "unknown key model.n_layer"),
+        "mistyped value": (["--config", str(typed)], "train.max_iters .* must be int"),
+        "unknown override": (base + ["--train.lr=1"], "unknown key train.lr"),
+        "unknown option": (base + ["--fast"], "unknown option --fast"),
+        "missing data path": (base + [f"--data.corpus={tmp_path / 'none.txt'}"], "does not exist"),
+        "empty corpus": (base + [f"--data.corpus={empty}"], "is empty"),
+        "short corpus": (base + [f"--data.corpus={short}"], "fewer than one window"),
+        "not utf-8": (base + [f"--data.corpus={latin}"], "not UTF-8"),
+        "bad value": (base + ["--model.n_heads=3"], "divisible"),
+        "no cuda": (base + ["--train.device=cuda"], "CUDA is not available") if not torch.cuda.is_available()
+        else (base + ["--train.device=tpu"], "train.device must be"),
+    }
+
+
+BAD_TRAIN_CASES = ["missing config", "unknown key", "mistyped value", "unknown override",
+                   "unknown option", "missing data path", "empty corpus", "short corpus",
+                   "not utf-8", "bad value", "no cuda"]
+
+
+@pytest.mark.parametrize("case", BAD_TRAIN_CASES)
+def test_bad_train_input_is_one_clear_line(case, tmp_path, capsys):
+    argv, message = bad_train_inputs(tmp_path)[case]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_bad_generate_input_is_one_clear_line(trained_run, tmp_path, capsys):
+    before = (trained_run / "ckpt.pt").read_bytes()
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(before[: len(before) // 2])
+    cases = [
+        (["", "--checkpoint", str(trained_run)], "prompt is empty"),
+        (["Hi", "--checkpoint", str(tmp_path / "nowhere")], "no checkpoint at"),
+        (["Hi", "--checkpoint", str(garbage)], "cannot read checkpoint"),
+        (["Hi", "--checkpoint", str(truncated)], "cannot read checkpoint"),
+        (["Hi", "--checkpoint", str(trained_run), "--top-p", "2"], "--top-p"),
+        (["Hi", "--checkpoint", str(trained_run), "--max-new-tokens", "0"], "--max-new-tokens"),
+    ]
+    for argv, message in cases:
+        assert generate.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    assert (trained_run / "ckpt.pt").read_bytes() == before

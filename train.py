@@ -1,0 +1,93 @@
+"""Train a GPT: `python train.py --config small.yaml [--section.key=value ...]`."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from gpt.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from gpt.config import Config, config_to_dict, load_config
+from gpt.data import TrainBatches, eval_loader, load_split, prepare
+from gpt.errors import UserError
+from gpt.model import GPTModel
+from gpt.sampling import continue_prompt
+from gpt.training import TrainState, keep_freed_memory, pick_device, train
+
+
+def run(cfg: Config) -> TrainState:
+    """Prepare the data, build the model, train it, save it and print a sample."""
+    try:
+        device = pick_device(cfg.train.device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if device.type == "cpu":
+        keep_freed_memory()
+    torch.manual_seed(cfg.train.seed)
+    context = cfg.model.context_length
+    prepared = prepare(cfg.data)
+    train_set = load_split(prepared, "train", context, cfg.data.stride or context)
+    val_set = load_split(prepared, "val", context, context)
+    pin = device.type == "cuda"
+    train_batches = TrainBatches(train_set, cfg.data.batch_size, cfg.train.seed,
+                                 cfg.data.num_workers, pin_memory=pin)
+    eval_loaders = {
+        "train": eval_loader(train_set, cfg.data.batch_size, cfg.train.eval_iters),
+        "val": eval_loader(val_set, cfg.data.batch_size, cfg.train.eval_iters),
+    }
+
+    model = GPTModel(cfg.model).to(device)
+    tokens_per_step = cfg.data.batch_size * context * cfg.train.grad_accum_steps
+    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters; device: {device}; "
+          f"{len(train_set):,} train windows; {tokens_per_step:,} tokens per step")
+
+    out_path = Path(cfg.train.out_dir) / CHECKPOINT_NAME
+
+    def save(state: TrainState, optimizer: torch.optim.Optimizer) -> None:
+        save_checkpoint(out_path, {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "config": config_to_dict(cfg),
+            "step": state.step,
+            "best_val_loss": state.best_val_loss,
+            "train_loss": state.train_loss,
+            "val_loss": state.val_loss,
+        })
+
+    state = train(model, cfg.train, train_batches, eval_loaders, device, save)
+    print(f"saved {out_path} (step {state.step}, val loss {state.val_loss:.4f})")
+    print(f"\n--- sample ---\n{cfg.sample.prompt}", end="")
+    continue_prompt(model, cfg.sample.prompt, cfg.sample, device, write=_write)
+    print()
+    return state
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Train a GPT. Any config field can be overridden as --section.key=value, "
+        "e.g. --train.max_iters=20 --model.n_layers=2.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", help="YAML config: a path, or a file name in configs/ (e.g. small.yaml)")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        bad = [o for o in overrides if o.startswith("-") and "." not in o.split("=")[0]]
+        if bad:
+            raise UserError(f"unknown option {bad[0]}; use --config FILE and --section.key=value overrides")
+        run(load_config(args.config, overrides))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
