@@ -6,8 +6,8 @@ import sys
 
 from gpt.checkpoint import load_model
 from gpt.config import load_config
-from gpt.errors import UserError
-from gpt.sampling import SampleConfig, continue_prompt
+from gpt.errors import UserError, run_cli
+from gpt.sampling import SampleConfig, continue_prompt, write_stdout
 from gpt.training import pick_device
 
 DEFAULT_CONFIG = "small.yaml"  # with no --checkpoint, sample from the run this config writes
@@ -54,7 +54,8 @@ def sample_config(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def work() -> None:
         if not args.prompt:
             raise UserError('the prompt is empty; give some text to continue, e.g. "Your journey"')
         try:
@@ -64,25 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         location = args.checkpoint or load_config(DEFAULT_CONFIG).train.out_dir
         model, config = load_model(location, device)
         cfg = sample_config(config.sample, args)
-        if cfg.num_samples == 1:
+        if cfg.num_samples == 1:  # stream the text as it comes
             print(args.prompt, end="", flush=True)
-            continue_prompt(model, args.prompt, cfg, device, write=_write)
+            continue_prompt(model, args.prompt, cfg, device, write=write_stdout)
             print()
-        else:
+        else:  # sampled together as one batch, printed when done
             for i, text in enumerate(continue_prompt(model, args.prompt, cfg, device), start=1):
                 print(f"--- sample {i} ---\n{args.prompt}{text}\n")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    return 0
 
-
-def _write(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    return run_cli(work)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ import torch
 from gpt.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from gpt.config import Config, config_to_dict, load_config
 from gpt.data import TrainBatches, eval_loader, load_split, prepare
-from gpt.errors import UserError
+from gpt.errors import UserError, run_cli
 from gpt.model import GPTModel
-from gpt.sampling import continue_prompt
+from gpt.sampling import continue_prompt, write_stdout
 from gpt.training import TrainState, keep_freed_memory, pick_device, train
 
 
@@ -57,14 +57,9 @@ def run(cfg: Config) -> TrainState:
     state = train(model, cfg.train, train_batches, eval_loaders, device, save)
     print(f"saved {out_path} (step {state.step}, val loss {state.val_loss:.4f})")
     print(f"\n--- sample ---\n{cfg.sample.prompt}", end="")
-    continue_prompt(model, cfg.sample.prompt, cfg.sample, device, write=_write)
+    continue_prompt(model, cfg.sample.prompt, cfg.sample, device, write=write_stdout)
     print()
     return state
-
-
-def _write(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,18 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", help="YAML config: a path, or a file name in configs/ (e.g. small.yaml)")
     args, overrides = parser.parse_known_args(argv)
-    try:
+
+    def work() -> None:
         bad = [o for o in overrides if o.startswith("-") and "." not in o.split("=")[0]]
         if bad:
             raise UserError(f"unknown option {bad[0]}; use --config FILE and --section.key=value overrides")
         run(load_config(args.config, overrides))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_cli(work)
 
 
 if __name__ == "__main__":

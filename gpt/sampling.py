@@ -10,6 +10,7 @@ temperature, top-k, top-p and end-of-text handling are applied per row.
 """
 
 import codecs
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -90,7 +91,9 @@ def generate_stream(
         else:
             logits = filter_logits(logits / temperature, top_k, top_p)
             probs = torch.softmax(logits, dim=-1)
-            next_id = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            # Drawn on the CPU: the same seed then gives the same tokens on every device.
+            next_id = torch.multinomial(probs.float().cpu(), 1, generator=generator)
+            next_id = next_id.squeeze(-1).to(idx.device)
         if eos_id is not None:
             next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
             finished |= next_id == eos_id
@@ -125,7 +128,7 @@ def continue_prompt(
     enc = get_tokenizer()
     ids = enc.encode(prompt, allowed_special={"<|endoftext|>"})
     idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
     decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(cfg.num_samples)]
     texts = [""] * cfg.num_samples
     done = [False] * cfg.num_samples
@@ -148,3 +151,9 @@ def continue_prompt(
         if write is not None and cfg.num_samples == 1 and tail:
             write(tail)
     return texts
+
+
+def write_stdout(text: str) -> None:
+    """Print `text` at once (no newline), for streaming tokens to the terminal."""
+    sys.stdout.write(text)
+    sys.stdout.flush()

@@ -11,6 +11,7 @@ best val loss, data position) is held in named objects rather than loop-local va
 import ctypes
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,10 +141,10 @@ class TrainState:
 def train(
     model: nn.Module,
     cfg: TrainConfig,
-    train_batches,
+    train_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     eval_loaders: dict[str, DataLoader],
     device: torch.device,
-    save,
+    save: Callable[[TrainState, torch.optim.Optimizer], None],
 ) -> TrainState:
     """Run `cfg.max_iters` optimizer steps; evaluate and call `save(state, optimizer)` on schedule.
 
@@ -155,7 +156,6 @@ def train(
     batches = iter(train_batches)
     non_blocking = device.type == "cuda"
     model.train()  # dropout active for the steps
-    tokens_per_step = None
     rate = None  # tokens/s, smoothed
     progress = tqdm(total=cfg.max_iters, desc="training", unit="step", disable=None, dynamic_ncols=True)
     while state.step < cfg.max_iters:
@@ -178,8 +178,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
 
-        tokens_per_step = inputs.numel() * cfg.grad_accum_steps
-        step_rate = tokens_per_step / (time.perf_counter() - started)
+        step_rate = inputs.numel() * cfg.grad_accum_steps / (time.perf_counter() - started)
         rate = step_rate if rate is None else 0.9 * rate + 0.1 * step_rate
         progress.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
         progress.update(1)

@@ -76,6 +76,7 @@ def test_command_line_overrides():
     ("--train.max_iter=3", "unknown key train.max_iter in the command line; did you mean train.max_iters"),
     ("--trian.max_iters=3", "unknown section"),
     ("--max_iters=3", "write it as --section.key=value"),
+    ("small.yaml", "unexpected argument 'small.yaml'.*after --config"),
     ("--train.max_iters=lots", "train.max_iters in the command line must be int"),
     ("--train.max_iters=0", "train.max_iters must be at least 1"),
 ])
