@@ -193,6 +193,11 @@ def encode_document(text: str, progress: tqdm | None = None) -> list[int]:
     return ids
 
 
+def _token_count(path: Path) -> int | None:
+    """Tokens in a uint16 token file, or None if it is missing."""
+    return path.stat().st_size // 2 if path.exists() else None
+
+
 def _write_array(path: Path, tokens: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tokens.astype(np.uint16).tofile(tmp)
@@ -211,7 +216,8 @@ def prepare(cfg: DataConfig) -> Path:
         except (OSError, ValueError):
             meta = {}
         if {k: meta.get(k) for k in wanted} == wanted and all(
-            (prepared / f).exists() for f in ("train.bin", "val.bin")
+            _token_count(prepared / f"{split}.bin") == meta.get(f"{split}_tokens")
+            for split in ("train", "val")
         ):
             return prepared
         print(f"{meta_path} was made from other data or settings; preparing again")
@@ -236,6 +242,7 @@ def prepare(cfg: DataConfig) -> Path:
     ids = np.array(tokens, dtype=np.uint16)
     n_val = max(1, int(len(ids) * cfg.val_fraction))
     prepared.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)  # until the new meta is written, nothing here is valid
     if name == SHAKESPEARE:  # keep the plain text, so a reader can see what the model learns
         text_path = prepared / "input.txt"
         text_path.write_text("\n<|endoftext|>\n".join(t for _, t in documents), encoding="utf-8")

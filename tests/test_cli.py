@@ -1,6 +1,7 @@
 """The scripts, end to end, as a user runs them; and bad input as a user makes it."""
 
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,22 @@ def test_bad_generate_input_is_one_clear_line(trained_run, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
     assert (trained_run / "ckpt.pt").read_bytes() == before
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-u", str(ROOT / "train.py"), "--config", "tiny.yaml", f"--train.out_dir={out}",
+         "--train.max_iters=1000000", "--train.eval_interval=2"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    evaluations = 0
+    for line in proc.stdout:  # the second evaluation comes after the first checkpoint
+        evaluations += line.startswith("step ")
+        if evaluations == 2:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted" in err and "Traceback" not in err
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] >= 2

@@ -109,6 +109,10 @@ def test_user_corpus_file_prepared_once_and_again_on_change(corpus_file, tmp_pat
     stamp = (prepared / "train.bin").stat().st_mtime_ns
     prepare(cfg)  # nothing changed: reused
     assert (prepared / "train.bin").stat().st_mtime_ns == stamp
+    with open(prepared / "train.bin", "r+b") as f:  # a damaged token file is made again
+        f.truncate(10)
+    prepare(cfg)
+    assert (prepared / "train.bin").stat().st_size == 2 * meta["train_tokens"]
     corpus_file.write_text(corpus_file.read_text(encoding="utf-8") + "\nmore text", encoding="utf-8")
     prepare(cfg)
     assert json.loads((prepared / "meta.json").read_text())["train_tokens"] > meta["train_tokens"]
