@@ -58,8 +58,13 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
 def load_model(location: str | Path, device: str | torch.device = "cpu") -> tuple[GPTModel, Config]:
     """The trained model (in eval mode, on `device`) and its config, from a run dir or file."""
     path = checkpoint_path(location)
-    state = load_checkpoint(path, device)
+    state = load_checkpoint(path)  # on the CPU: the optimizer state need not reach the device
     config = config_from_dict(state["config"], source=str(path))
     model = GPTModel(config.model)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).strip().splitlines()]
+        detail = lines[1] if len(lines) > 1 else lines[0]  # the first specific mismatch
+        raise UserError(f"the weights in {path} do not fit the model its config describes ({detail[:200]})") from None
     return model.to(device).eval(), config

@@ -127,7 +127,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise UserError(f"cannot read override {item!r}; write it as --section.key=value")
         if section not in SECTIONS:
             raise UserError(f"unknown section in override {item!r}; sections are {', '.join(SECTIONS)}")
-        hints = typing.get_type_hints(SECTIONS[section]().__class__)
+        hints = typing.get_type_hints(SECTIONS[section])
         if hints.get(name) in (str, str | None) and text not in ("null", "~"):
             value: object = text  # strings stay as typed: --data.corpus=2024 is a path
         else:

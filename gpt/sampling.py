@@ -79,7 +79,8 @@ def generate_stream(
     """Yield the next token of every row, (B,), step by step.
 
     With `eos_id`, a row that has produced it keeps producing `eos_id` (padding), and the
-    stream ends once every row has. The caller puts the model in eval mode.
+    stream ends once every row has. `generator` is a CPU generator (draws happen on the CPU).
+    The caller puts the model in eval mode.
     """
     context_length = model.cfg.context_length
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)

@@ -51,6 +51,16 @@ def test_bad_input_through_a_real_process(tmp_path):
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+class Payload:
+    """Unpickling this runs code (it creates a file): what weights_only=True must refuse."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.target),))
+
+
 @pytest.fixture
 def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
@@ -108,8 +118,16 @@ def test_bad_generate_input_is_one_clear_line(trained_run, tmp_path, capsys):
     garbage.write_bytes(b"not a checkpoint")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(before[: len(before) // 2])
+    state = torch.load(trained_run / "ckpt.pt", weights_only=True)
+    state["config"]["model"]["emb_dim"] = 64
+    mismatched = tmp_path / "mismatched.pt"
+    torch.save(state, mismatched)
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": Payload(tmp_path / "pwned"), "config": {}}, evil)
     cases = [
+        (["Hi", "--checkpoint", str(evil)], "cannot read checkpoint"),
         (["", "--checkpoint", str(trained_run)], "prompt is empty"),
+        (["Hi", "--checkpoint", str(mismatched)], "do not fit the model its config describes (size mismatch"),
         (["Hi", "--checkpoint", str(tmp_path / "nowhere")], "no checkpoint at"),
         (["Hi", "--checkpoint", str(garbage)], "cannot read checkpoint"),
         (["Hi", "--checkpoint", str(truncated)], "cannot read checkpoint"),
@@ -121,6 +139,7 @@ def test_bad_generate_input_is_one_clear_line(trained_run, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
     assert (trained_run / "ckpt.pt").read_bytes() == before
+    assert not (tmp_path / "pwned").exists()  # the pickle's code never ran
 
 
 def test_ctrl_c_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path):
