@@ -6,7 +6,7 @@ import sys
 
 from gpt.checkpoint import load_model
 from gpt.config import load_config
-from gpt.errors import UserError, run_cli
+from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.sampling import SampleConfig, continue_prompt, write_stdout
 from gpt.training import pick_device
 
@@ -14,7 +14,7 @@ DEFAULT_CONFIG = "small.yaml"  # with no --checkpoint, sample from the run this 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Sample from a trained run. Options left out take the run's sample settings "
         "(the `sample:` section of its config).",
         allow_abbrev=False,

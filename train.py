@@ -1,6 +1,5 @@
 """Train a GPT: `python train.py --config small.yaml [--section.key=value ...]`."""
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import torch
 from gpt.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from gpt.config import Config, config_to_dict, load_config
 from gpt.data import TrainBatches, eval_loader, load_split, prepare
-from gpt.errors import UserError, run_cli
+from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.model import GPTModel
 from gpt.sampling import continue_prompt, write_stdout
 from gpt.training import TrainState, keep_freed_memory, pick_device, train
@@ -63,7 +62,7 @@ def run(cfg: Config) -> TrainState:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Train a GPT. Any config field can be overridden as --section.key=value, "
         "e.g. --train.max_iters=20 --model.n_layers=2.",
         allow_abbrev=False,

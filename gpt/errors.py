@@ -4,6 +4,7 @@ The scripts catch `UserError` and print its message on one line with a non-zero 
 a typo never ends in a Python traceback. Anything else escaping is a bug in this project.
 """
 
+import argparse
 import sys
 from collections.abc import Callable
 
@@ -23,3 +24,10 @@ def run_cli(action: Callable[[], None]) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     return 0
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command line gives one `error:` line (not usage + error) and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")

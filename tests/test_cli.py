@@ -112,6 +112,19 @@ def test_bad_train_input_is_one_clear_line(case, tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # nothing written
 
 
+@pytest.mark.parametrize("script,argv,message", [
+    (generate, [], "the following arguments are required: prompt"),
+    (generate, ["Hi", "--max-new-tokens", "many"], "invalid int value: 'many'"),
+    (train, ["--config"], "expected one argument"),
+])
+def test_bad_command_line_is_one_clear_line(script, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+
+
 def test_bad_generate_input_is_one_clear_line(trained_run, tmp_path, capsys):
     before = (trained_run / "ckpt.pt").read_bytes()
     garbage = tmp_path / "garbage.pt"
