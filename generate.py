@@ -7,7 +7,7 @@ import sys
 from gpt.checkpoint import load_model
 from gpt.config import load_config
 from gpt.errors import ArgumentParser, UserError, run_cli
-from gpt.sampling import SampleConfig, continue_prompt, write_stdout
+from gpt.sampling import SampleConfig, print_samples
 from gpt.training import pick_device
 
 DEFAULT_CONFIG = "small.yaml"  # with no --checkpoint, sample from the run this config writes
@@ -65,13 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         location = args.checkpoint or load_config(DEFAULT_CONFIG).train.out_dir
         model, config = load_model(location, device)
         cfg = sample_config(config.sample, args)
-        if cfg.num_samples == 1:  # stream the text as it comes
-            print(args.prompt, end="", flush=True)
-            continue_prompt(model, args.prompt, cfg, device, write=write_stdout)
-            print()
-        else:  # sampled together as one batch, printed when done
-            for i, text in enumerate(continue_prompt(model, args.prompt, cfg, device), start=1):
-                print(f"--- sample {i} ---\n{args.prompt}{text}\n")
+        print_samples(model, args.prompt, cfg, device)
 
     return run_cli(work)
 

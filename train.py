@@ -10,7 +10,7 @@ from gpt.config import Config, config_to_dict, load_config
 from gpt.data import TrainBatches, eval_loader, load_split, prepare
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.model import GPTModel
-from gpt.sampling import continue_prompt, write_stdout
+from gpt.sampling import print_samples
 from gpt.training import TrainState, keep_freed_memory, pick_device, train
 
 
@@ -55,9 +55,8 @@ def run(cfg: Config) -> TrainState:
 
     state = train(model, cfg.train, train_batches, eval_loaders, device, save)
     print(f"saved {out_path} (step {state.step}, val loss {state.val_loss:.4f})")
-    print(f"\n--- sample ---\n{cfg.sample.prompt}", end="")
-    continue_prompt(model, cfg.sample.prompt, cfg.sample, device, write=write_stdout)
-    print()
+    print("\n--- sample ---")
+    print_samples(model, cfg.sample.prompt, cfg.sample, device)
     return state
 
 

@@ -154,7 +154,17 @@ def continue_prompt(
     return texts
 
 
-def write_stdout(text: str) -> None:
-    """Print `text` at once (no newline), for streaming tokens to the terminal."""
+def print_samples(model: nn.Module, prompt: str, cfg: SampleConfig, device: torch.device) -> None:
+    """Print continuations of `prompt`: one streams as it is made; several come under headers."""
+    if cfg.num_samples == 1:
+        _write_now(prompt)
+        continue_prompt(model, prompt, cfg, device, write=_write_now)
+        print()
+    else:  # sampled together as one batch, printed when done
+        for i, text in enumerate(continue_prompt(model, prompt, cfg, device), start=1):
+            print(f"--- sample {i} ---\n{prompt}{text}\n")
+
+
+def _write_now(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()

@@ -44,6 +44,13 @@ def test_train_then_generate_on_tiny(tmp_path):
     assert "--- sample 1 ---" in many.stdout and "--- sample 2 ---" in many.stdout
 
 
+def test_end_of_training_sample_with_several_samples(tmp_path, capsys):
+    assert train.main(["--config", "tiny.yaml", f"--train.out_dir={tmp_path}", "--train.max_iters=1",
+                       "--sample.num_samples=2", "--sample.max_new_tokens=3", "--sample.prompt=Hark"]) == 0
+    out = capsys.readouterr().out
+    assert "--- sample 1 ---\nHark" in out and "--- sample 2 ---\nHark" in out
+
+
 def test_bad_input_through_a_real_process(tmp_path):
     result = run_script("train.py", "--config", "missing.yaml", cwd=tmp_path)
     assert result.returncode == 2
