@@ -58,10 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         if not args.prompt:
             raise UserError('the prompt is empty; give some text to continue, e.g. "Your journey"')
-        try:
-            device = pick_device(args.device)
-        except ValueError as e:
-            raise UserError(str(e).replace("train.device", "--device")) from None
+        device = pick_device(args.device, option="--device")
         location = args.checkpoint or load_config(DEFAULT_CONFIG).train.out_dir
         model, config = load_model(location, device)
         cfg = sample_config(config.sample, args)

@@ -16,10 +16,7 @@ from gpt.training import TrainState, keep_freed_memory, pick_device, train
 
 def run(cfg: Config) -> TrainState:
     """Prepare the data, build the model, train it, save it and print a sample."""
-    try:
-        device = pick_device(cfg.train.device)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    device = pick_device(cfg.train.device)
     if device.type == "cpu":
         keep_freed_memory()
     torch.manual_seed(cfg.train.seed)
@@ -53,6 +50,11 @@ def run(cfg: Config) -> TrainState:
             "val_loss": state.val_loss,
         })
 
+    try:  # fail now, not at the first checkpoint
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create train.out_dir {out_path.parent} ({e.strerror}); "
+                        "choose a folder you can write to") from None
     state = train(model, cfg.train, train_batches, eval_loaders, device, save)
     print(f"saved {out_path} (step {state.step}, val loss {state.val_loss:.4f})")
     print("\n--- sample ---")

@@ -21,6 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from gpt.errors import UserError
+
 
 @dataclass
 class TrainConfig:
@@ -55,18 +57,20 @@ class TrainConfig:
             raise ValueError(f"train.device must be auto, cpu, mps or cuda[:N], got {self.device!r}")
 
 
-def pick_device(name: str) -> torch.device:
-    """`auto` -> cuda if available, then mps, then cpu; otherwise the named device."""
+def pick_device(name: str, option: str = "train.device") -> torch.device:
+    """`auto` -> cuda if available, then mps, then cpu; otherwise the named device, if present."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise UserError(f"{option} must be auto, cpu, mps or cuda[:N], got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device is {name!r} but CUDA is not available; use auto or cpu")
+        raise UserError(f"{option} is {name!r} but CUDA is not available; use auto or cpu")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("train.device is 'mps' but MPS is not available; use auto or cpu")
+        raise UserError(f"{option} is 'mps' but MPS is not available; use auto or cpu")
     return torch.device(name)
 
 

@@ -99,6 +99,8 @@ def bad_train_inputs(tmp_path):
         "short corpus": (base + [f"--data.corpus={short}"], "fewer than one window"),
         "not utf-8": (base + [f"--data.corpus={latin}"], "not UTF-8"),
         "bad value": (base + ["--model.n_heads=3"], "divisible"),
+        "unwritable out_dir": (["--config", "tiny.yaml", f"--train.out_dir={cfg}/run"],
+                               "cannot create train.out_dir"),
         "no cuda": (base + ["--train.device=cuda"], "CUDA is not available") if not torch.cuda.is_available()
         else (base + ["--train.device=tpu"], "train.device must be"),
     }
@@ -106,7 +108,7 @@ def bad_train_inputs(tmp_path):
 
 BAD_TRAIN_CASES = ["missing config", "unknown key", "mistyped value", "unknown override",
                    "unknown option", "missing data path", "empty corpus", "short corpus",
-                   "not utf-8", "bad value", "no cuda"]
+                   "not utf-8", "bad value", "unwritable out_dir", "no cuda"]
 
 
 @pytest.mark.parametrize("case", BAD_TRAIN_CASES)
@@ -153,6 +155,7 @@ def test_bad_generate_input_is_one_clear_line(trained_run, tmp_path, capsys):
         (["Hi", "--checkpoint", str(truncated)], "cannot read checkpoint"),
         (["Hi", "--checkpoint", str(trained_run), "--top-p", "2"], "--top-p"),
         (["Hi", "--checkpoint", str(trained_run), "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["Hi", "--checkpoint", str(trained_run), "--device", "tpu"], "--device must be auto, cpu"),
     ]
     for argv, message in cases:
         assert generate.main(argv) == 2, argv
