@@ -155,9 +155,10 @@ def _source(cfg: DataConfig) -> tuple[str, Path, dict]:
         # The stem names the folder; a hash of the full path keeps two notes.txt apart.
         digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
         name = f"{path.resolve().stem or 'corpus'}-{digest}"
+        stats = [(f, f.stat()) for f in _corpus_files(path)]
         fingerprint = {
             "path": str(path.resolve()),
-            "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in _corpus_files(path)],
+            "files": [[str(f), st.st_size, st.st_mtime_ns] for f, st in stats],
         }
     prepared = Path(cfg.prepared_dir) if cfg.prepared_dir else DATA_DIR / name
     return name, prepared, fingerprint
@@ -224,9 +225,8 @@ def prepare(cfg: DataConfig) -> Path:
 
     if name == SHAKESPEARE:
         documents = shakespeare_documents()
-    else:
-        path = Path(cfg.corpus).expanduser()
-        documents = [(str(f), read_text_file(f)) for f in _corpus_files(path)]
+    else:  # exactly the files the fingerprint lists
+        documents = [(f, read_text_file(Path(f))) for f, _, _ in fingerprint["files"]]
     documents = [(n, t) for n, t in documents if t.strip()]
     if not documents:
         raise UserError(f"corpus {cfg.corpus!r} is empty; give it some text")

@@ -53,8 +53,6 @@ class TrainConfig:
             raise ValueError("train.learning_rate must be > 0 and train.min_lr in [0, learning_rate]")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("train.grad_clip and train.weight_decay must be 0 or more")
-        if self.device not in ("auto", "cpu", "mps") and not self.device.startswith("cuda"):
-            raise ValueError(f"train.device must be auto, cpu, mps or cuda[:N], got {self.device!r}")
 
 
 def pick_device(name: str, option: str = "train.device") -> torch.device:
