@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-samples", type=int, help="independent continuations, sampled as a batch")
     parser.add_argument("--stop-at-eot", action=argparse.BooleanOptionalAction,
                         help="end a sample at <|endoftext|>")
+    parser.add_argument("--kv-cache", action=argparse.BooleanOptionalAction,
+                        help="reuse earlier tokens' keys and values (faster; same tokens)")
     parser.add_argument("--device", default="auto", help="auto, cpu, mps or cuda[:N]")
     return parser
 
@@ -41,6 +43,7 @@ def sample_config(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:
         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
         "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
         "num_samples": args.num_samples, "stop_at_eot": args.stop_at_eot,
+        "kv_cache": args.kv_cache,
     }
     changes = {k: v for k, v in given.items() if v is not None}
     if changes.get("top_k") == 0:

@@ -12,12 +12,42 @@ Design choices:
   written into checkpoints (it is derived from `context_length`, not learned).
 - One head by default, exactly the notebook's module. With `num_heads > 1` the same math runs
   per head on `d_out // num_heads` channels, followed by an output projection, as GPT-2 has.
-- The score-to-context step lives in `_attend`, the one place a fused kernel such as
-  `torch.nn.functional.scaled_dot_product_attention` can replace the explicit math.
+- Two ways to compute the same thing, chosen by `impl`: "explicit" is the notebook's math
+  (scores, mask, softmax, dropout, weighted sum), kept as the reference; "sdpa" (the default)
+  hands the same computation to `torch.nn.functional.scaled_dot_product_attention`, which
+  picks a fused kernel (flash / memory-efficient attention) and never materialises the
+  (T, T) score matrix. Tests check the two agree in outputs and gradients.
+- A `KVCache` lets sampling feed one new token at a time: the keys and values of earlier
+  tokens are kept instead of recomputed. New queries at positions start..start+T-1 see keys
+  0..start+T-1, so the mask slice is rows start..start+T-1 of the same buffer.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+ATTENTION_IMPLS = ("sdpa", "explicit")
+
+
+class LayerKVCache:
+    """Keys and values of one attention layer, preallocated for `context_length` positions."""
+
+    def __init__(self, batch: int, num_heads: int, context_length: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (batch, num_heads, context_length, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled so far
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, H, T, D) new keys/values; return all of them so far, (B, H, length, D)."""
+        end = self.length + keys.shape[-2]
+        if end > self.keys.shape[-2]:
+            raise ValueError(f"the KV cache holds {self.keys.shape[-2]} positions; {end} needed")
+        self.keys[:, :, self.length:end] = keys
+        self.values[:, :, self.length:end] = values
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
 
 
 class CausalAttention(nn.Module):
@@ -32,14 +62,18 @@ class CausalAttention(nn.Module):
         qkv_bias: bool = False,
         num_heads: int = 1,
         out_proj: bool | None = None,
+        impl: str = "explicit",
     ):
         super().__init__()
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
         if d_out % num_heads != 0:
             raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
         self.d_out = d_out
         self.num_heads = num_heads
         self.head_dim = d_out // num_heads
         self.context_length = context_length
+        self.impl = impl
         # Created in the seed's order, so a seeded model gets the seed's weights.
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
@@ -54,12 +88,17 @@ class CausalAttention(nn.Module):
         mask = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), diagonal=1)
         self.register_buffer("mask", mask, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, d_in) -> (B, T, d_out); position t sees positions 0..t only."""
+    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+        """(B, T, d_in) -> (B, T, d_out); position t sees positions 0..t only.
+
+        With `cache`, `x` holds the tokens after those already cached, whose keys and values
+        are reused; the new keys and values are added to it.
+        """
         b, num_tokens, _ = x.shape
-        if num_tokens > self.context_length:
+        start = 0 if cache is None else cache.length
+        if start + num_tokens > self.context_length:
             raise ValueError(
-                f"sequence of {num_tokens} tokens is longer than context_length "
+                f"sequence of {start + num_tokens} tokens is longer than context_length "
                 f"{self.context_length}; crop the input to its last {self.context_length} tokens"
             )
         # (B, T, d_out) -> (B, n_heads, T, head_dim)
@@ -67,19 +106,39 @@ class CausalAttention(nn.Module):
         queries = self.W_query(x).view(shape).transpose(1, 2)
         keys = self.W_key(x).view(shape).transpose(1, 2)
         values = self.W_value(x).view(shape).transpose(1, 2)
+        if cache is not None:  # keys/values become (B, n_heads, start + T, head_dim)
+            keys, values = cache.append(keys, values)
 
-        context = self._attend(queries, keys, values)  # (B, n_heads, T, head_dim)
+        if self.impl == "sdpa":
+            context = self._attend_sdpa(queries, keys, values)
+        else:
+            context = self._attend_explicit(queries, keys, values)  # (B, n_heads, T, head_dim)
         context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)
         if self.out_proj is not None:
             context = self.out_proj(context)
         return context
 
-    def _attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def _attend_explicit(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Explicit scaled dot-product attention with the causal mask; shapes (B, H, T, D)."""
-        num_tokens = queries.shape[-2]
-        attn_scores = queries @ keys.transpose(-2, -1)  # (B, H, T, T)
+        num_queries, num_keys = queries.shape[-2], keys.shape[-2]
+        start = num_keys - num_queries  # > 0 when earlier keys come from a cache
+        attn_scores = queries @ keys.transpose(-2, -1)  # (B, H, T, start + T)
         # In place: the seed's `masked_fill` (no underscore) returned a new tensor and lost it.
-        attn_scores.masked_fill_(self.mask[:num_tokens, :num_tokens], -torch.inf)
+        attn_scores.masked_fill_(self.mask[start:num_keys, :num_keys], -torch.inf)
         attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
         attn_weights = self.dropout(attn_weights)
         return attn_weights @ values
+
+    def _attend_sdpa(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The same computation through PyTorch's fused kernel; shapes (B, H, T, D)."""
+        # nn.Dropout follows train()/eval() by itself; SDPA's dropout_p does not.
+        dropout_p = self.dropout.p if self.training else 0.0
+        num_queries, num_keys = queries.shape[-2], keys.shape[-2]
+        if num_queries == num_keys:  # no cache: the plain causal case, the fastest kernels
+            return F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p, is_causal=True)
+        if num_queries == 1:  # one new token after the cache sees every key: nothing to mask
+            return F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p)
+        # Several new tokens after a cache; SDPA's is_causal would align the mask top-left.
+        start = num_keys - num_queries
+        allowed = ~self.mask[start:num_keys, :num_keys]
+        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed, dropout_p=dropout_p)

@@ -8,15 +8,22 @@ The model only computes logits: the loss lives in `gpt.training`, generation in
 `gpt.sampling`. Initialisation follows GPT-2: N(0, 0.02) for weights, zero biases, and the
 projections that write into the residual stream scaled down by 1/sqrt(2 * n_layers) so the
 stream's variance does not grow with depth.
+
+The embedding (and so the tied head) has `padded_vocab_size` rows: `vocab_size` rounded up to
+a multiple of `vocab_pad_multiple` (50257 -> 50304), a shape GPU matrix units handle much
+faster. The extra ids are not tokens: the head adds -inf to their logits (as a fused bias),
+so their probability is exactly 0, the loss is exactly that of the real vocabulary, they get
+no gradient and sampling can never produce them.
 """
 
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from gpt.attention import CausalAttention
+from gpt.attention import ATTENTION_IMPLS, CausalAttention, LayerKVCache
 
 
 @dataclass
@@ -30,9 +37,15 @@ class ModelConfig:
     n_layers: int = 6
     drop_rate: float = 0.1  # embedding, attention-weight and residual dropout
     qkv_bias: bool = False
+    vocab_pad_multiple: int = 64  # embedding rows rounded up to a multiple of this; 1 = none
+    attn_impl: str = "sdpa"  # sdpa (fused kernel) or explicit (the notebook's math); same weights
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // self.vocab_pad_multiple) * self.vocab_pad_multiple
 
     def __post_init__(self):
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "vocab_pad_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be at least 1, got {getattr(self, name)}")
         if self.emb_dim % self.n_heads != 0:
@@ -41,6 +54,8 @@ class ModelConfig:
             )
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"model.drop_rate must be in [0, 1), got {self.drop_rate}")
+        if self.attn_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"model.attn_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attn_impl!r}")
 
 
 class FeedForward(nn.Module):
@@ -70,13 +85,14 @@ class TransformerBlock(nn.Module):
             qkv_bias=cfg.qkv_bias,
             num_heads=cfg.n_heads,
             out_proj=True,
+            impl=cfg.attn_impl,
         )
         self.norm2 = nn.LayerNorm(cfg.emb_dim)
         self.ff = FeedForward(cfg)
         self.drop_resid = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_resid(self.att(self.norm1(x)))
+    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+        x = x + self.drop_resid(self.att(self.norm1(x), cache))
         x = x + self.drop_resid(self.ff(self.norm2(x)))
         return x
 
@@ -87,12 +103,12 @@ class GPTModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.emb_dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.emb_dim)
-        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.padded_vocab_size, bias=False)
         # Weight tying (GPT-2): the head reuses the token embedding matrix, which saves
         # vocab_size * emb_dim parameters, most of a small model.
         self.out_head.weight = self.tok_emb.weight
@@ -101,6 +117,12 @@ class GPTModel(nn.Module):
         for block in self.trf_blocks:
             nn.init.normal_(block.att.out_proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.ff.proj.weight, mean=0.0, std=residual_std)
+        # -inf for the padding ids, 0 for real tokens; derived from the config, so not saved.
+        padding = torch.zeros(cfg.padded_vocab_size)
+        padding[cfg.vocab_size:] = -torch.inf
+        self.register_buffer("logit_bias", padding, persistent=False)
+        with torch.no_grad():
+            self.tok_emb.weight[cfg.vocab_size:] = 0.0  # never looked up, never trained
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -110,20 +132,32 @@ class GPTModel(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_parameters(self) -> int:
-        """Number of trainable parameters, the tied embedding counted once."""
+        """Number of trainable parameters, the tied embedding (padding rows included) counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, vocab_size) logits for the next token at each position."""
+    def new_kv_cache(self, batch: int) -> list[LayerKVCache]:
+        """An empty KV cache (one per layer) for `batch` sequences of up to `context_length`."""
+        weight = self.tok_emb.weight
+        head_dim = self.cfg.emb_dim // self.cfg.n_heads
+        return [LayerKVCache(batch, self.cfg.n_heads, self.cfg.context_length, head_dim, weight.device, weight.dtype)
+                for _ in self.trf_blocks]
+
+    def forward(self, idx: torch.Tensor, cache: list[LayerKVCache] | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, padded_vocab_size) logits for the next token at each position.
+
+        With `cache` (from `new_kv_cache`), `idx` continues the sequences already cached.
+        Logits of the padding ids (>= vocab_size) are -inf.
+        """
         _, num_tokens = idx.shape
-        if num_tokens > self.cfg.context_length:
+        start = 0 if cache is None else cache[0].length
+        if start + num_tokens > self.cfg.context_length:
             raise ValueError(
-                f"input of {num_tokens} tokens is longer than context_length "
+                f"input of {start + num_tokens} tokens is longer than context_length "
                 f"{self.cfg.context_length}; crop it to the last {self.cfg.context_length} tokens"
             )
-        positions = torch.arange(num_tokens, device=idx.device)
+        positions = torch.arange(start, start + num_tokens, device=idx.device)
         x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, emb_dim)
         x = self.drop_emb(x)
-        for block in self.trf_blocks:
-            x = block(x)
-        return self.out_head(self.final_norm(x))  # (B, T, vocab_size)
+        for i, block in enumerate(self.trf_blocks):
+            x = block(x, None if cache is None else cache[i])
+        return F.linear(self.final_norm(x), self.out_head.weight, self.logit_bias)  # (B, T, V_padded)

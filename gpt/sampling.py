@@ -5,6 +5,13 @@ The model's mask buffer is `context_length` square and its position table has
 That is what lets a prompt longer than the context, or a generation that runs past it, work:
 the oldest tokens simply fall out of view.
 
+With the KV cache (the default), the prompt is run once and then each step feeds only the
+newest token, reusing the cached keys and values of the others: each step costs one position
+instead of the whole window. The cache has `context_length` slots; once the sequence fills
+them, sampling falls back to cropping and recomputing the window, so positions never go past
+the context and the mask slice always applies. Greedy generation gives the same tokens either
+way (tested).
+
 Everything here works on batches: `(B, T)` prompts give `B` independent continuations, and
 temperature, top-k, top-p and end-of-text handling are applied per row.
 """
@@ -33,6 +40,7 @@ class SampleConfig:
     seed: int = 1337
     num_samples: int = 1
     stop_at_eot: bool = True  # end a sample when the model emits <|endoftext|>
+    kv_cache: bool = True  # reuse earlier tokens' keys/values; false recomputes the window each step
 
     def __post_init__(self):
         if not self.prompt:
@@ -75,18 +83,26 @@ def generate_stream(
     top_p: float | None = None,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    kv_cache: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), step by step.
 
     With `eos_id`, a row that has produced it keeps producing `eos_id` (padding), and the
     stream ends once every row has. `generator` is a CPU generator (draws happen on the CPU).
+    `kv_cache` uses the model's `new_kv_cache` while the sequence fits the context.
     The caller puts the model in eval mode.
     """
     context_length = model.cfg.context_length
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    cache = model.new_kv_cache(idx.shape[0]) if kv_cache else None
+    new = idx[:, -context_length:]  # what the cache has not seen yet: first the (cropped) prompt
     for _ in range(max_new_tokens):
-        idx_cond = idx[:, -context_length:]  # never more than the mask and positions cover
-        logits = model(idx_cond)[:, -1, :]  # (B, V): only the last position predicts the next
+        if cache is not None and cache[0].length + new.shape[1] > context_length:
+            cache = None  # full: from here on, crop and recompute
+        if cache is not None:
+            logits = model(new, cache)[:, -1, :]  # (B, V): only the last position predicts the next
+        else:
+            logits = model(idx[:, -context_length:])[:, -1, :]  # never more than the mask covers
         if temperature == 0:
             next_id = logits.argmax(dim=-1)  # (B,)
         else:
@@ -99,6 +115,7 @@ def generate_stream(
             next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
             finished |= next_id == eos_id
         idx = torch.cat([idx, next_id[:, None]], dim=1)
+        new = next_id[:, None]
         yield next_id
         if eos_id is not None and bool(finished.all()):
             return
@@ -137,6 +154,7 @@ def continue_prompt(
     for next_ids in generate_stream(
         model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
         top_p=cfg.top_p, eos_id=EOT_ID if cfg.stop_at_eot else None, generator=generator,
+        kv_cache=cfg.kv_cache,
     ):
         for row, token in enumerate(next_ids.tolist()):
             if done[row] or (cfg.stop_at_eot and token == EOT_ID):

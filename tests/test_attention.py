@@ -59,10 +59,60 @@ def test_matches_torch_sdpa_single_and_multi_head():
         assert torch.allclose(ca(x), ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode,dropout", [("train", 0.0), ("eval", 0.5)])
-def test_no_future_leak(mode, dropout):
+def explicit_and_sdpa(*args, **kwargs) -> tuple[CausalAttention, CausalAttention]:
+    """Two modules with the same weights, one per implementation."""
+    explicit = CausalAttention(*args, impl="explicit", **kwargs)
+    sdpa = CausalAttention(*args, impl="sdpa", **kwargs)
+    sdpa.load_state_dict(explicit.state_dict())
+    return explicit, sdpa
+
+
+@pytest.mark.parametrize("heads,qkv_bias", [(1, False), (4, True)])
+def test_sdpa_path_equals_explicit_path_outputs_and_gradients(heads, qkv_bias):
     torch.manual_seed(0)
-    ca = CausalAttention(8, 8, context_length=12, dropout=dropout, num_heads=2)
+    explicit, sdpa = explicit_and_sdpa(24, 24, 16, 0.0, qkv_bias=qkv_bias, num_heads=heads)
+    x = torch.randn(3, 11, 24)
+    outputs, grads = [], []
+    for module in (explicit, sdpa):
+        xi = x.clone().requires_grad_()
+        out = module(xi)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outputs.append(out)
+        grads.append([xi.grad] + [p.grad for p in module.parameters()])
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+    assert len(grads[0]) == len(grads[1])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_sdpa_dropout_only_in_training():
+    _, sdpa = explicit_and_sdpa(8, 8, 6, 0.5, num_heads=2)
+    x = torch.randn(2, 6, 8)
+    sdpa.train()
+    assert not torch.allclose(sdpa(x), sdpa(x))
+    sdpa.eval()
+    assert torch.equal(sdpa(x), sdpa(x))
+    sdpa.dropout.p = 0.0
+    assert torch.allclose(sdpa(x), sdpa.eval()(x))
+
+
+@pytest.mark.parametrize("impl", ["explicit", "sdpa"])
+def test_cached_keys_and_values_give_the_same_output(impl):
+    """Feeding the sequence in pieces through a KV cache equals one full pass, for both paths."""
+    from gpt.attention import LayerKVCache
+    torch.manual_seed(0)
+    ca = CausalAttention(8, 8, context_length=10, dropout=0.0, num_heads=2, impl=impl).eval()
+    x = torch.randn(2, 10, 8)
+    cache = LayerKVCache(2, 2, 10, 4, torch.device("cpu"), torch.float32)
+    pieces = [ca(x[:, a:b], cache) for a, b in ((0, 4), (4, 5), (5, 8), (8, 10))]
+    assert torch.allclose(torch.cat(pieces, dim=1), ca(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["explicit", "sdpa"])
+@pytest.mark.parametrize("mode,dropout", [("train", 0.0), ("eval", 0.5)])
+def test_no_future_leak(mode, dropout, impl):
+    torch.manual_seed(0)
+    ca = CausalAttention(8, 8, context_length=12, dropout=dropout, num_heads=2, impl=impl)
     getattr(ca, mode)()
     x = torch.randn(2, 12, 8)
     for t in range(12):
@@ -108,6 +158,8 @@ def test_parameter_names_order_and_projection():
 def test_bad_shapes_are_clear_errors():
     with pytest.raises(ValueError, match="divisible"):
         CausalAttention(8, 10, 4, 0.0, num_heads=3)
+    with pytest.raises(ValueError, match="impl"):
+        CausalAttention(8, 8, 4, 0.0, impl="fast")
     ca = CausalAttention(4, 4, context_length=5, dropout=0.0)
     with pytest.raises(ValueError, match="longer than context_length 5"):
         ca(torch.randn(1, 6, 4))

@@ -7,9 +7,37 @@ from gpt import GPTModel, ModelConfig
 from gpt.training import build_optimizer, calc_loss_batch, TrainConfig
 
 
-def test_logits_shape(tiny_model, tiny_cfg):
+def test_logits_shape_and_padded_vocabulary(tiny_model, tiny_cfg):
+    assert tiny_cfg.padded_vocab_size == 128  # 101 rounded up to a multiple of 64
+    assert ModelConfig().padded_vocab_size == 50304
     idx = torch.randint(0, tiny_cfg.vocab_size, (3, 10))
-    assert tiny_model(idx).shape == (3, 10, tiny_cfg.vocab_size)
+    logits = tiny_model(idx)
+    assert logits.shape == (3, 10, 128)
+    # Padding ids have probability exactly 0; real tokens all have some.
+    probs = torch.softmax(logits, dim=-1)
+    assert torch.all(probs[..., tiny_cfg.vocab_size:] == 0)
+    assert torch.all(probs[..., :tiny_cfg.vocab_size] > 0)
+
+
+def test_padding_changes_nothing_but_the_shape(tiny_cfg):
+    """The padded model's loss, and its gradients on real tokens, equal an unpadded model's."""
+    torch.manual_seed(0)
+    padded = GPTModel(tiny_cfg)
+    unpadded = GPTModel(ModelConfig(**{**tiny_cfg.__dict__, "vocab_pad_multiple": 1}))
+    state = padded.state_dict()
+    state["tok_emb.weight"] = state["tok_emb.weight"][:tiny_cfg.vocab_size]
+    state["out_head.weight"] = state["tok_emb.weight"]
+    unpadded.load_state_dict(state)
+    x, y = torch.randint(0, tiny_cfg.vocab_size, (2, 2, 12))
+    losses = []
+    for model in (padded, unpadded):
+        loss = calc_loss_batch(model, x, y)
+        loss.backward()
+        losses.append(loss)
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    grad = padded.tok_emb.weight.grad
+    assert torch.allclose(grad[:tiny_cfg.vocab_size], unpadded.tok_emb.weight.grad, atol=1e-6)
+    assert torch.all(grad[tiny_cfg.vocab_size:] == 0)  # padding rows never learn
 
 
 def test_input_longer_than_context_is_a_clear_error(tiny_model, tiny_cfg):
@@ -18,10 +46,11 @@ def test_input_longer_than_context_is_a_clear_error(tiny_model, tiny_cfg):
         tiny_model(idx)
 
 
+@pytest.mark.parametrize("attn_impl", ["sdpa", "explicit"])
 @pytest.mark.parametrize("mode,drop_rate", [("train", 0.0), ("eval", 0.3)])
-def test_no_future_leak_through_the_model(mode, drop_rate, tiny_cfg):
+def test_no_future_leak_through_the_model(mode, drop_rate, attn_impl, tiny_cfg):
     torch.manual_seed(0)
-    cfg = ModelConfig(**{**tiny_cfg.__dict__, "drop_rate": drop_rate})
+    cfg = ModelConfig(**{**tiny_cfg.__dict__, "drop_rate": drop_rate, "attn_impl": attn_impl})
     model = getattr(GPTModel(cfg), mode)()
     idx = torch.randint(0, cfg.vocab_size, (2, cfg.context_length))
     base = model(idx)
@@ -45,9 +74,9 @@ def test_dropout_on_in_train_off_in_eval(tiny_cfg):
 
 def test_weight_tying_and_parameter_count(tiny_model, tiny_cfg):
     assert tiny_model.out_head.weight is tiny_model.tok_emb.weight
-    d, v, n, c = tiny_cfg.emb_dim, tiny_cfg.vocab_size, tiny_cfg.n_layers, tiny_cfg.context_length
+    d, n, c = tiny_cfg.emb_dim, tiny_cfg.n_layers, tiny_cfg.context_length
     per_block = 3 * d * d + (d * d + d) + 2 * 2 * d + (d * 4 * d + 4 * d) + (4 * d * d + d)
-    expected = v * d + c * d + n * per_block + 2 * d
+    expected = tiny_cfg.padded_vocab_size * d + c * d + n * per_block + 2 * d
     assert tiny_model.num_parameters() == expected
 
 
@@ -85,8 +114,18 @@ def test_tiny_model_overfits_one_batch(tiny_model, tiny_cfg):
     assert loss.item() < 0.1
 
 
-def test_mask_buffers_not_in_state_dict(tiny_model):
-    assert not any(k.endswith("mask") for k in tiny_model.state_dict())
+def test_derived_buffers_not_in_state_dict(tiny_model):
+    assert not any(k.endswith(("mask", "logit_bias")) for k in tiny_model.state_dict())
+
+
+def test_attention_impls_share_weights_and_logits(tiny_cfg):
+    """model.attn_impl changes how attention is computed, not the checkpoint or the result."""
+    torch.manual_seed(0)
+    sdpa = GPTModel(tiny_cfg).eval()
+    explicit = GPTModel(ModelConfig(**{**tiny_cfg.__dict__, "attn_impl": "explicit"})).eval()
+    explicit.load_state_dict(sdpa.state_dict())
+    idx = torch.randint(0, tiny_cfg.vocab_size, (2, tiny_cfg.context_length))
+    assert torch.allclose(sdpa(idx), explicit(idx), atol=1e-5)
 
 
 def test_config_validation():
@@ -94,3 +133,5 @@ def test_config_validation():
         ModelConfig(emb_dim=100, n_heads=3)
     with pytest.raises(ValueError, match="drop_rate"):
         ModelConfig(drop_rate=1.0)
+    with pytest.raises(ValueError, match="attn_impl"):
+        ModelConfig(attn_impl="flash")

@@ -1,36 +1,51 @@
 import pytest
 import torch
 
+from gpt.model import GPTModel, ModelConfig
 from gpt.sampling import SampleConfig, continue_prompt, filter_logits, generate, generate_stream
 from gpt.tokenizer import EOT_ID
 
 
 class Recorder(torch.nn.Module):
-    """Wraps a model and records the length of every input it is given."""
+    """Wraps a model and records every call: (tokens given, positions covered, cached?)."""
 
     def __init__(self, model):
         super().__init__()
-        self.model, self.cfg, self.lengths = model, model.cfg, []
+        self.model, self.cfg, self.calls = model, model.cfg, []
 
-    def forward(self, idx):
-        self.lengths.append(idx.shape[1])
-        return self.model(idx)
+    def new_kv_cache(self, batch):
+        return self.model.new_kv_cache(batch)
+
+    def forward(self, idx, cache=None):
+        start = 0 if cache is None else cache[0].length
+        self.calls.append((idx.shape[1], start + idx.shape[1], cache is not None))
+        return self.model(idx, cache)
+
+    @property
+    def lengths(self):
+        return [covered for _, covered, _ in self.calls]
 
 
-def test_generation_runs_past_the_context_and_crops(tiny_model, tiny_cfg):
+@pytest.mark.parametrize("kv_cache", [False, True])
+def test_generation_runs_past_the_context_and_crops(kv_cache, tiny_model, tiny_cfg):
     model = Recorder(tiny_model.eval())
     prompt = torch.randint(0, tiny_cfg.vocab_size, (2, 5))
-    out = generate(model, prompt, max_new_tokens=3 * tiny_cfg.context_length, temperature=1.0)
+    out = generate(model, prompt, max_new_tokens=3 * tiny_cfg.context_length, temperature=1.0, kv_cache=kv_cache)
     assert out.shape == (2, 5 + 3 * tiny_cfg.context_length)
     assert torch.equal(out[:, :5], prompt)
-    assert max(model.lengths) == tiny_cfg.context_length
+    assert max(model.lengths) == tiny_cfg.context_length  # positions never pass the context
     assert model.lengths[:3] == [5, 6, 7]
+    if kv_cache:  # the prompt once, then one new token per call until the cache is full
+        given = [n for n, _, cached in model.calls if cached]
+        assert given == [5] + [1] * (tiny_cfg.context_length - 5)
+        assert not any(cached for _, _, cached in model.calls[len(given):])  # then recomputation
 
 
-def test_prompt_longer_than_the_context(tiny_model, tiny_cfg):
+@pytest.mark.parametrize("kv_cache", [False, True])
+def test_prompt_longer_than_the_context(kv_cache, tiny_model, tiny_cfg):
     model = Recorder(tiny_model.eval())
     prompt = torch.randint(0, tiny_cfg.vocab_size, (1, 3 * tiny_cfg.context_length))
-    out = generate(model, prompt, max_new_tokens=4, temperature=0)
+    out = generate(model, prompt, max_new_tokens=4, temperature=0, kv_cache=kv_cache)
     assert out.shape == (1, 3 * tiny_cfg.context_length + 4)
     assert set(model.lengths) == {tiny_cfg.context_length}
     # Greedy on the cropped prompt alone gives the same tokens: only the last tokens matter.
@@ -94,14 +109,13 @@ class Scripted(torch.nn.Module):
 
 def test_end_of_text_stops_rows_independently():
     model = Scripted([[5, EOT_ID, 6, 7], [8, 9, 10, EOT_ID]])
-    out = generate(model, torch.zeros(2, 1, dtype=torch.long), 10, temperature=0, eos_id=EOT_ID)
+    out = generate(model, torch.zeros(2, 1, dtype=torch.long), 10, temperature=0, eos_id=EOT_ID, kv_cache=False)
     assert out[0, 1:].tolist() == [5, EOT_ID, EOT_ID, EOT_ID]  # row 0 padded once finished
     assert out[1, 1:].tolist() == [8, 9, 10, EOT_ID]
     assert model.calls == 4  # stopped when both rows finished, not after 10 steps
 
 
 def test_continue_prompt_streams_and_batches(tiny_model, tiny_cfg):
-    from gpt.model import GPTModel, ModelConfig
     torch.manual_seed(0)
     model = GPTModel(ModelConfig(context_length=16, emb_dim=16, n_heads=2, n_layers=1)).eval()
     cfg = SampleConfig(max_new_tokens=30, temperature=1.0, top_k=None, seed=3, stop_at_eot=False)
@@ -120,3 +134,27 @@ def test_sample_config_validation():
         SampleConfig(prompt="")
     with pytest.raises(ValueError, match="top_p"):
         SampleConfig(top_p=1.5)
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "explicit"])
+def test_kv_cache_greedy_equals_recomputation(attn_impl, tiny_cfg):
+    """Same tokens with and without the cache, across the point where the cache fills up."""
+    torch.manual_seed(3)
+    model = GPTModel(ModelConfig(**{**tiny_cfg.__dict__, "attn_impl": attn_impl})).eval()
+    prompt = torch.randint(0, tiny_cfg.vocab_size, (3, 4))
+    steps = 2 * tiny_cfg.context_length
+    cached = generate(model, prompt, steps, temperature=0, kv_cache=True)
+    recomputed = generate(model, prompt, steps, temperature=0, kv_cache=False)
+    assert torch.equal(cached, recomputed)
+
+
+def test_kv_cache_logits_equal_full_forward(tiny_model, tiny_cfg):
+    """Feeding a sequence in pieces through the cache gives the full forward's logits."""
+    tiny_model.eval()
+    idx = torch.randint(0, tiny_cfg.vocab_size, (2, tiny_cfg.context_length))
+    full = tiny_model(idx)
+    cache = tiny_model.new_kv_cache(2)
+    pieces = [tiny_model(idx[:, a:b], cache) for a, b in ((0, 5), (5, 6), (6, 11), (11, 16))]
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+    with pytest.raises(ValueError, match="longer than context_length"):
+        tiny_model(idx[:, :1], cache)  # full: the caller must crop and recompute
