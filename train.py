@@ -11,14 +11,13 @@ from gpt.data import TrainBatches, eval_loader, load_split, prepare
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.model import GPTModel
 from gpt.sampling import print_samples
-from gpt.training import TrainState, keep_freed_memory, pick_device, train
+from gpt.training import TrainState, pick_device, setup_device, train
 
 
 def run(cfg: Config) -> TrainState:
     """Prepare the data, build the model, train it, save it and print a sample."""
     device = pick_device(cfg.train.device)
-    if device.type == "cpu":
-        keep_freed_memory()
+    setup_device(device)
     torch.manual_seed(cfg.train.seed)
     context = cfg.model.context_length
     prepared = prepare(cfg.data)

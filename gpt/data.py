@@ -279,7 +279,9 @@ class TokenWindows(Dataset):
         if not 0 <= i < len(self):
             raise IndexError(f"window {i} out of range for {len(self)} windows")
         start = i * self.stride
-        chunk = torch.from_numpy(self.tokens[start:start + self.max_length + 1].astype(np.int64))
+        # Kept as uint16 (as stored): a quarter of int64's bytes to collate, pin and copy to the
+        # device; training widens the ids to int64 there (`gpt.training.to_device`).
+        chunk = torch.from_numpy(np.array(self.tokens[start:start + self.max_length + 1]))
         return chunk[:-1], chunk[1:]
 
 

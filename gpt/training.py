@@ -2,16 +2,25 @@
 
 Each piece is a small function taking what it needs: `build_optimizer` (AdamW, weight decay on
 2-D weights only), `learning_rate` (linear warmup, then cosine decay to `min_lr`),
-`calc_loss_batch` (next-token cross-entropy), `evaluate` (mean loss in eval mode, no grad) and
-`train`, which ties them together with gradient accumulation, clipping, periodic evaluation,
-a progress bar and checkpoints. Everything a resumed run would need (model, optimizer, step,
-best val loss, data position) is held in named objects rather than loop-local variables.
+`calc_loss_batch` (next-token cross-entropy), `evaluate` (mean loss in eval mode, no grad),
+`train_step` (one optimizer step over accumulated micro-batches) and `train`, which ties them
+together with periodic evaluation, a progress bar and checkpoints. Everything a resumed run
+would need (model, optimizer, step, best val loss, data position) is held in named objects
+rather than loop-local variables.
+
+Speed: `Precision` runs forward passes under autocast (bf16, or fp16 with a GradScaler that
+unscales before clipping) when `train.dtype` asks for it or `auto` finds hardware for it;
+`compile_model` wraps the model in `torch.compile` (falling back, with one warning, if that
+fails); `setup_device` turns on TF32 matmuls on CUDA. The un-compiled module is what gets
+saved, so checkpoints load with or without compile.
 """
 
+import contextlib
 import ctypes
 import math
 import time
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +51,8 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     seed: int = 1337
     device: str = "auto"  # auto picks cuda, then mps, then cpu
+    dtype: str = "auto"  # auto, float32, bfloat16 or float16 (autocast; see pick_dtype)
+    compile: bool | str = "auto"  # torch.compile: true, false, or auto (on for CUDA only)
 
     def __post_init__(self):
         for name in ("max_iters", "eval_interval", "eval_iters", "grad_accum_steps"):
@@ -53,6 +64,13 @@ class TrainConfig:
             raise ValueError("train.learning_rate must be > 0 and train.min_lr in [0, learning_rate]")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("train.grad_clip and train.weight_decay must be 0 or more")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"train.dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.compile not in (True, False, "auto"):
+            raise ValueError(f"train.compile must be true, false or auto, got {self.compile!r}")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pick_device(name: str, option: str = "train.device") -> torch.device:
@@ -70,6 +88,78 @@ def pick_device(name: str, option: str = "train.device") -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"{option} is 'mps' but MPS is not available; use auto or cpu")
     return torch.device(name)
+
+
+def setup_device(device: torch.device) -> None:
+    """Process-wide speed settings for `device`: TF32 matmuls on CUDA, malloc tuning on CPU."""
+    if device.type == "cuda":
+        # TF32 keeps fp32's range with a 10-bit mantissa in matmuls: Ampere and later run
+        # them on tensor cores, several times faster, and training is unaffected.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    elif device.type == "cpu":
+        keep_freed_memory()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels here (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype for `train.dtype`: `auto` takes the fastest one the hardware runs well.
+
+    CUDA: bf16 where supported (Ampere and later), else fp16 (with a GradScaler).
+    CPU: bf16 where the CPU has native bf16 instructions, else fp32. MPS: fp32.
+    """
+    if name != "auto":
+        dtype = DTYPES[name]
+        if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError("train.dtype is bfloat16 but this GPU does not support it; use float16 or auto")
+        return dtype
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+class Precision:
+    """Autocast to `dtype` for forward passes, and a GradScaler that is active only for fp16.
+
+    fp16 has a narrow range, so small gradients would underflow to zero: the scaler multiplies
+    the loss before backward and divides the gradients after (`unscale`, before clipping, so the
+    clip threshold applies to the true gradient), skipping steps whose gradients overflowed.
+    Weights and optimizer state stay fp32 throughout.
+    """
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype = dtype
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+
+def compile_model(model: nn.Module, setting: bool | str, device: torch.device) -> nn.Module:
+    """`torch.compile(model)` if `setting` asks for it (auto: on CUDA), else `model` itself."""
+    if setting is False or (setting == "auto" and device.type != "cuda"):
+        return model
+    try:
+        return torch.compile(model)
+    except Exception as e:  # e.g. an unsupported platform or Python version
+        warn_compile_failed(e)
+        return model
+
+
+def warn_compile_failed(error: Exception) -> None:
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    warnings.warn(f"torch.compile failed ({first_line[:200]}); training continues uncompiled "
+                  "(set train.compile: false to skip it)", stacklevel=2)
 
 
 def keep_freed_memory() -> bool:
@@ -116,14 +206,23 @@ def calc_loss_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A (B, T) batch of token ids (uint16 from the token files) as int64 on `device`."""
+    # Copied as uint16 (a quarter of the bytes), widened on the device; from pinned memory the
+    # copy is asynchronous.
+    return batch.to(device, non_blocking=device.type == "cuda").long()
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
+             precision: Precision | None = None) -> float:
     """Mean loss over `loader` in eval mode (dropout off); restores the previous mode."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for inputs, targets in loader:
-        loss = calc_loss_batch(model, inputs.to(device), targets.to(device))
+        with precision.autocast() if precision else contextlib.nullcontext():
+            loss = calc_loss_batch(model, to_device(inputs, device), to_device(targets, device))
         total += loss.item() * len(inputs)
         count += len(inputs)
     model.train(was_training)
@@ -140,6 +239,34 @@ class TrainState:
     val_loss: float = math.nan
 
 
+def train_step(
+    model: nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    precision: Precision,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> tuple[float, int]:
+    """One optimizer step over `cfg.grad_accum_steps` micro-batches -> (mean loss, tokens seen)."""
+    loss_sum, tokens = 0.0, 0
+    for _ in range(cfg.grad_accum_steps):
+        inputs, targets = next(batches)
+        inputs, targets = to_device(inputs, device), to_device(targets, device)
+        with precision.autocast():
+            # Divide so the accumulated gradient is the mean over all micro-batches.
+            loss = calc_loss_batch(model, inputs, targets) / cfg.grad_accum_steps
+        precision.scaler.scale(loss).backward()
+        loss_sum += loss.item()
+        tokens += inputs.numel()
+    if cfg.grad_clip > 0:
+        precision.scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    precision.scaler.step(optimizer)  # skipped if fp16 gradients overflowed
+    precision.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, tokens
+
+
 def train(
     model: nn.Module,
     cfg: TrainConfig,
@@ -151,12 +278,14 @@ def train(
     """Run `cfg.max_iters` optimizer steps; evaluate and call `save(state, optimizer)` on schedule.
 
     `train_batches` yields (inputs, targets) forever; `eval_loaders` maps "train"/"val" to
-    fixed evaluation loaders.
+    fixed evaluation loaders. `model` is trained in place (through a compiled wrapper if
+    `cfg.compile` says so).
     """
     optimizer = build_optimizer(model, cfg, device)
+    precision = Precision(pick_dtype(cfg.dtype, device), device)
+    net = compile_model(model, cfg.compile, device)  # shares its parameters with `model`
     state = TrainState()
     batches = iter(train_batches)
-    non_blocking = device.type == "cuda"
     model.train()  # dropout active for the steps
     rate = None  # tokens/s, smoothed
     progress = tqdm(total=cfg.max_iters, desc="training", unit="step", disable=None, dynamic_ncols=True)
@@ -165,29 +294,27 @@ def train(
         lr = learning_rate(state.step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
-        for _ in range(cfg.grad_accum_steps):
-            inputs, targets = next(batches)
-            inputs = inputs.to(device, non_blocking=non_blocking)
-            targets = targets.to(device, non_blocking=non_blocking)
-            # Divide so the accumulated gradient is the mean over all micro-batches.
-            loss = calc_loss_batch(model, inputs, targets) / cfg.grad_accum_steps
-            loss.backward()
-            loss_sum += loss.item()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if net is not model and state.step == 0:
+            # Compilation happens at the first call; if it fails, carry on without it.
+            try:
+                loss_sum, tokens = train_step(net, batches, optimizer, precision, cfg, device)
+            except Exception as e:
+                warn_compile_failed(e)
+                net = model
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum, tokens = train_step(net, batches, optimizer, precision, cfg, device)
+        else:
+            loss_sum, tokens = train_step(net, batches, optimizer, precision, cfg, device)
         state.step += 1
 
-        step_rate = inputs.numel() * cfg.grad_accum_steps / (time.perf_counter() - started)
+        step_rate = tokens / (time.perf_counter() - started)
         rate = step_rate if rate is None else 0.9 * rate + 0.1 * step_rate
         progress.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
         progress.update(1)
 
         if state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters:
-            state.train_loss = evaluate(model, eval_loaders["train"], device)
-            state.val_loss = evaluate(model, eval_loaders["val"], device)
+            state.train_loss = evaluate(net, eval_loaders["train"], device, precision)
+            state.val_loss = evaluate(net, eval_loaders["val"], device, precision)
             state.best_val_loss = min(state.best_val_loss, state.val_loss)
             progress.write(
                 f"step {state.step}: train loss {state.train_loss:.4f} "

@@ -93,7 +93,7 @@ def test_windows_stride_and_shift():
     x, y = ds[2]
     assert x.tolist() == [6, 7, 8, 9]
     assert y.tolist() == [7, 8, 9, 10]
-    assert x.dtype == torch.int64
+    assert x.dtype == torch.uint16  # as stored; widened to int64 on the device
     last_x, last_y = ds[len(ds) - 1]
     assert last_y[-1].item() <= 29
     with pytest.raises(IndexError):

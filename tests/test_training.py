@@ -5,7 +5,10 @@ import pytest
 import torch
 
 from gpt.data import TokenWindows, TrainBatches, eval_loader
-from gpt.training import TrainConfig, build_optimizer, calc_loss_batch, evaluate, learning_rate, train
+from gpt.training import (
+    Precision, TrainConfig, build_optimizer, calc_loss_batch, compile_model, evaluate, learning_rate,
+    pick_dtype, train, train_step,
+)
 
 
 def test_learning_rate_schedule():
@@ -42,7 +45,7 @@ def test_evaluate_uses_eval_mode_and_restores_it(tiny_cfg):
     assert model.training
     x, y = next(iter(loader))
     model.eval()
-    assert a == pytest.approx(sum(calc_loss_batch(model, xx, yy).item() * len(xx) for xx, yy in loader) / 12)
+    assert a == pytest.approx(sum(calc_loss_batch(model, xx.long(), yy.long()).item() * len(xx) for xx, yy in loader) / 12)
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_model, tiny_cfg):
@@ -82,3 +85,90 @@ def test_train_loop_lowers_loss_saves_and_repeats_exactly(tiny_cfg):
     assert saves_a == saves_b
     for p, q in zip(model_a.parameters(), model_b.parameters()):
         assert torch.equal(p, q)
+
+
+def tiny_run(tiny_cfg, steps=30, **train_overrides):
+    """Train a fresh tiny model on a repeating pattern; return it and its saved (step, val loss)."""
+    from gpt.model import GPTModel
+    tokens = (np.arange(3000) * 7 % 101).astype(np.uint16)
+    ds = TokenWindows(tokens, 12, 12)
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg)
+    cfg = TrainConfig(max_iters=steps, eval_interval=10, eval_iters=2, warmup_iters=3,
+                      learning_rate=3e-3, min_lr=3e-4, **train_overrides)
+    saves = []
+    train(model, cfg, TrainBatches(ds, 4, seed=1), {"train": eval_loader(ds, 4, 2), "val": eval_loader(ds, 4, 2)},
+          torch.device("cpu"), lambda s, opt: saves.append((s.step, s.val_loss)))
+    return model, saves
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_trains_and_keeps_fp32_weights(dtype, tiny_cfg):
+    model, saves = tiny_run(tiny_cfg, dtype=dtype)
+    fp32_model, fp32_saves = tiny_run(tiny_cfg, dtype="float32")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert saves[-1][1] < saves[0][1] < math.log(101)
+    assert saves[-1][1] == pytest.approx(fp32_saves[-1][1], abs=0.15)  # learns about as well
+    assert saves != fp32_saves  # and really ran in lower precision
+
+
+def test_pick_dtype():
+    cpu = torch.device("cpu")
+    assert pick_dtype("float16", cpu) == torch.float16
+    assert pick_dtype("bfloat16", cpu) == torch.bfloat16
+    assert pick_dtype("auto", cpu) in (torch.float32, torch.bfloat16)
+    assert pick_dtype("auto", torch.device("mps")) == torch.float32
+    with pytest.raises(ValueError, match="train.dtype"):
+        TrainConfig(dtype="fp8")
+    with pytest.raises(ValueError, match="train.compile"):
+        TrainConfig(compile="yes")
+
+
+def test_fp16_scaler_unscales_before_clipping(tiny_model, tiny_cfg):
+    """The clip applies to the true gradient: a fp16 step equals the same step done by hand."""
+    torch.manual_seed(0)
+    x, y = torch.randint(0, tiny_cfg.vocab_size, (2, 4, 12)).to(torch.uint16)
+    cfg = TrainConfig(grad_clip=0.01, weight_decay=0.0)
+    precision = Precision(torch.float16, torch.device("cpu"))
+    assert precision.scaler.is_enabled() and precision.scaler.get_scale() > 1
+    reference = type(tiny_model)(tiny_cfg)
+    reference.load_state_dict(tiny_model.state_dict())
+    # Plain SGD, so the update is the clipped gradient itself (Adam's first step hides scale).
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=1.0)
+    loss, tokens = train_step(tiny_model, iter([(x, y)]), opt, precision, cfg, torch.device("cpu"))
+    assert tokens == 48
+    # By hand: the same fp16 loss, unscaled gradients clipped to norm 0.01, one SGD step.
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=1.0)
+    with precision.autocast():
+        ref_loss = calc_loss_batch(reference, x.long(), y.long())
+    ref_loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.01)
+    assert norm > 0.01  # the clip really acts
+    ref_opt.step()
+    assert loss == pytest.approx(ref_loss.item(), rel=1e-3)
+    for p, q in zip(tiny_model.parameters(), reference.parameters()):
+        assert torch.allclose(p, q, atol=2e-5)
+
+
+def test_compile_failure_warns_once_and_trains_uncompiled(tiny_cfg, monkeypatch):
+    def broken(module, *args, **kwargs):
+        def fail(*a, **k):
+            raise RuntimeError("no compiler here")
+        return fail
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match="torch.compile failed .no compiler here") as caught:
+        model, saves = tiny_run(tiny_cfg, steps=10, compile=True)
+    assert len([w for w in caught if "torch.compile" in str(w.message)]) == 1
+    assert [s for s, _ in saves] == [10] and saves[0][1] < math.log(101)
+
+
+def test_compiled_training_saves_the_plain_module(tiny_cfg, monkeypatch):
+    """Through a torch.compile wrapper (eager backend: fast), weights train and keep plain names."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m: real_compile(m, backend="eager"))
+    model, saves = tiny_run(tiny_cfg, steps=10, compile=True)
+    plain, plain_saves = tiny_run(tiny_cfg, steps=10, compile=False)
+    assert compile_model(model, True, torch.device("cpu")) is not model
+    assert compile_model(model, "auto", torch.device("cpu")) is model  # auto: CUDA only
+    assert not any("_orig_mod" in k for k in model.state_dict())
+    assert saves[0][1] == pytest.approx(plain_saves[0][1], abs=1e-4)
