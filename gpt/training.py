@@ -180,15 +180,25 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings, none on biases and LayerNorms."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
+                    fused: bool = True) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings, none on biases and LayerNorms.
+
+    Fused (one kernel for the whole update, on CUDA, CPU and MPS) unless `fused` is False or the
+    device has no fused kernel; the result is the same as the per-tensor version.
+    """
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type == "cuda")
+    options = {"lr": cfg.learning_rate, "betas": (cfg.beta1, cfg.beta2)}
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, fused=True, **options)
+        except RuntimeError:  # no fused kernel for this device or dtype
+            pass
+    return torch.optim.AdamW(groups, **options)
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:

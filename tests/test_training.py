@@ -33,6 +33,25 @@ def test_weight_decay_only_on_matrices(tiny_model):
     assert len(ids) == len(set(ids)) == len(list(tiny_model.parameters()))  # tied weight once
 
 
+def test_fused_adamw_on_cpu_matches_the_per_tensor_version(tiny_model, tiny_cfg):
+    reference = type(tiny_model)(tiny_cfg)
+    reference.load_state_dict(tiny_model.state_dict())
+    initial = tiny_model.tok_emb.weight.detach().clone()
+    cfg = TrainConfig(learning_rate=1e-2)
+    fused = build_optimizer(tiny_model, cfg, torch.device("cpu"))
+    plain = build_optimizer(reference, cfg, torch.device("cpu"), fused=False)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    x = torch.randint(0, tiny_cfg.vocab_size, (2, 12))
+    for _ in range(3):
+        for model, opt in ((tiny_model, fused), (reference, plain)):
+            calc_loss_batch(model, x, x.roll(1)).backward()
+            opt.step()
+            opt.zero_grad()
+    for p, q in zip(tiny_model.parameters(), reference.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+    assert not torch.allclose(tiny_model.tok_emb.weight, initial, atol=1e-3)  # the steps did move it
+
+
 def test_evaluate_uses_eval_mode_and_restores_it(tiny_cfg):
     from gpt.model import GPTModel, ModelConfig
     torch.manual_seed(0)

@@ -1,0 +1,283 @@
+"""Measure training and sampling speed: `python -m gpt.bench --config small.yaml [options]`.
+
+Every figure is measured against a baseline in the same run, because absolute speed on a shared
+machine drifts: the baseline is the plain path (explicit attention, float32, no compile,
+per-tensor AdamW, vocabulary not padded), the default is what `train.py` does with the config,
+and `--variants` adds others (each with the config's other settings and fused AdamW). Variants are
+timed in turns (round-robin, `--rounds` times) and the median is reported, so a slow spell on
+the machine hits all of them alike.
+
+Printed per variant: milliseconds per optimizer step, training tokens/s, achieved FLOP/s, MFU
+(model FLOPs utilisation: achieved / peak) and peak memory; then sampling tokens/s with and
+without the KV cache. FLOPs per token follow the PaLM paper's estimate used by nanoGPT:
+6 * N for the matmuls (N = parameters, embedding excluded, LM head included) plus
+12 * n_layers * context_length * emb_dim for attention. The peak is measured here on a CPU (a
+large matmul in the variant's dtype); on a GPU it comes from the table of datasheet peaks below.
+The input is random token ids: speed does not depend on the text.
+"""
+
+import dataclasses
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from gpt.config import Config, load_config
+from gpt.errors import ArgumentParser, UserError, run_cli
+from gpt.model import GPTModel, ModelConfig
+from gpt.sampling import generate
+from gpt.training import (
+    DTYPES, Precision, TrainConfig, build_optimizer, compile_model, pick_device, pick_dtype,
+    setup_device, train_step,
+)
+
+# Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, in TFLOP/s: bf16/fp16, and
+# tf32 (what float32 matmuls run as here). Matched against the device name, first match wins.
+GPU_PEAK_TFLOPS = [
+    ("H200", {"bf16": 989.0, "tf32": 494.0}),
+    ("H100 PCIe", {"bf16": 756.0, "tf32": 378.0}),
+    ("H100 NVL", {"bf16": 835.0, "tf32": 418.0}),
+    ("H100", {"bf16": 989.0, "tf32": 494.0}),  # SXM
+    ("GH200", {"bf16": 989.0, "tf32": 494.0}),
+    ("A100", {"bf16": 312.0, "tf32": 156.0}),
+    ("L40S", {"bf16": 362.0, "tf32": 183.0}),
+    ("L4", {"bf16": 121.0, "tf32": 60.0}),
+    ("A10G", {"bf16": 70.0, "tf32": 35.0}),
+    ("A10", {"bf16": 125.0, "tf32": 62.5}),
+    ("RTX 4090", {"bf16": 165.2, "tf32": 82.6}),
+    ("RTX 3090", {"bf16": 71.0, "tf32": 35.6}),
+    ("V100", {"bf16": 125.0, "tf32": 15.7}),  # fp16 tensor cores; no tf32 (fp32 peak given)
+    ("T4", {"bf16": 65.0, "tf32": 8.1}),  # fp16; no bf16 or tf32 (fp32 peak given)
+]
+
+
+@dataclass
+class Variant:
+    """One way of running the same model: attention path, autocast dtype, compile or not."""
+
+    name: str
+    attn_impl: str
+    dtype: str  # a train.dtype value
+    compile: bool | str
+    fused_adamw: bool = True
+    vocab_pad_multiple: int | None = None  # None: the config's
+
+
+def parse_variant(text: str) -> Variant:
+    """`sdpa:bfloat16:on` -> Variant (attention impl : dtype : compile on/off/auto)."""
+    parts = text.split(":")
+    compile_values = {"on": True, "off": False, "auto": "auto"}
+    if (len(parts) != 3 or parts[0] not in ("sdpa", "explicit") or parts[1] not in (*DTYPES, "auto")
+            or parts[2] not in compile_values):
+        raise UserError(f"cannot read variant {text!r}; write it as IMPL:DTYPE:COMPILE, "
+                        "e.g. sdpa:bfloat16:on (impl sdpa|explicit, dtype auto|float32|bfloat16|float16, "
+                        "compile on|off|auto)")
+    return Variant(text, parts[0], parts[1], compile_values[parts[2]])
+
+
+def flops_per_token(cfg: ModelConfig) -> float:
+    """Training FLOPs per token (forward + backward), the PaLM / nanoGPT estimate."""
+    d, n_layers = cfg.emb_dim, cfg.n_layers
+    per_block = 12 * d * d  # qkv (3d^2), out projection (d^2), MLP (8d^2); biases ignored
+    matmul_params = n_layers * per_block + cfg.vocab_size * d  # the head, over the real vocabulary
+    return 6 * matmul_params + 12 * n_layers * cfg.context_length * d
+
+
+def gpu_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:
+    """Datasheet peak for this GPU and dtype, or None with the reason."""
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in GPU_PEAK_TFLOPS:
+        if key in name:
+            kind = "tf32" if dtype == torch.float32 else "bf16"
+            return peaks[kind] * 1e12, f"{name}, datasheet {kind} peak {peaks[kind]:g} TFLOP/s"
+    return None, f"{name}: peak unknown (not in gpt/bench.py's table), so no MFU"
+
+
+def cpu_peak_flops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of a (size x size) @ (size x size) matmul in `dtype` on this CPU."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    a @ b  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TrainBench:
+    """A model, optimizer and precision for one variant, ready to time optimizer steps."""
+
+    def __init__(self, variant: Variant, cfg: Config, device: torch.device, batches: list):
+        self.variant = variant
+        model_cfg = dataclasses.replace(cfg.model, attn_impl=variant.attn_impl,
+                                        vocab_pad_multiple=variant.vocab_pad_multiple or cfg.model.vocab_pad_multiple)
+        self.train_cfg = dataclasses.replace(cfg.train, dtype=variant.dtype, compile=variant.compile)
+        torch.manual_seed(cfg.train.seed)
+        self.model = GPTModel(model_cfg).to(device).train()
+        self.net = compile_model(self.model, variant.compile, device)
+        self.optimizer = build_optimizer(self.model, self.train_cfg, device, fused=variant.fused_adamw)
+        self.dtype = pick_dtype(variant.dtype, device)
+        self.precision = Precision(self.dtype, device)
+        self.device = device
+        self.batches = batches
+        self.times: list[float] = []  # seconds per step, one entry per timed round
+        self.peak_memory = 0
+
+    def steps(self, count: int) -> float:
+        """Run `count` optimizer steps; return seconds per step (0 for no steps)."""
+        if count == 0:
+            return 0.0
+        batches = iter(self.batches * (count * self.train_cfg.grad_accum_steps // len(self.batches) + 1))
+        synchronize(self.device)
+        started = time.perf_counter()
+        for _ in range(count):
+            train_step(self.net, batches, self.optimizer, self.precision, self.train_cfg, self.device)
+        synchronize(self.device)
+        return (time.perf_counter() - started) / count
+
+
+def bench_training(cfg: Config, device: torch.device, variants: list[Variant], steps: int,
+                   warmup: int, rounds: int) -> list[TrainBench]:
+    """Time every variant in turns; returns them with their per-round step times."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (cfg.data.batch_size, cfg.model.context_length)
+    batches = [tuple(torch.randint(0, cfg.model.vocab_size, shape, generator=generator).to(torch.uint16)
+                     for _ in range(2)) for _ in range(4)]
+    if device.type == "cuda":
+        batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
+    benches = []
+    for variant in variants:
+        bench = TrainBench(variant, cfg, device, batches)
+        started = time.perf_counter()
+        bench.steps(warmup)  # allocations, autotuning and compilation happen here
+        print(f"  {variant.name}: set up and warmed up in {time.perf_counter() - started:.1f} s "
+              f"({bench.dtype}, compile {'on' if bench.net is not bench.model else 'off'})", flush=True)
+        benches.append(bench)
+    for _ in range(rounds):
+        for bench in benches:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            bench.times.append(bench.steps(steps))
+            if device.type == "cuda":
+                bench.peak_memory = max(bench.peak_memory, torch.cuda.max_memory_allocated(device))
+    return benches
+
+
+def bench_sampling(cfg: Config, device: torch.device, new_tokens: int, prompt_tokens: int,
+                   rounds: int) -> dict[str, float]:
+    """Greedy tokens/s of one sequence with and without the KV cache (median of rounds)."""
+    torch.manual_seed(cfg.train.seed)
+    model = GPTModel(cfg.model).to(device).eval()
+    prompt = torch.randint(0, cfg.model.vocab_size, (1, prompt_tokens), device=device)
+    results: dict[str, list[float]] = {"kv cache": [], "recompute": []}
+    outputs = {}
+    generate(model, prompt, 4, temperature=0)  # warm up
+    for _ in range(rounds):
+        for name, kv_cache in (("kv cache", True), ("recompute", False)):
+            synchronize(device)
+            started = time.perf_counter()
+            outputs[name] = generate(model, prompt, new_tokens, temperature=0, kv_cache=kv_cache)
+            synchronize(device)
+            results[name].append(new_tokens / (time.perf_counter() - started))
+    if not torch.equal(outputs["kv cache"], outputs["recompute"]):
+        print("  note: greedy tokens differ between the two paths (numerical near-tie)")
+    return {name: statistics.median(rates) for name, rates in results.items()}
+
+
+def peak_for(device: torch.device, dtype: torch.dtype, cpu_peaks: dict) -> tuple[float | None, str]:
+    """Peak FLOP/s to compare against, and where it comes from."""
+    if device.type == "cuda":
+        return gpu_peak_flops(device, dtype)
+    if device.type == "cpu":
+        if dtype not in cpu_peaks:
+            cpu_peaks[dtype] = cpu_peak_flops(dtype)
+        return cpu_peaks[dtype], f"CPU {dtype} matmul measured now: {cpu_peaks[dtype] / 1e9:.1f} GFLOP/s"
+    return None, f"{device.type}: peak unknown, so no MFU"
+
+
+def report(cfg: Config, device: torch.device, benches: list[TrainBench]) -> None:
+    """Print the training table: one row per variant, speed relative to the baseline."""
+    tokens_per_step = cfg.data.batch_size * cfg.model.context_length * cfg.train.grad_accum_steps
+    per_token = flops_per_token(cfg.model)
+    cpu_peaks: dict = {}
+    baseline = statistics.median(benches[0].times)
+    print(f"\ntraining: {tokens_per_step:,} tokens per step, {per_token / 1e6:.1f} MFLOP per token; "
+          f"median of {len(benches[0].times)} rounds")
+    header = f"{'variant':<34} {'ms/step':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak mem':>9} {'speed-up':>8}"
+    print(header)
+    print("-" * len(header))
+    notes = []
+    for bench in benches:
+        seconds = statistics.median(bench.times)
+        achieved = per_token * tokens_per_step / seconds
+        peak, source = peak_for(device, bench.dtype, cpu_peaks)
+        mfu = f"{achieved / peak:.1%}" if peak else "n/a"
+        memory = f"{bench.peak_memory / 2**30:.2f}G" if bench.peak_memory else "-"
+        print(f"{bench.variant.name:<34} {seconds * 1e3:>9.1f} {tokens_per_step / seconds:>10,.0f} "
+              f"{achieved / 1e12:>8.3f} {mfu:>6} {memory:>9} {baseline / seconds:>7.2f}x")
+        if source not in notes:
+            notes.append(source)
+    for note in notes:
+        print(f"  peak: {note}")
+    if device.type == "cpu":
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        print(f"  peak memory (whole process, all variants): {rss:.2f} GiB resident")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(
+        description="Benchmark training and sampling speed for a config (any --section.key=value "
+        "override applies, e.g. --data.batch_size=8).", allow_abbrev=False)
+    parser.add_argument("--config", help="YAML config: a path or a file name in configs/")
+    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per timed round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile happens here)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant, taken in turns")
+    parser.add_argument("--variants", default="",
+                        help="extra comma-separated IMPL:DTYPE:COMPILE variants, e.g. sdpa:float32:off")
+    parser.add_argument("--sample-tokens", type=int, default=200, help="new tokens per sampling run (0: skip)")
+    parser.add_argument("--prompt-tokens", type=int, default=8, help="prompt length for the sampling runs")
+    parser.add_argument("--device", default="auto", help="auto, cpu, mps or cuda[:N]")
+    args, overrides = parser.parse_known_args(argv)
+
+    def work() -> None:
+        if min(args.steps, args.rounds) < 1 or args.warmup < 0 or args.sample_tokens < 0 or args.prompt_tokens < 1:
+            raise UserError("--steps, --rounds and --prompt-tokens must be at least 1; --warmup, --sample-tokens 0 or more")
+        cfg = load_config(args.config, overrides)
+        device = pick_device(args.device, option="--device")
+        setup_device(device)
+        variants = [Variant("baseline (plain path)", "explicit", "float32", False, fused_adamw=False,
+                            vocab_pad_multiple=1),
+                    Variant(f"default ({cfg.model.attn_impl} {cfg.train.dtype} compile={cfg.train.compile})",
+                            cfg.model.attn_impl, cfg.train.dtype, cfg.train.compile)]
+        variants += [parse_variant(v) for v in args.variants.split(",") if v]
+        m = cfg.model
+        print(f"device: {device}; torch {torch.__version__}; {torch.get_num_threads()} threads")
+        print(f"model: {m.n_layers} layers, {m.n_heads} heads, {m.emb_dim} wide, context {m.context_length}; "
+              f"batch {cfg.data.batch_size} x {cfg.train.grad_accum_steps} accumulation")
+        benches = bench_training(cfg, device, variants, args.steps, args.warmup, args.rounds)
+        report(cfg, device, benches)
+        if args.sample_tokens:
+            rates = bench_sampling(cfg, device, args.sample_tokens, args.prompt_tokens, args.rounds)
+            fits = args.prompt_tokens + args.sample_tokens <= m.context_length
+            print(f"\nsampling: {args.sample_tokens} new tokens after a {args.prompt_tokens}-token prompt, "
+                  f"batch 1, greedy, context {m.context_length}"
+                  + ("" if fits else " (the cache fills up; the rest is recomputed)"))
+            print(f"  kv cache:  {rates['kv cache']:,.0f} tokens/s")
+            print(f"  recompute: {rates['recompute']:,.0f} tokens/s")
+            print(f"  speed-up:  {rates['kv cache'] / rates['recompute']:.2f}x")
+
+    return run_cli(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from gpt import bench
+from gpt.model import GPTModel, ModelConfig
+
+
+def test_flops_per_token_counts_every_matmul_weight():
+    cfg = ModelConfig(vocab_size=1000, context_length=64, emb_dim=48, n_heads=4, n_layers=3)
+    model = GPTModel(cfg)
+    # Independent count: every Linear weight in the blocks, plus the head over the real vocabulary.
+    block_weights = sum(m.weight.numel() for m in model.trf_blocks.modules() if isinstance(m, torch.nn.Linear))
+    expected = 6 * (block_weights + cfg.vocab_size * cfg.emb_dim) + 12 * 3 * 64 * 48
+    assert bench.flops_per_token(cfg) == expected
+
+
+@pytest.mark.parametrize("name,dtype,peak", [
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989e12),
+    ("NVIDIA H100 PCIe", torch.bfloat16, 756e12),
+    ("NVIDIA H200", torch.float32, 494e12),
+    ("NVIDIA A100-SXM4-40GB", torch.float16, 312e12),
+    ("NVIDIA L4", torch.bfloat16, 121e12),
+    ("NVIDIA GeForce RTX 4090", torch.bfloat16, 165.2e12),
+    ("Tesla K80", torch.bfloat16, None),
+])
+def test_gpu_peak_table(name, dtype, peak, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    found, source = bench.gpu_peak_flops(torch.device("cuda"), dtype)
+    assert found == peak
+    assert name in source and (peak is not None or "unknown" in source)
+
+
+def test_bench_runs_and_reports_against_the_baseline(capsys):
+    code = bench.main(["--config", "tiny.yaml", "--steps", "1", "--warmup", "0", "--rounds", "2",
+                       "--sample-tokens", "5", "--variants", "sdpa:float32:off"])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = {line.strip().split("  ")[0]: line for line in out.splitlines() if line.endswith("x")}
+    assert set(rows) >= {"baseline (plain path)", "sdpa:float32:off", "speed-up:"}
+    assert rows["baseline (plain path)"].endswith(" 1.00x")
+    assert "MFU" in out and "%" in rows["sdpa:float32:off"]  # a measured CPU peak gives an MFU
+    assert "kv cache:" in out and "recompute:" in out
+
+
+def test_bench_bad_variant_is_one_line_error(capsys):
+    assert bench.main(["--config", "tiny.yaml", "--variants", "sdpa:fp8:on"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot read variant 'sdpa:fp8:on'") and "\n" not in err
