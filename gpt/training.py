@@ -229,14 +229,14 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
     """Mean loss over `loader` in eval mode (dropout off); restores the previous mode."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), device=device), 0
     for inputs, targets in loader:
         with precision.autocast() if precision else contextlib.nullcontext():
             loss = calc_loss_batch(model, to_device(inputs, device), to_device(targets, device))
-        total += loss.item() * len(inputs)
+        total += loss.float() * len(inputs)  # on the device: one sync at the end
         count += len(inputs)
     model.train(was_training)
-    return total / count
+    return total.item() / count
 
 
 @dataclass
@@ -258,7 +258,7 @@ def train_step(
     device: torch.device,
 ) -> tuple[float, int]:
     """One optimizer step over `cfg.grad_accum_steps` micro-batches -> (mean loss, tokens seen)."""
-    loss_sum, tokens = 0.0, 0
+    loss_sum, tokens = torch.zeros((), device=device), 0
     for _ in range(cfg.grad_accum_steps):
         inputs, targets = next(batches)
         inputs, targets = to_device(inputs, device), to_device(targets, device)
@@ -266,7 +266,7 @@ def train_step(
             # Divide so the accumulated gradient is the mean over all micro-batches.
             loss = calc_loss_batch(model, inputs, targets) / cfg.grad_accum_steps
         precision.scaler.scale(loss).backward()
-        loss_sum += loss.item()
+        loss_sum += loss.detach()  # summed on the device: no GPU sync per micro-batch
         tokens += inputs.numel()
     if cfg.grad_clip > 0:
         precision.scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
@@ -274,7 +274,7 @@ def train_step(
     precision.scaler.step(optimizer)  # skipped if fp16 gradients overflowed
     precision.scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, tokens
+    return loss_sum.item(), tokens
 
 
 def train(
@@ -294,6 +294,7 @@ def train(
     optimizer = build_optimizer(model, cfg, device)
     precision = Precision(pick_dtype(cfg.dtype, device), device)
     net = compile_model(model, cfg.compile, device)  # shares its parameters with `model`
+    compiled_once = False
     state = TrainState()
     batches = iter(train_batches)
     model.train()  # dropout active for the steps
@@ -304,8 +305,9 @@ def train(
         lr = learning_rate(state.step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if net is not model and state.step == 0:
+        if net is not model and not compiled_once:
             # Compilation happens at the first call; if it fails, carry on without it.
+            compiled_once = True
             try:
                 loss_sum, tokens = train_step(net, batches, optimizer, precision, cfg, device)
             except Exception as e:
