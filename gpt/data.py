@@ -298,7 +298,8 @@ def load_split(prepared: Path, split: str, max_length: int, stride: int) -> Toke
 class TrainBatches:
     """Endless shuffled train batches; epoch e is shuffled by seed + e, so runs repeat exactly.
 
-    `epoch` and `batch_in_epoch` say where the stream is; they are all the state it has.
+    `epoch` and `batch_in_epoch` say where the stream is; they are all the state it has, so
+    `state_dict` / `load_state_dict` put a resumed run on the very next batch.
     """
 
     def __init__(self, dataset: TokenWindows, batch_size: int, seed: int, num_workers: int = 0,
@@ -316,12 +317,27 @@ class TrainBatches:
         self.epoch = 0
         self.batch_in_epoch = 0
 
+    def state_dict(self) -> dict:
+        """Where the stream is: the epoch and the batches of it already yielded."""
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a `state_dict`: the next batch is the one that would have come next."""
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+
     def __iter__(self):
         while True:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(len(self.dataset), generator=generator)
+            # Skip what this epoch has already given (after a resume); the order is the same.
+            start = self.batch_in_epoch * self.batch_size
+            # The generator also seeds the loader's workers, so the global RNG (dropout's) is
+            # never drawn from here and a resumed run's dropout masks match an unbroken one's.
             loader = DataLoader(
-                self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                generator=torch.Generator().manual_seed(self.seed + self.epoch),
-                num_workers=self.num_workers, pin_memory=self.pin_memory,
+                self.dataset, batch_size=self.batch_size, sampler=order[start:].tolist(),
+                drop_last=True, generator=generator, num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
             )
             for batch in loader:
                 self.batch_in_epoch += 1
@@ -334,4 +350,7 @@ def eval_loader(dataset: TokenWindows, batch_size: int, max_batches: int) -> Dat
     """A fixed, evenly spread subset of at most `max_batches` batches, the same at every eval."""
     count = min(len(dataset), batch_size * max_batches)
     indices = torch.linspace(0, len(dataset) - 1, count).round().long().unique().tolist()
-    return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False)
+    # Its own generator: a DataLoader without one draws a seed from the global RNG each time it
+    # is iterated, and evaluation must not move the RNG that training's dropout uses.
+    return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
+                      generator=torch.Generator())

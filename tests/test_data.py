@@ -170,6 +170,32 @@ def test_train_batches_deterministic_by_seed_and_reshuffled_per_epoch():
     assert not torch.equal(torch.cat(a[:7]), torch.cat(a[7:]))
 
 
+@pytest.mark.parametrize("taken", [0, 3, 7, 10, 20])  # 7 batches per epoch: edges included
+def test_train_batches_resume_on_the_next_batch(taken):
+    ds = TokenWindows(np.arange(200, dtype=np.uint16), max_length=4, stride=4)  # 49 windows
+    unbroken = iter(TrainBatches(ds, 7, seed=3))
+    expected = [next(unbroken)[0] for _ in range(taken + 9)]
+    first = TrainBatches(ds, 7, seed=3)
+    it = iter(first)
+    for _ in range(taken):
+        next(it)
+    resumed = TrainBatches(ds, 7, seed=3)
+    resumed.load_state_dict(first.state_dict())
+    it = iter(resumed)
+    assert all(torch.equal(next(it)[0], x) for x in expected[taken:])
+
+
+def test_batches_and_evaluation_leave_the_global_rng_alone():
+    ds = TokenWindows(np.arange(200, dtype=np.uint16), max_length=4, stride=4)
+    before = torch.get_rng_state()
+    it = iter(TrainBatches(ds, 7, seed=3))
+    for _ in range(10):  # across an epoch boundary
+        next(it)
+    for _ in eval_loader(ds, 5, 3):
+        pass
+    assert torch.equal(torch.get_rng_state(), before)  # dropout's RNG is not drawn from
+
+
 def test_train_batches_needs_a_full_batch():
     ds = TokenWindows(np.arange(20, dtype=np.uint16), max_length=4, stride=4)
     with pytest.raises(UserError, match="fewer than data.batch_size"):
