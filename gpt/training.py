@@ -4,8 +4,12 @@ Each piece is a small function taking what it needs: `build_optimizer` (AdamW, w
 2-D weights only), `learning_rate` (linear warmup, then cosine decay to `min_lr`),
 `calc_loss_batch` (next-token cross-entropy), `evaluate` (mean loss in eval mode, no grad) and
 `train`, which ties them together with gradient accumulation, clipping, periodic evaluation,
-a progress bar and checkpoints. Everything a resumed run would need (model, optimizer, step,
-best val loss, data position) is held in named objects rather than loop-local variables.
+a progress bar and checkpoints. Everything a resumed run needs (model, optimizer, step, best
+val loss, data position) is held in named objects rather than loop-local variables; the loop
+knows nothing of files: `save` and `restore` are given to it (`gpt.resume` writes them).
+
+A non-finite loss (or, before a save, non-finite weights) stops the run with `NonFiniteLoss`
+before anything is saved, so a NaN model never replaces a good checkpoint.
 """
 
 import ctypes
@@ -28,7 +32,7 @@ from gpt.errors import UserError
 class TrainConfig:
     """Optimisation, evaluation and where the run is written."""
 
-    out_dir: str = "runs/default"  # checkpoint goes to <out_dir>/ckpt.pt
+    out_dir: str = "runs/default"  # checkpoints go to <out_dir>/latest.pt and best.pt
     max_iters: int = 2000  # optimizer steps
     eval_interval: int = 200  # evaluate (and save) every this many steps, and at the end
     eval_iters: int = 20  # batches per loss estimate
@@ -136,8 +140,28 @@ class TrainState:
 
     step: int = 0
     best_val_loss: float = math.inf
+    best_step: int = 0  # the step best_val_loss was measured at (0: none yet)
     train_loss: float = math.nan
     val_loss: float = math.nan
+
+
+class NonFiniteLoss(Exception):
+    """The loss or the weights stopped being finite at `step`; nothing from then on is saved."""
+
+    def __init__(self, what: str, value: float, step: int):
+        super().__init__(f"{what} is {value} at step {step}")
+        self.step = step
+
+
+def weights_are_finite(model: nn.Module) -> bool:
+    """True when no parameter holds a NaN or an infinity (one device sync for all of them)."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
+
+
+def _stop_if_not_finite(value: float, what: str, step: int, progress: tqdm) -> None:
+    if not math.isfinite(value):
+        progress.close()
+        raise NonFiniteLoss(what, value, step)
 
 
 def train(
@@ -146,20 +170,27 @@ def train(
     train_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     eval_loaders: dict[str, DataLoader],
     device: torch.device,
-    save: Callable[[TrainState, torch.optim.Optimizer], None],
+    save: Callable[[TrainState, torch.optim.Optimizer, torch.amp.GradScaler | None], None],
+    restore: Callable[[torch.optim.Optimizer, torch.amp.GradScaler | None], TrainState] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainState:
-    """Run `cfg.max_iters` optimizer steps; evaluate and call `save(state, optimizer)` on schedule.
+    """Train up to step `cfg.max_iters`; evaluate and `save(state, optimizer, scaler)` on schedule.
 
     `train_batches` yields (inputs, targets) forever; `eval_loaders` maps "train"/"val" to
-    fixed evaluation loaders.
+    fixed evaluation loaders. `restore(optimizer, scaler)` loads a checkpoint into the run's
+    objects and returns the state to continue from. `should_stop()` is asked after every step:
+    when true, the run saves and returns early (`state.step < cfg.max_iters`). `scaler` is the
+    mixed-precision GradScaler, or None; it is handed to `save` and `restore`.
     """
     optimizer = build_optimizer(model, cfg, device)
-    state = TrainState()
-    batches = iter(train_batches)
+    state = restore(optimizer, scaler) if restore is not None else TrainState()
+    batches = iter(train_batches)  # after restore: it continues from the restored position
     non_blocking = device.type == "cuda"
     model.train()  # dropout active for the steps
     rate = None  # tokens/s, smoothed
-    progress = tqdm(total=cfg.max_iters, desc="training", unit="step", disable=None, dynamic_ncols=True)
+    progress = tqdm(total=cfg.max_iters, initial=state.step, desc="training", unit="step", disable=None,
+                    dynamic_ncols=True)
     while state.step < cfg.max_iters:
         started = time.perf_counter()
         lr = learning_rate(state.step, cfg)
@@ -174,6 +205,7 @@ def train(
             loss = calc_loss_batch(model, inputs, targets) / cfg.grad_accum_steps
             loss.backward()
             loss_sum += loss.item()
+        _stop_if_not_finite(loss_sum, "loss", state.step + 1, progress)  # before the update
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -185,15 +217,25 @@ def train(
         progress.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
         progress.update(1)
 
-        if state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters:
+        evaluated = state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters
+        if evaluated:
             state.train_loss = evaluate(model, eval_loaders["train"], device)
             state.val_loss = evaluate(model, eval_loaders["val"], device)
-            state.best_val_loss = min(state.best_val_loss, state.val_loss)
+            _stop_if_not_finite(state.train_loss, "train loss", state.step, progress)
+            _stop_if_not_finite(state.val_loss, "val loss", state.step, progress)
+            if state.val_loss < state.best_val_loss:
+                state.best_val_loss, state.best_step = state.val_loss, state.step
             progress.write(
                 f"step {state.step}: train loss {state.train_loss:.4f} "
                 f"(ppl {math.exp(min(state.train_loss, 50)):.1f}), val loss {state.val_loss:.4f} "
                 f"(ppl {math.exp(min(state.val_loss, 50)):.1f}), {rate:,.0f} tokens/s"
             )
-            save(state, optimizer)
+        stopping = should_stop is not None and should_stop()
+        if evaluated or stopping:
+            if not weights_are_finite(model):  # a NaN model never replaces a good checkpoint
+                _stop_if_not_finite(math.nan, "a weight", state.step, progress)
+            save(state, optimizer, scaler)
+        if stopping:
+            break
     progress.close()
     return state

@@ -1,5 +1,6 @@
 """The scripts, end to end, as a user runs them; and bad input as a user makes it."""
 
+import math
 import re
 import signal
 import subprocess
@@ -26,16 +27,20 @@ def test_train_then_generate_on_tiny(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "parameters" in result.stdout and "val loss" in result.stdout
     assert "--- sample ---\nYour journey" in result.stdout
-    state = torch.load(out / "ckpt.pt", weights_only=True)
+    state = torch.load(out / "latest.pt", weights_only=True)
     assert state["step"] == 10
     assert state["config"]["model"]["n_layers"] == 2
     assert not any(k.startswith("_orig_mod") or k.endswith("mask") for k in state["model"])
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["step"] == best["best_step"] == state["best_step"]  # the run's lowest val loss
+    assert "optimizer" not in best and "rng" not in best  # weights for sampling only
 
     gen = run_script("generate.py", "To be", "--checkpoint", str(out), "--max-new-tokens", "12",
                      "--seed", "5", cwd=tmp_path)
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.startswith("To be") and len(gen.stdout) > len("To be\n")
-    again = run_script("generate.py", "To be", "--checkpoint", str(out / "ckpt.pt"),
+    assert f"sampling from {out / 'best.pt'}" in gen.stderr
+    again = run_script("generate.py", "To be", "--checkpoint", str(out / "best.pt"),
                        "--max-new-tokens", "12", "--seed", "5", cwd=tmp_path)
     assert again.stdout == gen.stdout  # same seed, same text
     many = run_script("generate.py", "To be", "--checkpoint", str(out), "--num-samples", "2",
@@ -135,12 +140,12 @@ def test_bad_command_line_is_one_clear_line(script, argv, message, capsys):
 
 
 def test_bad_generate_input_is_one_clear_line(trained_run, tmp_path, capsys):
-    before = (trained_run / "ckpt.pt").read_bytes()
+    before = (trained_run / "latest.pt").read_bytes()
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(before[: len(before) // 2])
-    state = torch.load(trained_run / "ckpt.pt", weights_only=True)
+    state = torch.load(trained_run / "latest.pt", weights_only=True)
     state["config"]["model"]["emb_dim"] = 64
     mismatched = tmp_path / "mismatched.pt"
     torch.save(state, mismatched)
@@ -161,11 +166,11 @@ def test_bad_generate_input_is_one_clear_line(trained_run, tmp_path, capsys):
         assert generate.main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
-    assert (trained_run / "ckpt.pt").read_bytes() == before
+    assert (trained_run / "latest.pt").read_bytes() == before
     assert not (tmp_path / "pwned").exists()  # the pickle's code never ran
 
 
-def test_ctrl_c_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path):
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-u", str(ROOT / "train.py"), "--config", "tiny.yaml", f"--train.out_dir={out}",
@@ -178,7 +183,26 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path):
         if evaluations == 2:
             break
     proc.send_signal(signal.SIGINT)
+    for line in proc.stderr:  # the first Ctrl-C asks for a stop after the step ...
+        if line.startswith("SIGINT: finishing this step"):
+            break
+    proc.send_signal(signal.SIGINT)  # ... the second one (if it comes in time) stops at once
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
-    assert "interrupted" in err and "Traceback" not in err
-    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] >= 2
+    assert "Traceback" not in err
+    assert torch.load(out / "latest.pt", weights_only=True)["step"] >= 2
+    assert not (out / "latest.pt.tmp").exists()
+
+
+def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    from gpt import training
+    schedule = training.learning_rate
+    monkeypatch.setattr(training, "learning_rate", lambda step, cfg: math.nan if step == 3 else schedule(step, cfg))
+    out = tmp_path / "run"
+    assert train.main(["--config", "tiny.yaml", f"--train.out_dir={out}", "--train.eval_interval=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: loss is nan at step 5; last good checkpoint: {out / 'latest.pt'} (step 3); ")
+    assert "lower train.learning_rate" in err and len(err.splitlines()) == 1
+    for name in ("latest.pt", "best.pt"):
+        state = torch.load(out / name, weights_only=True)
+        assert state["step"] == 3 and all(t.isfinite().all() for t in state["model"].values())

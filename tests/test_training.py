@@ -4,8 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from gpt import training
 from gpt.data import TokenWindows, TrainBatches, eval_loader
-from gpt.training import TrainConfig, build_optimizer, calc_loss_batch, evaluate, learning_rate, train
+from gpt.model import GPTModel
+from gpt.training import (
+    NonFiniteLoss, TrainConfig, build_optimizer, calc_loss_batch, evaluate, learning_rate, train,
+)
 
 
 def test_learning_rate_schedule():
@@ -71,7 +75,7 @@ def test_train_loop_lowers_loss_saves_and_repeats_exactly(tiny_cfg):
         saves = []
         state = train(model, cfg, TrainBatches(ds, 4, seed=1),
                       {"train": eval_loader(ds, 4, 2), "val": eval_loader(ds, 4, 2)},
-                      torch.device("cpu"), lambda s, opt: saves.append((s.step, s.val_loss)))
+                      torch.device("cpu"), lambda s, opt, scaler: saves.append((s.step, s.val_loss)))
         return model, state, saves
 
     model_a, state_a, saves_a = run()
@@ -82,3 +86,56 @@ def test_train_loop_lowers_loss_saves_and_repeats_exactly(tiny_cfg):
     assert saves_a == saves_b
     for p, q in zip(model_a.parameters(), model_b.parameters()):
         assert torch.equal(p, q)
+
+
+
+def tiny_run(tiny_cfg):
+    """A tiny model and a function that trains it; `saves` records the steps it saved at."""
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg)
+    ds = TokenWindows((np.arange(600) * 7 % 101).astype(np.uint16), 12, 12)
+    saves = []
+
+    def run(max_iters, eval_interval, should_stop=None):
+        cfg = TrainConfig(max_iters=max_iters, eval_interval=eval_interval, eval_iters=1, warmup_iters=0)
+        return train(model, cfg, TrainBatches(ds, 4, seed=1),
+                     {"train": eval_loader(ds, 4, 1), "val": eval_loader(ds, 4, 1)}, torch.device("cpu"),
+                     lambda state, optimizer, scaler: saves.append(state.step), should_stop=should_stop)
+    return model, saves, run
+
+
+@pytest.mark.parametrize("asks,step,saves", [
+    ([False, False, False, True], 4, [2, 4]),  # asked at an evaluation: saved once
+    ([False, False, True], 3, [2, 3]),  # between evaluations: saved too
+])
+def test_stop_request_saves_after_the_step_and_returns(tiny_cfg, asks, step, saves):
+    _, saved, run = tiny_run(tiny_cfg)
+    asked = iter(asks)
+    assert run(10, 2, should_stop=lambda: next(asked)).step == step
+    assert saved == saves
+
+
+@pytest.mark.parametrize("eval_interval,message,saves", [
+    (3, "^loss is nan at step 5$", [3]),  # the step after the bad update
+    (2, "^train loss is nan at step 4$", [2]),  # the evaluation right after it
+])
+def test_non_finite_loss_stops_before_anything_is_saved(tiny_cfg, monkeypatch, eval_interval, message, saves):
+    schedule = training.learning_rate
+    monkeypatch.setattr(training, "learning_rate", lambda step, cfg: math.nan if step == 3 else schedule(step, cfg))
+    model, saved, run = tiny_run(tiny_cfg)
+    with pytest.raises(NonFiniteLoss, match=message):
+        run(10, eval_interval)  # the 4th update makes every weight NaN
+    assert saved == saves
+
+
+def test_non_finite_weights_are_never_saved(tiny_cfg):
+    model, saved, run = tiny_run(tiny_cfg)
+
+    def poison_then_stop():  # a NaN weight that no loss has seen yet
+        with torch.no_grad():
+            model.trf_blocks[0].ff.fc.bias[0] = math.nan
+        return True
+
+    with pytest.raises(NonFiniteLoss, match="a weight is nan at step 1"):
+        run(10, 5, should_stop=poison_then_stop)
+    assert saved == []
