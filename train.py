@@ -81,10 +81,12 @@ def run(cfg: Config, resume: bool, overwrite: bool, resume_command: str) -> int:
             state = train(model, cfg.train, train_batches, eval_loaders, device, save,
                           restore=restore if checkpoint is not None else None, should_stop=stop)
         except NonFiniteLoss as e:
-            good = f"{latest} (step {last_saved})" if last_saved is not None else "none yet"
-            raise UserError(f"{e}; last good checkpoint: {good}; lower train.learning_rate (or set "
-                            "train.grad_clip) and continue from it with --resume, or start again "
-                            "with --overwrite") from None
+            if last_saved is None:
+                raise UserError(f"{e}; last good checkpoint: none yet; lower train.learning_rate (or set "
+                                "train.grad_clip) and start again") from None
+            raise UserError(f"{e}; last good checkpoint: {latest} (step {last_saved}); lower "
+                            "train.learning_rate (or set train.grad_clip) and continue from it with "
+                            "--resume, or start again with --overwrite") from None
     if stop.signum is not None and state.step < cfg.train.max_iters:
         print(f"stopped at step {state.step}; saved {latest}; resume with: {resume_command}", flush=True)
         return 128 + stop.signum

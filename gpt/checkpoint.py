@@ -15,6 +15,9 @@ kill at any moment leaves the previous checkpoint whole. Files are read with
 """
 
 import os
+import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -87,13 +90,30 @@ def checkpoint_path(location: str | Path) -> Path:
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
     """The checkpoint dict at `path`, read safely; clear errors for files that are not one."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickles on stderr: say it once
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch raises many types for truncated, foreign or unsafe files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read checkpoint {path} ({reason[:200]}); it is damaged or not a checkpoint") from None
+        raise _unreadable(path, e) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path} is not a checkpoint written by train.py")
     return state
+
+
+def _unreadable(path: Path, e: Exception) -> UserError:
+    """What went wrong reading `path`, in one line: unsafe, foreign, or truncated/damaged."""
+    text = str(e)
+    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if unsafe:
+        return UserError(f"cannot read checkpoint {path}: unpickling it would call {unsafe.group(1)}, and a "
+                         "checkpoint written by train.py never runs code; refused, nothing was run. Use a "
+                         "checkpoint you trust")
+    if isinstance(e, pickle.UnpicklingError):
+        return UserError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint; give a latest.pt "
+                         "or best.pt written by train.py")
+    reason = text.split(". ")[0].strip() or "the file is empty"
+    return UserError(f"cannot read checkpoint {path}: it is truncated or damaged ({reason[:120]}); use "
+                     "another checkpoint or train again")
 
 
 def load_weights(model: torch.nn.Module, weights: dict, path: Path) -> None:
@@ -103,7 +123,8 @@ def load_weights(model: torch.nn.Module, weights: dict, path: Path) -> None:
     except (RuntimeError, TypeError, AttributeError) as e:
         lines = [line.strip() for line in str(e).strip().splitlines()] or [type(e).__name__]
         detail = lines[1] if len(lines) > 1 else lines[0]  # the first specific mismatch
-        raise UserError(f"the weights in {path} do not fit the model its config describes ({detail[:200]})") from None
+        raise UserError(f"the weights in {path} do not fit the model its config describes ({detail[:200]}); "
+                        "the file was damaged or edited: use another checkpoint") from None
 
 
 def load_model(location: str | Path, device: str | torch.device = "cpu") -> tuple[GPTModel, Config]:

@@ -273,6 +273,11 @@ def _split_off_tail(path: Path, tail: Path, keep_tokens: int) -> None:
         f.truncate(2 * keep_tokens)
 
 
+def _cannot_write(prepared: Path, e: OSError) -> UserError:
+    return UserError(f"cannot write the prepared corpus in {prepared} ({e.strerror or e}); free some "
+                     "disk space or set data.prepared_dir to a folder you can write to")
+
+
 def prepare(cfg: DataConfig) -> Path:
     """Tokenise the configured corpus into train.bin/val.bin/meta.json (once); return the dir."""
     name, prepared, fingerprint = _source(cfg)
@@ -298,6 +303,9 @@ def prepare(cfg: DataConfig) -> Path:
     tokens_tmp, val_tmp = prepared / "tokens.bin.tmp", prepared / "val.bin.tmp"
     try:
         prepared.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cannot_write(prepared, e) from None
+    try:
         total = _write_tokens(tokens_tmp, documents, f"tokenising {name}")
         n_val = max(1, int(total * cfg.val_fraction))
         _split_off_tail(tokens_tmp, val_tmp, total - n_val)
@@ -313,8 +321,7 @@ def prepare(cfg: DataConfig) -> Path:
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, meta_path)  # written last: its presence means the .bin files are complete
     except OSError as e:
-        raise UserError(f"cannot write the prepared corpus in {prepared} ({e.strerror or e}); free some "
-                        "disk space or set data.prepared_dir to a folder you can write to") from None
+        raise _cannot_write(prepared, e) from None
     finally:
         tokens_tmp.unlink(missing_ok=True)
         val_tmp.unlink(missing_ok=True)
