@@ -31,8 +31,7 @@ BEST_NAME = "best.pt"
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write `state` to `path` atomically (temporary file, fsync, rename); the old file survives
-    any failure, and a failure to write (a full disk) is a UserError."""
+    """Write `state` to `path` atomically (temporary file, fsync, rename); any failure keeps the old one."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

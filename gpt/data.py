@@ -401,6 +401,9 @@ class TrainBatches:
     def __iter__(self):
         while True:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            # The order a shuffling DataLoader gives (it draws a worker seed, then the
+            # permutation), so runs repeat those made before batches could be resumed.
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
             order = torch.randperm(len(self.dataset), generator=generator)
             # Skip what this epoch has already given (after a resume); the order is the same.
             start = self.batch_in_epoch * self.batch_size

@@ -21,6 +21,7 @@ a request the loop honours after its current step: save, then stop.
 """
 
 import dataclasses
+import os
 import random
 import signal
 import sys
@@ -170,6 +171,7 @@ class StopRequest:
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # signals reach only that one
@@ -186,6 +188,8 @@ class StopRequest:
         return self.signum is not None
 
     def _handle(self, signum: int, frame: object) -> None:
+        if os.getpid() != self._pid:  # a DataLoader worker forked with the handler: the main one decides
+            return
         if self.signum is not None:
             raise KeyboardInterrupt  # asked twice: stop at once; latest.pt is still whole
         self.signum = signum

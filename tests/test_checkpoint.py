@@ -16,6 +16,7 @@ from gpt.errors import UserError
 KILLS = 40
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="kills forked children")
 def test_killed_while_saving_again_and_again_the_checkpoint_stays_loadable(tmp_path):
     path = tmp_path / LATEST_NAME
     # Two different 4 MB states, so a file mixing old and new bytes cannot pass for either.
