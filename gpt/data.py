@@ -196,10 +196,10 @@ def _source(cfg: DataConfig) -> tuple[str, Path, dict]:
 
 # --------------------------------------------------------------------------- preparation
 
-# After a non-space character, before a space or a newline: the GPT-2 pre-tokeniser always
-# breaks here. Its pieces never hold a space or newline after their first character, and the
-# piece ending at the cut can only have ended there whatever follows (no lookbehind; Python's
-# \S is narrower than the tokenizer's, so every cut found here is one for it too).
+# After a non-space character and before a space or a newline, the GPT-2 pre-tokeniser always
+# starts a new piece: a piece holding a non-space character can hold a space only as its first
+# character and never a newline, and no pattern looks behind. So pieces encoded apart give the
+# tokens of the whole. (Python's \S is narrower than the tokenizer's: its cuts are all safe.)
 _SAFE_CUT = re.compile(r"\S(?=[ \n])")
 
 

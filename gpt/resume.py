@@ -59,7 +59,8 @@ def rng_state() -> dict:
         "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # Only once CUDA is in use: before that nothing has drawn from it (and asking would start it).
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
         "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None,
     }
 
@@ -72,7 +73,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
                          numpy["has_gauss"], numpy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available():
+    if state["cuda"] and torch.cuda.is_available():
         for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state, device)
     if state.get("mps") is not None and torch.backends.mps.is_available():

@@ -96,3 +96,14 @@ def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path, m
     for name in ("latest.pt", "best.pt"):
         state = torch.load(out / name, weights_only=True)
         assert state["step"] == 3 and all(t.isfinite().all() for t in state["model"].values())
+
+
+def test_overwrite_replaces_the_run_in_the_folder(tmp_path):
+    args = ["--config", "tiny.yaml", f"--train.out_dir={tmp_path}", "--sample.max_new_tokens=1"]
+    assert train.main([*args, "--train.max_iters=2"]) == 0
+    assert train.main([*args, "--train.max_iters=1"]) == 2  # refused: the folder holds a run
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["step"] == 2
+    assert train.main([*args, "--train.max_iters=1", "--model.n_layers=1", "--overwrite"]) == 0
+    for name in ("latest.pt", "best.pt"):
+        state = torch.load(tmp_path / name, weights_only=True)
+        assert state["step"] == 1 and state["config"]["model"]["n_layers"] == 1
