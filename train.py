@@ -26,10 +26,7 @@ def run(cfg: Config, resume: bool, overwrite: bool, resume_command: str) -> int:
     """
     out_dir = Path(cfg.train.out_dir)
     resume_from = checkpoint_to_resume(out_dir, resume, overwrite)
-    checkpoint = load_checkpoint(resume_from) if resume_from is not None else None
-    if checkpoint is not None:  # checked before any work: a mismatch is found in a second
-        for change in check_resumable(checkpoint, resume_from, cfg):
-            print(f"note: {change}; continuing with the config's value")
+    checkpoint = open_checkpoint(resume_from, cfg) if resume_from is not None else None
     device = pick_device(cfg.train.device)
     if device.type == "cpu":
         keep_freed_memory()
@@ -81,12 +78,7 @@ def run(cfg: Config, resume: bool, overwrite: bool, resume_command: str) -> int:
             state = train(model, cfg.train, train_batches, eval_loaders, device, save,
                           restore=restore if checkpoint is not None else None, should_stop=stop)
         except NonFiniteLoss as e:
-            if last_saved is None:
-                raise UserError(f"{e}; last good checkpoint: none yet; lower train.learning_rate (or set "
-                                "train.grad_clip) and start again") from None
-            raise UserError(f"{e}; last good checkpoint: {latest} (step {last_saved}); lower "
-                            "train.learning_rate (or set train.grad_clip) and continue from it with "
-                            "--resume, or start again with --overwrite") from None
+            raise non_finite_error(e, latest, last_saved) from None
     if stop.signum is not None and state.step < cfg.train.max_iters:
         print(f"stopped at step {state.step}; saved {latest}; resume with: {resume_command}", flush=True)
         return 128 + stop.signum
@@ -95,6 +87,24 @@ def run(cfg: Config, resume: bool, overwrite: bool, resume_command: str) -> int:
     print("\n--- sample ---")
     print_samples(model, cfg.sample.prompt, cfg.sample, device)
     return 0
+
+
+def open_checkpoint(path: Path, cfg: Config) -> dict:
+    """The checkpoint to resume, checked against `cfg` before any work; changed settings noted."""
+    checkpoint = load_checkpoint(path)
+    for change in check_resumable(checkpoint, path, cfg):
+        print(f"note: {change}; continuing with the config's value")
+    return checkpoint
+
+
+def non_finite_error(e: NonFiniteLoss, latest: Path, last_saved: int | None) -> UserError:
+    """The error for a NaN/inf: the step, the last good checkpoint and what to do."""
+    if last_saved is None:
+        return UserError(f"{e}; last good checkpoint: none yet; lower train.learning_rate (or set "
+                         "train.grad_clip) and start again")
+    return UserError(f"{e}; last good checkpoint: {latest} (step {last_saved}); lower train.learning_rate "
+                     "(or set train.grad_clip) and continue from it with --resume, or start again with "
+                     "--overwrite")
 
 
 def resume_command(argv: list[str]) -> str:
