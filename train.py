@@ -1,24 +1,35 @@
-"""Train a GPT: `python train.py --config small.yaml [--section.key=value ...]`."""
+"""Train a GPT: `python train.py --config small.yaml [--section.key=value ...] [--resume | --overwrite]`."""
 
+import os
+import shlex
 import sys
 from pathlib import Path
 
-import torch
-
-from gpt.checkpoint import CHECKPOINT_NAME, save_checkpoint
-from gpt.config import Config, config_to_dict, load_config
+from gpt.checkpoint import BEST_NAME, LATEST_NAME, load_checkpoint, run_checkpoints, save_checkpoint
+from gpt.config import Config, load_config
 from gpt.data import TrainBatches, eval_loader, load_split, prepare
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.model import GPTModel
+from gpt.resume import (
+    StopRequest, best_checkpoint, check_resumable, checkpoint_to_resume, restore_training,
+    seed_everything, training_checkpoint,
+)
 from gpt.sampling import print_samples
-from gpt.training import TrainState, pick_device, setup_device, train
+from gpt.training import NonFiniteLoss, TrainState, pick_device, setup_device, train
 
 
-def run(cfg: Config) -> TrainState:
-    """Prepare the data, build the model, train it, save it and print a sample."""
+def run(cfg: Config, resume: bool, overwrite: bool, resume_command: str) -> int:
+    """Prepare the data, build the model, train (or continue) it, save it and print a sample.
+
+    Returns the exit code: 0 when the run is complete, 128 + the signal's number when SIGINT
+    or SIGTERM stopped it (after saving).
+    """
+    out_dir = Path(cfg.train.out_dir)
+    resume_from = checkpoint_to_resume(out_dir, resume, overwrite)
+    checkpoint = open_checkpoint(resume_from, cfg) if resume_from is not None else None
     device = pick_device(cfg.train.device)
     setup_device(device)
-    torch.manual_seed(cfg.train.seed)
+    seed_everything(cfg.train.seed)
     context = cfg.model.context_length
     prepared = prepare(cfg.data)
     train_set = load_split(prepared, "train", context, cfg.data.stride or context)
@@ -36,45 +47,98 @@ def run(cfg: Config) -> TrainState:
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters; device: {device}; "
           f"{len(train_set):,} train windows; {tokens_per_step:,} tokens per step")
 
-    out_path = Path(cfg.train.out_dir) / CHECKPOINT_NAME
+    latest, best = out_dir / LATEST_NAME, out_dir / BEST_NAME
+    last_saved = checkpoint["step"] if checkpoint is not None else None  # the last good checkpoint
 
-    def save(state: TrainState, optimizer: torch.optim.Optimizer) -> None:
-        save_checkpoint(out_path, {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "config": config_to_dict(cfg),
-            "step": state.step,
-            "best_val_loss": state.best_val_loss,
-            "train_loss": state.train_loss,
-            "val_loss": state.val_loss,
-        })
+    def save(state: TrainState, optimizer, scaler) -> None:
+        nonlocal last_saved
+        save_checkpoint(latest, training_checkpoint(model, optimizer, scaler, state, train_batches, cfg))
+        if state.best_step == state.step:  # evaluated just now, and the best so far
+            save_checkpoint(best, best_checkpoint(model, state, cfg))
+        last_saved = state.step
+
+    def restore(optimizer, scaler) -> TrainState:
+        nonlocal checkpoint
+        state = restore_training(checkpoint, resume_from, model, optimizer, scaler, train_batches)
+        checkpoint = None  # its tensors are in the model and optimizer now; free the copy
+        print(f"resuming {resume_from} at step {state.step}")
+        return state
 
     try:  # fail now, not at the first checkpoint
-        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create train.out_dir {out_path.parent} ({e.strerror}); "
+        raise UserError(f"cannot create train.out_dir {out_dir} ({e.strerror}); "
                         "choose a folder you can write to") from None
-    state = train(model, cfg.train, train_batches, eval_loaders, device, save)
-    print(f"saved {out_path} (step {state.step}, val loss {state.val_loss:.4f})")
+    if overwrite:  # asked for: the new run replaces the old one's checkpoints
+        for old in run_checkpoints(out_dir):
+            old.unlink()
+    with StopRequest() as stop:
+        try:
+            state = train(model, cfg.train, train_batches, eval_loaders, device, save,
+                          restore=restore if checkpoint is not None else None, should_stop=stop)
+        except NonFiniteLoss as e:
+            raise non_finite_error(e, latest, last_saved) from None
+    if stop.signum is not None and state.step < cfg.train.max_iters:
+        print(f"stopped at step {state.step}; saved {latest}; resume with: {resume_command}", flush=True)
+        return 128 + stop.signum
+    print(f"saved {latest} (step {state.step}, val loss {state.val_loss:.4f}); best: {best} "
+          f"(step {state.best_step}, val loss {state.best_val_loss:.4f})")
     print("\n--- sample ---")
     print_samples(model, cfg.sample.prompt, cfg.sample, device)
-    return state
+    return 0
+
+
+def open_checkpoint(path: Path, cfg: Config) -> dict:
+    """The checkpoint to resume, checked against `cfg` before any work; changed settings noted."""
+    checkpoint = load_checkpoint(path)
+    for change in check_resumable(checkpoint, path, cfg):
+        print(f"note: {change}; continuing with the config's value")
+    return checkpoint
+
+
+def non_finite_error(e: NonFiniteLoss, latest: Path, last_saved: int | None) -> UserError:
+    """The error for a NaN/inf: the step, the last good checkpoint and what to do."""
+    if last_saved is None:
+        return UserError(f"{e}; last good checkpoint: none yet; lower train.learning_rate (or set "
+                         "train.grad_clip) and start again")
+    return UserError(f"{e}; last good checkpoint: {latest} (step {last_saved}); lower train.learning_rate "
+                     "(or set train.grad_clip) and continue from it with --resume, or start again with "
+                     "--overwrite")
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues this run: the same arguments, with --resume for --overwrite."""
+    script = Path(__file__)
+    try:  # as the user would type it from where they are
+        script = Path(os.path.relpath(script))
+    except ValueError:  # another drive (Windows): keep the full path
+        pass
+    args = [arg for arg in argv if arg != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["python", str(script), *args])
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = ArgumentParser(
         description="Train a GPT. Any config field can be overridden as --section.key=value, "
         "e.g. --train.max_iters=20 --model.n_layers=2.",
         allow_abbrev=False,
     )
     parser.add_argument("--config", help="YAML config: a path, or a file name in configs/ (e.g. small.yaml)")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue the run in train.out_dir exactly from its latest.pt")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start afresh even though train.out_dir holds a run (its checkpoints are replaced)")
     args, overrides = parser.parse_known_args(argv)
 
-    def work() -> None:
+    def work() -> int:
         bad = [o for o in overrides if o.startswith("-") and "." not in o.split("=")[0]]
         if bad:
             raise UserError(f"unknown option {bad[0]}; use --config FILE and --section.key=value overrides")
-        run(load_config(args.config, overrides))
+        return run(load_config(args.config, overrides), args.resume, args.overwrite, resume_command(argv))
 
     return run_cli(work)
 

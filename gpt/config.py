@@ -166,7 +166,7 @@ def load_config(name: str | None, overrides: list[str] = ()) -> Config:
             at = f" at line {mark.line + 1}" if mark else ""
             raise UserError(f"{path} is not valid YAML{at}; fix the syntax") from None
         except UnicodeDecodeError:
-            raise UserError(f"{path} is not UTF-8 text") from None
+            raise UserError(f"{path} is not UTF-8 text; save it as UTF-8") from None
         layers.append((raw, str(path)))
     if overrides:
         layers.append((parse_overrides(list(overrides)), "the command line"))

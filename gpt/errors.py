@@ -13,17 +13,16 @@ class UserError(Exception):
     """A problem with the user's input; the message says what is wrong and what to do."""
 
 
-def run_cli(action: Callable[[], None]) -> int:
-    """Run a script's work; a UserError becomes one `error:` line and exit code 2, Ctrl-C 130."""
+def run_cli(action: Callable[[], int | None]) -> int:
+    """Run a script's work: its own exit code (None is 0), or 2 and one `error:` line, or 130 on Ctrl-C."""
     try:
-        action()
+        return action() or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 class ArgumentParser(argparse.ArgumentParser):

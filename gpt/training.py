@@ -5,8 +5,12 @@ Each piece is a small function taking what it needs: `build_optimizer` (AdamW, w
 `calc_loss_batch` (next-token cross-entropy), `evaluate` (mean loss in eval mode, no grad),
 `train_step` (one optimizer step over accumulated micro-batches) and `train`, which ties them
 together with periodic evaluation, a progress bar and checkpoints. Everything a resumed run
-would need (model, optimizer, step, best val loss, data position) is held in named objects
-rather than loop-local variables.
+needs (model, optimizer, step, best val loss, data position) is held in named objects rather
+than loop-local variables; the loop knows nothing of files: `save` and `restore` are given to
+it (`gpt.resume` writes them).
+
+A non-finite loss (or, before a save, non-finite weights) stops the run with `NonFiniteLoss`
+before anything is updated or saved, so a NaN model never replaces a good checkpoint.
 
 Speed: `Precision` runs forward passes under autocast (bf16, or fp16 with a GradScaler that
 unscales before clipping) when `train.dtype` asks for it or `auto` finds hardware for it;
@@ -37,7 +41,7 @@ from gpt.errors import UserError
 class TrainConfig:
     """Optimisation, evaluation and where the run is written."""
 
-    out_dir: str = "runs/default"  # checkpoint goes to <out_dir>/ckpt.pt
+    out_dir: str = "runs/default"  # checkpoints go to <out_dir>/latest.pt and best.pt
     max_iters: int = 2000  # optimizer steps
     eval_interval: int = 200  # evaluate (and save) every this many steps, and at the end
     eval_iters: int = 20  # batches per loss estimate
@@ -245,8 +249,28 @@ class TrainState:
 
     step: int = 0
     best_val_loss: float = math.inf
+    best_step: int = 0  # the step best_val_loss was measured at (0: none yet)
     train_loss: float = math.nan
     val_loss: float = math.nan
+
+
+class NonFiniteLoss(Exception):
+    """The loss or the weights stopped being finite at `step`; nothing from then on is saved."""
+
+    def __init__(self, what: str, value: float, step: int):
+        super().__init__(f"{what} is {value} at step {step}")
+        self.step = step
+
+
+def weights_are_finite(model: nn.Module) -> bool:
+    """True when no parameter holds a NaN or an infinity (one device sync for all of them)."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
+
+
+def _stop_if_not_finite(value: float, what: str, step: int, progress: tqdm) -> None:
+    if not math.isfinite(value):
+        progress.close()
+        raise NonFiniteLoss(what, value, step)
 
 
 def train_step(
@@ -256,8 +280,13 @@ def train_step(
     precision: Precision,
     cfg: TrainConfig,
     device: torch.device,
+    step: int = 0,
 ) -> tuple[float, int]:
-    """One optimizer step over `cfg.grad_accum_steps` micro-batches -> (mean loss, tokens seen)."""
+    """One optimizer step over `cfg.grad_accum_steps` micro-batches -> (mean loss, tokens seen).
+
+    Raises `NonFiniteLoss` (naming `step`, counted from 1) before updating anything if the
+    loss is NaN or infinite.
+    """
     loss_sum, tokens = torch.zeros((), device=device), 0
     for _ in range(cfg.grad_accum_steps):
         inputs, targets = next(batches)
@@ -268,13 +297,17 @@ def train_step(
         precision.scaler.scale(loss).backward()
         loss_sum += loss.detach()  # summed on the device: no GPU sync per micro-batch
         tokens += inputs.numel()
+    loss_value = loss_sum.item()  # the step's one sync
+    if not math.isfinite(loss_value):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss("loss", loss_value, step)
     if cfg.grad_clip > 0:
         precision.scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     precision.scaler.step(optimizer)  # skipped if fp16 gradients overflowed
     precision.scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum.item(), tokens
+    return loss_value, tokens
 
 
 def train(
@@ -283,40 +316,55 @@ def train(
     train_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     eval_loaders: dict[str, DataLoader],
     device: torch.device,
-    save: Callable[[TrainState, torch.optim.Optimizer], None],
+    save: Callable[[TrainState, torch.optim.Optimizer, torch.amp.GradScaler | None], None],
+    restore: Callable[[torch.optim.Optimizer, torch.amp.GradScaler | None], TrainState] | None = None,
+    precision: Precision | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainState:
-    """Run `cfg.max_iters` optimizer steps; evaluate and call `save(state, optimizer)` on schedule.
+    """Train up to step `cfg.max_iters`; evaluate and `save(state, optimizer, scaler)` on schedule.
 
     `train_batches` yields (inputs, targets) forever; `eval_loaders` maps "train"/"val" to
-    fixed evaluation loaders. `model` is trained in place (through a compiled wrapper if
-    `cfg.compile` says so).
+    fixed evaluation loaders. `restore(optimizer, scaler)` loads a checkpoint into the run's
+    objects and returns the state to continue from. `should_stop()` is asked after every step:
+    when true, the run saves and returns early (`state.step < cfg.max_iters`). `precision`
+    defaults to what `cfg.dtype` picks; its GradScaler (None unless fp16) is handed to `save`
+    and `restore`. `model` is trained in place (through a compiled wrapper if `cfg.compile`
+    says so).
     """
     optimizer = build_optimizer(model, cfg, device)
-    precision = Precision(pick_dtype(cfg.dtype, device), device)
+    precision = precision or Precision(pick_dtype(cfg.dtype, device), device)
+    scaler = precision.scaler if precision.scaler.is_enabled() else None
+    state = restore(optimizer, scaler) if restore is not None else TrainState()
+    batches = iter(train_batches)  # after restore: it continues from the restored position
     net = compile_model(model, cfg.compile, device)  # shares its parameters with `model`
     compiled_once = False
-    state = TrainState()
-    batches = iter(train_batches)
     model.train()  # dropout active for the steps
     rate = None  # tokens/s, smoothed
-    progress = tqdm(total=cfg.max_iters, desc="training", unit="step", disable=None, dynamic_ncols=True)
+    progress = tqdm(total=cfg.max_iters, initial=state.step, desc="training", unit="step", disable=None,
+                    dynamic_ncols=True)
     while state.step < cfg.max_iters:
         started = time.perf_counter()
         lr = learning_rate(state.step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if net is not model and not compiled_once:
-            # Compilation happens at the first call; if it fails, carry on without it.
-            compiled_once = True
-            try:
-                loss_sum, tokens = train_step(net, batches, optimizer, precision, cfg, device)
-            except Exception as e:
-                warn_compile_failed(e)
-                net = model
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum, tokens = train_step(net, batches, optimizer, precision, cfg, device)
-        else:
-            loss_sum, tokens = train_step(net, batches, optimizer, precision, cfg, device)
+        try:
+            if net is not model and not compiled_once:
+                # Compilation happens at the first call; if it fails, carry on without it.
+                compiled_once = True
+                try:
+                    loss_sum, tokens = train_step(net, batches, optimizer, precision, cfg, device, state.step + 1)
+                except NonFiniteLoss:
+                    raise
+                except Exception as e:
+                    warn_compile_failed(e)
+                    net = model
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_sum, tokens = train_step(net, batches, optimizer, precision, cfg, device, state.step + 1)
+            else:
+                loss_sum, tokens = train_step(net, batches, optimizer, precision, cfg, device, state.step + 1)
+        except NonFiniteLoss:
+            progress.close()
+            raise
         state.step += 1
 
         step_rate = tokens / (time.perf_counter() - started)
@@ -324,15 +372,25 @@ def train(
         progress.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
         progress.update(1)
 
-        if state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters:
+        evaluated = state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters
+        if evaluated:
             state.train_loss = evaluate(net, eval_loaders["train"], device, precision)
             state.val_loss = evaluate(net, eval_loaders["val"], device, precision)
-            state.best_val_loss = min(state.best_val_loss, state.val_loss)
+            _stop_if_not_finite(state.train_loss, "train loss", state.step, progress)
+            _stop_if_not_finite(state.val_loss, "val loss", state.step, progress)
+            if state.val_loss < state.best_val_loss:
+                state.best_val_loss, state.best_step = state.val_loss, state.step
             progress.write(
                 f"step {state.step}: train loss {state.train_loss:.4f} "
                 f"(ppl {math.exp(min(state.train_loss, 50)):.1f}), val loss {state.val_loss:.4f} "
                 f"(ppl {math.exp(min(state.val_loss, 50)):.1f}), {rate:,.0f} tokens/s"
             )
-            save(state, optimizer)
+        stopping = should_stop is not None and should_stop()
+        if evaluated or stopping:
+            if not weights_are_finite(model):  # a NaN model never replaces a good checkpoint
+                _stop_if_not_finite(math.nan, "a weight", state.step, progress)
+            save(state, optimizer, scaler)
+        if stopping:
+            break
     progress.close()
     return state

@@ -1,13 +1,18 @@
 import json
+import random
+import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from gpt.data import (
-    DataConfig, TokenWindows, TrainBatches, encode_document, eval_loader, load_split,
+    DataConfig, TokenWindows, TrainBatches, encode_stream, eval_loader, load_split,
     markdown_play_to_text, prepare,
 )
+from gpt import data
 from gpt.errors import UserError
 from gpt.tokenizer import EOT_ID, get_tokenizer
 
@@ -63,15 +68,29 @@ def test_builtin_shakespeare_is_plain_play_text():
     assert get_tokenizer().decode(train[:8].tolist()).startswith("A Midsummer")
 
 
-def test_chunked_encoding_equals_whole():
+def test_chunked_encoding_equals_whole(monkeypatch):
     text = ("Word  \n  spaced\n\nlines\nX\ny " * 20000)
-    from gpt import data
-    old = data.CHUNK_CHARS
-    data.CHUNK_CHARS = 1000
-    try:
-        assert encode_document(text) == get_tokenizer().encode_ordinary(text)
-    finally:
-        data.CHUNK_CHARS = old
+    monkeypatch.setattr(data, "CHUNK_CHARS", 1000)
+    blocks = [text[i:i + 777] for i in range(0, len(text), 777)]  # cut anywhere, even mid-word
+    pieces = list(encode_stream(blocks))
+    assert len(pieces) > 100  # it did go piece by piece
+    assert [i for piece in pieces for i in piece] == get_tokenizer().encode_ordinary(text)
+
+
+def test_every_safe_cut_keeps_the_tokens_of_the_whole():
+    # Spaces, newlines, tabs, CR, contractions, digits, punctuation, accents, CJK, emoji and
+    # whitespace that Python and the tokenizer disagree on (\x1c, \x85, \xa0, \u3000).
+    alphabet = list("aZé ßx  \n\n\t\r'sdtlm0129.,!?-_") + ["\xa0", "\u3000", "\x1c", "\u0301", "🎭",
+                                                          "日本", "\x85", "\u2028", "'ll", "\r\n"]
+    enc, rng = get_tokenizer(), random.Random(0)
+    for _ in range(1000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60)))
+        cuts, start = [0], 1
+        while (cut := data._safe_cut(text, start)) is not None:
+            cuts.append(cut)
+            start = cut + 1
+        pieces = [text[a:b] for a, b in zip(cuts, cuts[1:] + [len(text)])]
+        assert [i for p in pieces for i in enc.encode_ordinary(p)] == enc.encode_ordinary(text), repr(text)
 
 
 @pytest.mark.parametrize("n,max_length,stride,expected", [
@@ -147,6 +166,44 @@ def test_corpus_errors(tmp_path):
     assert not (tmp_path / "e").exists() and not (tmp_path / "l").exists()
 
 
+@pytest.mark.parametrize("raw,offset", [
+    ("日本語".encode() + b"\xff tail", 9),  # past the first blocks
+    (b"ab\xe6\x97", 2),  # a character cut short by the end of the file
+    (b"abc\xe6\x97abc", 3),  # ... or by the next one
+])
+def test_text_is_read_in_blocks_and_a_bad_byte_is_named_by_its_offset(tmp_path, monkeypatch, raw, offset):
+    monkeypatch.setattr(data, "BLOCK_BYTES", 4)  # characters split across blocks
+    good = tmp_path / "good.txt"
+    good.write_text("naïve café 日本語 🎭\r\n", encoding="utf-8")
+    assert "".join(data.read_text_blocks(good)) == good.read_bytes().decode("utf-8")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(raw)
+    with pytest.raises(UserError, match=f"not UTF-8 text \\(bad byte at offset {offset}\\)"):
+        list(data.read_text_blocks(bad))
+
+
+@pytest.mark.parametrize("failure,raised", [
+    (OSError(28, "No space left on device"), UserError),  # a full disk: one clear error
+    (KeyboardInterrupt(), KeyboardInterrupt),  # Ctrl-C while tokenising
+])
+def test_failed_preparation_leaves_the_previous_files_and_no_temporary_ones(
+        corpus_file, tmp_path, monkeypatch, failure, raised):
+    cfg = DataConfig(corpus=str(corpus_file), prepared_dir=str(tmp_path / "prep"))
+    prepared = prepare(cfg)
+    before = {p.name: p.read_bytes() for p in prepared.iterdir()}
+    corpus_file.write_text(corpus_file.read_text(encoding="utf-8") + "\nmore", encoding="utf-8")
+
+    def failing(blocks, progress=None):
+        yield [1, 2, 3]
+        raise failure
+
+    monkeypatch.setattr(data, "encode_stream", failing)
+    with pytest.raises(raised, match="cannot write the prepared corpus .*No space left on device" if raised
+                       is UserError else None):
+        prepare(cfg)
+    assert {p.name: p.read_bytes() for p in prepared.iterdir()} == before
+
+
 def test_corpus_shorter_than_a_window(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("Only a handful of tokens here, nothing more.", encoding="utf-8")
@@ -170,6 +227,43 @@ def test_train_batches_deterministic_by_seed_and_reshuffled_per_epoch():
     assert not torch.equal(torch.cat(a[:7]), torch.cat(a[7:]))
 
 
+@pytest.mark.parametrize("taken", [0, 3, 7, 10, 20])  # 7 batches per epoch: edges included
+def test_train_batches_resume_on_the_next_batch(taken):
+    ds = TokenWindows(np.arange(200, dtype=np.uint16), max_length=4, stride=4)  # 49 windows
+    unbroken = iter(TrainBatches(ds, 7, seed=3))
+    expected = [next(unbroken)[0] for _ in range(taken + 9)]
+    first = TrainBatches(ds, 7, seed=3)
+    it = iter(first)
+    for _ in range(taken):
+        next(it)
+    resumed = TrainBatches(ds, 7, seed=3)
+    resumed.load_state_dict(first.state_dict())
+    it = iter(resumed)
+    assert all(torch.equal(next(it)[0], x) for x in expected[taken:])
+
+
+def test_train_batches_shuffle_like_a_seeded_dataloader():
+    # The same order as before batches could be resumed, so earlier runs (and the README's
+    # measured small.yaml run) repeat exactly.
+    ds = TokenWindows(np.arange(2000, dtype=np.uint16), max_length=8, stride=8)  # 15 batches an epoch
+    it = iter(TrainBatches(ds, 16, seed=7))
+    for epoch in range(2):
+        loader = DataLoader(ds, batch_size=16, shuffle=True, drop_last=True,
+                            generator=torch.Generator().manual_seed(7 + epoch))
+        assert all(torch.equal(next(it)[0], x) for x, _ in loader)
+
+
+def test_batches_and_evaluation_leave_the_global_rng_alone():
+    ds = TokenWindows(np.arange(200, dtype=np.uint16), max_length=4, stride=4)
+    before = torch.get_rng_state()
+    it = iter(TrainBatches(ds, 7, seed=3))
+    for _ in range(10):  # across an epoch boundary
+        next(it)
+    for _ in eval_loader(ds, 5, 3):
+        pass
+    assert torch.equal(torch.get_rng_state(), before)  # dropout's RNG is not drawn from
+
+
 def test_train_batches_needs_a_full_batch():
     ds = TokenWindows(np.arange(20, dtype=np.uint16), max_length=4, stride=4)
     with pytest.raises(UserError, match="fewer than data.batch_size"):
@@ -184,3 +278,36 @@ def test_eval_loader_is_fixed_and_bounded():
     assert all(torch.equal(a, b) for a, b in zip(first, [x for x, _ in loader]))
     starts = torch.cat(first)[:, 0]
     assert starts[0] == 0 and starts[-1] == 4 * (len(ds) - 1)  # spread over the whole split
+
+
+def test_preparation_streams_in_bounded_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CHUNK_CHARS", 1 << 14)
+    monkeypatch.setattr(data, "BLOCK_BYTES", 1 << 14)
+    line = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer\n"
+    enc = get_tokenizer()  # built before measuring
+
+    def peak_memory(lines: int) -> tuple[Path, int, int]:
+        corpus = tmp_path / f"{lines}.txt"
+        corpus.write_text("".join(f"{i} {line}" for i in range(lines)), encoding="utf-8")
+        tracemalloc.start()
+        try:
+            prepared = prepare(DataConfig(corpus=str(corpus), prepared_dir=str(tmp_path / f"p{lines}")))
+            return prepared, corpus.stat().st_size, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    _, _, small_peak = peak_memory(10_000)  # 0.9 MB
+    prepared, size, peak = peak_memory(40_000)  # 3.6 MB: its text whole would be 3.6 MB, its tokens 30 MB
+    assert peak < 1.5 * small_peak and peak < size / 4, (small_peak, peak)  # does not grow with the file
+    tokens = np.concatenate([np.fromfile(prepared / f"{split}.bin", dtype=np.uint16) for split in ("train", "val")])
+    assert tokens.tolist() == enc.encode_ordinary((tmp_path / "40000.txt").read_text(encoding="utf-8"))
+
+
+def test_training_windows_read_the_token_file_through_a_memmap(corpus_file, tmp_path):
+    prepared = prepare(DataConfig(corpus=str(corpus_file), prepared_dir=str(tmp_path / "p")))
+    windows = load_split(prepared, "train", 8, 8)
+    assert isinstance(windows.tokens, np.memmap) and Path(windows.tokens.filename) == prepared / "train.bin"
+    with open(prepared / "train.bin", "r+b") as f:  # change the file on disk ...
+        f.write(np.array([7, 8, 9], dtype=np.uint16).tobytes())
+    x, y = windows[0]
+    assert x[:3].tolist() == [7, 8, 9] and y[:2].tolist() == [8, 9]  # ... and the windows see it: no copy

@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from gpt import training
 from gpt.data import TokenWindows, TrainBatches, eval_loader
+from gpt.model import GPTModel
 from gpt.training import (
-    Precision, TrainConfig, build_optimizer, calc_loss_batch, compile_model, evaluate, learning_rate,
-    pick_dtype, train, train_step,
+    NonFiniteLoss, Precision, TrainConfig, build_optimizer, calc_loss_batch, compile_model, evaluate,
+    learning_rate, pick_dtype, train, train_step,
 )
 
 
@@ -93,7 +95,7 @@ def test_train_loop_lowers_loss_saves_and_repeats_exactly(tiny_cfg):
         saves = []
         state = train(model, cfg, TrainBatches(ds, 4, seed=1),
                       {"train": eval_loader(ds, 4, 2), "val": eval_loader(ds, 4, 2)},
-                      torch.device("cpu"), lambda s, opt: saves.append((s.step, s.val_loss)))
+                      torch.device("cpu"), lambda s, opt, scaler: saves.append((s.step, s.val_loss)))
         return model, state, saves
 
     model_a, state_a, saves_a = run()
@@ -106,9 +108,61 @@ def test_train_loop_lowers_loss_saves_and_repeats_exactly(tiny_cfg):
         assert torch.equal(p, q)
 
 
-def tiny_run(tiny_cfg, steps=30, **train_overrides):
+
+def tiny_run(tiny_cfg):
+    """A tiny model and a function that trains it; `saves` records the steps it saved at."""
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg)
+    ds = TokenWindows((np.arange(600) * 7 % 101).astype(np.uint16), 12, 12)
+    saves = []
+
+    def run(max_iters, eval_interval, should_stop=None):
+        cfg = TrainConfig(max_iters=max_iters, eval_interval=eval_interval, eval_iters=1, warmup_iters=0)
+        return train(model, cfg, TrainBatches(ds, 4, seed=1),
+                     {"train": eval_loader(ds, 4, 1), "val": eval_loader(ds, 4, 1)}, torch.device("cpu"),
+                     lambda state, optimizer, scaler: saves.append(state.step), should_stop=should_stop)
+    return model, saves, run
+
+
+@pytest.mark.parametrize("asks,step,saves", [
+    ([False, False, False, True], 4, [2, 4]),  # asked at an evaluation: saved once
+    ([False, False, True], 3, [2, 3]),  # between evaluations: saved too
+])
+def test_stop_request_saves_after_the_step_and_returns(tiny_cfg, asks, step, saves):
+    _, saved, run = tiny_run(tiny_cfg)
+    asked = iter(asks)
+    assert run(10, 2, should_stop=lambda: next(asked)).step == step
+    assert saved == saves
+
+
+@pytest.mark.parametrize("eval_interval,message,saves", [
+    (3, "^loss is nan at step 5$", [3]),  # the step after the bad update
+    (2, "^train loss is nan at step 4$", [2]),  # the evaluation right after it
+])
+def test_non_finite_loss_stops_before_anything_is_saved(tiny_cfg, monkeypatch, eval_interval, message, saves):
+    schedule = training.learning_rate
+    monkeypatch.setattr(training, "learning_rate", lambda step, cfg: math.nan if step == 3 else schedule(step, cfg))
+    model, saved, run = tiny_run(tiny_cfg)
+    with pytest.raises(NonFiniteLoss, match=message):
+        run(10, eval_interval)  # the 4th update makes every weight NaN
+    assert saved == saves
+
+
+def test_non_finite_weights_are_never_saved(tiny_cfg):
+    model, saved, run = tiny_run(tiny_cfg)
+
+    def poison_then_stop():  # a NaN weight that no loss has seen yet
+        with torch.no_grad():
+            model.trf_blocks[0].ff.fc.bias[0] = math.nan
+        return True
+
+    with pytest.raises(NonFiniteLoss, match="a weight is nan at step 1"):
+        run(10, 5, should_stop=poison_then_stop)
+    assert saved == []
+
+
+def trained(tiny_cfg, steps=30, **train_overrides):
     """Train a fresh tiny model on a repeating pattern; return it and its saved (step, val loss)."""
-    from gpt.model import GPTModel
     tokens = (np.arange(3000) * 7 % 101).astype(np.uint16)
     ds = TokenWindows(tokens, 12, 12)
     torch.manual_seed(0)
@@ -117,14 +171,14 @@ def tiny_run(tiny_cfg, steps=30, **train_overrides):
                       learning_rate=3e-3, min_lr=3e-4, **train_overrides)
     saves = []
     train(model, cfg, TrainBatches(ds, 4, seed=1), {"train": eval_loader(ds, 4, 2), "val": eval_loader(ds, 4, 2)},
-          torch.device("cpu"), lambda s, opt: saves.append((s.step, s.val_loss)))
+          torch.device("cpu"), lambda s, opt, scaler: saves.append((s.step, s.val_loss)))
     return model, saves
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_mixed_precision_trains_and_keeps_fp32_weights(dtype, tiny_cfg):
-    model, saves = tiny_run(tiny_cfg, dtype=dtype)
-    fp32_model, fp32_saves = tiny_run(tiny_cfg, dtype="float32")
+    model, saves = trained(tiny_cfg, dtype=dtype)
+    fp32_model, fp32_saves = trained(tiny_cfg, dtype="float32")
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert saves[-1][1] < saves[0][1] < math.log(101)
     assert saves[-1][1] == pytest.approx(fp32_saves[-1][1], abs=0.15)  # learns about as well
@@ -176,7 +230,7 @@ def test_compile_failure_warns_once_and_trains_uncompiled(tiny_cfg, monkeypatch)
         return fail
     monkeypatch.setattr(torch, "compile", broken)
     with pytest.warns(UserWarning, match="torch.compile failed .no compiler here") as caught:
-        model, saves = tiny_run(tiny_cfg, steps=10, compile=True)
+        model, saves = trained(tiny_cfg, steps=10, compile=True)
     assert len([w for w in caught if "torch.compile" in str(w.message)]) == 1
     assert [s for s, _ in saves] == [10] and saves[0][1] < math.log(101)
 
@@ -185,8 +239,8 @@ def test_compiled_training_saves_the_plain_module(tiny_cfg, monkeypatch):
     """Through a torch.compile wrapper (eager backend: fast), weights train and keep plain names."""
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m: real_compile(m, backend="eager"))
-    model, saves = tiny_run(tiny_cfg, steps=10, compile=True)
-    plain, plain_saves = tiny_run(tiny_cfg, steps=10, compile=False)
+    model, saves = trained(tiny_cfg, steps=10, compile=True)
+    plain, plain_saves = trained(tiny_cfg, steps=10, compile=False)
     assert compile_model(model, True, torch.device("cpu")) is not model
     assert compile_model(model, "auto", torch.device("cpu")) is model  # auto: CUDA only
     assert not any("_orig_mod" in k for k in model.state_dict())

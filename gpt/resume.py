@@ -1,0 +1,200 @@
+"""Stopping a run at any moment and continuing it exactly.
+
+nanoGPT's checkpoint holds the model, the optimizer and the step, so a resumed run draws other
+dropout masks and other batches than a run that never stopped. Here `latest.pt` also holds
+everything else that decides what happens next:
+
+- the loop's `TrainState` (the step, and with it the learning-rate schedule's position; the
+  best validation loss and its step) and the GradScaler's state when mixed precision has one;
+- every RNG: Python's `random`, NumPy's, torch's CPU generator, and each CUDA device's (MPS's
+  on a Mac);
+- the data position (`TrainBatches.state_dict`: the epoch and the batch within it).
+
+Evaluation draws from no RNG (dropout is off and its loaders have their own generator), so a
+checkpoint taken after it or not makes no difference. On a CPU, a run killed with SIGKILL part
+way and resumed ends with weights bit-identical to one that never stopped
+(`tests/test_resume.py` checks it with real kills).
+
+Everything is stored as tensors, numbers, strings, lists and dicts, so
+`torch.load(..., weights_only=True)` reads it back. `StopRequest` turns SIGINT and SIGTERM into
+a request the loop honours after its current step: save, then stop.
+"""
+
+import dataclasses
+import os
+import random
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt.checkpoint import LATEST_NAME, config_differences, load_weights, run_checkpoints
+from gpt.config import Config, config_from_dict, config_to_dict
+from gpt.data import TrainBatches
+from gpt.errors import UserError
+from gpt.training import TrainState
+
+# What latest.pt holds beyond the weights and config; best.pt (weights only) lacks these.
+RESUME_KEYS = ("optimizer", "scaler", "data", "rng", *(f.name for f in dataclasses.fields(TrainState)))
+
+
+# --------------------------------------------------------------------------- RNG states
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's RNGs (torch's seeds every CUDA device too)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every RNG's state as tensors, numbers and lists (NumPy's key array becomes a tensor)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+        # Only once CUDA is in use: before that nothing has drawn from it (and asking would start it).
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Put every RNG back where `rng_state` found it (GPU states only where that GPU exists)."""
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
+    if state.get("mps") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def training_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        scaler: torch.amp.GradScaler | None, state: TrainState, batches: TrainBatches,
+                        cfg: Config) -> dict:
+    """What latest.pt holds: everything an exact resume needs."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "config": config_to_dict(cfg),
+        **dataclasses.asdict(state),
+        "data": batches.state_dict(),
+        "rng": rng_state(),
+    }
+
+
+def best_checkpoint(model: torch.nn.Module, state: TrainState, cfg: Config) -> dict:
+    """What best.pt holds: the weights, the config and the losses, for sampling."""
+    return {"model": model.state_dict(), "config": config_to_dict(cfg), **dataclasses.asdict(state)}
+
+
+def checkpoint_to_resume(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+    """latest.pt when resuming; None for a fresh run, which may not replace a run unasked."""
+    if resume:
+        latest = out_dir / LATEST_NAME
+        if not latest.is_file():
+            raise UserError(f"--resume: there is no {LATEST_NAME} in {out_dir} to continue; "
+                            "start a fresh run without --resume")
+        return latest
+    existing = run_checkpoints(out_dir)
+    if existing and not overwrite:
+        names = " and ".join(p.name for p in existing)
+        raise UserError(f"{out_dir} already holds a run ({names}); continue it with --resume, "
+                        "replace it with --overwrite, or set train.out_dir to another folder")
+    return None
+
+
+def check_resumable(checkpoint: dict, path: Path, cfg: Config) -> list[str]:
+    """Refuse a checkpoint that cannot continue into `cfg`; return the other settings that changed."""
+    missing = [key for key in RESUME_KEYS if key not in checkpoint]
+    if missing:
+        raise UserError(f"{path} cannot be resumed: it has no {', '.join(missing)} "
+                        f"(only {LATEST_NAME} files written by train.py can); start again with --overwrite")
+    saved = config_to_dict(config_from_dict(checkpoint["config"], source=str(path)))
+    requested = config_to_dict(cfg)
+    # model.attn_impl says how attention is computed, not what: the weights are the same.
+    model_changes = [change for change in config_differences(saved["model"], requested["model"], "model")
+                     if not change.startswith("model.attn_impl")]
+    if model_changes:
+        raise UserError(f"{path} holds another model than the config asks for "
+                        f"({'; '.join(model_changes)}); resume with the checkpoint's model settings, "
+                        "or start a new run with --overwrite or another train.out_dir")
+    step = checkpoint["step"]
+    if not isinstance(step, int) or step < 0:
+        raise UserError(f"{path} is damaged (its step is {step!r}); start again with --overwrite")
+    if step >= cfg.train.max_iters:
+        raise UserError(f"the run in {path.parent} is already at step {step} and train.max_iters "
+                        f"is {cfg.train.max_iters}; raise it (e.g. --train.max_iters={2 * cfg.train.max_iters}) "
+                        "to train further")
+    return [change for section in ("model", "data", "train", "sample")
+            for change in config_differences(saved[section], requested[section], section)]
+
+
+def restore_training(checkpoint: dict, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler | None, batches: TrainBatches) -> TrainState:
+    """Load a latest.pt into the run's objects (RNGs last) and return the loop state to continue."""
+    load_weights(model, checkpoint["model"], path)
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scaler is not None and checkpoint["scaler"] is not None:
+            scaler.load_state_dict(checkpoint["scaler"])
+        batches.load_state_dict(checkpoint["data"])
+        state = TrainState(**{f.name: checkpoint[f.name] for f in dataclasses.fields(TrainState)})
+        set_rng_state(checkpoint["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path} is damaged: its training state cannot be restored ({reason[:200]}); "
+                        "start again with --overwrite") from None
+    return state
+
+
+# --------------------------------------------------------------------------- signals
+
+class StopRequest:
+    """While active, SIGINT and SIGTERM ask the loop to stop after its step; a second one stops now.
+
+    Use as a context manager; calling it says whether a stop was asked for, and `signum` which
+    signal asked.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+        self._pid = os.getpid()
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # signals reach only that one
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if os.getpid() != self._pid:  # a DataLoader worker forked with the handler: the main one decides
+            return
+        if self.signum is not None:
+            raise KeyboardInterrupt  # asked twice: stop at once; latest.pt is still whole
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step and saving "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)

@@ -1,0 +1,238 @@
+"""Every bad input of the README's table: one `error:` line naming what is wrong and what to do,
+exit code 2, no traceback, and every file that existed before left byte for byte as it was."""
+
+import hashlib
+import pickle
+import re
+import shutil
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import generate
+import train
+
+TRAIN, GENERATE = train, generate
+
+
+class Payload:
+    """Unpickling this runs code (it creates a file): what weights_only=True must refuse."""
+
+    def __init__(self, target: Path):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.target),))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> SimpleNamespace:
+    """A folder holding a trained run, bad configs, bad corpora and bad checkpoints."""
+    root = tmp_path_factory.mktemp("world")
+    w = SimpleNamespace(root=root, run=root / "run")
+    assert train.main(["--config", "tiny.yaml", f"--train.out_dir={w.run}", "--train.max_iters=2",
+                       "--sample.max_new_tokens=1"]) == 0
+
+    def text(name: str, content: str | bytes) -> Path:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+        return path
+
+    w.typo = text("typo.yaml", "model:\n  n_layer: 2\n")
+    w.typed = text("typed.yaml", "train:\n  max_iters: many\n")
+    w.broken = text("broken.yaml", "model:\n  n_layers: [\n")
+    w.section = text("section.yaml", "modle:\n  n_layers: 2\n")
+    w.latin_yaml = text("latin.yaml", "# Ophélie\n".encode("latin-1"))
+    w.empty = text("empty.txt", " \n\n")
+    w.latin = text("latin.txt", "Ophélie ".encode("latin-1") * 100)
+    w.short = text("short.txt", "Too short to train on. " * 3)
+    text("no-text/table.csv", "a,b\n")
+    w.no_text = root / "no-text"
+    w.in_the_way = text("a-file", "not a folder")
+
+    latest = (w.run / "latest.pt").read_bytes()
+    w.truncated_run = text("truncated-run/latest.pt", latest[: len(latest) // 2]).parent
+    w.garbage = text("garbage.pt", b"not a checkpoint")
+    w.empty_pt = text("empty.pt", b"")
+    w.pickle = text("plain.pkl", pickle.dumps({"model": {}, "config": {}}, protocol=4))
+    w.evil_run = root / "evil-run"
+    w.evil_run.mkdir()
+    torch.save({"model": Payload(root / "pwned"), "config": {}}, w.evil_run / "latest.pt")
+    w.weights_only_run = root / "weights-only-run"
+    w.weights_only_run.mkdir()
+    shutil.copy(w.run / "best.pt", w.weights_only_run / "latest.pt")
+    state = torch.load(w.run / "best.pt", weights_only=True)
+    state["config"]["model"]["emb_dim"] = 64
+    w.mismatched = root / "mismatched.pt"
+    torch.save(state, w.mismatched)
+    return w
+
+
+def tiny(w, *more):
+    return ["--config", "tiny.yaml", f"--train.out_dir={w.root / 'out'}", *more]
+
+
+def resume(w, run, *more):
+    return ["--config", "tiny.yaml", f"--train.out_dir={run}", "--resume", *more]
+
+
+# (id, area, script, argv from the world, what the message must say); the README's table.
+CASES = [
+    ("missing config", "config", TRAIN, lambda w: ["--config", "nope.yaml"],
+     r"config 'nope.yaml' not found \(looked in \. and .*configs\); available: gpt2-124m.yaml, small.yaml"),
+    ("misspelt key", "config", TRAIN, lambda w: ["--config", str(w.typo)],
+     r"unknown key model.n_layer in .*typo.yaml; did you mean model.n_layers\?"),
+    ("value of the wrong type", "config", TRAIN, lambda w: ["--config", str(w.typed)],
+     r"train.max_iters in .*typed.yaml must be int, got 'many'"),
+    ("broken YAML", "config", TRAIN, lambda w: ["--config", str(w.broken)],
+     r"broken.yaml is not valid YAML at line 3; fix the syntax"),
+    ("unknown section", "config", TRAIN, lambda w: ["--config", str(w.section)],
+     r"unknown section 'modle' in .*; sections are model, data, train, sample"),
+    ("config not UTF-8", "config", TRAIN, lambda w: ["--config", str(w.latin_yaml)],
+     r"latin.yaml is not UTF-8 text; save it as UTF-8"),
+    ("impossible model", "config", TRAIN, lambda w: tiny(w, "--model.n_heads=3"),
+     r"model.emb_dim \(32\) must be divisible by model.n_heads \(3\)"),
+    ("unknown override", "command line", TRAIN, lambda w: tiny(w, "--train.lr=1"),
+     r"unknown key train.lr in the command line; known keys: out_dir, max_iters"),
+    ("override of the wrong type", "command line", TRAIN, lambda w: tiny(w, "--train.max_iters=lots"),
+     r"train.max_iters in the command line must be int, got 'lots'"),
+    ("unknown option", "command line", TRAIN, lambda w: tiny(w, "--fast"),
+     r"unknown option --fast; use --config FILE and --section.key=value overrides"),
+    ("option without its value", "command line", TRAIN, lambda w: ["--config"],
+     r"argument --config: expected one argument; see \S+ --help"),
+    ("--resume with --overwrite", "command line", TRAIN, lambda w: resume(w, w.run, "--overwrite"),
+     r"argument --overwrite: not allowed with argument --resume"),
+    ("device that is not there", "command line", TRAIN,
+     lambda w: tiny(w, "--train.device=cuda" if not torch.cuda.is_available() else "--train.device=tpu"),
+     r"train.device is 'cuda' but CUDA is not available; use auto or cpu" if not torch.cuda.is_available()
+     else r"train.device must be auto, cpu, mps or cuda\[:N\], got 'tpu'"),
+    ("option value not a number", "command line", GENERATE, lambda w: ["Hi", "--max-new-tokens", "many"],
+     r"argument --max-new-tokens: invalid int value: 'many'; see \S+ --help"),
+    ("sampling device that is not there", "command line", GENERATE,
+     lambda w: ["Hi", "--checkpoint", str(w.run), "--device", "tpu"],
+     r"--device must be auto, cpu, mps or cuda\[:N\], got 'tpu'"),
+    ("top-p out of range", "command line", GENERATE, lambda w: ["Hi", "--checkpoint", str(w.run), "--top-p", "2"],
+     r"--top-p: sample.top_p must be in \(0, 1\] \(or null\), got 2.0"),
+    ("missing corpus", "data", TRAIN, lambda w: tiny(w, f"--data.corpus={w.root / 'none.txt'}"),
+     r"data.corpus '.*none.txt' does not exist; give a text file, a folder of .txt/.md files, or 'shakespeare'"),
+    ("blank corpus", "data", TRAIN, lambda w: tiny(w, f"--data.corpus={w.empty}"),
+     r"corpus '.*empty.txt' is empty; give it some text"),
+    ("corpus not UTF-8", "data", TRAIN, lambda w: tiny(w, f"--data.corpus={w.latin}"),
+     r"latin.txt is not UTF-8 text \(bad byte at offset 3\); convert it, e.g. `iconv -f latin1 -t utf-8`"),
+    ("folder without text files", "data", TRAIN, lambda w: tiny(w, f"--data.corpus={w.no_text}"),
+     r"corpus folder .*no-text holds no .txt or .md files; add some or name a file"),
+    ("corpus shorter than a window", "data", TRAIN,
+     lambda w: tiny(w, f"--data.corpus={w.short}", f"--data.prepared_dir={w.root / 'prepared-short'}"),
+     r"the train split of .* has 18 tokens, fewer than one window of 33; use more text or a smaller "
+     r"model.context_length"),
+    ("batch larger than the data", "data", TRAIN, lambda w: tiny(w, "--data.batch_size=100000"),
+     r"the train split has \d+ windows, fewer than data.batch_size 100000; use more text, a smaller "
+     r"batch_size or a smaller stride"),
+    ("prepared_dir not writable", "data", TRAIN,
+     lambda w: tiny(w, f"--data.corpus={w.short}", f"--data.prepared_dir={w.in_the_way / 'prepared'}"),
+     r"cannot write the prepared corpus in .*a-file/prepared \(Not a directory\); free some disk space or set "
+     r"data.prepared_dir"),
+    ("out_dir not writable", "run folder", TRAIN, lambda w: ["--config", "tiny.yaml",
+                                                           f"--train.out_dir={w.in_the_way / 'run'}"],
+     r"cannot create train.out_dir .*a-file/run \(Not a directory\); choose a folder you can write to"),
+    ("fresh run over an existing one", "run folder", TRAIN,
+     lambda w: ["--config", "tiny.yaml", f"--train.out_dir={w.run}"],
+     r"/run already holds a run \(latest.pt and best.pt\); continue it with --resume, replace it with "
+     r"--overwrite, or set train.out_dir to another folder"),
+    ("--resume with nothing to resume", "run folder", TRAIN, lambda w: resume(w, w.root / "out"),
+     r"--resume: there is no latest.pt in .*out to continue; start a fresh run without --resume"),
+    ("--resume with another model", "checkpoint", TRAIN,
+     lambda w: resume(w, w.run, "--model.n_layers=3", "--model.emb_dim=64"),
+     r"latest.pt holds another model than the config asks for \(model.emb_dim: checkpoint 32, config 64; "
+     r"model.n_layers: checkpoint 2, config 3\); resume with the checkpoint's model settings"),
+    ("--resume a finished run", "checkpoint", TRAIN, lambda w: resume(w, w.run, "--train.max_iters=2"),
+     r"the run in .*run is already at step 2 and train.max_iters is 2; raise it \(e.g. "
+     r"--train.max_iters=4\) to train further"),
+    ("--resume from a truncated checkpoint", "checkpoint", TRAIN, lambda w: resume(w, w.truncated_run),
+     r"cannot read checkpoint .*truncated-run/latest.pt: it is truncated or damaged \(PytorchStreamReader "
+     r"failed reading zip archive: failed finding central directory\); use another checkpoint or train again"),
+    ("--resume from a code-running pickle", "checkpoint", TRAIN, lambda w: resume(w, w.evil_run),
+     r"cannot read checkpoint .*evil-run/latest.pt: unpickling it would call getattr, and a checkpoint "
+     r"written by train.py never runs code; refused, nothing was run. Use a checkpoint you trust"),
+    ("--resume from a weights-only file", "checkpoint", TRAIN, lambda w: resume(w, w.weights_only_run),
+     r"latest.pt cannot be resumed: it has no optimizer, scaler, data, rng \(only latest.pt files written by "
+     r"train.py can\); start again with --overwrite"),
+    ("no checkpoint to sample from", "checkpoint", GENERATE, lambda w: ["Hi", "--checkpoint", str(w.root)],
+     r"no checkpoint in .* \(looked for best.pt and latest.pt\); train one first"),
+    ("checkpoint that does not exist", "checkpoint", GENERATE,
+     lambda w: ["Hi", "--checkpoint", str(w.root / "nowhere.pt")],
+     r"no checkpoint at .*nowhere.pt; train one first \(python train.py --config small.yaml\) or pass "
+     r"--checkpoint RUN_DIR"),
+    ("truncated checkpoint", "checkpoint", GENERATE, lambda w: ["Hi", "--checkpoint", str(w.truncated_run)],
+     r"cannot read checkpoint .*truncated-run/latest.pt: it is truncated or damaged"),
+    ("empty checkpoint file", "checkpoint", GENERATE, lambda w: ["Hi", "--checkpoint", str(w.empty_pt)],
+     r"cannot read checkpoint .*empty.pt: it is truncated or damaged \(the file is empty\)"),
+    ("plain pickle, not a checkpoint", "checkpoint", GENERATE, lambda w: ["Hi", "--checkpoint", str(w.pickle)],
+     r"cannot read checkpoint .*plain.pkl: it is not a PyTorch checkpoint; give a latest.pt or best.pt written "
+     r"by train.py"),
+    ("file that is not a checkpoint", "checkpoint", GENERATE, lambda w: ["Hi", "--checkpoint", str(w.garbage)],
+     r"cannot read checkpoint .*garbage.pt: it is not a PyTorch checkpoint"),
+    ("code-running pickle", "checkpoint", GENERATE, lambda w: ["Hi", "--checkpoint", str(w.evil_run)],
+     r"cannot read checkpoint .*evil-run/latest.pt: unpickling it would call getattr"),
+    ("weights that do not fit the config", "checkpoint", GENERATE,
+     lambda w: ["Hi", "--checkpoint", str(w.mismatched)],
+     r"the weights in .*mismatched.pt do not fit the model its config describes \(size mismatch for "
+     r"tok_emb.weight: .*\); the file was damaged or edited: use another checkpoint"),
+    ("empty prompt", "prompt", GENERATE, lambda w: ["", "--checkpoint", str(w.run)],
+     r'the prompt is empty; give some text to continue, e.g. "Your journey"'),
+    ("no prompt", "prompt", GENERATE, lambda w: ["--checkpoint", str(w.run)],
+     r"the following arguments are required: prompt; see \S+ --help"),
+    ("empty prompt in the config", "prompt", TRAIN, lambda w: tiny(w, "--sample.prompt="),
+     r"sample.prompt is empty; give some text to continue \(in .*tiny.yaml and the command line\)"),
+    ("nothing to generate", "prompt", GENERATE,
+     lambda w: ["Hi", "--checkpoint", str(w.run), "--max-new-tokens", "0"],
+     r"--max-new-tokens: sample.max_new_tokens must be at least 1, got 0"),
+    ("negative temperature", "prompt", GENERATE, lambda w: ["Hi", "--checkpoint", str(w.run), "--temperature", "-1"],
+     r"--temperature: sample.temperature must be 0 or more, got -1.0"),
+]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in root.rglob("*") if p.is_file()}
+
+
+def exit_code(script, argv: list[str]) -> int:
+    try:
+        return script.main(argv)
+    except SystemExit as e:  # argparse stops this way
+        return e.code
+
+
+def test_the_table_is_large_and_covers_every_area():
+    assert len(CASES) >= 20 and len({case[0] for case in CASES}) == len(CASES)
+    assert {case[1] for case in CASES} == {"config", "command line", "data", "run folder", "checkpoint", "prompt"}
+
+
+@pytest.mark.parametrize("case,script,argv,message", [(c[0], c[2], c[3], c[4]) for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_hostile_input_is_one_clear_line_and_loses_nothing(world, case, script, argv, message, capsys):
+    before = snapshot(world.root)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = exit_code(script, argv(world))
+    out, err = capsys.readouterr()
+    assert not caught, [str(w.message) for w in caught]  # run for real, each is more on stderr
+    assert code == 2, (out, err)
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and re.search(message, err), err
+    after = snapshot(world.root)
+    assert {name: after.get(name) for name in before} == before  # nothing lost or changed
+    assert not [name for name in after if name not in before and name.endswith(".pt")]  # nothing saved
+    assert not (world.root / "pwned").exists()  # the pickle's code never ran
+
+
+def test_the_readme_table_has_a_row_for_each_case():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Bad input\n", 1)[1].split("\n## ", 1)[0]
+    areas = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")]
+    assert sorted(area for area in areas if area not in ("", "---")) == sorted(case[1] for case in CASES)
