@@ -9,7 +9,7 @@ from gpt.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from gpt.config import Config, config_to_dict, load_config
 from gpt.data import TrainBatches, eval_loader, load_split, prepare
 from gpt.errors import ArgumentParser, UserError, run_cli
-from gpt.model import GPTModel
+from gpt.pretrained import build_model, resolve_model_config
 from gpt.sampling import print_samples
 from gpt.training import TrainState, keep_freed_memory, pick_device, train
 
@@ -20,6 +20,8 @@ def run(cfg: Config) -> TrainState:
     if device.type == "cpu":
         keep_freed_memory()
     torch.manual_seed(cfg.train.seed)
+    # A pretrained init_from brings its architecture (context_length included) with its weights.
+    cfg.model = resolve_model_config(cfg.model, cfg.given_keys.get("model", ()))
     context = cfg.model.context_length
     prepared = prepare(cfg.data)
     train_set = load_split(prepared, "train", context, cfg.data.stride or context)
@@ -32,7 +34,7 @@ def run(cfg: Config) -> TrainState:
         "val": eval_loader(val_set, cfg.data.batch_size, cfg.train.eval_iters),
     }
 
-    model = GPTModel(cfg.model).to(device)
+    model = build_model(cfg.model).to(device)
     tokens_per_step = cfg.data.batch_size * context * cfg.train.grad_accum_steps
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters; device: {device}; "
           f"{len(train_set):,} train windows; {tokens_per_step:,} tokens per step")
