@@ -9,6 +9,8 @@ from gpt.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from gpt.config import Config, config_to_dict, load_config
 from gpt.data import TrainBatches, eval_loader, load_split, prepare
 from gpt.errors import ArgumentParser, UserError, run_cli
+from gpt.metrics import RunLog
+from gpt.plot import plot_after_training
 from gpt.pretrained import build_model, resolve_model_config
 from gpt.sampling import print_samples
 from gpt.training import TrainState, keep_freed_memory, pick_device, train
@@ -57,8 +59,13 @@ def run(cfg: Config) -> TrainState:
     except OSError as e:
         raise UserError(f"cannot create train.out_dir {out_path.parent} ({e.strerror}); "
                         "choose a folder you can write to") from None
-    state = train(model, cfg.train, train_batches, eval_loaders, device, save)
+    log = RunLog(out_path.parent, cfg.train.tensorboard, fresh=True)
+    try:
+        state = train(model, cfg.train, train_batches, eval_loaders, device, save, log)
+    finally:
+        log.close()
     print(f"saved {out_path} (step {state.step}, val loss {state.val_loss:.4f})")
+    print(plot_after_training(out_path.parent))
     print("\n--- sample ---")
     print_samples(model, cfg.sample.prompt, cfg.sample, device)
     return state

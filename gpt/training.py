@@ -42,6 +42,7 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     seed: int = 1337
     device: str = "auto"  # auto picks cuda, then mps, then cpu
+    tensorboard: bool = False  # also log each evaluation to <out_dir>/tensorboard (gpt/metrics.py)
 
     def __post_init__(self):
         for name in ("max_iters", "eval_interval", "eval_iters", "grad_accum_steps"):
@@ -147,11 +148,12 @@ def train(
     eval_loaders: dict[str, DataLoader],
     device: torch.device,
     save: Callable[[TrainState, torch.optim.Optimizer], None],
+    log: Callable[[dict], None] | None = None,
 ) -> TrainState:
     """Run `cfg.max_iters` optimizer steps; evaluate and call `save(state, optimizer)` on schedule.
 
     `train_batches` yields (inputs, targets) forever; `eval_loaders` maps "train"/"val" to
-    fixed evaluation loaders.
+    fixed evaluation loaders. `log`, if given, gets each evaluation's metrics as a dict.
     """
     optimizer = build_optimizer(model, cfg, device)
     state = TrainState()
@@ -194,6 +196,10 @@ def train(
                 f"(ppl {math.exp(min(state.train_loss, 50)):.1f}), val loss {state.val_loss:.4f} "
                 f"(ppl {math.exp(min(state.val_loss, 50)):.1f}), {rate:,.0f} tokens/s"
             )
+            if log is not None:  # tokens from the step count, so a resumed run counts on correctly
+                tokens = state.step * cfg.grad_accum_steps * inputs.numel()
+                log({"step": state.step, "tokens": tokens, "train_loss": state.train_loss,
+                     "val_loss": state.val_loss, "lr": lr, "tokens_per_s": rate})
             save(state, optimizer)
     progress.close()
     return state
