@@ -59,7 +59,7 @@ def run(cfg: Config) -> TrainState:
     except OSError as e:
         raise UserError(f"cannot create train.out_dir {out_path.parent} ({e.strerror}); "
                         "choose a folder you can write to") from None
-    log = RunLog(out_path.parent, cfg.train.tensorboard, fresh=True)
+    log = RunLog(out_path.parent, cfg.train.tensorboard, fresh=True, tokens_per_step=tokens_per_step)
     try:
         state = train(model, cfg.train, train_batches, eval_loaders, device, save, log)
     finally:

@@ -71,14 +71,18 @@ def open_tensorboard(log_dir: Path, fresh: bool):
 class RunLog:
     """Records each evaluation: a row of metrics.csv, and scalars for TensorBoard when enabled."""
 
-    def __init__(self, out_dir: Path, tensorboard: bool, fresh: bool):
+    def __init__(self, out_dir: Path, tensorboard: bool, fresh: bool, tokens_per_step: int):
         self.path = Path(out_dir) / METRICS_NAME
+        self.tokens_per_step = tokens_per_step
         self.writer = open_tensorboard(Path(out_dir) / TENSORBOARD_DIR, fresh) if tensorboard else None
         if fresh:
             start_metrics(self.path)
 
-    def __call__(self, row: dict) -> None:
-        """Record one evaluation's row (see COLUMNS)."""
+    def __call__(self, evaluation: dict) -> None:
+        """Record one evaluation (every column but `tokens`, which follows from the step)."""
+        # Every step is the same number of tokens, so tokens seen follow from the step count,
+        # and a resumed run counts on from where it was.
+        row = {**evaluation, "tokens": evaluation["step"] * self.tokens_per_step}
         append_metrics(self.path, row)
         if self.writer is not None:
             for name in COLUMNS[2:]:

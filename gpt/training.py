@@ -196,10 +196,9 @@ def train(
                 f"(ppl {math.exp(min(state.train_loss, 50)):.1f}), val loss {state.val_loss:.4f} "
                 f"(ppl {math.exp(min(state.val_loss, 50)):.1f}), {rate:,.0f} tokens/s"
             )
-            if log is not None:  # tokens from the step count, so a resumed run counts on correctly
-                tokens = state.step * cfg.grad_accum_steps * inputs.numel()
-                log({"step": state.step, "tokens": tokens, "train_loss": state.train_loss,
-                     "val_loss": state.val_loss, "lr": lr, "tokens_per_s": rate})
+            if log is not None:
+                log({"step": state.step, "train_loss": state.train_loss, "val_loss": state.val_loss,
+                     "lr": lr, "tokens_per_s": rate})
             save(state, optimizer)
     progress.close()
     return state

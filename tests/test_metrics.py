@@ -60,11 +60,22 @@ def test_the_loop_logs_every_evaluation(tiny_cfg):
                        {"train": eval_loader(ds, 3, 1), "val": eval_loader(ds, 3, 1)}, torch.device("cpu"),
                        lambda s, opt: saves.append(s.val_loss), log=rows.append)
     assert [r["step"] for r in rows] == [4, 8, 9]
-    assert [r["tokens"] for r in rows] == [s * 2 * 3 * 12 for s in (4, 8, 9)]  # steps x accum x B x T
     assert [r["val_loss"] for r in rows] == saves
     assert rows[-1]["train_loss"] == state.train_loss
     assert [r["lr"] for r in rows] == [learning_rate(s - 1, cfg) for s in (4, 8, 9)]  # the last step's
     assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_run_log_counts_tokens_from_steps(tmp_path):
+    log = RunLog(tmp_path, tensorboard=False, fresh=True, tokens_per_step=96)
+    for r in (row(4, 5.0), row(8, 4.0)):
+        log({k: v for k, v in r.items() if k != "tokens"})
+    assert [(r["step"], r["tokens"]) for r in read_metrics(tmp_path / "metrics.csv")] == [(4, 384), (8, 768)]
+    append_metrics(tmp_path / "metrics.csv", row(9, 3.0))
+    RunLog(tmp_path, tensorboard=False, fresh=False, tokens_per_step=96)  # a resumed run keeps the rows
+    assert len(read_metrics(tmp_path / "metrics.csv")) == 3
+    RunLog(tmp_path, tensorboard=False, fresh=True, tokens_per_step=96)
+    assert read_metrics(tmp_path / "metrics.csv") == []
 
 
 def test_training_writes_metrics_and_the_plot(tmp_path, capsys):
@@ -109,7 +120,7 @@ def test_tensorboard_gets_the_same_numbers(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     for attempt in range(2):  # the second, fresh run replaces the first one's curves
-        log = RunLog(tmp_path, tensorboard=True, fresh=True)
+        log = RunLog(tmp_path, tensorboard=True, fresh=True, tokens_per_step=512)
         for r in (row(10, 5.0), row(20, 4.0 - attempt)):
             log(r)
         log.close()
