@@ -4,9 +4,9 @@ import argparse
 import dataclasses
 import sys
 
-from gpt.checkpoint import checkpoint_path, load_model
 from gpt.config import load_config
 from gpt.errors import ArgumentParser, UserError, run_cli
+from gpt.pretrained import load_for_sampling
 from gpt.sampling import SampleConfig, print_samples
 from gpt.training import pick_device
 
@@ -20,8 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument("prompt", help="text to continue")
-    parser.add_argument("--checkpoint", help=f"run folder (its best.pt, else latest.pt) or checkpoint "
-                        f"file (default: the run configs/{DEFAULT_CONFIG} writes)")
+    parser.add_argument("--checkpoint", help=f"run folder (its best.pt, else latest.pt) or checkpoint file (default: the run "
+                        f"configs/{DEFAULT_CONFIG} writes); or GPT-2's weights: gpt2, gpt2-medium, "
+                        "gpt2-large, gpt2-xl or a Hugging Face GPT-2 folder")
     parser.add_argument("--max-new-tokens", type=int, help="tokens to generate per sample")
     parser.add_argument("--temperature", type=float, help="0 is greedy; higher is more random")
     parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0: all)")
@@ -62,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.prompt:
             raise UserError('the prompt is empty; give some text to continue, e.g. "Your journey"')
         device = pick_device(args.device, option="--device")
-        path = checkpoint_path(args.checkpoint or load_config(DEFAULT_CONFIG).train.out_dir)
-        model, config = load_model(path, device)
-        cfg = sample_config(config.sample, args)
-        print(f"sampling from {path}", file=sys.stderr)
+        location = args.checkpoint or load_config(DEFAULT_CONFIG).train.out_dir
+        model, run_sample, source = load_for_sampling(location, device)  # GPT-2 weights get the defaults
+        cfg = sample_config(run_sample, args)
+        print(f"sampling from {source}", file=sys.stderr)
         print_samples(model, args.prompt, cfg, device)
 
     return run_cli(work)

@@ -14,6 +14,9 @@ from gpt.resume import (
     StopRequest, best_checkpoint, check_resumable, checkpoint_to_resume, restore_training,
     seed_everything, training_checkpoint,
 )
+from gpt.metrics import RunLog
+from gpt.plot import plot_after_training
+from gpt.pretrained import build_model, resolve_model_config
 from gpt.sampling import print_samples
 from gpt.training import NonFiniteLoss, TrainState, pick_device, setup_device, train
 
@@ -24,6 +27,9 @@ def run(cfg: Config, resume: bool, overwrite: bool, resume_command: str) -> int:
     Returns the exit code: 0 when the run is complete, 128 + the signal's number when SIGINT
     or SIGTERM stopped it (after saving).
     """
+    # A pretrained init_from brings its architecture (context_length included) with its weights;
+    # resolved first, so a resume compares the architecture it will really build.
+    cfg.model = resolve_model_config(cfg.model, cfg.given_keys.get("model", ()))
     out_dir = Path(cfg.train.out_dir)
     resume_from = checkpoint_to_resume(out_dir, resume, overwrite)
     checkpoint = open_checkpoint(resume_from, cfg) if resume_from is not None else None
@@ -42,7 +48,8 @@ def run(cfg: Config, resume: bool, overwrite: bool, resume_command: str) -> int:
         "val": eval_loader(val_set, cfg.data.batch_size, cfg.train.eval_iters),
     }
 
-    model = GPTModel(cfg.model).to(device)
+    # Resuming loads the run's own weights: no need to read GPT-2's again first.
+    model = (GPTModel(cfg.model) if checkpoint is not None else build_model(cfg.model)).to(device)
     tokens_per_step = cfg.data.batch_size * context * cfg.train.grad_accum_steps
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters; device: {device}; "
           f"{len(train_set):,} train windows; {tokens_per_step:,} tokens per step")
@@ -72,17 +79,21 @@ def run(cfg: Config, resume: bool, overwrite: bool, resume_command: str) -> int:
     if overwrite:  # asked for: the new run replaces the old one's checkpoints
         for old in run_checkpoints(out_dir):
             old.unlink()
+    log = RunLog(out_dir, cfg.train.tensorboard, fresh=checkpoint is None, tokens_per_step=tokens_per_step)
     with StopRequest() as stop:
         try:
             state = train(model, cfg.train, train_batches, eval_loaders, device, save,
-                          restore=restore if checkpoint is not None else None, should_stop=stop)
+                          restore=restore if checkpoint is not None else None, should_stop=stop, log=log)
         except NonFiniteLoss as e:
             raise non_finite_error(e, latest, last_saved) from None
+        finally:
+            log.close()
     if stop.signum is not None and state.step < cfg.train.max_iters:
         print(f"stopped at step {state.step}; saved {latest}; resume with: {resume_command}", flush=True)
         return 128 + stop.signum
     print(f"saved {latest} (step {state.step}, val loss {state.val_loss:.4f}); best: {best} "
           f"(step {state.best_step}, val loss {state.best_val_loss:.4f})")
+    print(plot_after_training(out_dir))
     print("\n--- sample ---")
     print_samples(model, cfg.sample.prompt, cfg.sample, device)
     return 0

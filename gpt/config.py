@@ -13,7 +13,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
 import yaml
@@ -35,6 +35,12 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    given: InitVar[dict[str, set[str]] | None] = None
+
+    def __post_init__(self, given: dict[str, set[str]] | None):
+        # The keys the YAML and command line set, per section. Not a field, so never saved or
+        # compared: a pretrained model takes the architecture fields nobody set from its weights.
+        self.given_keys = given or {}
 
 
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
@@ -142,16 +148,18 @@ def parse_overrides(overrides: list[str]) -> dict:
 def build_config(layers: list[tuple[dict, str]]) -> Config:
     """A Config from the defaults plus each (values, source) layer in order, then validated."""
     sections = {name: factory() for name, factory in SECTIONS.items()}
+    given: dict[str, set[str]] = {name: set() for name in SECTIONS}
     for values, source in layers:
         for name, section_values in _check_sections(values, source).items():
             _apply(sections[name], name, section_values, source)
+            given[name].update(section_values)
     try:
         for section in sections.values():
             section.__post_init__()  # re-run each dataclass's own checks on the final values
     except ValueError as e:
         sources = " and ".join(source for _, source in layers) or "the defaults"
         raise UserError(f"{e} (in {sources})") from None
-    return Config(**sections)
+    return Config(**sections, given=given)
 
 
 def load_config(name: str | None, overrides: list[str] = ()) -> Config:

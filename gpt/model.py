@@ -39,6 +39,7 @@ class ModelConfig:
     qkv_bias: bool = False
     vocab_pad_multiple: int = 64  # embedding rows rounded up to a multiple of this; 1 = none
     attn_impl: str = "sdpa"  # sdpa (fused kernel) or explicit (the notebook's math); same weights
+    init_from: str = "scratch"  # or gpt2[-medium/-large/-xl], or a path to HF weights: gpt/pretrained.py
 
     @property
     def padded_vocab_size(self) -> int:
@@ -54,6 +55,8 @@ class ModelConfig:
             )
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"model.drop_rate must be in [0, 1), got {self.drop_rate}")
+        if not self.init_from:
+            raise ValueError("model.init_from is empty; use scratch, a GPT-2 size or a path")
         if self.attn_impl not in ATTENTION_IMPLS:
             raise ValueError(f"model.attn_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attn_impl!r}")
 

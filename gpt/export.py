@@ -1,0 +1,78 @@
+"""`python -m gpt.export RUN_DIR OUT_DIR`: a trained run as a Hugging Face GPT-2 model folder.
+
+OUT_DIR gets `config.json` and `model.safetensors` in the layout `GPT2LMHeadModel` reads
+(`gpt/hf_gpt2.py`), so `transformers.GPT2LMHeadModel.from_pretrained(OUT_DIR)` gives the same
+logits as the run's own model; so do `model.init_from: OUT_DIR` and `generate.py --checkpoint
+OUT_DIR` here. For a model over the full GPT-2 vocabulary it also gets the tokenizer files
+`GPT2Tokenizer` reads (`vocab.json` and `merges.txt` are GPT-2's `encoder.json` and
+`vocab.bpe`, the files this project tokenises with), so `pipeline("text-generation", OUT_DIR)`
+works as it is. A non-empty OUT_DIR is left alone unless `--overwrite` is given.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from gpt.checkpoint import load_model
+from gpt.errors import ArgumentParser, UserError, run_cli
+from gpt.hf_gpt2 import to_hf_config, to_hf_state_dict
+from gpt.model import GPTModel
+from gpt.tokenizer import EOT_ID, bpe_files
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILES = {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"}  # theirs: ours
+
+
+def export_model(model: GPTModel, out_dir: Path) -> list[Path]:
+    """Write `model` to `out_dir` as a Hugging Face GPT-2 model; return the files written."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise UserError("exporting needs safetensors: pip install safetensors (the [hf] extra)") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    written = [out_dir / CONFIG_FILE, out_dir / WEIGHTS_FILE]
+    written[0].write_text(json.dumps(to_hf_config(cfg), indent=2) + "\n", encoding="utf-8")
+    # metadata format=pt: transformers checks it to know the tensors are PyTorch's.
+    save_file(to_hf_state_dict(model.state_dict(), cfg), str(written[1]), metadata={"format": "pt"})
+    if cfg.vocab_size == EOT_ID + 1:  # the GPT-2 BPE vocabulary: ship its tokenizer too
+        ours = dict(zip(("vocab.bpe", "encoder.json"), map(Path, bpe_files())))
+        for theirs, name in TOKENIZER_FILES.items():
+            written.append(Path(shutil.copyfile(ours[name], out_dir / theirs)))
+    return written
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool) -> list[Path]:
+    """Export the checkpoint of `run_dir` (a run folder or checkpoint file) to `out_dir`."""
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} is a file; give a folder to export into")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(f"{out_dir} is not empty; choose a new folder or pass --overwrite")
+    model, _ = load_model(run_dir, "cpu")
+    try:
+        return export_model(model, out_dir)
+    except OSError as e:
+        raise UserError(f"cannot write to {out_dir} ({e.strerror}); choose a folder you can write to") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="python -m gpt.export",
+                            description="Write a trained run as a Hugging Face GPT-2 model "
+                            "(config.json + model.safetensors) that transformers can load.")
+    parser.add_argument("run_dir", help="a run folder (train.out_dir) or a checkpoint file")
+    parser.add_argument("out_dir", help="the folder to write the Hugging Face model into")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty out_dir")
+    args = parser.parse_args(argv)
+
+    def work() -> None:
+        files = export_run(args.run_dir, args.out_dir, args.overwrite)
+        print(f"wrote {', '.join(f.name for f in files)} to {Path(args.out_dir)}")
+
+    return run_cli(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

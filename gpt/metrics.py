@@ -1,0 +1,96 @@
+"""What a run records at each evaluation: `metrics.csv` in its folder, and TensorBoard if asked.
+
+One row per evaluation: step, tokens seen, train and val loss, learning rate and tokens/s.
+CSV because everything reads it (a spreadsheet, pandas, `python -m gpt.plot`), and because a
+row is appended and flushed at once: a crash loses at most the row being written. A fresh run
+starts the file again; rows are only ever appended, so a resumed run can carry it on.
+
+With `train.tensorboard: true` the same numbers also go to `<out_dir>/tensorboard/` as scalars
+(`torch.utils.tensorboard`, which needs the `tensorboard` package): `tensorboard --logdir runs`.
+"""
+
+import csv
+import math
+from pathlib import Path
+
+from gpt.errors import UserError
+
+METRICS_NAME = "metrics.csv"
+COLUMNS = ("step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_s")
+INT_COLUMNS = ("step", "tokens")
+TENSORBOARD_DIR = "tensorboard"
+
+
+def start_metrics(path: Path) -> None:
+    """Create (or empty) the metrics file at `path`: the header and no rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerow(COLUMNS)
+
+
+def append_metrics(path: Path, row: dict) -> None:
+    """Append one evaluation's `row` (a value for each of COLUMNS); the header first if new."""
+    missing = [name for name in COLUMNS if name not in row]
+    if missing:
+        raise ValueError(f"metrics row lacks {', '.join(missing)}")
+    if not path.exists() or path.stat().st_size == 0:
+        start_metrics(path)
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerow([row[name] for name in COLUMNS])
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """The rows of a metrics file, as numbers (step and tokens as ints)."""
+    if not path.is_file():
+        raise UserError(f"no {path.name} at {path.parent}; train.py writes it at every evaluation")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != COLUMNS:
+            raise UserError(f"{path} does not start with the header {','.join(COLUMNS)}; "
+                            "it is not a metrics file written by train.py")
+        try:
+            return [{name: (int if name in INT_COLUMNS else float)(row[name]) for name in COLUMNS}
+                    for row in reader]
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{path} line {reader.line_num} is not a row of numbers ({e})") from None
+
+
+def open_tensorboard(log_dir: Path, fresh: bool):
+    """A TensorBoard `SummaryWriter` for `log_dir`; a fresh run first removes the old curves."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("train.tensorboard is true but tensorboard is not installed; "
+                        "pip install tensorboard, or set train.tensorboard: false") from None
+    if fresh:  # otherwise TensorBoard draws the old run and the new one as one tangled line
+        for old in log_dir.glob("events.out.tfevents.*"):
+            old.unlink()
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+class RunLog:
+    """Records each evaluation: a row of metrics.csv, and scalars for TensorBoard when enabled."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool, fresh: bool, tokens_per_step: int):
+        self.path = Path(out_dir) / METRICS_NAME
+        self.tokens_per_step = tokens_per_step
+        self.writer = open_tensorboard(Path(out_dir) / TENSORBOARD_DIR, fresh) if tensorboard else None
+        if fresh:
+            start_metrics(self.path)
+
+    def __call__(self, evaluation: dict) -> None:
+        """Record one evaluation (every column but `tokens`, which follows from the step)."""
+        # Every step is the same number of tokens, so tokens seen follow from the step count,
+        # and a resumed run counts on from where it was.
+        row = {**evaluation, "tokens": evaluation["step"] * self.tokens_per_step}
+        append_metrics(self.path, row)
+        if self.writer is not None:
+            for name in COLUMNS[2:]:
+                if math.isfinite(row[name]):
+                    self.writer.add_scalar(name, row[name], global_step=row["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        """Close the TensorBoard writer, if any (the CSV is closed after every row)."""
+        if self.writer is not None:
+            self.writer.close()

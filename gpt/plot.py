@@ -1,0 +1,73 @@
+"""`python -m gpt.plot RUN_DIR`: a run's train and val loss against tokens seen, as `loss.png`.
+
+Reads `<RUN_DIR>/metrics.csv` (`gpt/metrics.py`) and draws with matplotlib, an optional
+dependency (`pip install matplotlib`, or the `[plot]` extra). train.py calls
+`plot_after_training` at the end of a run, which prints a one-line hint instead when
+matplotlib is missing; the command itself stops with an error. The chart is drawn on a
+`matplotlib.figure.Figure` directly, not through pyplot: no display, no GUI backend, no global
+state, so it works the same on a headless server.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from gpt.errors import ArgumentParser, UserError, run_cli
+from gpt.metrics import METRICS_NAME, read_metrics
+
+PLOT_NAME = "loss.png"
+INSTALL_HINT = "pip install matplotlib (or the [plot] extra)"
+
+
+def draw_losses(rows: list[dict[str, float]], path: Path, title: str) -> Path:
+    """Write a PNG of train and val loss against tokens seen; return its path."""
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import EngFormatter
+    except ImportError:
+        raise UserError(f"drawing {path.name} needs matplotlib: {INSTALL_HINT}") from None
+    tokens = [row["tokens"] for row in rows]
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(tokens, [row["train_loss"] for row in rows], marker="o", label="train")
+    ax.plot(tokens, [row["val_loss"] for row in rows], marker="o", label="val")
+    ax.xaxis.set_major_formatter(EngFormatter())  # 1.2M, not 1200000
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (cross-entropy, nats)")
+    last = rows[-1]
+    ax.set_title(f"{title}: step {last['step']}, train {last['train_loss']:.3f}, val {last['val_loss']:.3f}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, path)  # a reader never sees half a file
+    return path
+
+
+def plot_run(run_dir: str | Path) -> Path:
+    """Draw `<run_dir>/loss.png` from `<run_dir>/metrics.csv`; return its path."""
+    run_dir = Path(run_dir).expanduser()
+    rows = read_metrics(run_dir / METRICS_NAME)
+    if not rows:
+        raise UserError(f"{run_dir / METRICS_NAME} has no rows yet; the first comes at the first evaluation")
+    return draw_losses(rows, run_dir / PLOT_NAME, run_dir.resolve().name)
+
+
+def plot_after_training(run_dir: str | Path) -> str:
+    """Draw the run's loss plot; the line to print: where it is, or why there is none."""
+    try:
+        return f"loss plot: {plot_run(run_dir)}"
+    except UserError as e:
+        return f"no loss plot: {e}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="python -m gpt.plot",
+                            description=f"Draw RUN_DIR/{PLOT_NAME} from RUN_DIR/{METRICS_NAME}.")
+    parser.add_argument("run_dir", help="a run folder (train.out_dir)")
+    args = parser.parse_args(argv)
+    return run_cli(lambda: print(f"wrote {plot_run(args.run_dir)}"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Where a model's weights start: `model.init_from` is `scratch`, a GPT-2 size, or a path.
+
+- `scratch` (the default): a new, randomly initialised `GPTModel`.
+- `gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`: OpenAI's released weights in Hugging Face's
+  format (`config.json` + `model.safetensors`). Looked for in `data/gpt2-weights/<name>/`
+  first (copy the two files there by hand on a machine with no network), then fetched with
+  `huggingface_hub` (which reuses its own cache, so a second run downloads nothing).
+- a path: a folder holding `config.json` and `model.safetensors` or `pytorch_model.bin`
+  (what `save_pretrained` and `python -m gpt.export` write), or one of those weight files.
+  A bare weights file with no `config.json` beside it is sized from its tensor shapes, with the
+  head count of the released GPT-2 size of that width. No network is used for a path.
+
+A size name wins over a folder of the same name; write `./gpt2` to mean the folder.
+
+The architecture comes from the weights, so a config may leave it out. A field the config does
+set (in the YAML or on the command line) must agree with the weights, or loading stops with
+the list of differences; `context_length` may be smaller than the weights' `n_positions`, and
+then only the first `context_length` rows of the position table are kept (positions past the
+context are never looked up). `drop_rate`, `vocab_pad_multiple` and `attn_impl` are free.
+
+Reading the weights only needs the config's name and path, so loading a config never touches
+the network or the weights; `resolve_model_config` and `build_model` do, when a run starts.
+"""
+
+import dataclasses
+import json
+import sys
+from collections.abc import Collection
+from pathlib import Path
+
+import torch
+
+from gpt.checkpoint import checkpoint_path, load_model
+from gpt.downloads import DATA_DIR
+from gpt.errors import UserError
+from gpt.hf_gpt2 import (ARCHITECTURE_FIELDS, architecture_from_config, architecture_from_weights,
+                         from_hf_state_dict)
+from gpt.model import GPTModel, ModelConfig
+from gpt.sampling import SampleConfig
+
+SCRATCH = "scratch"
+GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+HF_REPO = "openai-community/{name}"  # the four sizes as OpenAI released them, on huggingface.co
+WEIGHTS_DIR = DATA_DIR / "gpt2-weights"  # <name>/config.json + model.safetensors, by hand
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
+CONFIG_FILE = "config.json"
+
+
+def find_weights(folder: Path) -> Path | None:
+    """The weights file in a Hugging Face model folder, safetensors first; None if none."""
+    return next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+
+
+def download_gpt2(name: str) -> Path:
+    """The weights file of GPT-2 size `name`, fetched with huggingface_hub (or from its cache)."""
+    local = WEIGHTS_DIR / name
+    by_hand = (f"or copy config.json and model.safetensors from https://huggingface.co/"
+               f"{HF_REPO.format(name=name)} into {local}/")
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise UserError(f"the {name} weights are not in {local}/; to download them, pip install "
+                        f"huggingface_hub safetensors (the [hf] extra), {by_hand}") from None
+    repo, files = HF_REPO.format(name=name), (CONFIG_FILE, WEIGHT_FILES[0])
+    cached = [huggingface_hub.try_to_load_from_cache(repo, file) for file in files]
+    if all(isinstance(path, str) for path in cached):  # downloaded before: no network at all
+        return Path(cached[1])
+    print(f"downloading {name} weights from huggingface.co ...", file=sys.stderr)
+    try:
+        paths = [huggingface_hub.hf_hub_download(repo, file) for file in files]
+    except Exception as e:  # offline, proxy, rate limit, missing file: the remedy is the same
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"could not download {name} from huggingface.co ({reason}); check the "
+                        f"connection, {by_hand}") from None
+    return Path(paths[1])
+
+
+def locate_weights(init_from: str) -> Path:
+    """The weights file `model.init_from` names (a GPT-2 size or a path); never `scratch`."""
+    if init_from in GPT2_SIZES:
+        return find_weights(WEIGHTS_DIR / init_from) or download_gpt2(init_from)
+    path = Path(init_from).expanduser()
+    if path.is_dir():
+        found = find_weights(path)
+        if found is None:
+            raise UserError(f"{path} holds no {' or '.join(WEIGHT_FILES)}; give a Hugging Face GPT-2 "
+                            "model folder (save_pretrained or python -m gpt.export writes one)")
+        return found
+    if path.is_file():
+        if not path.name.endswith((".safetensors", ".bin")):
+            raise UserError(f"{path} is not a .safetensors or .bin weights file; for a run trained "
+                            "here, use generate.py --checkpoint")
+        return path
+    raise UserError(f"model.init_from {init_from!r} is not {SCRATCH}, a GPT-2 size "
+                    f"({', '.join(GPT2_SIZES)}) or an existing path to Hugging Face GPT-2 weights")
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a `.safetensors` or `pytorch_model.bin` file, read without running code."""
+    if path.name.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise UserError(f"reading {path} needs safetensors: pip install safetensors "
+                            "(the [hf] extra)") from None
+        reader = load_file
+    else:
+        def reader(p):  # weights_only: a .bin is a pickle, and must not run code
+            return torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        state = reader(str(path))
+    except Exception as e:  # truncated, foreign or unsafe files raise many types
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"cannot read weights {path} ({reason}); it is damaged or not a weights file") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise UserError(f"{path} is not a state dict of tensors")
+    return state
+
+
+def weights_architecture(weights: Path) -> dict:
+    """Our architecture fields for a weights file: from config.json beside it, else its shapes."""
+    config_path = weights.parent / CONFIG_FILE
+    if config_path.is_file():
+        try:
+            hf_config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise UserError(f"cannot read {config_path} ({e}); it is not a JSON config") from None
+        if not isinstance(hf_config, dict):
+            raise UserError(f"{config_path} is not a GPT-2 config.json")
+        return architecture_from_config(hf_config, str(config_path))
+    return architecture_from_weights(read_weights(weights), str(weights))
+
+
+def resolve_model_config(cfg: ModelConfig, given: Collection[str]) -> ModelConfig:
+    """`cfg` with the architecture of its `init_from` weights; `given` are the keys the user set.
+
+    A given architecture field must match the weights (context_length may be smaller).
+    """
+    if cfg.init_from == SCRATCH:
+        return cfg
+    weights = locate_weights(cfg.init_from)
+    wanted = weights_architecture(weights)
+    conflicts = []
+    for name in ARCHITECTURE_FIELDS:
+        if name not in given:
+            continue
+        value = getattr(cfg, name)
+        if name == "context_length" and value <= wanted[name]:
+            wanted[name] = value  # a shorter context: the position table is cropped
+        elif value != wanted[name]:
+            limit = "at most " if name == "context_length" else ""
+            conflicts.append(f"{name} {value} (the weights need {limit}{wanted[name]})")
+    if conflicts:
+        raise UserError(f"model.init_from {cfg.init_from!r} brings its own architecture, but the config "
+                        f"sets {', '.join(conflicts)}; remove those keys from the model section")
+    return dataclasses.replace(cfg, **wanted)
+
+
+def build_model(cfg: ModelConfig) -> GPTModel:
+    """A new model for `cfg` (from `resolve_model_config`): random, or with its init_from weights."""
+    model = GPTModel(cfg)
+    if cfg.init_from == SCRATCH:
+        return model
+    weights = locate_weights(cfg.init_from)
+    state = from_hf_state_dict(read_weights(weights), cfg, str(weights))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).strip().splitlines()]
+        detail = lines[1] if len(lines) > 1 else lines[0]  # the first specific mismatch
+        raise UserError(f"the weights in {weights} do not fit their config.json ({detail[:200]})") from None
+    return model
+
+
+def is_pretrained_source(location: str) -> bool:
+    """True for a GPT-2 size name or Hugging Face-format weights, False for a run or checkpoint."""
+    if location in GPT2_SIZES:
+        return True
+    path = Path(location).expanduser()
+    if path.is_dir():
+        return (path / CONFIG_FILE).is_file() or find_weights(path) is not None
+    return path.is_file() and path.name.endswith((".safetensors", ".bin"))
+
+
+def load_for_sampling(location: str, device: torch.device) -> tuple[GPTModel, SampleConfig, str]:
+    """A model in eval mode on `device`, its sample settings (a run's, or defaults for GPT-2) and
+    what it was read from."""
+    if is_pretrained_source(location):
+        cfg = resolve_model_config(ModelConfig(init_from=location), given=())
+        return build_model(cfg).to(device).eval(), SampleConfig(), location
+    path = checkpoint_path(location)
+    model, config = load_model(path, device)
+    return model, config.sample, str(path)

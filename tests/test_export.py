@@ -1,0 +1,98 @@
+"""Export to Hugging Face's GPT-2 format: transformers loads it with the same logits, and so do we."""
+
+import pytest
+import torch
+
+import train
+from gpt import export
+from gpt.hf_gpt2 import from_hf_state_dict, to_hf_state_dict
+from gpt.model import GPTModel, ModelConfig
+from gpt.pretrained import build_model, resolve_model_config
+
+transformers = pytest.importorskip("transformers")
+
+
+def randomised(cfg: ModelConfig) -> GPTModel:
+    """A model with every parameter random (LayerNorms and biases too), padding rows kept zero."""
+    torch.manual_seed(0)
+    model = GPTModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.3)
+        model.tok_emb.weight[cfg.vocab_size:] = 0.0
+    return model
+
+
+def max_difference(ours: GPTModel, theirs, idx: torch.Tensor) -> float:
+    """Largest |difference| between our logits over the real vocabulary and transformers'."""
+    with torch.no_grad():
+        return (ours(idx)[..., :ours.cfg.vocab_size] - theirs(idx).logits).abs().max().item()
+
+
+def test_layout_conversion_is_its_own_inverse(tiny_cfg):
+    cfg = ModelConfig(**{**tiny_cfg.__dict__, "qkv_bias": True})
+    state = randomised(cfg).state_dict()
+    back = from_hf_state_dict(to_hf_state_dict(state, cfg), cfg, "test")
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])  # without: written as zero biases
+def test_exported_model_gives_the_same_logits_in_transformers(qkv_bias, tiny_cfg, tmp_path):
+    model = randomised(ModelConfig(**{**tiny_cfg.__dict__, "qkv_bias": qkv_bias}))
+    files = export.export_model(model, tmp_path / "hf")
+    assert sorted(f.name for f in files) == ["config.json", "model.safetensors"]  # 101 tokens: no tokenizer
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert theirs.config.vocab_size == 101 and theirs.config.n_positions == tiny_cfg.context_length
+    idx = torch.randint(0, 101, (2, tiny_cfg.context_length), generator=torch.Generator().manual_seed(1))
+    assert max_difference(model, theirs, idx) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert train.main(["--config", "tiny.yaml", f"--train.out_dir={out}", "--train.max_iters=3",
+                       "--train.learning_rate=3e-2", "--sample.max_new_tokens=2"]) == 0
+    return out
+
+
+def test_a_trained_run_round_trips(tiny_run, tmp_path, capsys):
+    from gpt.checkpoint import load_model
+    out = tmp_path / "hf"
+    assert export.main([str(tiny_run), str(out)]) == 0
+    assert f"to {out}" in capsys.readouterr().out
+    ours, _ = load_model(tiny_run)
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(2))
+    assert max_difference(ours, theirs, idx) < 1e-5
+    back = build_model(resolve_model_config(ModelConfig(init_from=str(out)), ())).eval()
+    assert max_difference(back, theirs, idx) < 1e-5  # our own loader reads the export
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)  # GPT-2's BPE ships with it
+    from gpt.tokenizer import get_tokenizer
+    text = "To be, or not to be: that is the question.<|endoftext|>"
+    assert tokenizer(text)["input_ids"] == get_tokenizer().encode(text, allowed_special="all")
+
+
+def test_export_refuses_to_overwrite_without_being_asked(tiny_run, tmp_path, capsys):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert export.main([str(tiny_run), str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {out} is not empty; choose a new folder or pass --overwrite"
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert export.main([str(tiny_run), str(out), "--overwrite"]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing run", "no checkpoint at"),
+    ("out is a file", "is a file; give a folder"),
+])
+def test_export_mistakes_are_one_line(case, message, tiny_run, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    argv = {"missing run": [str(tmp_path / "nowhere"), str(tmp_path / "out")],
+            "out is a file": [str(tiny_run), str(tmp_path / "file")]}[case]
+    assert export.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
