@@ -350,24 +350,21 @@ def train(
         lr = learning_rate(state.step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        step_args = (batches, optimizer, precision, cfg, device, state.step + 1)
         try:
-            if net is not model and not compiled_once:
-                # Compilation happens at the first call; if it fails, carry on without it.
-                compiled_once = True
-                try:
-                    loss_sum, tokens = train_step(net, batches, optimizer, precision, cfg, device, state.step + 1)
-                except NonFiniteLoss:
-                    raise
-                except Exception as e:
-                    warn_compile_failed(e)
-                    net = model
-                    optimizer.zero_grad(set_to_none=True)
-                    loss_sum, tokens = train_step(net, batches, optimizer, precision, cfg, device, state.step + 1)
-            else:
-                loss_sum, tokens = train_step(net, batches, optimizer, precision, cfg, device, state.step + 1)
+            loss_sum, tokens = train_step(net, *step_args)
         except NonFiniteLoss:
             progress.close()
             raise
+        except Exception as e:
+            if net is model or compiled_once:  # not a failure to compile: a real error
+                raise
+            # Compilation happens at the first call; if it fails, carry on without it.
+            warn_compile_failed(e)
+            net = model
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, tokens = train_step(net, *step_args)
+        compiled_once = True
         state.step += 1
 
         step_rate = tokens / (time.perf_counter() - started)

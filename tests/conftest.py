@@ -48,19 +48,21 @@ def random_hf_gpt2(vocab_size: int, n_positions: int):
     return model.eval()
 
 
-@pytest.fixture(scope="session")
-def hf_small_vocab(tmp_path_factory):
-    """(model, folder): vocabulary 1000 (padded to 1024 here), 64 positions, save_pretrained."""
-    model = random_hf_gpt2(vocab_size=1000, n_positions=64)
-    folder = tmp_path_factory.mktemp("hf-small-vocab")
+def saved_hf_gpt2(tmp_path_factory, vocab_size: int):
+    """(model, folder): `random_hf_gpt2` with 64 positions, written with save_pretrained."""
+    model = random_hf_gpt2(vocab_size=vocab_size, n_positions=64)
+    folder = tmp_path_factory.mktemp(f"hf-vocab-{vocab_size}")
     model.save_pretrained(folder)
     return model, folder
+
+
+@pytest.fixture(scope="session")
+def hf_small_vocab(tmp_path_factory):
+    """Vocabulary 1000 (padded to 1024 here)."""
+    return saved_hf_gpt2(tmp_path_factory, 1000)
 
 
 @pytest.fixture(scope="session")
 def hf_gpt2_vocab(tmp_path_factory):
-    """(model, folder): the full GPT-2 vocabulary, 64 positions, save_pretrained."""
-    model = random_hf_gpt2(vocab_size=50257, n_positions=64)
-    folder = tmp_path_factory.mktemp("hf-gpt2-vocab")
-    model.save_pretrained(folder)
-    return model, folder
+    """The full GPT-2 vocabulary."""
+    return saved_hf_gpt2(tmp_path_factory, 50257)
