@@ -20,9 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument("prompt", help="text to continue")
-    parser.add_argument("--checkpoint", help=f"run folder (its best.pt, else latest.pt) or checkpoint file (default: the run "
-                        f"configs/{DEFAULT_CONFIG} writes); or GPT-2's weights: gpt2, gpt2-medium, "
-                        "gpt2-large, gpt2-xl or a Hugging Face GPT-2 folder")
+    parser.add_argument("--checkpoint", help="run folder (its best.pt, else latest.pt) or checkpoint file "
+                        f"(default: the run configs/{DEFAULT_CONFIG} writes); or GPT-2's weights: gpt2, "
+                        "gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 folder")
     parser.add_argument("--max-new-tokens", type=int, help="tokens to generate per sample")
     parser.add_argument("--temperature", type=float, help="0 is greedy; higher is more random")
     parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0: all)")
