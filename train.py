@@ -1,18 +1,24 @@
-"""Train a GPT: `python train.py --config small.yaml [--section.key=value ...] [--resume | --overwrite]`."""
+"""Train a GPT: `python train.py --config small.yaml [--section.key=value ...] [--resume | --overwrite]`.
+
+On several GPUs (or CPU processes), the same script under torchrun:
+`torchrun --nproc_per_node=N train.py --config small.yaml` (see `gpt.distributed`).
+"""
 
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
 from gpt.checkpoint import BEST_NAME, LATEST_NAME, load_checkpoint, run_checkpoints, save_checkpoint
 from gpt.config import Config, load_config
 from gpt.data import TrainBatches, eval_loader, load_split, prepare
+from gpt.distributed import Distributed, environment_rank, launched_by_torchrun, start
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.model import GPTModel
 from gpt.resume import (
-    StopRequest, best_checkpoint, check_resumable, checkpoint_to_resume, restore_training,
-    seed_everything, training_checkpoint,
+    StopRequest, best_checkpoint, check_resumable, checkpoint_to_resume, rank_seed, restore_training,
+    rng_state, seed_everything, training_checkpoint,
 )
 from gpt.metrics import RunLog
 from gpt.plot import plot_after_training
@@ -25,72 +31,102 @@ def run(cfg: Config, resume: bool, overwrite: bool, resume_command: str) -> int:
     """Prepare the data, build the model, train (or continue) it, save it and print a sample.
 
     Returns the exit code: 0 when the run is complete, 128 + the signal's number when SIGINT
-    or SIGTERM stopped it (after saving).
+    or SIGTERM stopped it (after saving). Under torchrun this is one of the processes.
     """
+    dist, device = start(pick_device(cfg.train.device))
+    try:
+        return train_run(cfg, resume, overwrite, resume_command, dist, device)
+    finally:
+        dist.close()
+
+
+def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, dist: Distributed,
+              device) -> int:
+    say = print if dist.is_main else lambda *args, **kwargs: None  # rank 0 speaks for all
+    dist.check_batch(cfg.train.grad_accum_steps)
     # A pretrained init_from brings its architecture (context_length included) with its weights;
     # resolved first, so a resume compares the architecture it will really build.
     cfg.model = resolve_model_config(cfg.model, cfg.given_keys.get("model", ()))
     out_dir = Path(cfg.train.out_dir)
     resume_from = checkpoint_to_resume(out_dir, resume, overwrite)
-    checkpoint = open_checkpoint(resume_from, cfg) if resume_from is not None else None
-    device = pick_device(cfg.train.device)
+    checkpoint = open_checkpoint(resume_from, cfg, say) if resume_from is not None else None
     setup_device(device)
     seed_everything(cfg.train.seed)
     context = cfg.model.context_length
-    prepared = prepare(cfg.data)
+    prepared = dist.in_turn(lambda: prepare(cfg.data))  # rank 0 writes the token files, the rest read them
     train_set = load_split(prepared, "train", context, cfg.data.stride or context)
     val_set = load_split(prepared, "val", context, context)
     pin = device.type == "cuda"
-    train_batches = TrainBatches(train_set, cfg.data.batch_size, cfg.train.seed,
-                                 cfg.data.num_workers, pin_memory=pin)
+    train_batches = TrainBatches(train_set, cfg.data.batch_size, cfg.train.seed, cfg.data.num_workers,
+                                 pin_memory=pin, rank=dist.rank, world_size=dist.world_size)
     eval_loaders = {
-        "train": eval_loader(train_set, cfg.data.batch_size, cfg.train.eval_iters),
-        "val": eval_loader(val_set, cfg.data.batch_size, cfg.train.eval_iters),
+        split: eval_loader(dataset, cfg.data.batch_size, cfg.train.eval_iters, dist.rank, dist.world_size)
+        for split, dataset in (("train", train_set), ("val", val_set))
     }
 
     # Resuming loads the run's own weights: no need to read GPT-2's again first.
     model = (GPTModel(cfg.model) if checkpoint is not None else build_model(cfg.model)).to(device)
+    seed_everything(rank_seed(cfg.train.seed, dist.rank))  # other dropout masks on each process
     tokens_per_step = cfg.data.batch_size * context * cfg.train.grad_accum_steps
-    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters; device: {device}; "
-          f"{len(train_set):,} train windows; {tokens_per_step:,} tokens per step")
+    processes = f" x {plural(dist.world_size, 'process', 'processes')}" if dist.launched else ""
+    micro_steps = plural(dist.local_accum_steps(cfg.train.grad_accum_steps), "micro-step", "micro-steps")
+    say(f"model: {model.num_parameters() / 1e6:.2f}M parameters; device: {device}{processes}; "
+        f"{len(train_set):,} train windows")
+    say(f"global batch: {cfg.data.batch_size} windows x {micro_steps}{processes} = "
+        f"{tokens_per_step:,} tokens per step")
 
     latest, best = out_dir / LATEST_NAME, out_dir / BEST_NAME
     last_saved = checkpoint["step"] if checkpoint is not None else None  # the last good checkpoint
 
     def save(state: TrainState, optimizer, scaler) -> None:
         nonlocal last_saved
-        save_checkpoint(latest, training_checkpoint(model, optimizer, scaler, state, train_batches, cfg))
-        if state.best_step == state.step:  # evaluated just now, and the best so far
-            save_checkpoint(best, best_checkpoint(model, state, cfg))
+        rank_rngs = dist.gather(rng_state())  # every process takes part; rank 0 writes
+        if dist.is_main:
+            save_checkpoint(latest, training_checkpoint(model, optimizer, scaler, state, train_batches, cfg,
+                                                        rank_rngs))
+            if state.best_step == state.step:  # evaluated just now, and the best so far
+                save_checkpoint(best, best_checkpoint(model, state, cfg))
         last_saved = state.step
 
     def restore(optimizer, scaler) -> TrainState:
         nonlocal checkpoint
-        state = restore_training(checkpoint, resume_from, model, optimizer, scaler, train_batches)
+        state = restore_training(checkpoint, resume_from, model, optimizer, scaler, train_batches,
+                                 cfg.train.seed, dist.rank, dist.world_size)
+        saved_by = checkpoint.get("world_size", 1)
+        if saved_by != dist.world_size:
+            say(f"note: {resume_from} was written by {plural(saved_by, 'process', 'processes')} and continues with "
+                f"{dist.world_size}: the batches and the schedule continue exactly, the dropout masks "
+                "differ from an unbroken run's")
         checkpoint = None  # its tensors are in the model and optimizer now; free the copy
-        print(f"resuming {resume_from} at step {state.step}")
+        say(f"resuming {resume_from} at step {state.step}")
         return state
 
-    try:  # fail now, not at the first checkpoint
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create train.out_dir {out_dir} ({e.strerror}); "
-                        "choose a folder you can write to") from None
-    if overwrite:  # asked for: the new run replaces the old one's checkpoints
-        for old in run_checkpoints(out_dir):
-            old.unlink()
-    log = RunLog(out_dir, cfg.train.tensorboard, fresh=checkpoint is None, tokens_per_step=tokens_per_step)
-    with StopRequest() as stop:
+    if dist.is_main:
+        try:  # fail now, not at the first checkpoint
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create train.out_dir {out_dir} ({e.strerror}); "
+                            "choose a folder you can write to") from None
+        if overwrite:  # asked for: the new run replaces the old one's checkpoints
+            for old in run_checkpoints(out_dir):
+                old.unlink()
+    log = (RunLog(out_dir, cfg.train.tensorboard, fresh=checkpoint is None, tokens_per_step=tokens_per_step)
+           if dist.is_main else None)
+    with StopRequest(quiet=not dist.is_main) as stop:
         try:
             state = train(model, cfg.train, train_batches, eval_loaders, device, save,
-                          restore=restore if checkpoint is not None else None, should_stop=stop, log=log)
+                          restore=restore if checkpoint is not None else None, should_stop=stop, log=log,
+                          dist=dist)
         except NonFiniteLoss as e:
             raise non_finite_error(e, latest, last_saved) from None
         finally:
-            log.close()
-    if stop.signum is not None and state.step < cfg.train.max_iters:
-        print(f"stopped at step {state.step}; saved {latest}; resume with: {resume_command}", flush=True)
-        return 128 + stop.signum
+            if log is not None:
+                log.close()
+    if state.step < cfg.train.max_iters:  # stopped by a signal (here or on another process)
+        say(f"stopped at step {state.step}; saved {latest}; resume with: {resume_command}", flush=True)
+        return 128 + (stop.signum or signal.SIGTERM)
+    if not dist.is_main:
+        return 0
     print(f"saved {latest} (step {state.step}, val loss {state.val_loss:.4f}); best: {best} "
           f"(step {state.best_step}, val loss {state.best_val_loss:.4f})")
     print(plot_after_training(out_dir))
@@ -99,11 +135,15 @@ def run(cfg: Config, resume: bool, overwrite: bool, resume_command: str) -> int:
     return 0
 
 
-def open_checkpoint(path: Path, cfg: Config) -> dict:
+def plural(count: int, word: str, words: str) -> str:
+    return f"{count} {word if count == 1 else words}"
+
+
+def open_checkpoint(path: Path, cfg: Config, say=print) -> dict:
     """The checkpoint to resume, checked against `cfg` before any work; changed settings noted."""
     checkpoint = load_checkpoint(path)
     for change in check_resumable(checkpoint, path, cfg):
-        print(f"note: {change}; continuing with the config's value")
+        say(f"note: {change}; continuing with the config's value")
     return checkpoint
 
 
@@ -118,7 +158,10 @@ def non_finite_error(e: NonFiniteLoss, latest: Path, last_saved: int | None) -> 
 
 
 def resume_command(argv: list[str]) -> str:
-    """The command that continues this run: the same arguments, with --resume for --overwrite."""
+    """The command that continues this run: the same arguments, with --resume for --overwrite.
+
+    Under torchrun: torchrun with as many processes on this machine (another count works too).
+    """
     script = Path(__file__)
     try:  # as the user would type it from where they are
         script = Path(os.path.relpath(script))
@@ -127,7 +170,11 @@ def resume_command(argv: list[str]) -> str:
     args = [arg for arg in argv if arg != "--overwrite"]
     if "--resume" not in args:
         args.append("--resume")
-    return shlex.join(["python", str(script), *args])
+    if not launched_by_torchrun():
+        return shlex.join(["python", str(script), *args])
+    if os.environ["WORLD_SIZE"] != os.environ["LOCAL_WORLD_SIZE"]:  # several machines
+        return "torchrun [this run's torchrun options] " + shlex.join([str(script), *args])
+    return shlex.join(["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}", str(script), *args])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"unknown option {bad[0]}; use --config FILE and --section.key=value overrides")
         return run(load_config(args.config, overrides), args.resume, args.overwrite, resume_command(argv))
 
-    return run_cli(work)
+    # Under torchrun every process reports its own mistakes; all but rank 0 name themselves.
+    return run_cli(work, rank=environment_rank())
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from gpt.downloads import DATA_DIR, fetch_wheel
@@ -374,10 +374,16 @@ class TrainBatches:
 
     `epoch` and `batch_in_epoch` say where the stream is; they are all the state it has, so
     `state_dict` / `load_state_dict` put a resumed run on the very next batch.
+
+    With several training processes (`gpt.distributed`), each one is given `rank` and
+    `world_size`: they all follow the same stream, and batch i of it (counted from where they
+    start) goes to process i mod `world_size`. Together they read what one process would have
+    read, in the same steps, and the position a checkpoint records (that of the whole group)
+    means the same for any number of processes.
     """
 
     def __init__(self, dataset: TokenWindows, batch_size: int, seed: int, num_workers: int = 0,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, rank: int = 0, world_size: int = 1):
         if len(dataset) < batch_size:
             raise UserError(
                 f"the train split has {len(dataset)} windows, fewer than data.batch_size "
@@ -388,11 +394,17 @@ class TrainBatches:
         self.seed = seed
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
         self.batch_in_epoch = 0
 
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.dataset) // self.batch_size  # the last partial batch is dropped
+
     def state_dict(self) -> dict:
-        """Where the stream is: the epoch and the batches of it already yielded."""
+        """Where the stream is: the epoch and the batches of it already yielded (by all processes)."""
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
 
     def load_state_dict(self, state: dict) -> None:
@@ -400,34 +412,47 @@ class TrainBatches:
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
 
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The window indices of `epoch`, shuffled by seed + epoch."""
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        # The order a shuffling DataLoader gives (it draws a worker seed, then the permutation),
+        # so runs repeat those made before batches could be resumed.
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+        return torch.randperm(len(self.dataset), generator=generator)
+
     def __iter__(self):
+        per_epoch, size = self.batches_per_epoch, self.batch_size
+        start = self.epoch * per_epoch + self.batch_in_epoch  # batches of the stream already read
+        mine = start + self.rank  # the stream position of this process's next batch
         while True:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            # The order a shuffling DataLoader gives (it draws a worker seed, then the
-            # permutation), so runs repeat those made before batches could be resumed.
-            torch.empty((), dtype=torch.int64).random_(generator=generator)
-            order = torch.randperm(len(self.dataset), generator=generator)
-            # Skip what this epoch has already given (after a resume); the order is the same.
-            start = self.batch_in_epoch * self.batch_size
-            # The generator also seeds the loader's workers, so the global RNG (dropout's) is
+            epoch, first = divmod(mine, per_epoch)
+            order = self.epoch_order(epoch)
+            positions = range(first, per_epoch, self.world_size)
+            # Its own generator also seeds the loader's workers, so the global RNG (dropout's) is
             # never drawn from here and a resumed run's dropout masks match an unbroken one's.
             loader = DataLoader(
-                self.dataset, batch_size=self.batch_size, sampler=order[start:].tolist(),
-                drop_last=True, generator=generator, num_workers=self.num_workers,
-                pin_memory=self.pin_memory,
+                self.dataset, batch_sampler=[order[j * size:(j + 1) * size].tolist() for j in positions],
+                generator=torch.Generator().manual_seed(self.seed + epoch),
+                num_workers=self.num_workers, pin_memory=self.pin_memory,
             )
-            for batch in loader:
-                self.batch_in_epoch += 1
+            for position, batch in zip(positions, loader):
+                # Once every process has taken its batch of this round, the stream is past it.
+                done = epoch * per_epoch + position - self.rank + self.world_size
+                self.epoch, self.batch_in_epoch = divmod(done, per_epoch)
                 yield batch
-            self.epoch += 1
-            self.batch_in_epoch = 0
+            mine = epoch * per_epoch + positions[-1] + self.world_size
 
 
-def eval_loader(dataset: TokenWindows, batch_size: int, max_batches: int) -> DataLoader:
-    """A fixed, evenly spread subset of at most `max_batches` batches, the same at every eval."""
+def eval_loader(dataset: TokenWindows, batch_size: int, max_batches: int, rank: int = 0,
+                world_size: int = 1) -> DataLoader:
+    """A fixed, evenly spread subset of at most `max_batches` batches, the same at every eval.
+
+    With several processes, batch i goes to process i mod `world_size` (their loss sums are
+    then added up: `gpt.distributed`).
+    """
     count = min(len(dataset), batch_size * max_batches)
     indices = torch.linspace(0, len(dataset) - 1, count).round().long().unique().tolist()
+    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     # Its own generator: a DataLoader without one draws a seed from the global RNG each time it
     # is iterated, and evaluation must not move the RNG that training's dropout uses.
-    return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
-                      generator=torch.Generator())
+    return DataLoader(dataset, batch_sampler=batches[rank::world_size], generator=torch.Generator())

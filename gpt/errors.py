@@ -13,12 +13,15 @@ class UserError(Exception):
     """A problem with the user's input; the message says what is wrong and what to do."""
 
 
-def run_cli(action: Callable[[], int | None]) -> int:
-    """Run a script's work: its own exit code (None is 0), or 2 and one `error:` line, or 130 on Ctrl-C."""
+def run_cli(action: Callable[[], int | None], rank: int = 0) -> int:
+    """Run a script's work: its own exit code (None is 0), or 2 and one `error:` line, or 130 on Ctrl-C.
+
+    `rank` is the process's rank under torchrun: ranks other than 0 name themselves in the line.
+    """
     try:
         return action() or 0
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: [rank {rank}] {e}" if rank else f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

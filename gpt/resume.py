@@ -10,6 +10,13 @@ everything else that decides what happens next:
   on a Mac);
 - the data position (`TrainBatches.state_dict`: the epoch and the batch within it).
 
+With several processes (`gpt.distributed`), rank 0 writes the checkpoint: the weights and the
+optimizer are the same on every process, the data position is the group's, and each process's
+RNG states are gathered (`rng` is rank 0's, `rank_rng` the others'). It resumes with any number
+of processes: with the same number every process gets its own RNGs back (exact), with another
+the batches and the schedule continue exactly but processes other than rank 0 draw new dropout
+masks (`restore_training` says so).
+
 Evaluation draws from no RNG (dropout is off and its loaders have their own generator), so a
 checkpoint taken after it or not makes no difference. On a CPU, a run killed with SIGKILL part
 way and resumed ends with weights bit-identical to one that never stopped
@@ -39,6 +46,7 @@ from gpt.training import TrainState
 
 # What latest.pt holds beyond the weights and config; best.pt (weights only) lacks these.
 RESUME_KEYS = ("optimizer", "scaler", "data", "rng", *(f.name for f in dataclasses.fields(TrainState)))
+RANK_SEED_STRIDE = 1_000_003  # rank r > 0 of a run seeds dropout with seed + r * this (`rank_seed`)
 
 
 # --------------------------------------------------------------------------- RNG states
@@ -48,6 +56,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of process `rank`'s RNGs (dropout masks) when a run starts, or resumes at `step`
+    with another number of processes; rank 0's is the run's own, so one process is unaffected."""
+    return seed + rank * RANK_SEED_STRIDE + step if rank else seed
 
 
 def rng_state() -> dict:
@@ -84,8 +98,12 @@ def set_rng_state(state: dict) -> None:
 
 def training_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         scaler: torch.amp.GradScaler | None, state: TrainState, batches: TrainBatches,
-                        cfg: Config) -> dict:
-    """What latest.pt holds: everything an exact resume needs."""
+                        cfg: Config, rank_rngs: list[dict] | None = None) -> dict:
+    """What latest.pt holds: everything an exact resume needs.
+
+    `rank_rngs` holds every process's `rng_state()` in rank order (default: this process's).
+    """
+    rank_rngs = rank_rngs or [rng_state()]
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -93,7 +111,9 @@ def training_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer
         "config": config_to_dict(cfg),
         **dataclasses.asdict(state),
         "data": batches.state_dict(),
-        "rng": rng_state(),
+        "rng": rank_rngs[0],
+        "rank_rng": rank_rngs[1:],  # ranks 1, 2, ... of a run with several processes
+        "world_size": len(rank_rngs),
     }
 
 
@@ -145,8 +165,13 @@ def check_resumable(checkpoint: dict, path: Path, cfg: Config) -> list[str]:
 
 
 def restore_training(checkpoint: dict, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler | None, batches: TrainBatches) -> TrainState:
-    """Load a latest.pt into the run's objects (RNGs last) and return the loop state to continue."""
+                     scaler: torch.amp.GradScaler | None, batches: TrainBatches, seed: int = 0,
+                     rank: int = 0, world_size: int = 1) -> TrainState:
+    """Load a latest.pt into the run's objects (RNGs last) and return the loop state to continue.
+
+    Process `rank` of `world_size` gets its own saved RNGs when the checkpoint was written by as
+    many processes; otherwise (rank > 0 only) new ones, seeded by `rank_seed`.
+    """
     load_weights(model, checkpoint["model"], path)
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -154,7 +179,12 @@ def restore_training(checkpoint: dict, path: Path, model: torch.nn.Module, optim
             scaler.load_state_dict(checkpoint["scaler"])
         batches.load_state_dict(checkpoint["data"])
         state = TrainState(**{f.name: checkpoint[f.name] for f in dataclasses.fields(TrainState)})
-        set_rng_state(checkpoint["rng"])
+        if rank == 0:
+            set_rng_state(checkpoint["rng"])
+        elif checkpoint.get("world_size", 1) == world_size:
+            set_rng_state(checkpoint["rank_rng"][rank - 1])
+        else:
+            seed_everything(rank_seed(seed, rank, state.step))
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"{path} is damaged: its training state cannot be restored ({reason[:200]}); "
@@ -168,10 +198,12 @@ class StopRequest:
     """While active, SIGINT and SIGTERM ask the loop to stop after its step; a second one stops now.
 
     Use as a context manager; calling it says whether a stop was asked for, and `signum` which
-    signal asked.
+    signal asked. `quiet` leaves the "finishing this step" line to another process (torchrun
+    sends the signal to every one).
     """
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
         self.signum: int | None = None
         self._previous: dict = {}
         self._pid = os.getpid()
@@ -196,5 +228,6 @@ class StopRequest:
         if self.signum is not None:
             raise KeyboardInterrupt  # asked twice: stop at once; latest.pt is still whole
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step and saving "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        if not self.quiet:
+            print(f"\n{signal.Signals(signum).name}: finishing this step and saving "
+                  "(send it again to stop at once)", file=sys.stderr, flush=True)

@@ -31,9 +31,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from gpt.distributed import SINGLE, Distributed
 from gpt.errors import UserError
 
 
@@ -52,7 +54,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
-    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    grad_accum_steps: int = 1  # micro-batches per optimizer step, over all processes together
     seed: int = 1337
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     dtype: str = "auto"  # auto, float32, bfloat16 or float16 (autocast; see pick_dtype)
@@ -230,8 +232,11 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
-             precision: Precision | None = None) -> float:
-    """Mean loss over `loader` in eval mode (dropout off); restores the previous mode."""
+             precision: Precision | None = None, dist: Distributed = SINGLE) -> float:
+    """Mean loss over `loader` in eval mode (dropout off); restores the previous mode.
+
+    With several processes, each evaluates its share of the batches and the mean is over all.
+    """
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), 0
@@ -241,7 +246,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
         total += loss.float() * len(inputs)  # on the device: one sync at the end
         count += len(inputs)
     model.train(was_training)
-    return total.item() / count
+    total, count = dist.sum(torch.stack([total, torch.tensor(float(count), device=device)])).tolist()
+    return total / count
 
 
 @dataclass
@@ -274,6 +280,12 @@ def _stop_if_not_finite(value: float, what: str, step: int, progress: tqdm) -> N
         raise NonFiniteLoss(what, value, step)
 
 
+def gradient_sync_skipped(model: nn.Module) -> contextlib.AbstractContextManager:
+    """DDP's `no_sync()` (gradients accumulate locally, not exchanged), or nothing without DDP."""
+    ddp = getattr(model, "_orig_mod", model)  # inside torch.compile's wrapper
+    return ddp.no_sync() if isinstance(ddp, DistributedDataParallel) else contextlib.nullcontext()
+
+
 def train_step(
     model: nn.Module,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
@@ -282,23 +294,31 @@ def train_step(
     cfg: TrainConfig,
     device: torch.device,
     step: int = 0,
+    dist: Distributed = SINGLE,
 ) -> tuple[float, int]:
     """One optimizer step over `cfg.grad_accum_steps` micro-batches -> (mean loss, tokens seen).
 
-    Raises `NonFiniteLoss` (naming `step`, counted from 1) before updating anything if the
-    loss is NaN or infinite.
+    With several processes, each runs its share of the micro-batches (`model` is in DDP) and
+    the loss and token count are those of all of them. Raises `NonFiniteLoss` (naming `step`,
+    counted from 1) before updating anything if the loss is NaN or infinite.
     """
+    micro_steps = dist.local_accum_steps(cfg.grad_accum_steps)
     loss_sum, tokens = torch.zeros((), device=device), 0
-    for _ in range(cfg.grad_accum_steps):
+    for micro_step in range(micro_steps):
         inputs, targets = next(batches)
         inputs, targets = to_device(inputs, device), to_device(targets, device)
-        with precision.autocast():
-            # Divide so the accumulated gradient is the mean over all micro-batches.
-            loss = calc_loss_batch(model, inputs, targets) / cfg.grad_accum_steps
-        precision.scaler.scale(loss).backward()
+        # Exchange gradients once, in the last micro-step's backward, not in every one.
+        last = micro_step == micro_steps - 1
+        with contextlib.nullcontext() if last else gradient_sync_skipped(model):
+            with precision.autocast():
+                # Divide so the accumulated gradient is the mean over the micro-batches (DDP
+                # then averages over processes: the mean over all of them).
+                loss = calc_loss_batch(model, inputs, targets) / micro_steps
+            precision.scaler.scale(loss).backward()
         loss_sum += loss.detach()  # summed on the device: no GPU sync per micro-batch
         tokens += inputs.numel()
-    loss_value = loss_sum.item()  # the step's one sync
+    loss_value = dist.sum(loss_sum).item() / dist.world_size  # the step's one sync
+    tokens *= dist.world_size
     if not math.isfinite(loss_value):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLoss("loss", loss_value, step)
@@ -322,6 +342,7 @@ def train(
     precision: Precision | None = None,
     should_stop: Callable[[], bool] | None = None,
     log: Callable[[dict], None] | None = None,
+    dist: Distributed = SINGLE,
 ) -> TrainState:
     """Train up to step `cfg.max_iters`; evaluate and `save(state, optimizer, scaler)` on schedule.
 
@@ -330,38 +351,41 @@ def train(
     objects and returns the state to continue from. `should_stop()` is asked after every step:
     when true, the run saves and returns early (`state.step < cfg.max_iters`). `precision`
     defaults to what `cfg.dtype` picks; its GradScaler (None unless fp16) is handed to `save`
-    and `restore`. `model` is trained in place (through a compiled wrapper if `cfg.compile`
-    says so).
-    `log`, if given, gets each evaluation's metrics as a dict.
+    and `restore`. `model` is trained in place (through DistributedDataParallel when `dist`
+    has several processes, and a compiled wrapper if `cfg.compile` says so).
+    `log`, if given, gets each evaluation's metrics as a dict. Only `dist`'s main process
+    prints; every process calls `save` (rank 0 writes).
     """
     optimizer = build_optimizer(model, cfg, device)
     precision = precision or Precision(pick_dtype(cfg.dtype, device), device)
     scaler = precision.scaler if precision.scaler.is_enabled() else None
     state = restore(optimizer, scaler) if restore is not None else TrainState()
     batches = iter(train_batches)  # after restore: it continues from the restored position
-    net = compile_model(model, cfg.compile, device)  # shares its parameters with `model`
+    # DDP first, then compile (PyTorch's advice); both share their parameters with `model`.
+    ddp = dist.wrap(model, device)
+    net = compile_model(ddp, cfg.compile, device)
     compiled_once = False
     model.train()  # dropout active for the steps
     rate = None  # tokens/s, smoothed
-    progress = tqdm(total=cfg.max_iters, initial=state.step, desc="training", unit="step", disable=None,
-                    dynamic_ncols=True)
+    progress = tqdm(total=cfg.max_iters, initial=state.step, desc="training", unit="step",
+                    disable=None if dist.is_main else True, dynamic_ncols=True)
     while state.step < cfg.max_iters:
         started = time.perf_counter()
         lr = learning_rate(state.step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_args = (batches, optimizer, precision, cfg, device, state.step + 1)
+        step_args = (batches, optimizer, precision, cfg, device, state.step + 1, dist)
         try:
             loss_sum, tokens = train_step(net, *step_args)
         except NonFiniteLoss:
             progress.close()
             raise
         except Exception as e:
-            if net is model or compiled_once:  # not a failure to compile: a real error
+            if net is ddp or compiled_once:  # not a failure to compile: a real error
                 raise
             # Compilation happens at the first call; if it fails, carry on without it.
             warn_compile_failed(e)
-            net = model
+            net = ddp
             optimizer.zero_grad(set_to_none=True)
             loss_sum, tokens = train_step(net, *step_args)
         compiled_once = True
@@ -374,21 +398,23 @@ def train(
 
         evaluated = state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters
         if evaluated:
-            state.train_loss = evaluate(net, eval_loaders["train"], device, precision)
-            state.val_loss = evaluate(net, eval_loaders["val"], device, precision)
+            state.train_loss = evaluate(net, eval_loaders["train"], device, precision, dist)
+            state.val_loss = evaluate(net, eval_loaders["val"], device, precision, dist)
             _stop_if_not_finite(state.train_loss, "train loss", state.step, progress)
             _stop_if_not_finite(state.val_loss, "val loss", state.step, progress)
             if state.val_loss < state.best_val_loss:
                 state.best_val_loss, state.best_step = state.val_loss, state.step
-            progress.write(
-                f"step {state.step}: train loss {state.train_loss:.4f} "
-                f"(ppl {math.exp(min(state.train_loss, 50)):.1f}), val loss {state.val_loss:.4f} "
-                f"(ppl {math.exp(min(state.val_loss, 50)):.1f}), {rate:,.0f} tokens/s"
-            )
+            if dist.is_main:
+                progress.write(
+                    f"step {state.step}: train loss {state.train_loss:.4f} "
+                    f"(ppl {math.exp(min(state.train_loss, 50)):.1f}), val loss {state.val_loss:.4f} "
+                    f"(ppl {math.exp(min(state.val_loss, 50)):.1f}), {rate:,.0f} tokens/s"
+                )
             if log is not None:
                 log({"step": state.step, "train_loss": state.train_loss, "val_loss": state.val_loss,
                      "lr": lr, "tokens_per_s": rate})
-        stopping = should_stop is not None and should_stop()
+        # Every process stops at the same step, whichever of them was asked.
+        stopping = should_stop is not None and dist.any(should_stop(), device)
         if evaluated or stopping:
             if not weights_are_finite(model):  # a NaN model never replaces a good checkpoint
                 _stop_if_not_finite(math.nan, "a weight", state.step, progress)

@@ -1,0 +1,236 @@
+"""Data-parallel training: N processes under torchrun train exactly as one process does.
+
+The end-to-end tests start real `torchrun` runs of train.py with two gloo (CPU) processes and
+compare them with plain `python train.py` runs of the same config: losses, weights, the data
+position, resuming with another number of processes, stopping with a signal. The unit tests
+check the pieces: how batches are dealt out, and that DDP exchanges gradients once per step.
+"""
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as torch_dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+from gpt.data import TokenWindows, TrainBatches, eval_loader
+from gpt.distributed import Distributed
+from gpt.errors import UserError
+from gpt.model import GPTModel
+from gpt.training import Precision, TrainConfig, build_optimizer, evaluate, train_step
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
+TOLERANCE = 1e-5  # fp32: the two runs add the same numbers in another order
+
+
+# --------------------------------------------------------------------------- dealing out batches
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("rounds_before", [0, 1, 3, 5])  # 7 batches an epoch: rounds straddle epochs
+def test_processes_read_the_single_process_stream_between_them(world_size, rounds_before):
+    ds = TokenWindows(np.arange(200, dtype=np.uint16), max_length=4, stride=4)  # 49 windows, 7 batches
+    single = TrainBatches(ds, 7, seed=3)
+    stream = iter(single)
+    states = []  # the single process's position after each batch
+    expected = []
+    for _ in range((rounds_before + 6) * world_size):
+        expected.append(next(stream)[0])
+        states.append(single.state_dict())
+    ranks = [TrainBatches(ds, 7, seed=3, rank=rank, world_size=world_size) for rank in range(world_size)]
+    for batches in ranks:  # all start where the single process was after rounds_before rounds
+        if rounds_before:
+            batches.load_state_dict(states[rounds_before * world_size - 1])
+    iterators = [iter(batches) for batches in ranks]
+    for round_ in range(rounds_before, rounds_before + 6):
+        for rank, it in enumerate(iterators):
+            assert torch.equal(next(it)[0], expected[round_ * world_size + rank]), (round_, rank)
+        # The position rank 0 would save is the group's: where the single process is now.
+        assert ranks[0].state_dict() == states[(round_ + 1) * world_size - 1]
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 5])
+def test_evaluation_batches_are_dealt_out_without_overlap_or_gaps(world_size):
+    ds = TokenWindows(np.arange(1000, dtype=np.uint16), max_length=4, stride=4)
+    single = [x for x, _ in eval_loader(ds, batch_size=5, max_batches=4)]
+    shares = [[x for x, _ in eval_loader(ds, 5, 4, rank, world_size)] for rank in range(world_size)]
+    dealt = [shares[i % world_size][i // world_size] for i in range(len(single))]
+    assert sum(map(len, shares)) == len(single) == 4  # a fifth process gets none: allowed
+    assert all(torch.equal(a, b) for a, b in zip(single, dealt))
+
+
+def test_a_global_batch_that_cannot_be_split_is_a_clear_error():
+    four = Distributed(world_size=4)
+    four.check_batch(8)
+    assert four.local_accum_steps(8) == 2
+    with pytest.raises(UserError, match=r"grad_accum_steps is 6, which 4 processes cannot share evenly.*"
+                                        r"--train.grad_accum_steps=8"):
+        four.check_batch(6)
+    Distributed().check_batch(3)  # one process takes any
+
+
+# --------------------------------------------------------------------------- DDP, in one process
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A gloo process group of this one process (what `torchrun --nproc_per_node=1` gives)."""
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                                  world_size=1)
+    yield Distributed(launched=True)
+    torch_dist.destroy_process_group()
+
+
+def test_gradients_are_exchanged_once_per_step_however_many_micro_steps(process_group, tiny_cfg):
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg)
+    ddp = process_group.wrap(model, CPU)
+    exchanges = []
+
+    def counting_allreduce(state, bucket):
+        exchanges.append(bucket.index())
+        return allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, counting_allreduce)
+    windows = torch.randint(0, tiny_cfg.vocab_size, (64, 2, 8))
+    batches = iter([(w[:, :7], w[:, 1:]) for w in windows.unbind(1)] * 8)
+    optimizer = build_optimizer(model, TrainConfig(), CPU)
+    precision = Precision(torch.float32, CPU)
+
+    train_step(ddp, batches, optimizer, precision, TrainConfig(grad_accum_steps=1), CPU, dist=process_group)
+    per_step = len(exchanges)
+    assert per_step >= 1
+    train_step(ddp, batches, optimizer, precision, TrainConfig(grad_accum_steps=4), CPU, dist=process_group)
+    assert len(exchanges) == 2 * per_step  # not 5x: the first three micro-steps skip the exchange
+
+
+def test_evaluation_and_stop_requests_go_through_the_group(process_group, tiny_model):
+    ds = TokenWindows(np.arange(300, dtype=np.uint16) % 101, max_length=8, stride=8)
+    loader = eval_loader(ds, 4, 3)
+    assert evaluate(tiny_model, loader, CPU, dist=process_group) == pytest.approx(evaluate(tiny_model, loader, CPU))
+    assert process_group.any(True, CPU) and not process_group.any(False, CPU)
+    assert process_group.gather({"rank": 0}) == [{"rank": 0}]
+
+
+# --------------------------------------------------------------------------- torchrun end to end
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def run_args(tmp_path_factory) -> list[str]:
+    """A tiny run, 4 micro-batches of 2 per step, without dropout (so runs can match), at a
+    constant learning rate (so a run may stop at step 3 and be resumed to 6)."""
+    folder = tmp_path_factory.mktemp("corpus")
+    corpus = folder / "lines.txt"
+    corpus.write_text("\n".join(f"Line {i}: the quick brown fox, number {i * 7 % 13}, jumps over the dog."
+                                for i in range(60)), encoding="utf-8")
+    return ["--config", "tiny.yaml", f"--data.corpus={corpus}", f"--data.prepared_dir={folder / 'prepared'}",
+            "--model.context_length=16", "--model.drop_rate=0", "--data.batch_size=2",
+            "--train.grad_accum_steps=4", "--train.eval_interval=1", "--train.warmup_iters=0",
+            "--train.learning_rate=1e-3", "--train.min_lr=1e-3", "--sample.max_new_tokens=1"]
+
+
+def command(processes: int, args: list[str]) -> list[str]:
+    """`python train.py ARGS` for one process, `torchrun --nproc_per_node=N train.py ARGS` for more."""
+    script = str(ROOT / "train.py")
+    if processes == 1:
+        return [sys.executable, "-u", script, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            script, *args]
+
+
+def start(processes: int, args: list[str], cwd: Path) -> subprocess.Popen:
+    # One thread each: these models are fastest so on a shared CPU (any fixed count is exact).
+    return subprocess.Popen(command(processes, args), cwd=cwd, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                         "PYTHONUNBUFFERED": "1"})
+
+
+def train_run(processes: int, args: list[str], cwd: Path) -> str:
+    """Run to the end; its standard output."""
+    out, err = start(processes, args, cwd).communicate(timeout=300)
+    assert "stopped at" not in out and "saved " in out, out + err
+    return out
+
+
+def losses(out_dir: Path) -> np.ndarray:
+    """(steps, 2): the train and val loss of every evaluation in metrics.csv."""
+    rows = (out_dir / "metrics.csv").read_text().splitlines()[1:]
+    return np.array([[float(v) for v in row.split(",")[2:4]] for row in rows])
+
+
+def largest_difference(a: Path, b: Path) -> float:
+    """The largest difference between two checkpoints' weights (which must cover the same steps)."""
+    first, second = (torch.load(p / "latest.pt", weights_only=True) for p in (a, b))
+    assert first["step"] == second["step"] and first["data"] == second["data"]
+    return max((first["model"][k] - second["model"][k]).abs().max().item() for k in first["model"])
+
+
+@pytest.fixture(scope="module")
+def one_process(run_args, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one")
+    train_run(1, [*run_args, f"--train.max_iters={STEPS}", f"--train.out_dir={out}"], out)
+    return out
+
+
+def test_two_processes_train_exactly_like_one(run_args, one_process, tmp_path):
+    out = tmp_path / "two"
+    printed = train_run(2, [*run_args, f"--train.max_iters={STEPS}", f"--train.out_dir={out}"], tmp_path)
+    assert "global batch: 2 windows x 2 micro-steps x 2 processes = 128 tokens per step" in printed
+    assert printed.count("step 1: train loss") == 1  # rank 0 alone reports
+    two, one = losses(out), losses(one_process)
+    assert two.shape == one.shape == (STEPS, 2)
+    assert np.abs(two - one).max() < TOLERANCE
+    assert one[-1, 0] < one[0, 0] - 0.1  # it did learn: the comparison is not of two idle runs
+    assert largest_difference(out, one_process) < TOLERANCE
+    checkpoint = torch.load(out / "latest.pt", weights_only=True)
+    assert checkpoint["world_size"] == 2 and len(checkpoint["rank_rng"]) == 1
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
+
+    # Sampling from it needs no processes, no DDP.
+    sample = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(out),
+                             "--max-new-tokens", "3", "Line 3"], capture_output=True, text=True, timeout=120)
+    assert sample.returncode == 0 and sample.stdout.startswith("Line 3"), sample.stderr
+
+
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_a_run_resumes_with_another_number_of_processes(run_args, one_process, tmp_path, first, then):
+    args = [*run_args, f"--train.out_dir={tmp_path}"]
+    train_run(first, [*args, f"--train.max_iters={STEPS // 2}"], tmp_path)
+    printed = train_run(then, [*args, f"--train.max_iters={STEPS}", "--resume"], tmp_path)
+    assert f"written by {first} process" in printed and f"continues with {then}" in printed
+    assert np.abs(losses(tmp_path) - losses(one_process)).max() < TOLERANCE
+    assert largest_difference(tmp_path, one_process) < TOLERANCE
+
+
+def test_ctrl_c_stops_every_process_at_one_step_and_saves(run_args, one_process, tmp_path):
+    out = tmp_path / "run"
+    proc = start(2, [*run_args, "--train.max_iters=100000", "--train.eval_interval=5",
+                     f"--train.out_dir={out}"], tmp_path)
+    for line in proc.stdout:  # rank 0's output: training under way
+        if line.startswith("step 5:"):
+            break
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C does: torchrun passes it to both processes
+    out_text, err = proc.communicate(timeout=120)
+    stopped = [line for line in out_text.splitlines() if line.startswith("stopped at step ")]
+    assert len(stopped) == 1, out_text + err
+    step = int(stopped[0].split()[3].rstrip(";"))
+    assert torch.load(out / "latest.pt", weights_only=True)["step"] == step
+    resume = shlex.split(stopped[0].split("resume with: ", 1)[1])
+    assert resume[:2] == ["torchrun", "--nproc_per_node=2"] and resume[-1] == "--resume"
+
+
+def test_two_processes_with_dropout_resume_bit_identical(run_args, tmp_path):
+    """Each process's dropout RNG is saved (rank 0 gathers them) and given back to it on resume."""
+    args = [*run_args, "--model.drop_rate=0.1"]
+    unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
+    train_run(2, [*args, f"--train.max_iters={STEPS}", f"--train.out_dir={unbroken}"], tmp_path)
+    train_run(2, [*args, f"--train.max_iters={STEPS // 2}", f"--train.out_dir={broken}"], tmp_path)
+    train_run(2, [*args, f"--train.max_iters={STEPS}", f"--train.out_dir={broken}", "--resume"], tmp_path)
+    assert largest_difference(unbroken, broken) == 0.0
