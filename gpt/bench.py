@@ -3,7 +3,9 @@
 Every figure is measured against a baseline in the same run, because absolute speed on a shared
 machine drifts: the baseline is the plain path (explicit attention, float32, no compile,
 per-tensor AdamW, vocabulary not padded), the default is what `train.py` does with the config,
-and `--variants` adds others (each with the config's other settings and fused AdamW). Variants are
+and `--variants` adds others (each with the config's other settings and fused AdamW); `--ddp` adds
+the default path inside DistributedDataParallel in a group of one process, which is what the
+wrapper costs a multi-GPU run beyond the gradient exchange itself. Variants are
 timed in turns (round-robin, `--rounds` times) and the median is reported, so a slow spell on
 the machine hits all of them alike.
 
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from gpt.config import Config, load_config
+from gpt.distributed import SINGLE, Distributed, single_process_group
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.model import GPTModel, ModelConfig
 from gpt.sampling import generate
@@ -64,6 +67,7 @@ class Variant:
     compile: bool | str
     fused_adamw: bool = True
     vocab_pad_multiple: int | None = None  # None: the config's
+    ddp: bool = False  # inside DistributedDataParallel (needs a process group)
 
 
 def parse_variant(text: str) -> Variant:
@@ -124,7 +128,10 @@ class TrainBench:
         self.train_cfg = dataclasses.replace(cfg.train, dtype=variant.dtype, compile=variant.compile)
         torch.manual_seed(cfg.train.seed)
         self.model = GPTModel(model_cfg).to(device).train()
-        self.net = compile_model(self.model, variant.compile, device)
+        self.dist = Distributed(launched=True) if variant.ddp else SINGLE
+        wrapped = self.dist.wrap(self.model, device)
+        self.net = compile_model(wrapped, variant.compile, device)
+        self.compiled = self.net is not wrapped
         self.optimizer = build_optimizer(self.model, self.train_cfg, device, fused=variant.fused_adamw)
         self.dtype = pick_dtype(variant.dtype, device)
         self.precision = Precision(self.dtype, device)
@@ -141,7 +148,8 @@ class TrainBench:
         synchronize(self.device)
         started = time.perf_counter()
         for _ in range(count):
-            train_step(self.net, batches, self.optimizer, self.precision, self.train_cfg, self.device)
+            train_step(self.net, batches, self.optimizer, self.precision, self.train_cfg, self.device,
+                       dist=self.dist)
         synchronize(self.device)
         return (time.perf_counter() - started) / count
 
@@ -161,7 +169,7 @@ def bench_training(cfg: Config, device: torch.device, variants: list[Variant], s
         started = time.perf_counter()
         bench.steps(warmup)  # allocations, autotuning and compilation happen here
         print(f"  {variant.name}: set up and warmed up in {time.perf_counter() - started:.1f} s "
-              f"({bench.dtype}, compile {'on' if bench.net is not bench.model else 'off'})", flush=True)
+              f"({bench.dtype}, compile {'on' if bench.compiled else 'off'})", flush=True)
         benches.append(bench)
     for _ in range(rounds):
         for bench in benches:
@@ -229,6 +237,10 @@ def report(cfg: Config, device: torch.device, benches: list[TrainBench]) -> None
             notes.append(source)
     for note in notes:
         print(f"  peak: {note}")
+    in_ddp = [bench for bench in benches if bench.variant.ddp]
+    if in_ddp:  # benches[1] is the default path, the same variant without the wrapper
+        ratio = statistics.median(benches[1].times) / statistics.median(in_ddp[0].times)
+        print(f"  DDP wrapper: the default path inside DDP runs at {ratio:.3f}x its speed without it")
     if device.type == "cpu":
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
         print(f"  peak memory (whole process, all variants): {rss:.2f} GiB resident")
@@ -244,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant, taken in turns")
     parser.add_argument("--variants", default="",
                         help="extra comma-separated IMPL:DTYPE:COMPILE variants, e.g. sdpa:float32:off")
+    parser.add_argument("--ddp", action="store_true",
+                        help="also time the default path inside DistributedDataParallel (one process)")
     parser.add_argument("--sample-tokens", type=int, default=200, help="new tokens per sampling run (0: skip)")
     parser.add_argument("--prompt-tokens", type=int, default=8, help="prompt length for the sampling runs")
     parser.add_argument("--device", default="auto", help="auto, cpu, mps or cuda[:N]")
@@ -260,11 +274,17 @@ def main(argv: list[str] | None = None) -> int:
                     Variant(f"default ({cfg.model.attn_impl} {cfg.train.dtype} compile={cfg.train.compile})",
                             cfg.model.attn_impl, cfg.train.dtype, cfg.train.compile)]
         variants += [parse_variant(v) for v in args.variants.split(",") if v]
+        if args.ddp:
+            variants.append(dataclasses.replace(variants[1], name="default in DDP (1 process)", ddp=True))
         m = cfg.model
         print(f"device: {device}; torch {torch.__version__}; {torch.get_num_threads()} threads")
         print(f"model: {m.n_layers} layers, {m.n_heads} heads, {m.emb_dim} wide, context {m.context_length}; "
               f"batch {cfg.data.batch_size} x {cfg.train.grad_accum_steps} accumulation")
-        benches = bench_training(cfg, device, variants, args.steps, args.warmup, args.rounds)
+        group = single_process_group(device) if args.ddp else SINGLE
+        try:
+            benches = bench_training(cfg, device, variants, args.steps, args.warmup, args.rounds)
+        finally:
+            group.close()
         report(cfg, device, benches)
         if args.sample_tokens:
             rates = bench_sampling(cfg, device, args.sample_tokens, args.prompt_tokens, args.rounds)

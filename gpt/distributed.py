@@ -173,3 +173,11 @@ def start(device: torch.device) -> tuple[Distributed, torch.device]:
                         "supports cuda and cpu); run python train.py for one process, or set train.device: cpu")
     dist.init_process_group(backend, timeout=TIMEOUT, device_id=device if backend == "nccl" else None)
     return place, device
+
+
+def single_process_group(device: torch.device) -> Distributed:
+    """A process group of this process alone, for timing what DDP itself costs (`gpt.bench --ddp`)."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=device if backend == "nccl" else None)
+    return Distributed(launched=True)

@@ -32,14 +32,15 @@ def test_gpu_peak_table(name, dtype, peak, monkeypatch):
 
 def test_bench_runs_and_reports_against_the_baseline(capsys):
     code = bench.main(["--config", "tiny.yaml", "--steps", "1", "--warmup", "0", "--rounds", "2",
-                       "--sample-tokens", "5", "--variants", "sdpa:float32:off"])
+                       "--sample-tokens", "5", "--variants", "sdpa:float32:off", "--ddp"])
     out = capsys.readouterr().out
     assert code == 0
     rows = {line.strip().split("  ")[0]: line for line in out.splitlines() if line.endswith("x")}
-    assert set(rows) >= {"baseline (plain path)", "sdpa:float32:off", "speed-up:"}
+    assert set(rows) >= {"baseline (plain path)", "sdpa:float32:off", "default in DDP (1 process)", "speed-up:"}
     assert rows["baseline (plain path)"].endswith(" 1.00x")
     assert "MFU" in out and "%" in rows["sdpa:float32:off"]  # a measured CPU peak gives an MFU
     assert "kv cache:" in out and "recompute:" in out
+    assert "DDP wrapper: the default path inside DDP runs at " in out
 
 
 def test_bench_bad_variant_is_one_line_error(capsys):
