@@ -10,6 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
+import torch
+
 from gpt.checkpoint import BEST_NAME, LATEST_NAME, load_checkpoint, run_checkpoints, save_checkpoint
 from gpt.config import Config, load_config
 from gpt.data import TrainBatches, eval_loader, load_split, prepare
@@ -41,7 +43,8 @@ def run(cfg: Config, resume: bool, overwrite: bool, resume_command: str) -> int:
 
 
 def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, dist: Distributed,
-              device) -> int:
+              device: torch.device) -> int:
+    """`run`'s work, as process `dist.rank` of `dist.world_size` (rank 0 of 1 without torchrun)."""
     say = print if dist.is_main else lambda *args, **kwargs: None  # rank 0 speaks for all
     dist.check_batch(cfg.train.grad_accum_steps)
     # A pretrained init_from brings its architecture (context_length included) with its weights;
@@ -66,7 +69,8 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
 
     # Resuming loads the run's own weights: no need to read GPT-2's again first.
     model = (GPTModel(cfg.model) if checkpoint is not None else build_model(cfg.model)).to(device)
-    seed_everything(rank_seed(cfg.train.seed, dist.rank))  # other dropout masks on each process
+    if dist.rank:  # the same weights everywhere (DDP also copies rank 0's), other dropout masks
+        seed_everything(rank_seed(cfg.train.seed, dist.rank))
     tokens_per_step = cfg.data.batch_size * context * cfg.train.grad_accum_steps
     processes = f" x {plural(dist.world_size, 'process', 'processes')}" if dist.launched else ""
     micro_steps = plural(dist.local_accum_steps(cfg.train.grad_accum_steps), "micro-step", "micro-steps")

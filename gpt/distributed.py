@@ -71,8 +71,8 @@ class Distributed:
             raise UserError(
                 f"train.grad_accum_steps is {grad_accum_steps}, which {self.world_size} processes cannot "
                 f"share evenly (the global batch is data.batch_size x grad_accum_steps, kept the same for "
-                f"any number of processes); set --train.grad_accum_steps={multiple} (and scale "
-                "data.batch_size to keep the batch) or start a number of processes that divides it")
+                f"any number of processes); set --train.grad_accum_steps={multiple} (with a smaller "
+                "data.batch_size to keep the global batch) or start a number of processes that divides it")
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` summed over every process, in place (itself when there is one process)."""

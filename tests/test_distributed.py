@@ -20,7 +20,8 @@ import torch.distributed as torch_dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from gpt.data import TokenWindows, TrainBatches, eval_loader
-from gpt.distributed import Distributed
+from gpt import distributed
+from gpt.distributed import SINGLE, Distributed
 from gpt.errors import UserError
 from gpt.model import GPTModel
 from gpt.training import Precision, TrainConfig, build_optimizer, evaluate, train_step
@@ -73,6 +74,24 @@ def test_a_global_batch_that_cannot_be_split_is_a_clear_error():
                                         r"--train.grad_accum_steps=8"):
         four.check_batch(6)
     Distributed().check_batch(3)  # one process takes any
+
+
+@pytest.mark.parametrize("device, message", [
+    (torch.device("mps"), "train.device mps cannot train with several processes"),
+    (torch.device("cuda", 1), "each process uses the GPU of its LOCAL_RANK; set train.device to auto or cuda"),
+])
+def test_devices_torchrun_cannot_use_are_refused_before_joining(monkeypatch, device, message):
+    for key, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(UserError, match=message):
+        distributed.start(device)
+    assert not torch_dist.is_initialized()
+
+
+def test_without_torchrun_there_is_no_process_group(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    place, device = distributed.start(CPU)
+    assert place == SINGLE and device == CPU and not torch_dist.is_initialized()
 
 
 # --------------------------------------------------------------------------- DDP, in one process
@@ -145,7 +164,7 @@ def command(processes: int, args: list[str]) -> list[str]:
             script, *args]
 
 
-def start(processes: int, args: list[str], cwd: Path) -> subprocess.Popen:
+def launch(processes: int, args: list[str], cwd: Path) -> subprocess.Popen:
     # One thread each: these models are fastest so on a shared CPU (any fixed count is exact).
     return subprocess.Popen(command(processes, args), cwd=cwd, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1",
@@ -154,7 +173,7 @@ def start(processes: int, args: list[str], cwd: Path) -> subprocess.Popen:
 
 def train_run(processes: int, args: list[str], cwd: Path) -> str:
     """Run to the end; its standard output."""
-    out, err = start(processes, args, cwd).communicate(timeout=300)
+    out, err = launch(processes, args, cwd).communicate(timeout=300)
     assert "stopped at" not in out and "saved " in out, out + err
     return out
 
@@ -211,7 +230,7 @@ def test_a_run_resumes_with_another_number_of_processes(run_args, one_process, t
 
 def test_ctrl_c_stops_every_process_at_one_step_and_saves(run_args, one_process, tmp_path):
     out = tmp_path / "run"
-    proc = start(2, [*run_args, "--train.max_iters=100000", "--train.eval_interval=5",
+    proc = launch(2, [*run_args, "--train.max_iters=100000", "--train.eval_interval=5",
                      f"--train.out_dir={out}"], tmp_path)
     for line in proc.stdout:  # rank 0's output: training under way
         if line.startswith("step 5:"):
