@@ -17,6 +17,11 @@ unscales before clipping) when `train.dtype` asks for it or `auto` finds hardwar
 `compile_model` wraps the model in `torch.compile` (falling back, with one warning, if that
 fails); `setup_device` turns on TF32 matmuls on CUDA. The un-compiled module is what gets
 saved, so checkpoints load with or without compile.
+
+Several processes (torchrun): `train`, `train_step` and `evaluate` take a `Distributed`
+(`gpt.distributed`); the model is wrapped in DistributedDataParallel, micro-steps before the
+last skip the gradient exchange, and losses are summed across processes. Without torchrun it is
+`SINGLE` and none of that happens.
 """
 
 import contextlib
