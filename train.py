@@ -189,10 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         allow_abbrev=False,
     )
     parser.add_argument("--config", help="YAML config: a path, or a file name in configs/ (e.g. small.yaml)")
-    start = parser.add_mutually_exclusive_group()
-    start.add_argument("--resume", action="store_true",
+    begin = parser.add_mutually_exclusive_group()
+    begin.add_argument("--resume", action="store_true",
                        help="continue the run in train.out_dir exactly from its latest.pt")
-    start.add_argument("--overwrite", action="store_true",
+    begin.add_argument("--overwrite", action="store_true",
                        help="start afresh even though train.out_dir holds a run (its checkpoints are replaced)")
     args, overrides = parser.parse_known_args(argv)
 

@@ -381,7 +381,7 @@ def train(
             group["lr"] = lr
         step_args = (batches, optimizer, precision, cfg, device, state.step + 1, dist)
         try:
-            loss_sum, tokens = train_step(net, *step_args)
+            step_loss, tokens = train_step(net, *step_args)
         except NonFiniteLoss:
             progress.close()
             raise
@@ -392,13 +392,13 @@ def train(
             warn_compile_failed(e)
             net = ddp
             optimizer.zero_grad(set_to_none=True)
-            loss_sum, tokens = train_step(net, *step_args)
+            step_loss, tokens = train_step(net, *step_args)
         compiled_once = True
         state.step += 1
 
         step_rate = tokens / (time.perf_counter() - started)
         rate = step_rate if rate is None else 0.9 * rate + 0.1 * step_rate
-        progress.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+        progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
         progress.update(1)
 
         evaluated = state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters
