@@ -153,6 +153,12 @@ def check_resumable(checkpoint: dict, path: Path, cfg: Config) -> list[str]:
         raise UserError(f"{path} holds another model than the config asks for "
                         f"({'; '.join(model_changes)}); resume with the checkpoint's model settings, "
                         "or start a new run with --overwrite or another train.out_dir")
+    saved_optimizer = saved_optimizer_name(checkpoint)
+    if saved_optimizer != cfg.train.optimizer:
+        raise UserError(f"{path} was trained with train.optimizer {saved_optimizer} and the config asks for "
+                        f"{cfg.train.optimizer}: its optimizer state cannot carry over; resume with "
+                        f"--train.optimizer={saved_optimizer}, or start a new run with --overwrite or another "
+                        "train.out_dir")
     step = checkpoint["step"]
     if not isinstance(step, int) or step < 0:
         raise UserError(f"{path} is damaged (its step is {step!r}); start again with --overwrite")
@@ -161,7 +167,15 @@ def check_resumable(checkpoint: dict, path: Path, cfg: Config) -> list[str]:
                         f"is {cfg.train.max_iters}; raise it (e.g. --train.max_iters={2 * cfg.train.max_iters}) "
                         "to train further")
     return [change for section in ("model", "data", "train", "sample")
-            for change in config_differences(saved[section], requested[section], section)]
+            for change in config_differences(saved[section], requested[section], section)
+            if not change.startswith("train.optimizer:")]  # checked above, from the state itself
+
+
+def saved_optimizer_name(checkpoint: dict) -> str:
+    """The `train.optimizer` a latest.pt was written by, read from its optimizer state itself
+    (a checkpoint from before Muon existed has no such setting in its config)."""
+    state = checkpoint["optimizer"]
+    return "muon" if isinstance(state, dict) and set(state) == {"muon", "adamw"} else "adamw"
 
 
 def restore_training(checkpoint: dict, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

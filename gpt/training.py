@@ -1,13 +1,13 @@
 """The training loop and the pieces it is made of.
 
-Each piece is a small function taking what it needs: `build_optimizer` (AdamW, weight decay on
-2-D weights only), `learning_rate` (linear warmup, then cosine decay to `min_lr`),
-`calc_loss_batch` (next-token cross-entropy), `evaluate` (mean loss in eval mode, no grad),
-`train_step` (one optimizer step over accumulated micro-batches) and `train`, which ties them
-together with periodic evaluation, a progress bar and checkpoints. Everything a resumed run
-needs (model, optimizer, step, best val loss, data position) is held in named objects rather
-than loop-local variables; the loop knows nothing of files: `save` and `restore` are given to
-it (`gpt.resume` writes them).
+Each piece is a small function taking what it needs: `calc_loss_batch` (next-token
+cross-entropy), `evaluate` (mean loss in eval mode, no grad), `train_step` (one optimizer step
+over accumulated micro-batches) and `train`, which ties them together with periodic
+evaluation, a progress bar and checkpoints. Everything a resumed run needs (model, optimizer,
+step, best val loss, data position) is held in named objects rather than loop-local
+variables; the loop knows nothing of files: `save` and `restore` are given to it
+(`gpt.resume` writes them). The optimizer (AdamW, or Muon with AdamW) and the learning-rate
+schedule come from `gpt.optim`.
 
 A non-finite loss (or, before a save, non-finite weights) stops the run with `NonFiniteLoss`
 before anything is updated or saved, so a NaN model never replaces a good checkpoint.
@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from gpt.distributed import SINGLE, Distributed
 from gpt.errors import UserError
+from gpt.optim import OPTIMIZERS, build_optimizer, cpu_has_native_bf16, set_learning_rate
 
 
 @dataclass
@@ -51,7 +52,8 @@ class TrainConfig:
     out_dir: str = "runs/default"  # checkpoints go to <out_dir>/latest.pt and best.pt
     max_iters: int = 2000  # optimizer steps
     eval_interval: int = 200  # evaluate (and save) every this many steps, and at the end
-    eval_iters: int = 20  # batches per loss estimate
+    eval_iters: int = 20  # batches per periodic loss estimate
+    whole_val_at_end: bool = True  # at the end, the val loss over every window: the figure to compare runs by
     learning_rate: float = 6e-4  # peak, reached after warmup
     min_lr: float = 6e-5  # end of the cosine decay
     warmup_iters: int = 100
@@ -59,6 +61,10 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    optimizer: str = "muon"  # muon (Muon for the blocks' matrices, AdamW for the rest) or adamw: gpt/optim.py
+    muon_lr: float = 0.02  # Muon's peak lr; the schedule scales it like learning_rate
+    muon_momentum: float = 0.95  # Nesterov momentum of Muon's updates
+    muon_weight_decay: float = 0.0  # decoupled, on the matrices Muon updates
     grad_accum_steps: int = 1  # micro-batches per optimizer step, over all processes together
     seed: int = 1337
     device: str = "auto"  # auto picks cuda, then mps, then cpu
@@ -78,6 +84,11 @@ class TrainConfig:
             raise ValueError("train.grad_clip and train.weight_decay must be 0 or more")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"train.dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer must be {' or '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1 or self.muon_weight_decay < 0:
+            raise ValueError("train.muon_lr must be > 0, train.muon_momentum in [0, 1) and "
+                             "train.muon_weight_decay 0 or more")
         if self.compile not in (True, False, "auto"):
             raise ValueError(f"train.compile must be true, false or auto, got {self.compile!r}")
 
@@ -111,14 +122,6 @@ def setup_device(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
     elif device.type == "cpu":
         keep_freed_memory()
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN has native bf16 kernels here (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -190,36 +193,6 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
-                    fused: bool = True) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings, none on biases and LayerNorms.
-
-    Fused (one kernel for the whole update, on CUDA, CPU and MPS) unless `fused` is False or the
-    device has no fused kernel; the result is the same as the per-tensor version.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    options = {"lr": cfg.learning_rate, "betas": (cfg.beta1, cfg.beta2)}
-    if fused:
-        try:
-            return torch.optim.AdamW(groups, fused=True, **options)
-        except RuntimeError:  # no fused kernel for this device or dtype
-            pass
-    return torch.optim.AdamW(groups, **options)
-
-
-def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup (non-zero at step 0) to the peak, then cosine decay to `min_lr`."""
-    if step < cfg.warmup_iters:
-        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
-    decay_steps = max(1, cfg.max_iters - cfg.warmup_iters)
-    progress = min(1.0, (step - cfg.warmup_iters) / decay_steps)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
 def calc_loss_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -376,9 +349,7 @@ def train(
                     disable=None if dist.is_main else True, dynamic_ncols=True)
     while state.step < cfg.max_iters:
         started = time.perf_counter()
-        lr = learning_rate(state.step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_learning_rate(optimizer, state.step, cfg)
         step_args = (batches, optimizer, precision, cfg, device, state.step + 1, dist)
         try:
             step_loss, tokens = train_step(net, *step_args)

@@ -24,7 +24,8 @@ from gpt import distributed
 from gpt.distributed import SINGLE, Distributed
 from gpt.errors import UserError
 from gpt.model import GPTModel
-from gpt.training import Precision, TrainConfig, build_optimizer, evaluate, train_step
+from gpt.optim import build_optimizer
+from gpt.training import Precision, TrainConfig, evaluate, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -193,25 +194,36 @@ def largest_difference(a: Path, b: Path) -> float:
 
 @pytest.fixture(scope="module")
 def one_process(run_args, tmp_path_factory) -> Path:
+    """The single-process run (the default optimizer, Muon)."""
     out = tmp_path_factory.mktemp("one")
     train_run(1, [*run_args, f"--train.max_iters={STEPS}", f"--train.out_dir={out}"], out)
     return out
 
 
-def test_two_processes_train_exactly_like_one(run_args, one_process, tmp_path):
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_two_processes_train_exactly_like_one(run_args, one_process, tmp_path, optimizer):
+    args = [*run_args, f"--train.max_iters={STEPS}", f"--train.optimizer={optimizer}"]
+    if optimizer == "muon":
+        single = one_process
+    else:
+        single = tmp_path / "one"
+        train_run(1, [*args, f"--train.out_dir={single}"], tmp_path)
     out = tmp_path / "two"
-    printed = train_run(2, [*run_args, f"--train.max_iters={STEPS}", f"--train.out_dir={out}"], tmp_path)
+    printed = train_run(2, [*args, f"--train.out_dir={out}"], tmp_path)
     assert "global batch: 2 windows x 2 micro-steps x 2 processes = 128 tokens per step" in printed
     assert printed.count("step 1: train loss") == 1  # rank 0 alone reports
-    two, one = losses(out), losses(one_process)
+    two, one = losses(out), losses(single)
     assert two.shape == one.shape == (STEPS, 2)
     assert np.abs(two - one).max() < TOLERANCE
     assert one[-1, 0] < one[0, 0] - 0.1  # it did learn: the comparison is not of two idle runs
-    assert largest_difference(out, one_process) < TOLERANCE
+    assert largest_difference(out, single) < TOLERANCE
     checkpoint = torch.load(out / "latest.pt", weights_only=True)
     assert checkpoint["world_size"] == 2 and len(checkpoint["rank_rng"]) == 1
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
+    assert set(checkpoint["optimizer"]) == ({"muon", "adamw"} if optimizer == "muon" else {"state", "param_groups"})
 
+    if optimizer == "adamw":
+        return
     # Sampling from it needs no processes, no DDP.
     sample = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(out),
                              "--max-new-tokens", "3", "Line 3"], capture_output=True, text=True, timeout=120)

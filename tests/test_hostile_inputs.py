@@ -149,6 +149,10 @@ CASES = [
      lambda w: resume(w, w.run, "--model.n_layers=3", "--model.emb_dim=64"),
      r"latest.pt holds another model than the config asks for \(model.emb_dim: checkpoint 32, config 64; "
      r"model.n_layers: checkpoint 2, config 3\); resume with the checkpoint's model settings"),
+    ("--resume with another optimizer", "checkpoint", TRAIN, lambda w: resume(w, w.run, "--train.optimizer=adamw"),
+     r"latest.pt was trained with train.optimizer muon and the config asks for adamw: its optimizer state "
+     r"cannot carry over; resume with --train.optimizer=muon, or start a new run with --overwrite or another "
+     r"train.out_dir"),
     ("--resume a finished run", "checkpoint", TRAIN, lambda w: resume(w, w.run, "--train.max_iters=2"),
      r"the run in .*run is already at step 2 and train.max_iters is 2; raise it \(e.g. "
      r"--train.max_iters=4\) to train further"),

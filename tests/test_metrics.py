@@ -12,7 +12,8 @@ from gpt.data import TokenWindows, TrainBatches, eval_loader
 from gpt.errors import UserError
 from gpt.metrics import COLUMNS, RunLog, append_metrics, read_metrics, start_metrics
 from gpt.model import GPTModel
-from gpt.training import TrainConfig, learning_rate
+from gpt.optim import learning_rate
+from gpt.training import TrainConfig
 from gpt.training import train as train_loop
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

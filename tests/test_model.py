@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from gpt import GPTModel, ModelConfig
-from gpt.training import build_optimizer, calc_loss_batch, TrainConfig
+from gpt.optim import build_optimizer
+from gpt.training import calc_loss_batch, TrainConfig
 
 
 def test_logits_shape_and_padded_vocabulary(tiny_model, tiny_cfg):

@@ -67,12 +67,27 @@ def read_until(proc: subprocess.Popen, start: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(run_args, tmp_path_factory) -> dict:
-    """The final checkpoint of a run that was never stopped."""
-    out = tmp_path_factory.mktemp("unbroken")
-    code, _, err = finish(train_process([*run_args, f"--train.out_dir={out}"], out))
-    assert code == 0, err
-    return torch.load(out / "latest.pt", weights_only=True)
+def references(run_args, tmp_path_factory):
+    """optimizer -> the final checkpoint of a run with that train.optimizer that never stopped."""
+    finished = {}
+
+    def reference(optimizer: str) -> dict:
+        if optimizer not in finished:
+            out = tmp_path_factory.mktemp(f"unbroken-{optimizer}")
+            code, _, err = finish(train_process([*run_args, f"--train.optimizer={optimizer}",
+                                                 f"--train.out_dir={out}"], out))
+            assert code == 0, err
+            finished[optimizer] = torch.load(out / "latest.pt", weights_only=True)
+        return finished[optimizer]
+    return reference
+
+
+def optimizer_tensors(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of an optimizer's state_dict (AdamW's, or Muon's and AdamW's), by path."""
+    if "state" not in state:  # {"muon": ..., "adamw": ...}
+        return {k: v for name, part in state.items() for k, v in optimizer_tensors(part, f"{name}.").items()}
+    return {f"{prefix}{param}.{key}": value for param, values in state["state"].items()
+            for key, value in values.items() if isinstance(value, torch.Tensor)}
 
 
 def assert_same_run(reference: dict, latest: Path) -> None:
@@ -81,14 +96,17 @@ def assert_same_run(reference: dict, latest: Path) -> None:
     assert reference["model"].keys() == resumed["model"].keys()
     for name, tensor in reference["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name  # bit for bit
-    for name, value in reference["optimizer"]["state"].items():
-        assert all(torch.equal(value[k], resumed["optimizer"]["state"][name][k]) for k in value)
+    expected, got = optimizer_tensors(reference["optimizer"]), optimizer_tensors(resumed["optimizer"])
+    assert expected.keys() == got.keys() and len(expected) > 0
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, got[name]), name
     assert resumed["val_loss"] == reference["val_loss"]
 
 
-def test_run_killed_with_sigkill_resumes_bit_identical(run_args, reference, tmp_path):
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_run_killed_with_sigkill_resumes_bit_identical(run_args, references, tmp_path, optimizer):
     out = tmp_path / "run"
-    args = [*run_args, f"--train.out_dir={out}"]
+    args = [*run_args, f"--train.optimizer={optimizer}", f"--train.out_dir={out}"]
     proc = train_process(args, tmp_path)
     read_until(proc, "step 10:")  # two checkpoints in: kill it now, perhaps while it saves
     proc.kill()
@@ -100,7 +118,7 @@ def test_run_killed_with_sigkill_resumes_bit_identical(run_args, reference, tmp_
     code, out_text, err = finish(train_process([*args, "--resume"], tmp_path))
     assert code == 0, err
     assert f"at step {killed_at}\n" in out_text
-    assert_same_run(reference, out / "latest.pt")
+    assert_same_run(references(optimizer), out / "latest.pt")
 
 
 def stop_with(sig: int, proc: subprocess.Popen, out: Path) -> list[str]:
@@ -119,7 +137,7 @@ def stop_with(sig: int, proc: subprocess.Popen, out: Path) -> list[str]:
     return command[2:]
 
 
-def test_sigterm_then_sigint_each_save_print_the_command_and_it_resumes_exactly(run_args, reference, tmp_path):
+def test_sigterm_then_sigint_each_save_print_the_command_and_it_resumes_exactly(run_args, references, tmp_path):
     out = tmp_path / "run"
     proc = train_process([*run_args, f"--train.out_dir={out}", "--overwrite"], tmp_path)
     read_until(proc, "step 5:")  # training (and the signal handlers) under way
@@ -129,7 +147,7 @@ def test_sigterm_then_sigint_each_save_print_the_command_and_it_resumes_exactly(
     args = stop_with(signal.SIGINT, proc, out)
     code, _, err = finish(train_process(args, tmp_path))
     assert code == 0, err
-    assert_same_run(reference, out / "latest.pt")
+    assert_same_run(references("muon"), out / "latest.pt")
 
 
 def test_resume_allows_another_attention_path_but_not_another_model(tmp_path):
@@ -140,10 +158,30 @@ def test_resume_allows_another_attention_path_but_not_another_model(tmp_path):
     from gpt.errors import UserError
     from gpt.resume import RESUME_KEYS, check_resumable
     saved = Config()
-    checkpoint = {key: None for key in RESUME_KEYS} | {"config": config_to_dict(saved), "step": 10}
+    checkpoint = {key: None for key in RESUME_KEYS} | {"config": config_to_dict(saved), "step": 10,
+                                                       "optimizer": {"muon": {}, "adamw": {}}}
     switched = dataclasses.replace(saved, model=dataclasses.replace(saved.model, attn_impl="explicit"))
     notes = check_resumable(checkpoint, tmp_path / "latest.pt", switched)
     assert notes == ["model.attn_impl: checkpoint 'sdpa', config 'explicit'"]
     deeper = dataclasses.replace(saved, model=dataclasses.replace(saved.model, n_layers=7))
     with pytest.raises(UserError, match="model.n_layers: checkpoint 6, config 7"):
         check_resumable(checkpoint, tmp_path / "latest.pt", deeper)
+
+
+def test_resume_refuses_another_optimizer_whatever_the_config_says(tmp_path):
+    """Which optimizer wrote a checkpoint is read from its state (older configs do not name it)."""
+    import dataclasses
+
+    from gpt.config import Config, config_to_dict
+    from gpt.errors import UserError
+    from gpt.resume import RESUME_KEYS, check_resumable
+    muon = Config()
+    adamw = dataclasses.replace(muon, train=dataclasses.replace(muon.train, optimizer="adamw"))
+    old_config = config_to_dict(muon)
+    del old_config["train"]["optimizer"]  # as written before train.optimizer existed (AdamW only)
+    written_by_adamw = {key: None for key in RESUME_KEYS} | {"config": old_config, "step": 10,
+                                                            "optimizer": {"state": {}, "param_groups": []}}
+    assert check_resumable(written_by_adamw, tmp_path / "latest.pt", adamw) == []
+    with pytest.raises(UserError, match=r"trained with train.optimizer adamw and the config asks for muon: .* "
+                                        r"resume with --train.optimizer=adamw"):
+        check_resumable(written_by_adamw, tmp_path / "latest.pt", muon)

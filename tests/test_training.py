@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from gpt import training
+from gpt import optim
 from gpt.data import TokenWindows, TrainBatches, eval_loader
 from gpt.model import GPTModel
+from gpt.optim import build_optimizer, learning_rate
 from gpt.training import (
-    NonFiniteLoss, Precision, TrainConfig, build_optimizer, calc_loss_batch, compile_model, evaluate,
-    learning_rate, pick_dtype, train, train_step,
+    NonFiniteLoss, Precision, TrainConfig, calc_loss_batch, compile_model, evaluate, pick_dtype, train,
+    train_step,
 )
 
 
@@ -26,7 +27,7 @@ def test_learning_rate_schedule():
 
 
 def test_weight_decay_only_on_matrices(tiny_model):
-    opt = build_optimizer(tiny_model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    opt = build_optimizer(tiny_model, TrainConfig(optimizer="adamw", weight_decay=0.1), torch.device("cpu"))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"])
@@ -39,7 +40,7 @@ def test_fused_adamw_on_cpu_matches_the_per_tensor_version(tiny_model, tiny_cfg)
     reference = type(tiny_model)(tiny_cfg)
     reference.load_state_dict(tiny_model.state_dict())
     initial = tiny_model.tok_emb.weight.detach().clone()
-    cfg = TrainConfig(learning_rate=1e-2)
+    cfg = TrainConfig(optimizer="adamw", learning_rate=1e-2)
     fused = build_optimizer(tiny_model, cfg, torch.device("cpu"))
     plain = build_optimizer(reference, cfg, torch.device("cpu"), fused=False)
     assert fused.defaults["fused"] and not plain.defaults["fused"]
@@ -109,7 +110,7 @@ def test_train_loop_lowers_loss_saves_and_repeats_exactly(tiny_cfg):
 
 
 
-def tiny_run(tiny_cfg):
+def tiny_run(tiny_cfg, optimizer="muon"):
     """A tiny model and a function that trains it; `saves` records the steps it saved at."""
     torch.manual_seed(0)
     model = GPTModel(tiny_cfg)
@@ -117,7 +118,8 @@ def tiny_run(tiny_cfg):
     saves = []
 
     def run(max_iters, eval_interval, should_stop=None):
-        cfg = TrainConfig(max_iters=max_iters, eval_interval=eval_interval, eval_iters=1, warmup_iters=0)
+        cfg = TrainConfig(max_iters=max_iters, eval_interval=eval_interval, eval_iters=1, warmup_iters=0,
+                          optimizer=optimizer)
         return train(model, cfg, TrainBatches(ds, 4, seed=1),
                      {"train": eval_loader(ds, 4, 1), "val": eval_loader(ds, 4, 1)}, torch.device("cpu"),
                      lambda state, optimizer, scaler: saves.append(state.step), should_stop=should_stop)
@@ -135,14 +137,16 @@ def test_stop_request_saves_after_the_step_and_returns(tiny_cfg, asks, step, sav
     assert saved == saves
 
 
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 @pytest.mark.parametrize("eval_interval,message,saves", [
     (3, "^loss is nan at step 5$", [3]),  # the step after the bad update
     (2, "^train loss is nan at step 4$", [2]),  # the evaluation right after it
 ])
-def test_non_finite_loss_stops_before_anything_is_saved(tiny_cfg, monkeypatch, eval_interval, message, saves):
-    schedule = training.learning_rate
-    monkeypatch.setattr(training, "learning_rate", lambda step, cfg: math.nan if step == 3 else schedule(step, cfg))
-    model, saved, run = tiny_run(tiny_cfg)
+def test_non_finite_loss_stops_before_anything_is_saved(tiny_cfg, monkeypatch, eval_interval, message, saves,
+                                                        optimizer):
+    schedule = optim.learning_rate
+    monkeypatch.setattr(optim, "learning_rate", lambda step, cfg: math.nan if step == 3 else schedule(step, cfg))
+    model, saved, run = tiny_run(tiny_cfg, optimizer)
     with pytest.raises(NonFiniteLoss, match=message):
         run(10, eval_interval)  # the 4th update makes every weight NaN
     assert saved == saves
@@ -175,10 +179,11 @@ def trained(tiny_cfg, steps=30, **train_overrides):
     return model, saves
 
 
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_mixed_precision_trains_and_keeps_fp32_weights(dtype, tiny_cfg):
-    model, saves = trained(tiny_cfg, dtype=dtype)
-    fp32_model, fp32_saves = trained(tiny_cfg, dtype="float32")
+def test_mixed_precision_trains_and_keeps_fp32_weights(dtype, optimizer, tiny_cfg):
+    model, saves = trained(tiny_cfg, dtype=dtype, optimizer=optimizer)
+    fp32_model, fp32_saves = trained(tiny_cfg, dtype="float32", optimizer=optimizer)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert saves[-1][1] < saves[0][1] < math.log(101)
     assert saves[-1][1] == pytest.approx(fp32_saves[-1][1], abs=0.15)  # learns about as well
@@ -235,13 +240,16 @@ def test_compile_failure_warns_once_and_trains_uncompiled(tiny_cfg, monkeypatch)
     assert [s for s, _ in saves] == [10] and saves[0][1] < math.log(101)
 
 
-def test_compiled_training_saves_the_plain_module(tiny_cfg, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_compiled_training_saves_the_plain_module(tiny_cfg, monkeypatch, optimizer):
     """Through a torch.compile wrapper (eager backend: fast), weights train and keep plain names."""
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m: real_compile(m, backend="eager"))
-    model, saves = trained(tiny_cfg, steps=10, compile=True)
-    plain, plain_saves = trained(tiny_cfg, steps=10, compile=False)
+    model, saves = trained(tiny_cfg, steps=10, compile=True, optimizer=optimizer)
+    plain, plain_saves = trained(tiny_cfg, steps=10, compile=False, optimizer=optimizer)
     assert compile_model(model, True, torch.device("cpu")) is not model
     assert compile_model(model, "auto", torch.device("cpu")) is model  # auto: CUDA only
     assert not any("_orig_mod" in k for k in model.state_dict())
     assert saves[0][1] == pytest.approx(plain_saves[0][1], abs=1e-4)
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.allclose(p, q, atol=1e-4)

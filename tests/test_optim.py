@@ -1,0 +1,207 @@
+"""Optimizers and schedule (gpt/optim.py): Muon against torch's own, the parameter split, the
+schedule driving both optimizers, and Muon through every part of a training step."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gpt import optim
+from gpt.data import TokenWindows, TrainBatches, eval_loader
+from gpt.model import GPTModel
+from gpt.optim import Muon, MuonWithAdamW, build_optimizer, learning_rate, orthogonalise, set_learning_rate
+from gpt.training import Precision, TrainConfig, calc_loss_batch, train, train_step
+
+CPU = torch.device("cpu")
+SHAPES = [(64, 32), (32, 64), (48, 48)]  # tall, wide, square: the iteration transposes the tall one
+
+
+def matrices(seed: int = 0) -> list[torch.nn.Parameter]:
+    torch.manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(shape)) for shape in SHAPES]
+
+
+def step_with_gradients(optimizer, params: list[torch.nn.Parameter], steps: int, seed: int = 1) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+        optimizer.step()
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"lr": 0.05, "weight_decay": 0.1, "momentum": 0.9},
+    {"nesterov": False, "adjust_lr_fn": "match_rms_adamw"},
+])
+def test_muon_in_bfloat16_is_torch_muon_bit_for_bit(options):
+    """Our update, run in torch's dtype, is torch's update: the same algorithm, step for step."""
+    ours, theirs = matrices(), matrices()
+    step_with_gradients(Muon(ours, ns_dtype=torch.bfloat16, **options), ours, steps=4)
+    step_with_gradients(torch.optim.Muon(theirs, **options), theirs, steps=4)
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q)
+    assert not torch.equal(ours[0], matrices()[0])  # they did move
+
+
+def test_muon_in_float32_is_torch_muon_without_the_bfloat16_rounding():
+    """float32 lands within bf16's rounding of torch's result, and much nearer the exact one."""
+    ours, theirs, exact = matrices(), matrices(), [p.double() for p in matrices()]
+    exact = [torch.nn.Parameter(p.detach()) for p in exact]
+    step_with_gradients(Muon(ours, ns_dtype=torch.float32), ours, steps=3)
+    step_with_gradients(torch.optim.Muon(theirs), theirs, steps=3)
+    step_with_gradients(Muon(exact, ns_dtype=torch.float64), exact, steps=3)
+    start = matrices()
+    for p, q, e, s in zip(ours, theirs, exact, start):
+        moved = (e - s).abs().max().item()
+        ours_error = (p.double() - e).abs().max().item()
+        theirs_error = (q.double() - e).abs().max().item()
+        assert theirs_error < 0.05 * moved  # bf16: within a few percent of the step
+        assert ours_error < 1e-3 * moved  # float32: far closer
+        assert ours_error < theirs_error / 10
+
+
+def test_orthogonalise_brings_every_singular_value_near_one():
+    torch.manual_seed(0)
+    for shape in SHAPES:
+        rank = min(shape)
+        u, _ = torch.linalg.qr(torch.randn(shape[0], rank))
+        v, _ = torch.linalg.qr(torch.randn(shape[1], rank))
+        g = u @ torch.diag(torch.logspace(-1, 1, rank)) @ v.T  # singular values 0.1 to 10
+        singular = torch.linalg.svdvals(orthogonalise(g, (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32))
+        assert singular.min() > 0.5 and singular.max() < 1.3, singular
+
+
+def test_muon_takes_the_block_matrices_and_adamw_everything_else(tiny_model):
+    opt = build_optimizer(tiny_model, TrainConfig(optimizer="muon"), CPU)
+    assert isinstance(opt, MuonWithAdamW)
+    muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    adamw = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
+    names = {id(p): n for n, p in tiny_model.named_parameters()}
+    assert not muon & adamw
+    assert muon | adamw == set(names)  # every parameter, the tied head/embedding once
+    expected = {n for n, p in tiny_model.named_parameters() if n.startswith("trf_blocks.") and p.dim() == 2}
+    assert {names[i] for i in muon} == expected
+    assert len(expected) == 6 * tiny_model.cfg.n_layers  # query, key, value, out, fc, proj
+    assert {"tok_emb.weight", "pos_emb.weight", "final_norm.weight"} <= {names[i] for i in adamw}
+    assert len(opt.param_groups) == len(opt.muon.param_groups) + len(opt.adamw.param_groups)
+
+
+def test_muon_orthogonalises_in_float32_where_bf16_is_emulated(tiny_model, monkeypatch):
+    cfg = TrainConfig(optimizer="muon", muon_lr=0.03, muon_momentum=0.9, muon_weight_decay=0.01)
+    monkeypatch.setattr(optim, "bf16_is_fast", lambda device: False)
+    slow_bf16 = build_optimizer(tiny_model, cfg, CPU).muon
+    assert isinstance(slow_bf16, Muon) and slow_bf16.ns_dtype == torch.float32
+    monkeypatch.setattr(optim, "bf16_is_fast", lambda device: True)
+    fast_bf16 = build_optimizer(tiny_model, cfg, CPU).muon
+    assert type(fast_bf16) is torch.optim.Muon  # torch's own, unchanged
+    for muon in (slow_bf16, fast_bf16):
+        group = muon.param_groups[0]
+        assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.03, 0.9, 0.01)
+
+
+def test_the_schedule_drives_both_optimizers(tiny_model):
+    cfg = TrainConfig(optimizer="muon", max_iters=100, warmup_iters=10, learning_rate=1e-3, min_lr=1e-4,
+                      muon_lr=0.02)
+    opt = build_optimizer(tiny_model, cfg, CPU)
+    for step in (0, 5, 10, 55, 100):
+        lr = set_learning_rate(opt, step, cfg)
+        assert lr == learning_rate(step, cfg)
+        assert all(g["lr"] == lr for g in opt.adamw.param_groups)
+        assert all(g["lr"] == pytest.approx(lr * 20) for g in opt.muon.param_groups)  # 0.02 / 1e-3
+    assert opt.muon.param_groups[0]["lr"] == pytest.approx(2e-3)  # min_lr's share at the end
+
+
+def test_unknown_optimizer_and_bad_muon_settings_are_refused():
+    with pytest.raises(ValueError, match="train.optimizer must be adamw or muon, got 'sgd'"):
+        TrainConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="train.muon_lr"):
+        TrainConfig(muon_momentum=1.0)
+
+
+def by_hand(model, opt, x, y, clip):
+    """One step the plain way: mean loss over the whole batch, clip, step."""
+    calc_loss_batch(model, x.long(), y.long()).backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
+def test_muon_step_accumulates_and_clips_like_one_big_batch(tiny_model, tiny_cfg):
+    """Two micro-batches of 4 with clipping = one batch of 8, clipped, stepped by hand."""
+    reference = copy.deepcopy(tiny_model)
+    initial = tiny_model.trf_blocks[0].ff.fc.weight.detach().clone()
+    cfg = TrainConfig(optimizer="muon", grad_accum_steps=2, grad_clip=0.05)
+    torch.manual_seed(1)
+    x, y = torch.randint(0, tiny_cfg.vocab_size, (2, 8, 12)).to(torch.uint16)
+    precision = Precision(torch.float32, CPU)
+    opt, ref_opt = build_optimizer(tiny_model, cfg, CPU), build_optimizer(reference, cfg, CPU)
+    for _ in range(3):
+        train_step(tiny_model, iter([(x[:4], y[:4]), (x[4:], y[4:])]), opt, precision, cfg, CPU)
+        norm = by_hand(reference, ref_opt, x, y, cfg.grad_clip)
+    assert norm > cfg.grad_clip  # the clip acted
+    for p, q in zip(tiny_model.parameters(), reference.parameters()):
+        assert torch.allclose(p, q, atol=1e-5)
+    assert not torch.allclose(tiny_model.trf_blocks[0].ff.fc.weight, initial, atol=1e-3)  # the steps moved it
+
+
+def test_fp16_scaler_skips_both_optimizers_on_overflow_and_steps_them_otherwise(tiny_model, tiny_cfg):
+    cfg = TrainConfig(optimizer="muon", grad_clip=1.0)
+    precision = Precision(torch.float16, CPU)
+    opt = build_optimizer(tiny_model, cfg, CPU)
+    x, y = torch.randint(0, tiny_cfg.vocab_size, (2, 4, 12)).to(torch.uint16)
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)  # the fp16 gradients overflow
+    train_step(tiny_model, iter([(x, y)]), opt, precision, cfg, CPU)
+    assert all(torch.equal(before[n], p) for n, p in tiny_model.named_parameters())  # skipped
+    assert precision.scaler.get_scale() < 2.0**60  # and the scale came down
+    precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    train_step(tiny_model, iter([(x, y)]), opt, precision, cfg, CPU)
+    moved = {n for n, p in tiny_model.named_parameters() if not torch.equal(before[n], p)}
+    assert "trf_blocks.0.att.W_query.weight" in moved and "tok_emb.weight" in moved  # both stepped
+
+
+def test_state_dict_holds_both_optimizers_and_continues_exactly(tiny_model, tiny_cfg):
+    cfg = TrainConfig(optimizer="muon")
+    x, y = torch.randint(0, tiny_cfg.vocab_size, (2, 4, 12))
+    opt = build_optimizer(tiny_model, cfg, CPU)
+    for _ in range(2):
+        by_hand(tiny_model, opt, x, y, 1.0)
+    saved_model, saved_opt = copy.deepcopy(tiny_model.state_dict()), copy.deepcopy(opt.state_dict())
+    assert set(saved_opt) == {"muon", "adamw"}
+    muon_state = saved_opt["muon"]["state"]
+    assert len(muon_state) == 6 * tiny_cfg.n_layers and all("momentum_buffer" in s for s in muon_state.values())
+    assert all("exp_avg_sq" in s for s in saved_opt["adamw"]["state"].values())
+    by_hand(tiny_model, opt, x, y, 1.0)
+
+    restored = GPTModel(tiny_cfg)
+    restored.load_state_dict(saved_model)
+    restored_opt = build_optimizer(restored, cfg, CPU)
+    restored_opt.load_state_dict(saved_opt)
+    by_hand(restored, restored_opt, x, y, 1.0)
+    for p, q in zip(tiny_model.parameters(), restored.parameters()):
+        assert torch.equal(p, q)
+
+
+def trained(tiny_cfg, optimizer="muon", steps=30, **train_overrides):
+    """Train a fresh tiny model on a repeating pattern; return it and its saved (step, val loss)."""
+    tokens = (np.arange(3000) * 7 % 101).astype(np.uint16)
+    ds = TokenWindows(tokens, 12, 12)
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg)
+    cfg = TrainConfig(max_iters=steps, eval_interval=10, eval_iters=2, warmup_iters=3, learning_rate=3e-3,
+                      min_lr=3e-4, optimizer=optimizer, **train_overrides)
+    saves = []
+    train(model, cfg, TrainBatches(ds, 4, seed=1), {"train": eval_loader(ds, 4, 2), "val": eval_loader(ds, 4, 2)},
+          CPU, lambda s, opt, scaler: saves.append((s.step, s.val_loss)))
+    return model, saves
+
+
+def test_muon_trains_and_beats_adamw_on_a_pattern(tiny_cfg):
+    _, muon = trained(tiny_cfg)
+    _, adamw = trained(tiny_cfg, optimizer="adamw")
+    assert muon[-1][1] < muon[0][1] < math.log(101)
+    assert muon[-1][1] < adamw[-1][1]
