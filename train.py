@@ -4,6 +4,7 @@ On several GPUs (or CPU processes), the same script under torchrun:
 `torchrun --nproc_per_node=N train.py --config small.yaml` (see `gpt.distributed`).
 """
 
+import math
 import os
 import shlex
 import signal
@@ -26,7 +27,9 @@ from gpt.metrics import RunLog
 from gpt.plot import plot_after_training
 from gpt.pretrained import build_model, resolve_model_config
 from gpt.sampling import print_samples
-from gpt.training import NonFiniteLoss, TrainState, pick_device, setup_device, train
+from gpt.training import (
+    NonFiniteLoss, Precision, TrainState, evaluate, pick_device, pick_dtype, setup_device, train,
+)
 
 
 def run(cfg: Config, resume: bool, overwrite: bool, resume_command: str) -> int:
@@ -66,6 +69,7 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
         split: eval_loader(dataset, cfg.data.batch_size, cfg.train.eval_iters, dist.rank, dist.world_size)
         for split, dataset in (("train", train_set), ("val", val_set))
     }
+    whole_val = eval_loader(val_set, cfg.data.batch_size, None, dist.rank, dist.world_size)
 
     # Resuming loads the run's own weights: no need to read GPT-2's again first.
     model = (GPTModel(cfg.model) if checkpoint is not None else build_model(cfg.model)).to(device)
@@ -79,6 +83,7 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
     say(f"global batch: {cfg.data.batch_size} windows x {micro_steps}{processes} = "
         f"{tokens_per_step:,} tokens per step")
 
+    precision = Precision(pick_dtype(cfg.train.dtype, device), device)
     latest, best = out_dir / LATEST_NAME, out_dir / BEST_NAME
     last_saved = checkpoint["step"] if checkpoint is not None else None  # the last good checkpoint
 
@@ -119,8 +124,8 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
     with StopRequest(quiet=not dist.is_main) as stop:
         try:
             state = train(model, cfg.train, train_batches, eval_loaders, device, save,
-                          restore=restore if checkpoint is not None else None, should_stop=stop, log=log,
-                          dist=dist)
+                          restore=restore if checkpoint is not None else None, precision=precision,
+                          should_stop=stop, log=log, dist=dist)
         except NonFiniteLoss as e:
             raise non_finite_error(e, latest, last_saved) from None
         finally:
@@ -129,10 +134,14 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
     if state.step < cfg.train.max_iters:  # stopped by a signal (here or on another process)
         say(f"stopped at step {state.step}; saved {latest}; resume with: {resume_command}", flush=True)
         return 128 + (stop.signum or signal.SIGTERM)
+    if cfg.train.whole_val_at_end:  # the figure to compare runs by: every window, not the periodic subset
+        val_loss = evaluate(model, whole_val, device, precision, dist)
+        say(f"val loss over all {len(val_set):,} windows of the val split: {val_loss:.4f} "
+            f"(ppl {math.exp(min(val_loss, 50)):.1f})")
     if not dist.is_main:
         return 0
-    print(f"saved {latest} (step {state.step}, val loss {state.val_loss:.4f}); best: {best} "
-          f"(step {state.best_step}, val loss {state.best_val_loss:.4f})")
+    print(f"saved {latest} (step {state.step}); best: {best} (step {state.best_step}, val loss "
+          f"{state.best_val_loss:.4f} on the periodic subset)")
     print(plot_after_training(out_dir))
     print("\n--- sample ---")
     print_samples(model, cfg.sample.prompt, cfg.sample, device)

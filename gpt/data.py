@@ -443,15 +443,18 @@ class TrainBatches:
             mine = epoch * per_epoch + positions[-1] + self.world_size
 
 
-def eval_loader(dataset: TokenWindows, batch_size: int, max_batches: int, rank: int = 0,
+def eval_loader(dataset: TokenWindows, batch_size: int, max_batches: int | None, rank: int = 0,
                 world_size: int = 1) -> DataLoader:
-    """A fixed, evenly spread subset of at most `max_batches` batches, the same at every eval.
+    """A fixed, evenly spread subset of at most `max_batches` batches (None: every window).
 
     With several processes, batch i goes to process i mod `world_size` (their loss sums are
     then added up: `gpt.distributed`).
     """
-    count = min(len(dataset), batch_size * max_batches)
-    indices = torch.linspace(0, len(dataset) - 1, count).round().long().unique().tolist()
+    if max_batches is None or batch_size * max_batches >= len(dataset):
+        indices = list(range(len(dataset)))
+    else:
+        count = batch_size * max_batches
+        indices = torch.linspace(0, len(dataset) - 1, count).round().long().unique().tolist()
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     # Its own generator: a DataLoader without one draws a seed from the global RNG each time it
     # is iterated, and evaluation must not move the RNG that training's dropout uses.

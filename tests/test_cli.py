@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import train
@@ -107,3 +108,28 @@ def test_overwrite_replaces_the_run_in_the_folder(tmp_path):
     for name in ("latest.pt", "best.pt"):
         state = torch.load(tmp_path / name, weights_only=True)
         assert state["step"] == 1 and state["config"]["model"]["n_layers"] == 1
+
+
+def test_the_final_val_loss_covers_every_window_of_the_val_split(tmp_path, corpus_file, capsys):
+    """The figure printed at the end is the mean loss over every val window, computed independently here."""
+    import re
+
+    import numpy as np
+
+    from gpt.checkpoint import load_model
+    from gpt.training import calc_loss_batch
+    out = tmp_path / "run"
+    assert train.main(["--config", "tiny.yaml", f"--data.corpus={corpus_file}", "--train.whole_val_at_end=true",
+                       f"--data.prepared_dir={tmp_path / 'prepared'}", "--model.context_length=8",
+                       "--data.val_fraction=0.3", "--data.batch_size=3", "--train.eval_iters=1",
+                       f"--train.out_dir={out}", "--sample.max_new_tokens=1"]) == 0
+    printed = re.search(r"val loss over all ([\d,]+) windows of the val split: ([\d.]+)", capsys.readouterr().out)
+    model, _ = load_model(out / "latest.pt")
+    tokens = np.fromfile(tmp_path / "prepared" / "val.bin", dtype=np.uint16).astype(np.int64)
+    windows = (len(tokens) - 1) // 8  # non-overlapping windows of 8 and their next-token targets
+    assert int(printed.group(1).replace(",", "")) == windows > 3 * 1  # more than the periodic subset
+    x = torch.from_numpy(tokens[:windows * 8].reshape(windows, 8))
+    y = torch.from_numpy(tokens[1:windows * 8 + 1].reshape(windows, 8))
+    with torch.no_grad():
+        expected = calc_loss_batch(model.eval(), x, y).item()
+    assert float(printed.group(2)) == pytest.approx(expected, abs=1e-4)
