@@ -1,5 +1,7 @@
 """Measure training and sampling speed: `python -m gpt.bench --config small.yaml [options]`.
 
+(`python -m gpt.bench race ...` races optimizers and settings for loss per second: gpt/race.py.)
+
 Every figure is measured against a baseline in the same run, because absolute speed on a shared
 machine drifts: the baseline is the plain path (explicit attention, float32, no compile,
 per-tensor AdamW, vocabulary not padded), the default is what `train.py` does with the config,
@@ -18,6 +20,7 @@ large matmul in the variant's dtype); on a GPU it comes from the table of datash
 The input is random token ids: speed does not depend on the text.
 """
 
+import copy
 import dataclasses
 import resource
 import statistics
@@ -27,13 +30,15 @@ from dataclasses import dataclass
 
 import torch
 
+from gpt import race
 from gpt.config import Config, load_config
 from gpt.distributed import SINGLE, Distributed, single_process_group
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.model import GPTModel, ModelConfig
+from gpt.optim import build_optimizer, muon_parameters
 from gpt.sampling import generate
 from gpt.training import (
-    DTYPES, Precision, TrainConfig, build_optimizer, compile_model, pick_device, pick_dtype,
+    DTYPES, Precision, TrainConfig, calc_loss_batch, compile_model, pick_device, pick_dtype,
     setup_device, train_step,
 )
 
@@ -246,7 +251,42 @@ def report(cfg: Config, device: torch.device, benches: list[TrainBench]) -> None
         print(f"  peak memory (whole process, all variants): {rss:.2f} GiB resident")
 
 
+def bench_optimizer_steps(cfg: Config, device: torch.device, step_seconds: float, rounds: int) -> None:
+    """Time `optimizer.step()` alone for AdamW, Muon as chosen here, and torch's Muon (bf16 inside),
+    each as a share of `step_seconds` (the default path's whole training step)."""
+    torch.manual_seed(cfg.train.seed)
+    model = GPTModel(cfg.model).to(device)
+    inputs = torch.randint(0, cfg.model.vocab_size, (cfg.data.batch_size, cfg.model.context_length), device=device)
+    calc_loss_batch(model, inputs, inputs.roll(-1, 1)).backward()  # gradients to step with
+    muon_matrices = muon_parameters(model)
+    options = {"lr": cfg.train.muon_lr, "momentum": cfg.train.muon_momentum, "weight_decay": 0.0}
+    candidates = [
+        ("adamw (fused)", build_optimizer(model, dataclasses.replace(cfg.train, optimizer="adamw"), device)),
+        ("muon + adamw, as train.py builds it", build_optimizer(model, dataclasses.replace(cfg.train, optimizer="muon"), device)),
+        ("  its muon part alone", build_optimizer(model, dataclasses.replace(cfg.train, optimizer="muon"), device).muon),
+        ("  torch.optim.Muon (bf16 inside)", torch.optim.Muon(muon_matrices, **options)),
+    ]
+    print(f"\noptimizer step alone (median of {rounds}), as a share of the default path's "
+          f"{step_seconds * 1e3:.1f} ms training step:")
+    for name, optimizer in candidates:
+        state = copy.deepcopy(model.state_dict())
+        optimizer.step()  # first step: creates the state
+        times = []
+        for _ in range(rounds):
+            synchronize(device)
+            started = time.perf_counter()
+            optimizer.step()
+            synchronize(device)
+            times.append(time.perf_counter() - started)
+        model.load_state_dict(state)
+        seconds = statistics.median(times)
+        print(f"  {name:<38} {seconds * 1e3:>8.1f} ms  {seconds / step_seconds:>6.1%}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["race"]:
+        return race.main(argv[1:])
     parser = ArgumentParser(
         description="Benchmark training and sampling speed for a config (any --section.key=value "
         "override applies, e.g. --data.batch_size=8).", allow_abbrev=False)
@@ -258,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra comma-separated IMPL:DTYPE:COMPILE variants, e.g. sdpa:float32:off")
     parser.add_argument("--ddp", action="store_true",
                         help="also time the default path inside DistributedDataParallel (one process)")
+    parser.add_argument("--optimizer-steps", action="store_true",
+                        help="also time the optimizer step alone: AdamW, Muon, and torch's Muon in bf16")
     parser.add_argument("--sample-tokens", type=int, default=200, help="new tokens per sampling run (0: skip)")
     parser.add_argument("--prompt-tokens", type=int, default=8, help="prompt length for the sampling runs")
     parser.add_argument("--device", default="auto", help="auto, cpu, mps or cuda[:N]")
@@ -286,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             group.close()
         report(cfg, device, benches)
+        if args.optimizer_steps:
+            bench_optimizer_steps(cfg, device, statistics.median(benches[1].times), args.rounds)
         if args.sample_tokens:
             rates = bench_sampling(cfg, device, args.sample_tokens, args.prompt_tokens, args.rounds)
             fits = args.prompt_tokens + args.sample_tokens <= m.context_length

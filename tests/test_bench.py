@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -32,7 +34,7 @@ def test_gpu_peak_table(name, dtype, peak, monkeypatch):
 
 def test_bench_runs_and_reports_against_the_baseline(capsys):
     code = bench.main(["--config", "tiny.yaml", "--steps", "1", "--warmup", "0", "--rounds", "2",
-                       "--sample-tokens", "5", "--variants", "sdpa:float32:off", "--ddp"])
+                       "--sample-tokens", "5", "--variants", "sdpa:float32:off", "--ddp", "--optimizer-steps"])
     out = capsys.readouterr().out
     assert code == 0
     rows = {line.strip().split("  ")[0]: line for line in out.splitlines() if line.endswith("x")}
@@ -41,9 +43,43 @@ def test_bench_runs_and_reports_against_the_baseline(capsys):
     assert "MFU" in out and "%" in rows["sdpa:float32:off"]  # a measured CPU peak gives an MFU
     assert "kv cache:" in out and "recompute:" in out
     assert "DDP wrapper: the default path inside DDP runs at " in out
+    shares = [line for line in out.split("optimizer step alone")[1].splitlines() if line.endswith("%")]
+    assert [re.match(r"\s+(.+?)\s+[\d.]+ ms", line).group(1) for line in shares] == [
+        "adamw (fused)", "muon + adamw, as train.py builds it", "its muon part alone", "torch.optim.Muon (bf16 inside)"]
 
 
 def test_bench_bad_variant_is_one_line_error(capsys):
     assert bench.main(["--config", "tiny.yaml", "--variants", "sdpa:fp8:on"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot read variant 'sdpa:fp8:on'") and "\n" not in err
+
+
+def test_race_trains_each_variant_in_turn_and_reports_loss_per_second(corpus_file, tmp_path, capsys):
+    code = bench.main(["race", "--config", "tiny.yaml", "--variants", "adamw,muon+train.muon_lr=0.05",
+                       f"--data.corpus={corpus_file}", f"--data.prepared_dir={tmp_path / 'prepared'}",
+                       "--model.context_length=16", "--train.max_iters=6", "--eval-every", "3"])
+    out = capsys.readouterr().out
+    assert code == 0
+    final = {line.split()[0]: line.split() for line in out.split("every window of the val split:")[1]
+             .split("\n\n")[0].splitlines()[2:]}
+    assert set(final) == {"adamw", "muon+train.muon_lr=0.05"}
+    for columns in final.values():
+        assert columns[1] == "6" and 0 < float(columns[-1]) < 11  # steps, whole-val loss
+    assert "at equal seconds" in out and "time to reach val loss" in out
+    assert out.count(": step 3, ") == 2 and out.count(": step 6, ") == 2  # both evaluated at 3 and 6
+
+
+def test_race_reads_loss_curves_between_evaluations():
+    from gpt.race import loss_at, seconds_to
+    curve = [(10, 100, 2.0, 6.0), (20, 200, 4.0, 5.0), (30, 300, 6.0, 4.5)]  # (step, tokens, s, loss)
+    assert loss_at(curve, 3.0) == pytest.approx(5.5)
+    assert loss_at(curve, 1.0) is None and loss_at(curve, 9.0) == 4.5
+    assert seconds_to(curve, 5.5) == pytest.approx(3.0)
+    assert seconds_to(curve, 6.5) == 2.0  # reached at the first evaluation
+    assert seconds_to(curve, 4.0) is None
+
+
+def test_race_bad_variant_is_one_line_error(capsys):
+    assert bench.main(["race", "--config", "tiny.yaml", "--variants", "sgd"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot read variant 'sgd'") and "\n" not in err
