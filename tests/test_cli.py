@@ -86,9 +86,9 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
 
 
 def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    from gpt import training
-    schedule = training.learning_rate
-    monkeypatch.setattr(training, "learning_rate", lambda step, cfg: math.nan if step == 3 else schedule(step, cfg))
+    from gpt import optim
+    schedule = optim.learning_rate
+    monkeypatch.setattr(optim, "learning_rate", lambda step, cfg: math.nan if step == 3 else schedule(step, cfg))
     out = tmp_path / "run"
     assert train.main(["--config", "tiny.yaml", f"--train.out_dir={out}", "--train.eval_interval=3"]) == 2
     err = capsys.readouterr().err.strip()
