@@ -17,6 +17,10 @@ Design choices:
   hands the same computation to `torch.nn.functional.scaled_dot_product_attention`, which
   picks a fused kernel (flash / memory-efficient attention) and never materialises the
   (T, T) score matrix. Tests check the two agree in outputs and gradients.
+- The explicit weights are computed in one place, `_masked_softmax`, which the explicit
+  forward pass and `attention_weights` (for looking at them: `python -m gpt.attention_map`)
+  both call, so the weights one sees are the ones the explicit path uses, whichever path the
+  model runs with. The sdpa path never computes them.
 - A `KVCache` lets sampling feed one new token at a time: the keys and values of earlier
   tokens are kept instead of recomputed. New queries at positions start..start+T-1 see keys
   0..start+T-1, so the mask slice is rows start..start+T-1 of the same buffer.
@@ -101,11 +105,7 @@ class CausalAttention(nn.Module):
                 f"sequence of {start + num_tokens} tokens is longer than context_length "
                 f"{self.context_length}; crop the input to its last {self.context_length} tokens"
             )
-        # (B, T, d_out) -> (B, n_heads, T, head_dim)
-        shape = (b, num_tokens, self.num_heads, self.head_dim)
-        queries = self.W_query(x).view(shape).transpose(1, 2)
-        keys = self.W_key(x).view(shape).transpose(1, 2)
-        values = self.W_value(x).view(shape).transpose(1, 2)
+        queries, keys, values = self._project(x)  # each (B, n_heads, T, head_dim)
         if cache is not None:  # keys/values become (B, n_heads, start + T, head_dim)
             keys, values = cache.append(keys, values)
 
@@ -118,15 +118,35 @@ class CausalAttention(nn.Module):
             context = self.out_proj(context)
         return context
 
-    def _attend_explicit(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Explicit scaled dot-product attention with the causal mask; shapes (B, H, T, D)."""
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d_in) -> (B, n_heads, T, T): row t is how position t spreads its attention.
+
+        The explicit path's weights, before dropout, for either `impl`; each row sums to 1 and
+        everything above the diagonal is 0.
+        """
+        queries, keys, _ = self._project(x)
+        return self._masked_softmax(queries, keys)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, d_in) -> queries, keys, values, each (B, n_heads, T, head_dim)."""
+        shape = (*x.shape[:2], self.num_heads, self.head_dim)  # (B, T, n_heads, head_dim)
+        queries = self.W_query(x).view(shape).transpose(1, 2)
+        keys = self.W_key(x).view(shape).transpose(1, 2)
+        values = self.W_value(x).view(shape).transpose(1, 2)
+        return queries, keys, values
+
+    def _masked_softmax(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """softmax(QK^T / sqrt(head_dim)) with the causal mask: (B, H, T, D) -> (B, H, T, start + T)."""
         num_queries, num_keys = queries.shape[-2], keys.shape[-2]
         start = num_keys - num_queries  # > 0 when earlier keys come from a cache
         attn_scores = queries @ keys.transpose(-2, -1)  # (B, H, T, start + T)
         # In place: the seed's `masked_fill` (no underscore) returned a new tensor and lost it.
         attn_scores.masked_fill_(self.mask[start:num_keys, :num_keys], -torch.inf)
-        attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
-        attn_weights = self.dropout(attn_weights)
+        return torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+
+    def _attend_explicit(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Explicit scaled dot-product attention with the causal mask; shapes (B, H, T, D)."""
+        attn_weights = self.dropout(self._masked_softmax(queries, keys))  # (B, H, T, start + T)
         return attn_weights @ values
 
     def _attend_sdpa(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
