@@ -4,13 +4,10 @@ import argparse
 import dataclasses
 import sys
 
-from gpt.config import load_config
 from gpt.errors import ArgumentParser, UserError, run_cli
-from gpt.pretrained import load_for_sampling
+from gpt.pretrained import DEFAULT_RUN_CONFIG, default_checkpoint, load_for_sampling
 from gpt.sampling import SampleConfig, print_samples
 from gpt.training import pick_device
-
-DEFAULT_CONFIG = "small.yaml"  # with no --checkpoint, sample from the run this config writes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("prompt", help="text to continue")
     parser.add_argument("--checkpoint", help="run folder (its best.pt, else latest.pt) or checkpoint file "
-                        f"(default: the run configs/{DEFAULT_CONFIG} writes); or GPT-2's weights: gpt2, "
+                        f"(default: the run configs/{DEFAULT_RUN_CONFIG} writes); or GPT-2's weights: gpt2, "
                         "gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 folder")
     parser.add_argument("--max-new-tokens", type=int, help="tokens to generate per sample")
     parser.add_argument("--temperature", type=float, help="0 is greedy; higher is more random")
@@ -63,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.prompt:
             raise UserError('the prompt is empty; give some text to continue, e.g. "Your journey"')
         device = pick_device(args.device, option="--device")
-        location = args.checkpoint or load_config(DEFAULT_CONFIG).train.out_dir
+        location = args.checkpoint or default_checkpoint()
         model, run_sample, source = load_for_sampling(location, device)  # GPT-2 weights get the defaults
         cfg = sample_config(run_sample, args)
         print(f"sampling from {source}", file=sys.stderr)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from gpt.checkpoint import checkpoint_path, load_model
+from gpt.config import load_config
 from gpt.downloads import DATA_DIR
 from gpt.errors import UserError
 from gpt.hf_gpt2 import (ARCHITECTURE_FIELDS, architecture_from_config, architecture_from_weights,
@@ -44,6 +45,7 @@ HF_REPO = "openai-community/{name}"  # the four sizes as OpenAI released them, o
 WEIGHTS_DIR = DATA_DIR / "gpt2-weights"  # <name>/config.json + model.safetensors, by hand
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 CONFIG_FILE = "config.json"
+DEFAULT_RUN_CONFIG = "small.yaml"  # with no --checkpoint, read the run this config writes (the quick start's)
 
 
 def find_weights(folder: Path) -> Path | None:
@@ -180,6 +182,11 @@ def is_pretrained_source(location: str) -> bool:
     if path.is_dir():
         return (path / CONFIG_FILE).is_file() or find_weights(path) is not None
     return path.is_file() and path.name.endswith((".safetensors", ".bin"))
+
+
+def default_checkpoint() -> str:
+    """The run folder generate.py and gpt.attention_map read when given no --checkpoint."""
+    return load_config(DEFAULT_RUN_CONFIG).train.out_dir
 
 
 def load_for_sampling(location: str, device: torch.device) -> tuple[GPTModel, SampleConfig, str]:
