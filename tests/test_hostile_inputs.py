@@ -14,8 +14,9 @@ import torch
 
 import generate
 import train
+from gpt import attention_map
 
-TRAIN, GENERATE = train, generate
+TRAIN, GENERATE, ATTENTION_MAP = train, generate, attention_map
 
 
 class Payload:
@@ -117,6 +118,12 @@ CASES = [
      r"--device must be auto, cpu, mps or cuda\[:N\], got 'tpu'"),
     ("top-p out of range", "command line", GENERATE, lambda w: ["Hi", "--checkpoint", str(w.run), "--top-p", "2"],
      r"--top-p: sample.top_p must be in \(0, 1\] \(or null\), got 2.0"),
+    ("attention map of a layer the model lacks", "command line", ATTENTION_MAP,
+     lambda w: ["Hi", "--checkpoint", str(w.run), "--layer", "2"],
+     r"--layer 2 is out of range: .*run/best.pt has 2 layers, numbered 0 to 1"),
+    ("attention map of a head the model lacks", "command line", ATTENTION_MAP,
+     lambda w: ["Hi", "--checkpoint", str(w.run), "--head", "2"],
+     r"--head 2 is out of range: .*run/best.pt has 2 heads, numbered 0 to 1"),
     ("missing corpus", "data", TRAIN, lambda w: tiny(w, f"--data.corpus={w.root / 'none.txt'}"),
      r"data.corpus '.*none.txt' does not exist; give a text file, a folder of .txt/.md files, or 'shakespeare'"),
     ("blank corpus", "data", TRAIN, lambda w: tiny(w, f"--data.corpus={w.empty}"),
@@ -167,6 +174,10 @@ CASES = [
      r"train.py can\); start again with --overwrite"),
     ("no checkpoint to sample from", "checkpoint", GENERATE, lambda w: ["Hi", "--checkpoint", str(w.root)],
      r"no checkpoint in .* \(looked for best.pt and latest.pt\); train one first"),
+    ("no checkpoint to map the attention of", "checkpoint", ATTENTION_MAP,
+     lambda w: ["Hi", "--checkpoint", str(w.root)],
+     r"no checkpoint in .* \(looked for best.pt and latest.pt\); train one first \(python train.py --config "
+     r"small.yaml\) or pass --checkpoint RUN_DIR"),
     ("checkpoint that does not exist", "checkpoint", GENERATE,
      lambda w: ["Hi", "--checkpoint", str(w.root / "nowhere.pt")],
      r"no checkpoint at .*nowhere.pt; train one first \(python train.py --config small.yaml\) or pass "
@@ -188,6 +199,8 @@ CASES = [
      r"tok_emb.weight: .*\); the file was damaged or edited: use another checkpoint"),
     ("empty prompt", "prompt", GENERATE, lambda w: ["", "--checkpoint", str(w.run)],
      r'the prompt is empty; give some text to continue, e.g. "Your journey"'),
+    ("empty prompt for the attention map", "prompt", ATTENTION_MAP, lambda w: ["", "--checkpoint", str(w.run)],
+     r'the prompt is empty; give some text to look at, e.g. "Your journey starts with one step"'),
     ("no prompt", "prompt", GENERATE, lambda w: ["--checkpoint", str(w.run)],
      r"the following arguments are required: prompt; see \S+ --help"),
     ("empty prompt in the config", "prompt", TRAIN, lambda w: tiny(w, "--sample.prompt="),
