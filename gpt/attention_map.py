@@ -149,6 +149,7 @@ def default_out(location: str, source: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Draw (or print) the attention weights for the command line's prompt; the exit code."""
     parser = ArgumentParser(prog="python -m gpt.attention_map",
                             description="Draw (or print) the attention weights of a trained model for a prompt.")
     parser.add_argument("prompt", help=f'text to look at, e.g. "{EXAMPLE_PROMPT}"')
