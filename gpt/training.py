@@ -54,7 +54,7 @@ class TrainConfig:
     eval_interval: int = 200  # evaluate (and save) every this many steps, and at the end
     eval_iters: int = 20  # batches per periodic loss estimate
     whole_val_at_end: bool = True  # at the end, the val loss over every window: the figure to compare runs by
-    learning_rate: float = 6e-4  # peak, reached after warmup
+    learning_rate: float = 6e-4  # AdamW's peak (with muon: for embeddings, biases, LayerNorms), after warmup
     min_lr: float = 6e-5  # end of the cosine decay
     warmup_iters: int = 100
     weight_decay: float = 0.1  # on 2-D weights only

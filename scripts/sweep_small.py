@@ -31,19 +31,27 @@ OUT = ROOT / "runs" / "sweep"
 # training time stays within small.yaml's (its ratio measured with gpt.bench).
 BASE = ["--model.n_layers=4", "--model.emb_dim=128", "--model.n_heads=4", "--model.context_length=128",
         "--data.batch_size=8", "--train.max_iters=700", "--train.warmup_iters=40", "--train.optimizer=adamw",
-        "--train.learning_rate=2e-3", "--train.min_lr=2e-4", "--train.grad_accum_steps=1"]
+        "--train.learning_rate=2e-3", "--train.min_lr=2e-4", "--train.grad_accum_steps=1",
+        "--train.eval_interval=100", "--train.eval_iters=10"]
 TUNED = ["--train.optimizer=muon", "--train.learning_rate=6e-3", "--train.min_lr=6e-4"]  # stage 1's best
 ROWS = [
     ("adamw", ["--train.optimizer=adamw"]),
     ("muon", ["--train.optimizer=muon"]),
     ("muon-lr0.01", ["--train.optimizer=muon", "--train.muon_lr=0.01"]),
     ("muon-lr0.04", ["--train.optimizer=muon", "--train.muon_lr=0.04"]),
-    ("muon-adamlr6e-3", ["--train.optimizer=muon", "--train.learning_rate=6e-3", "--train.min_lr=6e-4"]),
+    ("muon-adamlr6e-3", TUNED),
+    ("adamw-lr6e-3", ["--train.optimizer=adamw", "--train.learning_rate=6e-3", "--train.min_lr=6e-4"]),  # control
     # Stage 2, at equal training time: per-step cost relative to BASE measured by
-    # `python -m gpt.bench race --config small.yaml --train.max_iters=25 --eval-every 1000 --variants ...`
+    # `python -m gpt.bench race` (the command is in docs/tuning.md)
     # (8 layers 1.17x, 6 layers 1.07x, 192 wide 1.47x, context 256 x batch 4 1.00x; Muon 0.98x AdamW).
-    ("muon-adamlr6e-3-muonlr0.01", [*TUNED[:3], "--train.muon_lr=0.01"]),
+    ("muon-adamlr6e-3-muonlr0.01", [*TUNED, "--train.muon_lr=0.01"]),
     ("muon-adamlr6e-3-8layers", [*TUNED, "--model.n_layers=8", "--train.max_iters=600"]),
+    ("muon-adamlr6e-3-warmup10", [*TUNED, "--train.warmup_iters=10"]),
+    ("muon-adamlr6e-3-warmup100", [*TUNED, "--train.warmup_iters=100"]),
+    # The same tokens (and so about the same time): twice the batch for half the steps, and back.
+    ("muon-adamlr6e-3-batch16", [*TUNED, "--data.batch_size=16", "--train.max_iters=350", "--train.warmup_iters=20"]),
+    ("muon-adamlr6e-3-batch32", [*TUNED, "--data.batch_size=32", "--train.max_iters=175", "--train.warmup_iters=10"]),
+    ("muon-adamlr6e-3-batch4", [*TUNED, "--data.batch_size=4", "--train.max_iters=1400", "--train.warmup_iters=80"]),
 ]
 
 FINAL_LOSS = re.compile(r"val loss over all ([\d,]+) windows of the val split: ([\d.]+)")
@@ -74,11 +82,11 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="", help="comma-separated row names to run (default: all)")
     parser.add_argument("--jobs", type=int, default=1, help="rows trained at the same time")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     names = [name for name in args.rows.split(",") if name]
     unknown = [name for name in names if name not in dict(ROWS)]
     if unknown:

@@ -1,9 +1,11 @@
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from gpt import bench
+from gpt.config import load_config
 from gpt.model import GPTModel, ModelConfig
 
 
@@ -83,3 +85,21 @@ def test_race_bad_variant_is_one_line_error(capsys):
     assert bench.main(["race", "--config", "tiny.yaml", "--variants", "sgd"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot read variant 'sgd'") and "\n" not in err
+
+
+def test_every_row_of_the_small_yaml_sweep_is_a_config_that_loads():
+    """scripts/sweep_small.py: unique row names, each row's settings valid, the batch rows at BASE's tokens."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_small", Path(__file__).parent.parent / "scripts" / "sweep_small.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    names = [name for name, _ in sweep.ROWS]
+    assert len(names) == len(set(names)) and "adamw" in names
+    base = load_config("small.yaml", sweep.BASE)
+    for name, overrides in sweep.ROWS:
+        cfg = load_config("small.yaml", [*sweep.BASE, *overrides])
+        assert cfg.train.optimizer == name.split("-")[0]
+        if "batch" in name:
+            assert cfg.data.batch_size * cfg.train.max_iters == base.data.batch_size * base.train.max_iters
+    assert sweep.main(["--rows", "no-such-row"]) == 2
