@@ -16,7 +16,9 @@ Speed: `Precision` runs forward passes under autocast (bf16, or fp16 with a Grad
 unscales before clipping) when `train.dtype` asks for it or `auto` finds hardware for it;
 `compile_model` wraps the model in `torch.compile` (falling back, with one warning, if that
 fails); `setup_device` turns on TF32 matmuls on CUDA. The un-compiled module is what gets
-saved, so checkpoints load with or without compile.
+saved, so checkpoints load with or without compile. Memory: `train.activation_checkpointing`
+has the model recompute each block's activations in the backward pass instead of keeping them
+(`GPTModel.activation_checkpointing`).
 
 Several processes (torchrun): `train`, `train_step` and `evaluate` take a `Distributed`
 (`gpt.distributed`); the model is wrapped in DistributedDataParallel, micro-steps before the
@@ -70,6 +72,7 @@ class TrainConfig:
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     dtype: str = "auto"  # auto, float32, bfloat16 or float16 (autocast; see pick_dtype)
     compile: bool | str = "auto"  # torch.compile: true, false, or auto (on for CUDA only)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more compute
     tensorboard: bool = False  # also log each evaluation to <out_dir>/tensorboard (gpt/metrics.py)
 
     def __post_init__(self):
@@ -339,6 +342,7 @@ def train(
     scaler = precision.scaler if precision.scaler.is_enabled() else None
     state = restore(optimizer, scaler) if restore is not None else TrainState()
     batches = iter(train_batches)  # after restore: it continues from the restored position
+    model.activation_checkpointing = cfg.activation_checkpointing  # GPTModel.forward reads it
     # DDP first, then compile (PyTorch's advice); both share their parameters with `model`.
     ddp = dist.wrap(model, device)
     net = compile_model(ddp, cfg.compile, device)

@@ -288,10 +288,12 @@ def test_two_processes_train_exactly_like_one(run_args, one_process, tmp_path, o
 def test_four_processes_sharing_micro_batches_train_exactly_like_one(run_args, one_process, tmp_path):
     """2 micro-batches of 4 windows a step among 4 processes: 2 groups of 2, each process taking 2
     windows of one micro-batch. The same 8 windows a step as the single process's 4 micro-batches
-    of 2, and the same 4 windows evaluated (1 batch of 4 for its 2 of 2)."""
+    of 2, and the same 4 windows evaluated (1 batch of 4 for its 2 of 2). With activation
+    checkpointing inside DDP, which must change nothing either."""
     out = tmp_path / "four"
     printed = train_run(4, [*run_args, "--data.batch_size=4", "--train.grad_accum_steps=2", "--train.eval_iters=1",
-                            f"--train.max_iters={STEPS}", f"--train.out_dir={out}"], tmp_path)
+                            "--train.activation_checkpointing=true", f"--train.max_iters={STEPS}",
+                            f"--train.out_dir={out}"], tmp_path)
     assert ("global batch: 4 windows x 2 micro-steps = 128 tokens per step; each of 4 processes runs 1 micro-step "
             "of 2 windows") in printed
     four, one = losses(out), losses(one_process)
