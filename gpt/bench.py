@@ -1,6 +1,8 @@
 """Measure training and sampling speed: `python -m gpt.bench --config small.yaml [options]`.
 
-(`python -m gpt.bench race ...` races optimizers and settings for loss per second: gpt/race.py.)
+(`python -m gpt.bench race ...` races optimizers and settings for loss per second: gpt/race.py;
+`python -m gpt.bench memory ...` measures peak memory with and without activation checkpointing:
+gpt/peak_memory.py.)
 
 Every figure is measured against a baseline in the same run, because absolute speed on a shared
 machine drifts: the baseline is the plain path (explicit attention, float32, no compile,
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gpt import race
+from gpt import peak_memory, race
 from gpt.config import Config, load_config
 from gpt.distributed import SINGLE, Distributed, single_process_group
 from gpt.errors import ArgumentParser, UserError, run_cli
@@ -133,6 +135,7 @@ class TrainBench:
         self.train_cfg = dataclasses.replace(cfg.train, dtype=variant.dtype, compile=variant.compile)
         torch.manual_seed(cfg.train.seed)
         self.model = GPTModel(model_cfg).to(device).train()
+        self.model.activation_checkpointing = self.train_cfg.activation_checkpointing
         self.dist = Distributed(launched=True) if variant.ddp else SINGLE
         wrapped = self.dist.wrap(self.model, device)
         self.net = compile_model(wrapped, variant.compile, device)
@@ -287,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["race"]:
         return race.main(argv[1:])
+    if argv[:1] == ["memory"]:
+        return peak_memory.main(argv[1:])
     parser = ArgumentParser(
         description="Benchmark training and sampling speed for a config (any --section.key=value "
         "override applies, e.g. --data.batch_size=8).", allow_abbrev=False)

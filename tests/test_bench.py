@@ -50,6 +50,20 @@ def test_bench_runs_and_reports_against_the_baseline(capsys):
         "adamw (fused)", "muon + adamw, as train.py builds it", "its muon part alone", "torch.optim.Muon (bf16 inside)"]
 
 
+def test_memory_bench_measures_less_with_activation_checkpointing(capsys):
+    """Each setting in its own process; at a size where the blocks' activations outweigh the
+    logits (a 256-token vocabulary, context 256), checkpointing must cut training's peak memory."""
+    code = bench.main(["memory", "--config", "tiny.yaml", "--model.vocab_size=256", "--model.context_length=256",
+                       "--model.n_layers=4", "--data.batch_size=16", "--train.optimizer=adamw", "--steps", "1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    # off|on, peak, before training, training (GiB), ms per step
+    rows = dict(re.findall(r"^(off|on) +[\d.]+ G +[\d.]+ G +([\d.]+) G +\d+$", out, re.MULTILINE))
+    assert set(rows) == {"off", "on"}, out
+    assert 0 < float(rows["on"]) < 0.8 * float(rows["off"]), out  # training's own peak memory
+    assert "peak resident (RSS)" in out and re.search(r"^on / off +[\d.]+x", out, re.MULTILINE)
+
+
 def test_bench_bad_variant_is_one_line_error(capsys):
     assert bench.main(["--config", "tiny.yaml", "--variants", "sdpa:fp8:on"]) == 2
     err = capsys.readouterr().err.strip()

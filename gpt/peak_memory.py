@@ -1,0 +1,136 @@
+"""Peak training memory with and without activation checkpointing: `python -m gpt.bench memory`.
+
+`python -m gpt.bench memory --config X [--section.key=value ...]` trains the config's model
+for a few steps (random token ids: memory does not depend on the text) twice, with
+`train.activation_checkpointing` off and on, each in a fresh Python process, and prints the
+peak memory of each and their ratio:
+
+- on a GPU, `torch.cuda.max_memory_allocated` over the steps: the tensors themselves, the
+  number that decides whether a run fits;
+- on a CPU, the process's peak resident memory (`ru_maxrss`), which a process can only read for
+  itself, hence one process per setting. It includes what importing torch and building the
+  model take, printed apart as "before training".
+
+The training steps are `train_step` on the model `train.py` builds, with the config's dtype,
+compile setting and optimizer, so the optimizer state (created at the first step) is counted.
+Also printed: milliseconds per step after the first, what the recomputation costs (one
+process after the other, so on a shared machine the ratio is rougher than `gpt.bench`'s).
+`--only off|on` measures one setting in this process and prints it as one JSON line (what
+each child runs).
+"""
+
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gpt.config import Config, load_config
+from gpt.errors import ArgumentParser, UserError, run_cli
+from gpt.model import GPTModel
+from gpt.optim import build_optimizer
+from gpt.training import Precision, compile_model, pick_device, pick_dtype, setup_device, train_step
+
+SETTINGS = {"off": False, "on": True}
+GIB = 2**30
+
+
+def resident_peak() -> int:
+    """This process's peak resident memory so far, in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def measure(cfg: Config, device: torch.device, steps: int) -> dict:
+    """Train `steps` steps of `cfg` here -> {"before": bytes, "peak": bytes, "ms_per_step": ms, "kind": ...}."""
+    setup_device(device)
+    torch.manual_seed(cfg.train.seed)
+    model = GPTModel(cfg.model).to(device).train()
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    net = compile_model(model, cfg.train.compile, device)
+    optimizer = build_optimizer(model, cfg.train, device)
+    precision = Precision(pick_dtype(cfg.train.dtype, device), device)
+    shape = (cfg.data.batch_size, cfg.model.context_length)
+    generator = torch.Generator().manual_seed(0)
+    batches = iter([tuple(torch.randint(0, cfg.model.vocab_size, shape, generator=generator).to(torch.uint16)
+                          for _ in range(2)) for _ in range(steps * cfg.train.grad_accum_steps)])
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device) if cuda else resident_peak()
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        train_step(net, batches, optimizer, precision, cfg.train, device)  # syncs: it reads the loss
+        times.append(time.perf_counter() - started)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else resident_peak()
+    later = times[1:] or times  # the first step also creates the optimizer state (and compiles)
+    return {"before": before, "peak": peak, "ms_per_step": 1e3 * sum(later) / len(later),
+            "kind": "CUDA max allocated" if cuda else "peak resident (RSS)"}
+
+
+def child(argv: list[str], setting: str) -> dict:
+    """`measure` for `setting` in a fresh Python process: its JSON line, read back."""
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "gpt.bench", "memory", *argv, "--only", setting],
+                          capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        lines = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()
+        raise UserError(f"the child measuring activation checkpointing {setting} failed: {lines[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report(cfg: Config, device: torch.device, steps: int, results: dict[str, dict]) -> None:
+    """The two settings side by side, and on / off."""
+    m, off, on = cfg.model, results["off"], results["on"]
+    print(f"peak memory over {steps} training step{'s' if steps > 1 else ''}, each setting in a fresh process: {device}, "
+          f"{m.n_layers} layers, {m.emb_dim} wide, context {m.context_length}, dropout {m.drop_rate}, "
+          f"{cfg.data.batch_size} windows x {cfg.train.grad_accum_steps} micro-step(s), dtype {cfg.train.dtype}, "
+          f"compile {cfg.train.compile}; {off['kind']}")
+    print(f"{'activation checkpointing':<26} {'peak':>10} {'before training':>16} {'training':>10} {'ms/step':>9}")
+    for name, r in (("off", off), ("on", on)):
+        print(f"{name:<26} {r['peak'] / GIB:>8.2f} G {r['before'] / GIB:>14.2f} G "
+              f"{(r['peak'] - r['before']) / GIB:>8.2f} G {r['ms_per_step']:>9.0f}")
+    training = (on["peak"] - on["before"]) / max(off["peak"] - off["before"], 1)
+    print(f"{'on / off':<26} {on['peak'] / off['peak']:>9.2f}x {'':>16} {training:>9.2f}x "
+          f"{on['ms_per_step'] / off['ms_per_step']:>8.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = ArgumentParser(
+        prog="python -m gpt.bench memory",
+        description="Peak training memory with activation checkpointing off and on, each in a fresh "
+        "process. Any --section.key=value override applies to both.", allow_abbrev=False)
+    parser.add_argument("--config", help="YAML config: a path or a file name in configs/")
+    parser.add_argument("--steps", type=int, default=2, help="training steps per setting (the first "
+                        "creates the optimizer state)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, mps or cuda[:N]")
+    parser.add_argument("--only", choices=list(SETTINGS), help="measure this setting in this process "
+                        "and print it as JSON (what each child runs)")
+    args, overrides = parser.parse_known_args(argv)
+
+    def work() -> None:
+        if args.steps < 1:
+            raise UserError("--steps must be at least 1")
+        cfg = load_config(args.config, overrides)
+        device = pick_device(args.device, option="--device")
+        if args.only is not None:
+            cfg.train = dataclasses.replace(cfg.train, activation_checkpointing=SETTINGS[args.only])
+            print(json.dumps(measure(cfg, device, args.steps)))
+            return
+        results = {setting: child(argv, setting) for setting in SETTINGS}
+        report(cfg, device, args.steps, results)
+
+    return run_cli(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
