@@ -28,7 +28,8 @@ from gpt.plot import plot_after_training
 from gpt.pretrained import build_model, resolve_model_config
 from gpt.sampling import print_samples
 from gpt.training import (
-    NonFiniteLoss, Precision, TrainState, evaluate, pick_device, pick_dtype, setup_device, train,
+    NonFiniteLoss, OutOfMemory, Precision, TrainState, evaluate, out_of_memory_named, pick_device, pick_dtype,
+    setup_device, train,
 )
 
 
@@ -128,6 +129,8 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
                           should_stop=stop, log=log, dist=dist)
         except NonFiniteLoss as e:
             raise non_finite_error(e, latest, last_saved) from None
+        except OutOfMemory as e:
+            raise out_of_memory_error(e, cfg, dist, latest, last_saved) from None
         finally:
             if log is not None:
                 log.close()
@@ -135,7 +138,11 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
         say(f"stopped at step {state.step}; saved {latest}; resume with: {resume_command}", flush=True)
         return 128 + (stop.signum or signal.SIGTERM)
     if cfg.train.whole_val_at_end:  # the figure to compare runs by: every window, not the periodic subset
-        val_loss = evaluate(model, whole_val, device, precision, dist)
+        try:
+            with out_of_memory_named("the evaluation over the whole val split after step", state.step, device):
+                val_loss = evaluate(model, whole_val, device, precision, dist)
+        except OutOfMemory as e:
+            raise out_of_memory_error(e, cfg, dist, latest, last_saved) from None
         say(f"val loss over all {len(val_set):,} windows of the val split: {val_loss:.4f} "
             f"(ppl {math.exp(min(val_loss, 50)):.1f})")
     if not dist.is_main:
@@ -179,6 +186,30 @@ def non_finite_error(e: NonFiniteLoss, latest: Path, last_saved: int | None) -> 
     return UserError(f"{e}; last good checkpoint: {latest} (step {last_saved}); lower train.learning_rate "
                      "(or set train.grad_clip) and continue from it with --resume, or start again with "
                      "--overwrite")
+
+
+def out_of_memory_error(e: OutOfMemory, cfg: Config, dist: Distributed, latest: Path,
+                        last_saved: int | None) -> UserError:
+    """The error for running out of GPU memory: where, at which batch size, and what to lower."""
+    batch_size, accum = cfg.data.batch_size, cfg.train.grad_accum_steps
+    training = e.phase == "training step"
+    # Training micro-batches are each process's slice; evaluation batches are data.batch_size whole.
+    windows = dist.local_batch_size(batch_size, accum) if training else batch_size
+    on_each = f" on each of {dist.world_size} processes" if dist.launched else ""
+    ideas = []
+    smaller = next((batch_size // f for f in range(2, batch_size + 1) if batch_size % f == 0), None)
+    if smaller is not None:  # the same global batch in smaller micro-batches
+        ideas.append(f"lower data.batch_size and raise train.grad_accum_steps to keep the global batch (e.g. "
+                     f"--data.batch_size={smaller} --train.grad_accum_steps={accum * batch_size // smaller})")
+    if training and not cfg.train.activation_checkpointing:
+        ideas.append("set --train.activation_checkpointing=true")
+    ideas.append("lower model.context_length")
+    kept = (f"the last checkpoint, {latest} (step {last_saved}), is kept" if last_saved is not None
+            else "no checkpoint was written yet")
+    to_fit = ", ".join(ideas[:-1]) + ", or " + ideas[-1] if len(ideas) > 1 else ideas[0]
+    return UserError(f"{e} with batches of {plural(windows, 'window', 'windows')}{on_each} x "
+                     f"{cfg.model.context_length:,} tokens (data.batch_size {batch_size}, model.context_length "
+                     f"{cfg.model.context_length}); to fit, {to_fit}; {kept}")
 
 
 def resume_command(argv: list[str]) -> str:
