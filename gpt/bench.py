@@ -7,7 +7,8 @@ gpt/peak_memory.py.)
 Every figure is measured against a baseline in the same run, because absolute speed on a shared
 machine drifts: the baseline is the plain path (explicit attention, float32, no compile,
 per-tensor AdamW, vocabulary not padded), the default is what `train.py` does with the config,
-and `--variants` adds others (each with the config's other settings and fused AdamW); `--ddp` adds
+and `--variants` adds others (each with the config's other settings and fused AdamW; `:ckpt` adds
+activation checkpointing); `--ddp` adds
 the default path inside DistributedDataParallel in a group of one process, which is what the
 wrapper costs a multi-GPU run beyond the gradient exchange itself. Variants are
 timed in turns (round-robin, `--rounds` times) and the median is reported, so a slow spell on
@@ -75,18 +76,19 @@ class Variant:
     fused_adamw: bool = True
     vocab_pad_multiple: int | None = None  # None: the config's
     ddp: bool = False  # inside DistributedDataParallel (needs a process group)
+    activation_checkpointing: bool = False  # or the config's train.activation_checkpointing
 
 
 def parse_variant(text: str) -> Variant:
-    """`sdpa:bfloat16:on` -> Variant (attention impl : dtype : compile on/off/auto)."""
+    """`sdpa:bfloat16:on[:ckpt]` -> Variant (attention impl : dtype : compile on/off/auto [: activation checkpointing])."""
     parts = text.split(":")
     compile_values = {"on": True, "off": False, "auto": "auto"}
-    if (len(parts) != 3 or parts[0] not in ("sdpa", "explicit") or parts[1] not in (*DTYPES, "auto")
-            or parts[2] not in compile_values):
-        raise UserError(f"cannot read variant {text!r}; write it as IMPL:DTYPE:COMPILE, "
+    if (len(parts) not in (3, 4) or parts[0] not in ("sdpa", "explicit") or parts[1] not in (*DTYPES, "auto")
+            or parts[2] not in compile_values or parts[3:] not in ([], ["ckpt"])):
+        raise UserError(f"cannot read variant {text!r}; write it as IMPL:DTYPE:COMPILE[:ckpt], "
                         "e.g. sdpa:bfloat16:on (impl sdpa|explicit, dtype auto|float32|bfloat16|float16, "
-                        "compile on|off|auto)")
-    return Variant(text, parts[0], parts[1], compile_values[parts[2]])
+                        "compile on|off|auto; ckpt: with activation checkpointing)")
+    return Variant(text, parts[0], parts[1], compile_values[parts[2]], activation_checkpointing=parts[3:] == ["ckpt"])
 
 
 def flops_per_token(cfg: ModelConfig) -> float:
@@ -135,7 +137,7 @@ class TrainBench:
         self.train_cfg = dataclasses.replace(cfg.train, dtype=variant.dtype, compile=variant.compile)
         torch.manual_seed(cfg.train.seed)
         self.model = GPTModel(model_cfg).to(device).train()
-        self.model.activation_checkpointing = self.train_cfg.activation_checkpointing
+        self.model.activation_checkpointing = variant.activation_checkpointing or self.train_cfg.activation_checkpointing
         self.dist = Distributed(launched=True) if variant.ddp else SINGLE
         wrapped = self.dist.wrap(self.model, device)
         self.net = compile_model(wrapped, variant.compile, device)
@@ -300,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile happens here)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant, taken in turns")
     parser.add_argument("--variants", default="",
-                        help="extra comma-separated IMPL:DTYPE:COMPILE variants, e.g. sdpa:float32:off")
+                        help="extra comma-separated IMPL:DTYPE:COMPILE[:ckpt] variants, e.g. sdpa:float32:off or "
+                        "sdpa:auto:auto:ckpt (with activation checkpointing)")
     parser.add_argument("--ddp", action="store_true",
                         help="also time the default path inside DistributedDataParallel (one process)")
     parser.add_argument("--optimizer-steps", action="store_true",

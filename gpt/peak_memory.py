@@ -7,14 +7,14 @@ peak memory of each and their ratio:
 
 - on a GPU, `torch.cuda.max_memory_allocated` over the steps: the tensors themselves, the
   number that decides whether a run fits;
-- on a CPU, the process's peak resident memory (`ru_maxrss`), which a process can only read for
-  itself, hence one process per setting. It includes what importing torch and building the
+- on a CPU, the process's peak resident memory (`resident_peak`), which a process can only read
+  for itself, hence one process per setting. It includes what importing torch and building the
   model take, printed apart as "before training".
 
 The training steps are `train_step` on the model `train.py` builds, with the config's dtype,
 compile setting and optimizer, so the optimizer state (created at the first step) is counted.
-Also printed: milliseconds per step after the first, what the recomputation costs (one
-process after the other, so on a shared machine the ratio is rougher than `gpt.bench`'s).
+What the recomputation costs in time is for `gpt.bench` to measure, with both settings timed in
+turns in one process: `python -m gpt.bench --config X --variants sdpa:auto:auto:ckpt`.
 `--only off|on` measures one setting in this process and prints it as one JSON line (what
 each child runs).
 """
@@ -25,7 +25,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -41,13 +40,25 @@ GIB = 2**30
 
 
 def resident_peak() -> int:
-    """This process's peak resident memory so far, in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """This process's peak resident memory so far, in bytes.
+
+    Linux: VmHWM, the high-water mark of this program's own memory. (`ru_maxrss` would do on a
+    process of its own, but a child started from a larger process, as pytest is, inherits the
+    parent's figure across exec.) Elsewhere `ru_maxrss` (bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
 
 def measure(cfg: Config, device: torch.device, steps: int) -> dict:
-    """Train `steps` steps of `cfg` here -> {"before": bytes, "peak": bytes, "ms_per_step": ms, "kind": ...}."""
+    """Train `steps` steps of `cfg` here -> {"before": bytes, "peak": bytes, "kind": what was measured}."""
     setup_device(device)
     torch.manual_seed(cfg.train.seed)
     model = GPTModel(cfg.model).to(device).train()
@@ -64,15 +75,10 @@ def measure(cfg: Config, device: torch.device, steps: int) -> dict:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device) if cuda else resident_peak()
-    times = []
     for _ in range(steps):
-        started = time.perf_counter()
         train_step(net, batches, optimizer, precision, cfg.train, device)  # syncs: it reads the loss
-        times.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated(device) if cuda else resident_peak()
-    later = times[1:] or times  # the first step also creates the optimizer state (and compiles)
-    return {"before": before, "peak": peak, "ms_per_step": 1e3 * sum(later) / len(later),
-            "kind": "CUDA max allocated" if cuda else "peak resident (RSS)"}
+    return {"before": before, "peak": peak, "kind": "CUDA max allocated" if cuda else "peak resident (RSS)"}
 
 
 def child(argv: list[str], setting: str) -> dict:
@@ -94,13 +100,13 @@ def report(cfg: Config, device: torch.device, steps: int, results: dict[str, dic
           f"{m.n_layers} layers, {m.emb_dim} wide, context {m.context_length}, dropout {m.drop_rate}, "
           f"{cfg.data.batch_size} windows x {cfg.train.grad_accum_steps} micro-step(s), dtype {cfg.train.dtype}, "
           f"compile {cfg.train.compile}; {off['kind']}")
-    print(f"{'activation checkpointing':<26} {'peak':>10} {'before training':>16} {'training':>10} {'ms/step':>9}")
+    print(f"{'activation checkpointing':<26} {'peak':>10} {'before training':>16} {'training':>10}")
     for name, r in (("off", off), ("on", on)):
         print(f"{name:<26} {r['peak'] / GIB:>8.2f} G {r['before'] / GIB:>14.2f} G "
-              f"{(r['peak'] - r['before']) / GIB:>8.2f} G {r['ms_per_step']:>9.0f}")
+              f"{(r['peak'] - r['before']) / GIB:>8.2f} G")
     training = (on["peak"] - on["before"]) / max(off["peak"] - off["before"], 1)
-    print(f"{'on / off':<26} {on['peak'] / off['peak']:>9.2f}x {'':>16} {training:>9.2f}x "
-          f"{on['ms_per_step'] / off['ms_per_step']:>8.2f}x")
+    print(f"{'on / off':<26} {on['peak'] / off['peak']:>9.2f}x {'':>16} {training:>9.2f}x")
+    print("(training: the peak less what the process held before the first step)")
 
 
 def main(argv: list[str] | None = None) -> int:
