@@ -276,3 +276,13 @@ def test_activation_checkpointing_compiles_and_trains_as_without_it(tiny_cfg, mo
     assert saves[0][1] == pytest.approx(plain_saves[0][1], abs=1e-5)
     for p, q in zip(model.parameters(), plain.parameters()):
         assert torch.allclose(p, q, atol=1e-5)
+
+
+def test_auto_picks_nothing_apple_gpu_users_found_broken(tiny_model):
+    """On MPS, `auto` means no torch.compile and float32 (so no fp16 GradScaler); checked on any machine,
+    since choosing needs no Apple GPU."""
+    mps = torch.device("mps")
+    assert compile_model(tiny_model, "auto", mps) is tiny_model
+    assert pick_dtype("auto", mps) == torch.float32
+    assert not Precision(pick_dtype("auto", mps), mps).scaler.is_enabled()
+    assert TrainConfig().compile == "auto" and TrainConfig().dtype == "auto"  # what a run gets unasked
