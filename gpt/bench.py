@@ -80,7 +80,7 @@ class Variant:
 
 
 def parse_variant(text: str) -> Variant:
-    """`sdpa:bfloat16:on[:ckpt]` -> Variant (attention impl : dtype : compile on/off/auto [: activation checkpointing])."""
+    """`sdpa:bfloat16:on[:ckpt]` -> Variant (attention impl : dtype : compile [: activation checkpointing])."""
     parts = text.split(":")
     compile_values = {"on": True, "off": False, "auto": "auto"}
     if (len(parts) not in (3, 4) or parts[0] not in ("sdpa", "explicit") or parts[1] not in (*DTYPES, "auto")
@@ -137,7 +137,8 @@ class TrainBench:
         self.train_cfg = dataclasses.replace(cfg.train, dtype=variant.dtype, compile=variant.compile)
         torch.manual_seed(cfg.train.seed)
         self.model = GPTModel(model_cfg).to(device).train()
-        self.model.activation_checkpointing = variant.activation_checkpointing or self.train_cfg.activation_checkpointing
+        self.model.activation_checkpointing = (variant.activation_checkpointing
+                                               or self.train_cfg.activation_checkpointing)
         self.dist = Distributed(launched=True) if variant.ddp else SINGLE
         wrapped = self.dist.wrap(self.model, device)
         self.net = compile_model(wrapped, variant.compile, device)

@@ -9,7 +9,8 @@ peak memory of each and their ratio:
   number that decides whether a run fits;
 - on a CPU, the process's peak resident memory (`resident_peak`), which a process can only read
   for itself, hence one process per setting. It includes what importing torch and building the
-  model take, printed apart as "before training".
+  model take, printed apart as "before training", and glibc's default allocation is kept (see
+  `measure`), so it follows the tensors alive at once rather than train.py's retained heap.
 
 The training steps are `train_step` on the model `train.py` builds, with the config's dtype,
 compile setting and optimizer, so the optimizer state (created at the first step) is counted.
@@ -59,7 +60,12 @@ def resident_peak() -> int:
 
 def measure(cfg: Config, device: torch.device, steps: int) -> dict:
     """Train `steps` steps of `cfg` here -> {"before": bytes, "peak": bytes, "kind": what was measured}."""
-    setup_device(device)
+    if device.type == "cuda":
+        setup_device(device)  # TF32, as train.py
+    # Not on a CPU: train.py's keep_freed_memory keeps every freed block in the process, so its
+    # RSS is a high-water mark of the heap that depends on the order of frees (it varied by half a
+    # GB from run to run). glibc's default returns large blocks when they are freed, so the peak
+    # follows the tensors alive at once.
     torch.manual_seed(cfg.train.seed)
     model = GPTModel(cfg.model).to(device).train()
     model.activation_checkpointing = cfg.train.activation_checkpointing
@@ -96,9 +102,10 @@ def child(argv: list[str], setting: str) -> dict:
 def report(cfg: Config, device: torch.device, steps: int, results: dict[str, dict]) -> None:
     """The two settings side by side, and on / off."""
     m, off, on = cfg.model, results["off"], results["on"]
-    print(f"peak memory over {steps} training step{'s' if steps > 1 else ''}, each setting in a fresh process: {device}, "
+    print(f"peak memory over {steps} training step{'s' if steps > 1 else ''}, each setting in a fresh process: "
+          f"{device}, "
           f"{m.n_layers} layers, {m.emb_dim} wide, context {m.context_length}, dropout {m.drop_rate}, "
-          f"{cfg.data.batch_size} windows x {cfg.train.grad_accum_steps} micro-step(s), dtype {cfg.train.dtype}, "
+          f"batch {cfg.data.batch_size} x {cfg.train.grad_accum_steps} accumulation, dtype {cfg.train.dtype}, "
           f"compile {cfg.train.compile}; {off['kind']}")
     print(f"{'activation checkpointing':<26} {'peak':>10} {'before training':>16} {'training':>10}")
     for name, r in (("off", off), ("on", on)):
