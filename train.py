@@ -16,7 +16,7 @@ import torch
 from gpt.checkpoint import BEST_NAME, LATEST_NAME, load_checkpoint, run_checkpoints, save_checkpoint
 from gpt.config import Config, load_config
 from gpt.data import TrainBatches, eval_loader, load_split, prepare
-from gpt.distributed import Distributed, environment_rank, launched_by_torchrun, start
+from gpt.distributed import Distributed, environment_place, environment_rank, launched_by_torchrun, start
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.model import GPTModel
 from gpt.resume import (
@@ -28,7 +28,8 @@ from gpt.plot import plot_after_training
 from gpt.pretrained import build_model, resolve_model_config
 from gpt.sampling import print_samples
 from gpt.training import (
-    NonFiniteLoss, Precision, TrainState, evaluate, pick_device, pick_dtype, setup_device, train,
+    NonFiniteLoss, OutOfMemory, Precision, TrainState, evaluate, out_of_memory_named, pick_device, pick_dtype,
+    setup_device, train,
 )
 
 
@@ -38,6 +39,8 @@ def run(cfg: Config, resume: bool, overwrite: bool, resume_command: str) -> int:
     Returns the exit code: 0 when the run is complete, 128 + the signal's number when SIGINT
     or SIGTERM stopped it (after saving). Under torchrun this is one of the processes.
     """
+    # Before joining the process group: a batch the processes cannot share stops every one at once.
+    environment_place().check_batch(cfg.data.batch_size, cfg.train.grad_accum_steps)
     dist, device = start(pick_device(cfg.train.device))
     try:
         return train_run(cfg, resume, overwrite, resume_command, dist, device)
@@ -49,7 +52,6 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
               device: torch.device) -> int:
     """`run`'s work, as process `dist.rank` of `dist.world_size` (rank 0 of 1 without torchrun)."""
     say = print if dist.is_main else lambda *args, **kwargs: None  # rank 0 speaks for all
-    dist.check_batch(cfg.train.grad_accum_steps)
     # A pretrained init_from brings its architecture (context_length included) with its weights;
     # resolved first, so a resume compares the architecture it will really build.
     cfg.model = resolve_model_config(cfg.model, cfg.given_keys.get("model", ()))
@@ -63,8 +65,9 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
     train_set = load_split(prepared, "train", context, cfg.data.stride or context)
     val_set = load_split(prepared, "val", context, context)
     pin = device.type == "cuda"
-    train_batches = TrainBatches(train_set, cfg.data.batch_size, cfg.train.seed, cfg.data.num_workers,
-                                 pin_memory=pin, rank=dist.rank, world_size=dist.world_size)
+    batch_size, accum = cfg.data.batch_size, cfg.train.grad_accum_steps
+    train_batches = TrainBatches(train_set, batch_size, cfg.train.seed, cfg.data.num_workers, pin_memory=pin,
+                                 rank=dist.rank, world_size=dist.world_size, shares=dist.batch_shares(accum))
     eval_loaders = {
         split: eval_loader(dataset, cfg.data.batch_size, cfg.train.eval_iters, dist.rank, dist.world_size)
         for split, dataset in (("train", train_set), ("val", val_set))
@@ -75,13 +78,11 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
     model = (GPTModel(cfg.model) if checkpoint is not None else build_model(cfg.model)).to(device)
     if dist.rank:  # the same weights everywhere (DDP also copies rank 0's), other dropout masks
         seed_everything(rank_seed(cfg.train.seed, dist.rank))
-    tokens_per_step = cfg.data.batch_size * context * cfg.train.grad_accum_steps
+    tokens_per_step = batch_size * context * accum
     processes = f" x {plural(dist.world_size, 'process', 'processes')}" if dist.launched else ""
-    micro_steps = plural(dist.local_accum_steps(cfg.train.grad_accum_steps), "micro-step", "micro-steps")
     say(f"model: {model.num_parameters() / 1e6:.2f}M parameters; device: {device}{processes}; "
         f"{len(train_set):,} train windows")
-    say(f"global batch: {cfg.data.batch_size} windows x {micro_steps}{processes} = "
-        f"{tokens_per_step:,} tokens per step")
+    say(batch_line(batch_size, accum, context, dist))
 
     precision = Precision(pick_dtype(cfg.train.dtype, device), device)
     latest, best = out_dir / LATEST_NAME, out_dir / BEST_NAME
@@ -128,6 +129,8 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
                           should_stop=stop, log=log, dist=dist)
         except NonFiniteLoss as e:
             raise non_finite_error(e, latest, last_saved) from None
+        except OutOfMemory as e:
+            raise out_of_memory_error(e, cfg, dist, latest, last_saved) from None
         finally:
             if log is not None:
                 log.close()
@@ -135,7 +138,11 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
         say(f"stopped at step {state.step}; saved {latest}; resume with: {resume_command}", flush=True)
         return 128 + (stop.signum or signal.SIGTERM)
     if cfg.train.whole_val_at_end:  # the figure to compare runs by: every window, not the periodic subset
-        val_loss = evaluate(model, whole_val, device, precision, dist)
+        try:
+            with out_of_memory_named("the evaluation over the whole val split after step", state.step, device):
+                val_loss = evaluate(model, whole_val, device, precision, dist)
+        except OutOfMemory as e:
+            raise out_of_memory_error(e, cfg, dist, latest, last_saved) from None
         say(f"val loss over all {len(val_set):,} windows of the val split: {val_loss:.4f} "
             f"(ppl {math.exp(min(val_loss, 50)):.1f})")
     if not dist.is_main:
@@ -150,6 +157,17 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
 
 def plural(count: int, word: str, words: str) -> str:
     return f"{count} {word if count == 1 else words}"
+
+
+def batch_line(batch_size: int, accum: int, context: int, dist: Distributed) -> str:
+    """The global batch, and with several processes what each of them runs of it."""
+    line = (f"global batch: {plural(batch_size, 'window', 'windows')} x {plural(accum, 'micro-step', 'micro-steps')}"
+            f" = {batch_size * accum * context:,} tokens per step")
+    if not dist.launched:
+        return line
+    local_steps = plural(dist.local_accum_steps(accum), "micro-step", "micro-steps")
+    local_batch = plural(dist.local_batch_size(batch_size, accum), "window", "windows")
+    return f"{line}; each of {dist.world_size} processes runs {local_steps} of {local_batch}"
 
 
 def open_checkpoint(path: Path, cfg: Config, say=print) -> dict:
@@ -168,6 +186,30 @@ def non_finite_error(e: NonFiniteLoss, latest: Path, last_saved: int | None) -> 
     return UserError(f"{e}; last good checkpoint: {latest} (step {last_saved}); lower train.learning_rate "
                      "(or set train.grad_clip) and continue from it with --resume, or start again with "
                      "--overwrite")
+
+
+def out_of_memory_error(e: OutOfMemory, cfg: Config, dist: Distributed, latest: Path,
+                        last_saved: int | None) -> UserError:
+    """The error for running out of GPU memory: where, at which batch size, and what to lower."""
+    batch_size, accum = cfg.data.batch_size, cfg.train.grad_accum_steps
+    training = e.phase == "training step"
+    # Training micro-batches are each process's slice; evaluation batches are data.batch_size whole.
+    windows = dist.local_batch_size(batch_size, accum) if training else batch_size
+    on_each = f" on each of {dist.world_size} processes" if dist.launched else ""
+    ideas = []
+    smaller = next((batch_size // f for f in range(2, batch_size + 1) if batch_size % f == 0), None)
+    if smaller is not None:  # the same global batch in smaller micro-batches
+        ideas.append(f"lower data.batch_size and raise train.grad_accum_steps to keep the global batch (e.g. "
+                     f"--data.batch_size={smaller} --train.grad_accum_steps={accum * batch_size // smaller})")
+    if training and not cfg.train.activation_checkpointing:
+        ideas.append("set --train.activation_checkpointing=true")
+    ideas.append("lower model.context_length")
+    kept = (f"the last checkpoint, {latest} (step {last_saved}), is kept" if last_saved is not None
+            else "no checkpoint was written yet")
+    to_fit = ", ".join(ideas[:-1]) + ", or " + ideas[-1] if len(ideas) > 1 else ideas[0]
+    return UserError(f"{e} with batches of {plural(windows, 'window', 'windows')}{on_each} x "
+                     f"{cfg.model.context_length:,} tokens (data.batch_size {batch_size}, model.context_length "
+                     f"{cfg.model.context_length}); to fit, {to_fit}; {kept}")
 
 
 def resume_command(argv: list[str]) -> str:

@@ -1,11 +1,14 @@
 """Measure training and sampling speed: `python -m gpt.bench --config small.yaml [options]`.
 
-(`python -m gpt.bench race ...` races optimizers and settings for loss per second: gpt/race.py.)
+(`python -m gpt.bench race ...` races optimizers and settings for loss per second: gpt/race.py;
+`python -m gpt.bench memory ...` measures peak memory with and without activation checkpointing:
+gpt/peak_memory.py.)
 
 Every figure is measured against a baseline in the same run, because absolute speed on a shared
 machine drifts: the baseline is the plain path (explicit attention, float32, no compile,
 per-tensor AdamW, vocabulary not padded), the default is what `train.py` does with the config,
-and `--variants` adds others (each with the config's other settings and fused AdamW); `--ddp` adds
+and `--variants` adds others (each with the config's other settings and fused AdamW; `:ckpt` adds
+activation checkpointing); `--ddp` adds
 the default path inside DistributedDataParallel in a group of one process, which is what the
 wrapper costs a multi-GPU run beyond the gradient exchange itself. Variants are
 timed in turns (round-robin, `--rounds` times) and the median is reported, so a slow spell on
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gpt import race
+from gpt import peak_memory, race
 from gpt.config import Config, load_config
 from gpt.distributed import SINGLE, Distributed, single_process_group
 from gpt.errors import ArgumentParser, UserError, run_cli
@@ -73,18 +76,19 @@ class Variant:
     fused_adamw: bool = True
     vocab_pad_multiple: int | None = None  # None: the config's
     ddp: bool = False  # inside DistributedDataParallel (needs a process group)
+    activation_checkpointing: bool = False  # or the config's train.activation_checkpointing
 
 
 def parse_variant(text: str) -> Variant:
-    """`sdpa:bfloat16:on` -> Variant (attention impl : dtype : compile on/off/auto)."""
+    """`sdpa:bfloat16:on[:ckpt]` -> Variant (attention impl : dtype : compile [: activation checkpointing])."""
     parts = text.split(":")
     compile_values = {"on": True, "off": False, "auto": "auto"}
-    if (len(parts) != 3 or parts[0] not in ("sdpa", "explicit") or parts[1] not in (*DTYPES, "auto")
-            or parts[2] not in compile_values):
-        raise UserError(f"cannot read variant {text!r}; write it as IMPL:DTYPE:COMPILE, "
+    if (len(parts) not in (3, 4) or parts[0] not in ("sdpa", "explicit") or parts[1] not in (*DTYPES, "auto")
+            or parts[2] not in compile_values or parts[3:] not in ([], ["ckpt"])):
+        raise UserError(f"cannot read variant {text!r}; write it as IMPL:DTYPE:COMPILE[:ckpt], "
                         "e.g. sdpa:bfloat16:on (impl sdpa|explicit, dtype auto|float32|bfloat16|float16, "
-                        "compile on|off|auto)")
-    return Variant(text, parts[0], parts[1], compile_values[parts[2]])
+                        "compile on|off|auto; ckpt: with activation checkpointing)")
+    return Variant(text, parts[0], parts[1], compile_values[parts[2]], activation_checkpointing=parts[3:] == ["ckpt"])
 
 
 def flops_per_token(cfg: ModelConfig) -> float:
@@ -133,6 +137,8 @@ class TrainBench:
         self.train_cfg = dataclasses.replace(cfg.train, dtype=variant.dtype, compile=variant.compile)
         torch.manual_seed(cfg.train.seed)
         self.model = GPTModel(model_cfg).to(device).train()
+        self.model.activation_checkpointing = (variant.activation_checkpointing
+                                               or self.train_cfg.activation_checkpointing)
         self.dist = Distributed(launched=True) if variant.ddp else SINGLE
         wrapped = self.dist.wrap(self.model, device)
         self.net = compile_model(wrapped, variant.compile, device)
@@ -287,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["race"]:
         return race.main(argv[1:])
+    if argv[:1] == ["memory"]:
+        return peak_memory.main(argv[1:])
     parser = ArgumentParser(
         description="Benchmark training and sampling speed for a config (any --section.key=value "
         "override applies, e.g. --data.batch_size=8).", allow_abbrev=False)
@@ -295,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile happens here)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant, taken in turns")
     parser.add_argument("--variants", default="",
-                        help="extra comma-separated IMPL:DTYPE:COMPILE variants, e.g. sdpa:float32:off")
+                        help="extra comma-separated IMPL:DTYPE:COMPILE[:ckpt] variants, e.g. sdpa:float32:off or "
+                        "sdpa:auto:auto:ckpt (with activation checkpointing)")
     parser.add_argument("--ddp", action="store_true",
                         help="also time the default path inside DistributedDataParallel (one process)")
     parser.add_argument("--optimizer-steps", action="store_true",

@@ -379,11 +379,13 @@ class TrainBatches:
     `world_size`: they all follow the same stream, and batch i of it (counted from where they
     start) goes to process i mod `world_size`. Together they read what one process would have
     read, in the same steps, and the position a checkpoint records (that of the whole group)
-    means the same for any number of processes.
+    means the same for any number of processes. With `shares` > 1, `shares` consecutive ranks
+    take each batch together: batch i goes to the i mod (world_size / shares)-th of them, and
+    each process yields its 1/shares slice of the batch's windows (in rank order).
     """
 
     def __init__(self, dataset: TokenWindows, batch_size: int, seed: int, num_workers: int = 0,
-                 pin_memory: bool = False, rank: int = 0, world_size: int = 1):
+                 pin_memory: bool = False, rank: int = 0, world_size: int = 1, shares: int = 1):
         if len(dataset) < batch_size:
             raise UserError(
                 f"the train split has {len(dataset)} windows, fewer than data.batch_size "
@@ -394,8 +396,11 @@ class TrainBatches:
         self.seed = seed
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        self.rank = rank
-        self.world_size = world_size
+        if world_size % shares or batch_size % shares:
+            raise ValueError(f"{shares} processes cannot share batches of {batch_size} among {world_size}")
+        self.group, self.part = divmod(rank, shares)  # which ranks take a batch together; our slice of it
+        self.groups = world_size // shares
+        self.shares = shares
         self.epoch = 0
         self.batch_in_epoch = 0
 
@@ -423,24 +428,26 @@ class TrainBatches:
     def __iter__(self):
         per_epoch, size = self.batches_per_epoch, self.batch_size
         start = self.epoch * per_epoch + self.batch_in_epoch  # batches of the stream already read
-        mine = start + self.rank  # the stream position of this process's next batch
+        mine = start + self.group  # the stream position of this process's next batch
+        piece = size // self.shares  # windows of each batch this process takes
         while True:
             epoch, first = divmod(mine, per_epoch)
             order = self.epoch_order(epoch)
-            positions = range(first, per_epoch, self.world_size)
+            positions = range(first, per_epoch, self.groups)
+            slices = [(j * size + self.part * piece, j * size + (self.part + 1) * piece) for j in positions]
             # Its own generator also seeds the loader's workers, so the global RNG (dropout's) is
             # never drawn from here and a resumed run's dropout masks match an unbroken one's.
             loader = DataLoader(
-                self.dataset, batch_sampler=[order[j * size:(j + 1) * size].tolist() for j in positions],
+                self.dataset, batch_sampler=[order[a:b].tolist() for a, b in slices],
                 generator=torch.Generator().manual_seed(self.seed + epoch),
                 num_workers=self.num_workers, pin_memory=self.pin_memory,
             )
             for position, batch in zip(positions, loader):
                 # Once every process has taken its batch of this round, the stream is past it.
-                done = epoch * per_epoch + position - self.rank + self.world_size
+                done = epoch * per_epoch + position - self.group + self.groups
                 self.epoch, self.batch_in_epoch = divmod(done, per_epoch)
                 yield batch
-            mine = epoch * per_epoch + positions[-1] + self.world_size
+            mine = epoch * per_epoch + positions[-1] + self.groups
 
 
 def eval_loader(dataset: TokenWindows, batch_size: int, max_batches: int | None, rank: int = 0,

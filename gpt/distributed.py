@@ -10,19 +10,26 @@ How the work is split, so that N processes train exactly as one process would:
 
 - Every process holds the whole model; `wrap` puts it in PyTorch's DistributedDataParallel,
   which averages the gradients across processes during backward.
-- The global batch is `data.batch_size x train.grad_accum_steps` windows, whatever N is: each
-  process runs `grad_accum_steps / N` micro-batches per step (`local_accum_steps`), and DDP's
-  `no_sync` skips the gradient exchange on all but the last of them.
-- The micro-batches come from the one shuffled stream a single process would read: micro-batch
-  i of the stream goes to process i mod N (`TrainBatches(rank=, world_size=)`), so a step sees
-  the same windows for any N and a checkpoint's data position means the same thing for any N.
-- Evaluation batches are dealt out the same way and the loss sums are added up across processes
-  (`sum`), so every process gets the mean over all of them.
+- The global batch is `data.batch_size x train.grad_accum_steps` windows (B x A), whatever N
+  is, and it comes from the one shuffled stream a single process would read, so a step sees the
+  same windows for any N and a checkpoint's data position means the same thing for any N.
+- The processes form g = gcd(A, N) groups of N / g consecutive ranks. Micro-batch i of a step
+  goes to group i mod g, and each process of that group takes its slice of it, B * g / N
+  windows (`TrainBatches(rank=, world_size=, shares=)`). When N divides A that is N groups of
+  one: whole micro-batches, A / N each. When A is 1 (tiny.yaml, small.yaml) it is one group:
+  every process takes 1/N of the one micro-batch. Only a global batch B x A that N does not
+  divide cannot be shared (`check_batch`). Every process's share of a step is the same size,
+  so the mean of their mean losses is the mean over the whole batch, as in one process.
+- Each process runs A / g micro-steps (`local_accum_steps`); DDP's `no_sync` skips the
+  gradient exchange on all but the last of them.
+- Evaluation batches are dealt out whole, batch i to process i mod N, and the loss sums are
+  added up across processes (`sum`), so every process gets the mean over all of them.
 - Only rank 0 prints, shows progress bars, writes metrics and writes checkpoints; a stop asked
   of any process (Ctrl-C, SIGTERM) is agreed on by all (`any`) so they stop at the same step.
 """
 
 import inspect
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,26 +60,45 @@ class Distributed:
     local_rank: int = 0  # rank among the processes on this machine: picks the GPU
     world_size: int = 1
     local_world_size: int = 1
-    launched: bool = False  # started by torchrun, with a process group
+    launched: bool = False  # started by torchrun (`start` joins its process group)
 
     @property
     def is_main(self) -> bool:
         """Rank 0: the process that prints, logs and saves."""
         return self.rank == 0
 
-    def local_accum_steps(self, grad_accum_steps: int) -> int:
-        """Micro-batches per step for this process: the global count split evenly (checked by `check_batch`)."""
-        return grad_accum_steps // self.world_size
+    def accum_groups(self, grad_accum_steps: int) -> int:
+        """How many groups of processes take the step's micro-batches in turn: gcd(grad_accum_steps, N)."""
+        return math.gcd(grad_accum_steps, self.world_size)
 
-    def check_batch(self, grad_accum_steps: int) -> None:
-        """A clear error when the global batch cannot be split evenly over the processes."""
-        if grad_accum_steps % self.world_size:
-            multiple = self.world_size * max(1, round(grad_accum_steps / self.world_size))
-            raise UserError(
-                f"train.grad_accum_steps is {grad_accum_steps}, which {self.world_size} processes cannot "
-                f"share evenly (the global batch is data.batch_size x grad_accum_steps, kept the same for "
-                f"any number of processes); set --train.grad_accum_steps={multiple} (with a smaller "
-                "data.batch_size to keep the global batch) or start a number of processes that divides it")
+    def batch_shares(self, grad_accum_steps: int) -> int:
+        """How many processes share each micro-batch (1: each takes whole micro-batches)."""
+        return self.world_size // self.accum_groups(grad_accum_steps)
+
+    def local_accum_steps(self, grad_accum_steps: int) -> int:
+        """Micro-steps per optimizer step for this process (its group's share of the micro-batches)."""
+        return grad_accum_steps // self.accum_groups(grad_accum_steps)
+
+    def local_batch_size(self, batch_size: int, grad_accum_steps: int) -> int:
+        """Windows per micro-step for this process: its slice of a micro-batch (checked by `check_batch`)."""
+        return batch_size // self.batch_shares(grad_accum_steps)
+
+    def check_batch(self, batch_size: int, grad_accum_steps: int) -> None:
+        """A clear error, with values that work, when the global batch cannot be shared evenly."""
+        windows, n = batch_size * grad_accum_steps, self.world_size
+        if windows % n == 0:
+            return
+        # The smallest batch_size (or grad_accum_steps) at least as large whose global batch n divides.
+        batch_step = n // math.gcd(grad_accum_steps, n)
+        accum_step = n // math.gcd(batch_size, n)
+        counts = [str(d) for d in range(1, windows + 1) if windows % d == 0][:8]
+        counts = counts[0] if len(counts) == 1 else f"{', '.join(counts[:-1])} or {counts[-1]}"
+        raise UserError(
+            f"the global batch, data.batch_size x train.grad_accum_steps = {batch_size} x {grad_accum_steps} = "
+            f"{windows} windows, cannot be shared evenly by {n} processes; start {counts} processes "
+            f"(--nproc_per_node), or make the global batch a multiple of {n}: "
+            f"--data.batch_size={-(-batch_size // batch_step) * batch_step} or "
+            f"--train.grad_accum_steps={-(-grad_accum_steps // accum_step) * accum_step}")
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` summed over every process, in place (itself when there is one process)."""
@@ -142,19 +168,26 @@ def environment_rank() -> int:
         return 0
 
 
+def environment_place() -> Distributed:
+    """This process's place as torchrun's variables give it (`SINGLE` without them); joins no group."""
+    if not launched_by_torchrun():
+        return SINGLE
+    try:
+        return Distributed(*(int(os.environ[key]) for key in ENV_KEYS), launched=True)
+    except ValueError:
+        raise UserError(f"the torchrun variables {', '.join(ENV_KEYS)} must be whole numbers; "
+                        "start train.py with torchrun, or with python for one process") from None
+
+
 def start(device: torch.device) -> tuple[Distributed, torch.device]:
     """Join the process group when started by torchrun -> (this process's place, its device).
 
     `device` is the one `train.device` picked; under torchrun a CUDA device becomes
     `cuda:LOCAL_RANK`. Without torchrun: (`SINGLE`, `device`), and nothing is set up.
     """
-    if not launched_by_torchrun():
+    place = environment_place()
+    if not place.launched:
         return SINGLE, device
-    try:
-        place = Distributed(*(int(os.environ[key]) for key in ENV_KEYS), launched=True)
-    except ValueError:
-        raise UserError(f"the torchrun variables {', '.join(ENV_KEYS)} must be whole numbers; "
-                        "start train.py with torchrun, or with python for one process") from None
     if device.type == "cuda":
         if device.index is not None:
             raise UserError(f"train.device is {device}, but under torchrun each process uses the GPU of its "

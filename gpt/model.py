@@ -9,6 +9,11 @@ The model only computes logits: the loss lives in `gpt.training`, generation in
 projections that write into the residual stream scaled down by 1/sqrt(2 * n_layers) so the
 stream's variance does not grow with depth.
 
+With `activation_checkpointing` set (training sets it from `train.activation_checkpointing`), a
+forward pass that records gradients keeps only each block's input; the block's activations are
+recomputed in the backward pass (`torch.utils.checkpoint`, non-reentrant), with the same dropout
+masks: less memory for about one more forward pass of the blocks.
+
 The embedding (and so the tied head) has `padded_vocab_size` rows: `vocab_size` rounded up to
 a multiple of `vocab_pad_multiple` (50257 -> 50304), a shape GPU matrix units handle much
 faster. The extra ids are not tokens: the head adds -inf to their logits (as a fused bias),
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from gpt.attention import ATTENTION_IMPLS, CausalAttention, LayerKVCache
 
@@ -115,6 +121,9 @@ class GPTModel(nn.Module):
         # Weight tying (GPT-2): the head reuses the token embedding matrix, which saves
         # vocab_size * emb_dim parameters, most of a small model.
         self.out_head.weight = self.tok_emb.weight
+        # Recompute each block in backward instead of storing its activations (a setting of the
+        # run, not of the architecture: not saved, and a resumed run may change it).
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layers)
         for block in self.trf_blocks:
@@ -162,5 +171,10 @@ class GPTModel(nn.Module):
         x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, emb_dim)
         x = self.drop_emb(x)
         for i, block in enumerate(self.trf_blocks):
-            x = block(x, None if cache is None else cache[i])
+            if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
+                # Only x (B, T, emb_dim) is kept for backward; the RNG state is saved with it and
+                # replayed, so the recomputation draws the same dropout masks.
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, None if cache is None else cache[i])
         return F.linear(self.final_norm(x), self.out_head.weight, self.logit_bias)  # (B, T, V_padded)

@@ -10,13 +10,17 @@ variables; the loop knows nothing of files: `save` and `restore` are given to it
 schedule come from `gpt.optim`.
 
 A non-finite loss (or, before a save, non-finite weights) stops the run with `NonFiniteLoss`
-before anything is updated or saved, so a NaN model never replaces a good checkpoint.
+before anything is updated or saved, so a NaN model never replaces a good checkpoint. Running
+out of GPU memory in a step or an evaluation stops it with `OutOfMemory`, likewise before any
+save.
 
 Speed: `Precision` runs forward passes under autocast (bf16, or fp16 with a GradScaler that
 unscales before clipping) when `train.dtype` asks for it or `auto` finds hardware for it;
 `compile_model` wraps the model in `torch.compile` (falling back, with one warning, if that
 fails); `setup_device` turns on TF32 matmuls on CUDA. The un-compiled module is what gets
-saved, so checkpoints load with or without compile.
+saved, so checkpoints load with or without compile. Memory: `train.activation_checkpointing`
+has the model recompute each block's activations in the backward pass instead of keeping them
+(`GPTModel.activation_checkpointing`).
 
 Several processes (torchrun): `train`, `train_step` and `evaluate` take a `Distributed`
 (`gpt.distributed`); the model is wrapped in DistributedDataParallel, micro-steps before the
@@ -27,6 +31,7 @@ last skip the gradient exchange, and losses are summed across processes. Without
 import contextlib
 import ctypes
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -70,6 +75,7 @@ class TrainConfig:
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     dtype: str = "auto"  # auto, float32, bfloat16 or float16 (autocast; see pick_dtype)
     compile: bool | str = "auto"  # torch.compile: true, false, or auto (on for CUDA only)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more compute
     tensorboard: bool = False  # also log each evaluation to <out_dir>/tensorboard (gpt/metrics.py)
 
     def __post_init__(self):
@@ -247,6 +253,32 @@ class NonFiniteLoss(Exception):
         self.step = step
 
 
+class OutOfMemory(Exception):
+    """The device ran out of memory during `phase` (a training step or an evaluation) at `step`.
+
+    Raised from `torch.OutOfMemoryError` (CUDA's), which leaves nothing saved half way: the last
+    checkpoint is the one before. `train.py` turns it into one line saying what to lower.
+    """
+
+    def __init__(self, phase: str, step: int, device: torch.device, error: torch.OutOfMemoryError):
+        tried = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]?i?B)", str(error))
+        self.phase, self.step, self.device = phase, step, device
+        self.tried = tried.group(1) if tried else None
+        super().__init__(f"out of memory on {device} during {phase} {step}"
+                         + (f" (tried to allocate {self.tried})" if self.tried else ""))
+
+
+@contextlib.contextmanager
+def out_of_memory_named(phase: str, step: int, device: torch.device, progress: tqdm | None = None):
+    """Inside, `torch.OutOfMemoryError` becomes `OutOfMemory(phase, step, ...)`, the progress bar closed first."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        if progress is not None:
+            progress.close()
+        raise OutOfMemory(phase, step, device, e) from None  # from None: the failed step's tensors can go
+
+
 def weights_are_finite(model: nn.Module) -> bool:
     """True when no parameter holds a NaN or an infinity (one device sync for all of them)."""
     return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
@@ -339,6 +371,7 @@ def train(
     scaler = precision.scaler if precision.scaler.is_enabled() else None
     state = restore(optimizer, scaler) if restore is not None else TrainState()
     batches = iter(train_batches)  # after restore: it continues from the restored position
+    model.activation_checkpointing = cfg.activation_checkpointing  # GPTModel.forward reads it
     # DDP first, then compile (PyTorch's advice); both share their parameters with `model`.
     ddp = dist.wrap(model, device)
     net = compile_model(ddp, cfg.compile, device)
@@ -351,19 +384,22 @@ def train(
         started = time.perf_counter()
         lr = set_learning_rate(optimizer, state.step, cfg)
         step_args = (batches, optimizer, precision, cfg, device, state.step + 1, dist)
-        try:
-            step_loss, tokens = train_step(net, *step_args)
-        except NonFiniteLoss:
-            progress.close()
-            raise
-        except Exception as e:
-            if net is ddp or compiled_once:  # not a failure to compile: a real error
+        with out_of_memory_named("training step", state.step + 1, device, progress):
+            try:
+                step_loss, tokens = train_step(net, *step_args)
+            except NonFiniteLoss:
+                progress.close()
                 raise
-            # Compilation happens at the first call; if it fails, carry on without it.
-            warn_compile_failed(e)
-            net = ddp
-            optimizer.zero_grad(set_to_none=True)
-            step_loss, tokens = train_step(net, *step_args)
+            except torch.OutOfMemoryError:  # not a failure to compile: too large for the device
+                raise
+            except Exception as e:
+                if net is ddp or compiled_once:  # not a failure to compile: a real error
+                    raise
+                # Compilation happens at the first call; if it fails, carry on without it.
+                warn_compile_failed(e)
+                net = ddp
+                optimizer.zero_grad(set_to_none=True)
+                step_loss, tokens = train_step(net, *step_args)
         compiled_once = True
         state.step += 1
 
@@ -374,8 +410,9 @@ def train(
 
         evaluated = state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters
         if evaluated:
-            state.train_loss = evaluate(net, eval_loaders["train"], device, precision, dist)
-            state.val_loss = evaluate(net, eval_loaders["val"], device, precision, dist)
+            with out_of_memory_named("the evaluation at step", state.step, device, progress):
+                state.train_loss = evaluate(net, eval_loaders["train"], device, precision, dist)
+                state.val_loss = evaluate(net, eval_loaders["val"], device, precision, dist)
             _stop_if_not_finite(state.train_loss, "train loss", state.step, progress)
             _stop_if_not_finite(state.val_loss, "val loss", state.step, progress)
             if state.val_loss < state.best_val_loss:

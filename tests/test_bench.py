@@ -36,11 +36,13 @@ def test_gpu_peak_table(name, dtype, peak, monkeypatch):
 
 def test_bench_runs_and_reports_against_the_baseline(capsys):
     code = bench.main(["--config", "tiny.yaml", "--steps", "1", "--warmup", "0", "--rounds", "2",
-                       "--sample-tokens", "5", "--variants", "sdpa:float32:off", "--ddp", "--optimizer-steps"])
+                       "--sample-tokens", "5", "--variants", "sdpa:float32:off,sdpa:float32:off:ckpt", "--ddp",
+                       "--optimizer-steps"])
     out = capsys.readouterr().out
     assert code == 0
     rows = {line.strip().split("  ")[0]: line for line in out.splitlines() if line.endswith("x")}
-    assert set(rows) >= {"baseline (plain path)", "sdpa:float32:off", "default in DDP (1 process)", "speed-up:"}
+    assert set(rows) >= {"baseline (plain path)", "sdpa:float32:off", "sdpa:float32:off:ckpt",
+                         "default in DDP (1 process)", "speed-up:"}
     assert rows["baseline (plain path)"].endswith(" 1.00x")
     assert "MFU" in out and "%" in rows["sdpa:float32:off"]  # a measured CPU peak gives an MFU
     assert "kv cache:" in out and "recompute:" in out
@@ -50,10 +52,28 @@ def test_bench_runs_and_reports_against_the_baseline(capsys):
         "adamw (fused)", "muon + adamw, as train.py builds it", "its muon part alone", "torch.optim.Muon (bf16 inside)"]
 
 
+def test_memory_bench_measures_less_with_activation_checkpointing(capsys):
+    """Each setting in its own process; at a size where the blocks' activations outweigh the
+    logits (a 256-token vocabulary, context 256, 8 layers), checkpointing must cut training's peak
+    memory (measured: to about half of it)."""
+    code = bench.main(["memory", "--config", "tiny.yaml", "--model.vocab_size=256", "--model.context_length=256",
+                       "--model.n_layers=8", "--data.batch_size=16", "--train.optimizer=adamw", "--steps", "1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    # off|on, peak, before training, training (GiB)
+    rows = dict(re.findall(r"^(off|on) +[\d.]+ G +[\d.]+ G +([\d.]+) G$", out, re.MULTILINE))
+    assert set(rows) == {"off", "on"}, out
+    assert 0 < float(rows["on"]) < 0.8 * float(rows["off"]), out  # training's own peak memory
+    assert "peak resident (RSS)" in out and re.search(r"^on / off +[\d.]+x", out, re.MULTILINE)
+
+
 def test_bench_bad_variant_is_one_line_error(capsys):
     assert bench.main(["--config", "tiny.yaml", "--variants", "sdpa:fp8:on"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot read variant 'sdpa:fp8:on'") and "\n" not in err
+    assert bench.parse_variant("sdpa:auto:auto:ckpt").activation_checkpointing
+    assert not bench.parse_variant("sdpa:auto:auto").activation_checkpointing
+    assert bench.main(["--config", "tiny.yaml", "--variants", "sdpa:auto:auto:fast"]) == 2
 
 
 def test_race_trains_each_variant_in_turn_and_reports_loss_per_second(corpus_file, tmp_path, capsys):

@@ -7,6 +7,7 @@ check the pieces: how batches are dealt out, and that DDP exchanges gradients on
 """
 
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as torch_dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
+from gpt.config import load_config
 from gpt.data import TokenWindows, TrainBatches, eval_loader
 from gpt import distributed
 from gpt.distributed import SINGLE, Distributed
@@ -67,14 +69,65 @@ def test_evaluation_batches_are_dealt_out_without_overlap_or_gaps(world_size):
     assert all(torch.equal(a, b) for a, b in zip(single, dealt))
 
 
-def test_a_global_batch_that_cannot_be_split_is_a_clear_error():
+@pytest.mark.parametrize("batch_size, accum, world_size", [
+    (4, 1, 2), (4, 1, 4), (6, 1, 3),  # one micro-batch a step: every process takes a slice of it
+    (4, 2, 4), (2, 6, 4),  # 2 groups of 2 processes: each group whole micro-batches, sliced in two
+    (2, 4, 2),  # micro-batches dealt out whole, as before
+])
+def test_processes_share_each_step_s_windows_whatever_divides_the_global_batch(batch_size, accum, world_size):
+    ds = TokenWindows(np.arange(120, dtype=np.uint16), max_length=4, stride=4)  # 29 distinct windows
+    single = TrainBatches(ds, batch_size, seed=3)
+    stream = iter(single)
+    places = [Distributed(rank=rank, world_size=world_size) for rank in range(world_size)]
+    shares = places[0].batch_shares(accum)
+    ranks = [TrainBatches(ds, batch_size, seed=3, rank=p.rank, world_size=world_size, shares=shares) for p in places]
+    iterators = [iter(batches) for batches in ranks]
+    for step in range(8):  # several epochs
+        expected = torch.cat([next(stream)[0] for _ in range(accum)])  # the step's windows in one process
+        taken = []
+        for place, it in zip(places, iterators):
+            micro_batches = [next(it)[0] for _ in range(place.local_accum_steps(accum))]
+            assert [len(b) for b in micro_batches] == [place.local_batch_size(batch_size, accum)] * len(micro_batches)
+            taken.append(torch.cat(micro_batches))
+        assert {len(t) for t in taken} == {batch_size * accum // world_size}  # equal shares
+        assert sorted(torch.cat(taken).tolist()) == sorted(expected.tolist()), step  # the same windows, once each
+        assert ranks[0].state_dict() == single.state_dict()  # the position rank 0 saves is the group's
+
+
+def test_a_global_batch_that_cannot_be_shared_is_a_clear_error_naming_values_that_work():
     four = Distributed(world_size=4)
-    four.check_batch(8)
-    assert four.local_accum_steps(8) == 2
-    with pytest.raises(UserError, match=r"grad_accum_steps is 6, which 4 processes cannot share evenly.*"
-                                        r"--train.grad_accum_steps=8"):
-        four.check_batch(6)
-    Distributed().check_batch(3)  # one process takes any
+    four.check_batch(2, 6)  # 12 windows: 2 groups of 2 processes, 3 micro-steps of 1 window each
+    with pytest.raises(UserError, match=r"^the global batch, data.batch_size x train.grad_accum_steps = 3 x 3 = 9 "
+                       r"windows, cannot be shared evenly by 4 processes; start 1, 3 or 9 processes "
+                       r"\(--nproc_per_node\), or make the global batch a multiple of 4: --data.batch_size=4 or "
+                       r"--train.grad_accum_steps=4$"):
+        four.check_batch(3, 3)
+    Distributed().check_batch(3, 3)  # one process takes any
+    for n in range(1, 9):  # every suggestion works, and is the smallest that does
+        place = Distributed(world_size=n)
+        for batch_size in range(1, 13):
+            for accum in range(1, 7):
+                try:
+                    place.check_batch(batch_size, accum)
+                except UserError as e:
+                    counts, batch, steps = re.search(r"start (.+) processes .*batch_size=(\d+) or .*steps=(\d+)$",
+                                                     str(e)).groups()
+                    for count in re.findall(r"\d+", counts):
+                        Distributed(world_size=int(count)).check_batch(batch_size, accum)
+                    assert min(b for b in range(batch_size, 99) if b * accum % n == 0) == int(batch)
+                    assert min(a for a in range(accum, 99) if batch_size * a % n == 0) == int(steps)
+                    continue
+                shares = place.batch_shares(accum)
+                assert batch_size % shares == 0 and n % shares == 0  # the slices are whole windows
+                assert (place.local_accum_steps(accum) * place.local_batch_size(batch_size, accum) * n
+                        == batch_size * accum)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_runs_on_1_2_4_or_8_processes(path):
+    cfg = load_config(str(path))
+    for n in (1, 2, 4, 8):
+        Distributed(world_size=n).check_batch(cfg.data.batch_size, cfg.train.grad_accum_steps)
 
 
 @pytest.mark.parametrize("device, message", [
@@ -144,15 +197,15 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def run_args(tmp_path_factory) -> list[str]:
-    """A tiny run, 4 micro-batches of 2 per step, without dropout (so runs can match), at a
-    constant learning rate (so a run may stop at step 3 and be resumed to 6)."""
+    """A tiny run, 4 micro-batches of 2 per step (4 windows evaluated), without dropout (so runs can
+    match), at a constant learning rate (so a run may stop at step 3 and be resumed to 6)."""
     folder = tmp_path_factory.mktemp("corpus")
     corpus = folder / "lines.txt"
     corpus.write_text("\n".join(f"Line {i}: the quick brown fox, number {i * 7 % 13}, jumps over the dog."
                                 for i in range(60)), encoding="utf-8")
     return ["--config", "tiny.yaml", f"--data.corpus={corpus}", f"--data.prepared_dir={folder / 'prepared'}",
             "--model.context_length=16", "--model.drop_rate=0", "--data.batch_size=2",
-            "--train.grad_accum_steps=4", "--train.eval_interval=1", "--train.warmup_iters=0",
+            "--train.grad_accum_steps=4", "--train.eval_iters=2", "--train.eval_interval=1", "--train.warmup_iters=0",
             "--train.learning_rate=1e-3", "--train.min_lr=1e-3", "--sample.max_new_tokens=1"]
 
 
@@ -185,10 +238,11 @@ def losses(out_dir: Path) -> np.ndarray:
     return np.array([[float(v) for v in row.split(",")[2:4]] for row in rows])
 
 
-def largest_difference(a: Path, b: Path) -> float:
-    """The largest difference between two checkpoints' weights (which must cover the same steps)."""
+def largest_difference(a: Path, b: Path, same_batches: bool = True) -> float:
+    """The largest difference between two checkpoints' weights (which must cover the same steps,
+    and, unless told otherwise, count the data position in batches of the same size)."""
     first, second = (torch.load(p / "latest.pt", weights_only=True) for p in (a, b))
-    assert first["step"] == second["step"] and first["data"] == second["data"]
+    assert first["step"] == second["step"] and (first["data"] == second["data"] or not same_batches)
     return max((first["model"][k] - second["model"][k]).abs().max().item() for k in first["model"])
 
 
@@ -210,7 +264,8 @@ def test_two_processes_train_exactly_like_one(run_args, one_process, tmp_path, o
         train_run(1, [*args, f"--train.out_dir={single}"], tmp_path)
     out = tmp_path / "two"
     printed = train_run(2, [*args, f"--train.out_dir={out}"], tmp_path)
-    assert "global batch: 2 windows x 2 micro-steps x 2 processes = 128 tokens per step" in printed
+    assert ("global batch: 2 windows x 4 micro-steps = 128 tokens per step; each of 2 processes runs 2 micro-steps "
+            "of 2 windows") in printed
     assert printed.count("step 1: train loss") == 1  # rank 0 alone reports
     two, one = losses(out), losses(single)
     assert two.shape == one.shape == (STEPS, 2)
@@ -228,6 +283,23 @@ def test_two_processes_train_exactly_like_one(run_args, one_process, tmp_path, o
     sample = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(out),
                              "--max-new-tokens", "3", "Line 3"], capture_output=True, text=True, timeout=120)
     assert sample.returncode == 0 and sample.stdout.startswith("Line 3"), sample.stderr
+
+
+def test_four_processes_sharing_micro_batches_train_exactly_like_one(run_args, one_process, tmp_path):
+    """2 micro-batches of 4 windows a step among 4 processes: 2 groups of 2, each process taking 2
+    windows of one micro-batch. The same 8 windows a step as the single process's 4 micro-batches
+    of 2, and the same 4 windows evaluated (1 batch of 4 for its 2 of 2). With activation
+    checkpointing inside DDP, which must change nothing either."""
+    out = tmp_path / "four"
+    printed = train_run(4, [*run_args, "--data.batch_size=4", "--train.grad_accum_steps=2", "--train.eval_iters=1",
+                            "--train.activation_checkpointing=true", f"--train.max_iters={STEPS}",
+                            f"--train.out_dir={out}"], tmp_path)
+    assert ("global batch: 4 windows x 2 micro-steps = 128 tokens per step; each of 4 processes runs 1 micro-step "
+            "of 2 windows") in printed
+    four, one = losses(out), losses(one_process)
+    assert four.shape == one.shape == (STEPS, 2)
+    assert np.abs(four - one).max() < TOLERANCE
+    assert largest_difference(out, one_process, same_batches=False) < TOLERANCE
 
 
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])

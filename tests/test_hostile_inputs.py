@@ -15,6 +15,7 @@ import torch
 import generate
 import train
 from gpt import attention_map
+from gpt.model import GPTModel
 
 TRAIN, GENERATE, ATTENTION_MAP = train, generate, attention_map
 
@@ -73,6 +74,29 @@ def world(tmp_path_factory) -> SimpleNamespace:
     return w
 
 
+def torchrun_processes(count: int):
+    """A setup: this process looks like rank 0 of `count` started by torchrun (none of which connect)."""
+    def setup(monkeypatch):
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(count),
+                           "LOCAL_WORLD_SIZE": str(count)}.items():
+            monkeypatch.setenv(key, value)
+    return setup
+
+
+def out_of_memory_in(mode: str):
+    """A setup: the model's forward pass raises CUDA's out-of-memory error in `mode` (train or eval)."""
+    def setup(monkeypatch):
+        forward = GPTModel.forward
+
+        def failing(self, idx, cache=None):
+            if self.training == (mode == "train"):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total "
+                                             "capacity of 79.19 GiB of which 3.06 MiB is free.")
+            return forward(self, idx, cache)
+        monkeypatch.setattr(GPTModel, "forward", failing)
+    return setup
+
+
 def tiny(w, *more):
     return ["--config", "tiny.yaml", f"--train.out_dir={w.root / 'out'}", *more]
 
@@ -81,7 +105,8 @@ def resume(w, run, *more):
     return ["--config", "tiny.yaml", f"--train.out_dir={run}", "--resume", *more]
 
 
-# (id, area, script, argv from the world, what the message must say); the README's table.
+# (id, area, script, argv from the world, what the message must say[, a setup given monkeypatch]);
+# the README's table.
 CASES = [
     ("missing config", "config", TRAIN, lambda w: ["--config", "nope.yaml"],
      r"config 'nope.yaml' not found \(looked in \. and .*configs\); available: .*gpt2-124m.yaml, small.yaml, tiny.yaml"),
@@ -197,6 +222,21 @@ CASES = [
      lambda w: ["Hi", "--checkpoint", str(w.mismatched)],
      r"the weights in .*mismatched.pt do not fit the model its config describes \(size mismatch for "
      r"tok_emb.weight: .*\); the file was damaged or edited: use another checkpoint"),
+    ("global batch the processes cannot share", "torchrun", TRAIN, lambda w: tiny(w),
+     r"the global batch, data.batch_size x train.grad_accum_steps = 8 x 1 = 8 windows, cannot be shared evenly "
+     r"by 3 processes; start 1, 2, 4 or 8 processes \(--nproc_per_node\), or make the global batch a multiple "
+     r"of 3: --data.batch_size=9 or --train.grad_accum_steps=3", torchrun_processes(3)),
+    ("out of GPU memory in a training step", "memory", TRAIN, lambda w: resume(w, w.run, "--train.max_iters=4"),
+     r"out of memory on cpu during training step 3 \(tried to allocate 20.00 MiB\) with batches of 8 windows x "
+     r"32 tokens \(data.batch_size 8, model.context_length 32\); to fit, lower data.batch_size and raise "
+     r"train.grad_accum_steps to keep the global batch \(e.g. --data.batch_size=4 --train.grad_accum_steps=2\), "
+     r"set --train.activation_checkpointing=true, or lower model.context_length; the last checkpoint, "
+     r".*run/latest.pt \(step 2\), is kept", out_of_memory_in("train")),
+    ("out of GPU memory in an evaluation", "memory", TRAIN, lambda w: resume(w, w.run, "--train.max_iters=4"),
+     r"out of memory on cpu during the evaluation at step 4 \(tried to allocate 20.00 MiB\) with batches of 8 "
+     r"windows x 32 tokens .*; to fit, lower data.batch_size and raise train.grad_accum_steps to keep the global "
+     r"batch \(e.g. --data.batch_size=4 --train.grad_accum_steps=2\), or lower model.context_length; the last "
+     r"checkpoint, .*run/latest.pt \(step 2\), is kept", out_of_memory_in("eval")),
     ("empty prompt", "prompt", GENERATE, lambda w: ["", "--checkpoint", str(w.run)],
      r'the prompt is empty; give some text to continue, e.g. "Your journey"'),
     ("empty prompt for the attention map", "prompt", ATTENTION_MAP, lambda w: ["", "--checkpoint", str(w.run)],
@@ -227,12 +267,16 @@ def exit_code(script, argv: list[str]) -> int:
 
 def test_the_table_is_large_and_covers_every_area():
     assert len(CASES) >= 20 and len({case[0] for case in CASES}) == len(CASES)
-    assert {case[1] for case in CASES} == {"config", "command line", "data", "run folder", "checkpoint", "prompt"}
+    assert {case[1] for case in CASES} == {"config", "command line", "torchrun", "data", "run folder", "checkpoint",
+                                           "memory", "prompt"}
 
 
-@pytest.mark.parametrize("case,script,argv,message", [(c[0], c[2], c[3], c[4]) for c in CASES],
-                         ids=[c[0] for c in CASES])
-def test_hostile_input_is_one_clear_line_and_loses_nothing(world, case, script, argv, message, capsys):
+@pytest.mark.parametrize("case,script,argv,message,setup", [(*c[:1], *c[2:5], c[5] if len(c) > 5 else None)
+                                                             for c in CASES], ids=[c[0] for c in CASES])
+def test_hostile_input_is_one_clear_line_and_loses_nothing(world, case, script, argv, message, setup, capsys,
+                                                          monkeypatch):
+    if setup is not None:
+        setup(monkeypatch)
     before = snapshot(world.root)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -85,7 +85,7 @@ def test_training_writes_metrics_and_the_plot(tmp_path, capsys):
     args = ["--config", "tiny.yaml", f"--train.out_dir={out}", "--sample.max_new_tokens=2"]
     assert train.main(args) == 0
     rows = read_metrics(out / "metrics.csv")
-    assert [(r["step"], r["tokens"]) for r in rows] == [(5, 5 * 4 * 32), (10, 10 * 4 * 32)]  # tiny.yaml
+    assert [(r["step"], r["tokens"]) for r in rows] == [(5, 5 * 8 * 32), (10, 10 * 8 * 32)]  # tiny.yaml
     assert f"loss plot: {out / 'loss.png'}" in capsys.readouterr().out
     assert (out / "loss.png").read_bytes().startswith(PNG_MAGIC)
     assert train.main(args + ["--train.max_iters=15", "--resume"]) == 0  # a resumed run appends

@@ -136,3 +136,52 @@ def test_config_validation():
         ModelConfig(drop_rate=1.0)
     with pytest.raises(ValueError, match="attn_impl"):
         ModelConfig(attn_impl="flash")
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "explicit"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients_dropout_included(tiny_cfg, attn_impl):
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(**{**tiny_cfg.__dict__, "drop_rate": 0.3, "attn_impl": attn_impl})).train()
+    x, y = torch.randint(0, tiny_cfg.vocab_size, (2, 4, 12))
+    block_calls = []
+    model.trf_blocks[0].register_forward_pre_hook(lambda *args: block_calls.append(1))
+    results = {}
+    for on in (False, True):
+        model.activation_checkpointing = on
+        model.zero_grad()
+        block_calls.clear()
+        torch.manual_seed(1)
+        loss = calc_loss_batch(model, x, y)
+        loss.backward()
+        # The RNG moves on as it would without checkpointing: the next draw (the next step's masks) is the same.
+        results[on] = (loss.detach(), [p.grad.clone() for p in model.parameters()], torch.rand(4), len(block_calls))
+    (loss, grads, draw, calls), (ckpt_loss, ckpt_grads, ckpt_draw, ckpt_calls) = results[False], results[True]
+    assert (calls, ckpt_calls) == (1, 2)  # with checkpointing, each block runs again in backward
+    assert torch.equal(loss, ckpt_loss) and torch.equal(draw, ckpt_draw)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ckpt_grads))
+    torch.manual_seed(2)  # dropout really acts: other masks, another loss
+    assert not torch.equal(calc_loss_batch(model, x, y).detach(), loss)
+
+
+def test_activation_checkpointing_keeps_only_the_blocks_inputs_for_backward(tiny_cfg):
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(**{**tiny_cfg.__dict__, "n_layers": 4, "drop_rate": 0.1})).train()
+    parameters = {p.data_ptr() for p in model.parameters()}
+    x = torch.randint(0, tiny_cfg.vocab_size, (4, 16))
+
+    def saved_activation_bytes() -> int:
+        """Bytes of the non-parameter tensors autograd keeps for backward during one forward pass."""
+        saved = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.data_ptr() not in parameters:
+                saved[(t.data_ptr(), t.dtype, t.shape)] = t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            calc_loss_batch(model, x, x)
+        return sum(saved.values())
+
+    stored = saved_activation_bytes()
+    model.activation_checkpointing = True
+    checkpointed = saved_activation_bytes()
+    assert checkpointed < stored / 5

@@ -150,6 +150,33 @@ def test_sigterm_then_sigint_each_save_print_the_command_and_it_resumes_exactly(
     assert_same_run(references("muon"), out / "latest.pt")
 
 
+def test_activation_checkpointing_changes_no_weight_and_resumes_exactly(run_args, references, tmp_path,
+                                                                        monkeypatch):
+    """With dropout on: the checkpointed blocks replay their masks in backward, so a run with
+    activation checkpointing, stopped halfway and resumed, ends on the unbroken plain run's weights."""
+    import train
+    from gpt.resume import StopRequest
+
+    class StopHalfway(StopRequest):  # as if SIGTERM came during step MAX_ITERS / 2
+        asked = 0
+
+        def __call__(self) -> bool:
+            StopHalfway.asked += 1
+            return StopHalfway.asked == MAX_ITERS // 2
+
+    monkeypatch.setattr(train, "StopRequest", StopHalfway)
+    args = [*run_args, f"--train.out_dir={tmp_path / 'run'}", "--train.activation_checkpointing=true"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the reference ran: sums in the same order
+    try:
+        assert train.main(args) == 128 + signal.SIGTERM
+        assert torch.load(tmp_path / "run" / "latest.pt", weights_only=True)["step"] == MAX_ITERS // 2
+        assert train.main([*args, "--resume"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_run(references("muon"), tmp_path / "run" / "latest.pt")
+
+
 def test_resume_allows_another_attention_path_but_not_another_model(tmp_path):
     """model.attn_impl changes how attention is computed, not the weights: a resume may switch it."""
     import dataclasses

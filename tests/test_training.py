@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -253,3 +254,35 @@ def test_compiled_training_saves_the_plain_module(tiny_cfg, monkeypatch, optimiz
     assert saves[0][1] == pytest.approx(plain_saves[0][1], abs=1e-4)
     for p, q in zip(model.parameters(), plain.parameters()):
         assert torch.allclose(p, q, atol=1e-4)
+
+
+def test_activation_checkpointing_compiles_and_trains_as_without_it(tiny_cfg, monkeypatch):
+    """Through torch.compile (aot_eager: autograd traced ahead of time as inductor does, without
+    generating code) the graph holds the checkpoint, nothing falls back, the weights are plain training's."""
+    from torch._dynamo.backends.registry import lookup_backend
+    aot_eager, graphs = lookup_backend("aot_eager"), []
+
+    def recording(graph, example_inputs):
+        graphs.append(graph)
+        return aot_eager(graph, example_inputs)
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m: real_compile(m, backend=recording))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, saves = trained(tiny_cfg, steps=4, compile=True, activation_checkpointing=True)
+    assert not [w for w in caught if "torch.compile failed" in str(w.message)]
+    assert any(str(node.target) == "tag_activation_checkpoint" for graph in graphs for node in graph.graph.nodes)
+    plain, plain_saves = trained(tiny_cfg, steps=4)
+    assert saves[0][1] == pytest.approx(plain_saves[0][1], abs=1e-5)
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.allclose(p, q, atol=1e-5)
+
+
+def test_auto_picks_nothing_apple_gpu_users_found_broken(tiny_model):
+    """On MPS, `auto` means no torch.compile and float32 (so no fp16 GradScaler); checked on any machine,
+    since choosing needs no Apple GPU."""
+    mps = torch.device("mps")
+    assert compile_model(tiny_model, "auto", mps) is tiny_model
+    assert pick_dtype("auto", mps) == torch.float32
+    assert not Precision(pick_dtype("auto", mps), mps).scaler.is_enabled()
+    assert TrainConfig().compile == "auto" and TrainConfig().dtype == "auto"  # what a run gets unasked

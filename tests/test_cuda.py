@@ -1,0 +1,347 @@
+"""What only an NVIDIA GPU can check: every test here is skipped without CUDA.
+
+Mixed precision (bf16, fp16 with its GradScaler), torch.compile with inductor, fused AdamW and
+Muon's bf16 iteration, KV-cache sampling, pinned-memory batches, activation checkpointing's
+memory, a real out-of-memory error, checkpoints that cross from the GPU to the CPU, exact resume
+with the CUDA RNG states and, with two GPUs, NCCL.
+
+Not yet run on a GPU: no GPU was available while this was written (see the README). Run it with
+`scripts/gpu_check.sh`, or `python -m pytest tests/test_cuda.py`.
+
+TF32 is turned off for each test (`no_tf32`), except where a test says otherwise: comparisons of
+two paths are then of fp32 sums taken in another order, not of 10-bit mantissas.
+"""
+
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gpt.checkpoint import load_checkpoint
+from gpt.data import TokenWindows, TrainBatches, eval_loader
+from gpt.model import GPTModel, ModelConfig
+from gpt.optim import Muon, bf16_is_fast, build_optimizer
+from gpt.sampling import generate
+from gpt.training import Precision, TrainConfig, calc_loss_batch, to_device, train, train_step
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)")
+
+ROOT = Path(__file__).resolve().parent.parent
+CUDA = torch.device("cuda")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """Full fp32 matmuls during the test (train.py's setup_device turns TF32 on process-wide)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def pattern_windows(context: int = 12) -> TokenWindows:
+    """A learnable repeating pattern over a 101-token vocabulary."""
+    return TokenWindows((np.arange(3000) * 7 % 101).astype(np.uint16), context, context)
+
+
+def trained_on_cuda(cfg: ModelConfig, steps: int = 20, **train_overrides) -> tuple[GPTModel, list]:
+    """A fresh model trained on CUDA for `steps` with `train()`; returns it and its saves (step, val loss)."""
+    ds = pattern_windows()
+    torch.manual_seed(0)
+    model = GPTModel(cfg).to(CUDA)
+    train_cfg = TrainConfig(max_iters=steps, eval_interval=steps // 2, eval_iters=2, warmup_iters=2,
+                            learning_rate=3e-3, min_lr=3e-4, **train_overrides)
+    saves = []
+    train(model, train_cfg, TrainBatches(ds, 4, seed=1, pin_memory=True),
+          {"train": eval_loader(ds, 4, 2), "val": eval_loader(ds, 4, 2)}, CUDA,
+          lambda state, optimizer, scaler: saves.append((state.step, state.val_loss)))
+    return model, saves
+
+
+# --------------------------------------------------------------------------- mixed precision
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_trains_on_cuda_and_keeps_fp32_weights(tiny_cfg, dtype):
+    if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    model, saves = trained_on_cuda(tiny_cfg, dtype=dtype)
+    fp32_model, fp32_saves = trained_on_cuda(tiny_cfg, dtype="float32")
+    assert all(p.dtype == torch.float32 and p.device.type == CUDA.type for p in model.parameters())
+    assert saves[-1][1] < saves[0][1] < math.log(101)  # it learns
+    assert saves[-1][1] == pytest.approx(fp32_saves[-1][1], abs=0.15)  # about as well as fp32
+    assert saves != fp32_saves  # and really ran in lower precision
+
+
+def test_fp16_grad_scaler_skips_a_step_that_overflowed_and_halves_its_scale(tiny_cfg):
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg).to(CUDA)
+    precision = Precision(torch.float16, CUDA)
+    optimizer = build_optimizer(model, TrainConfig(optimizer="adamw"), CUDA)
+    cfg = TrainConfig(grad_clip=1.0)
+    x, y = torch.randint(0, tiny_cfg.vocab_size, (2, 4, 12)).to(torch.uint16)
+    scale = precision.scaler.get_scale()
+    assert precision.scaler.is_enabled() and scale == 2.0**16
+
+    before = [p.detach().clone() for p in model.parameters()]
+    train_step(model, iter([(x, y)]), optimizer, precision, cfg, CUDA)
+    assert precision.scaler.get_scale() == scale  # no overflow: the same scale (it grows after 2,000 steps)
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # and the step was taken
+
+    # An overflowing gradient (what fp16's range makes of a too-large scaled loss): step skipped, scale halved.
+    hook = model.trf_blocks[0].ff.fc.weight.register_hook(lambda grad: grad * math.inf)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss, _ = train_step(model, iter([(x, y)]), optimizer, precision, cfg, CUDA)
+    hook.remove()
+    assert math.isfinite(loss)  # the loss itself is fine: only the gradients overflowed
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert precision.scaler.get_scale() == scale / 2
+
+    train_step(model, iter([(x, y)]), optimizer, precision, cfg, CUDA)  # and then it carries on
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+# --------------------------------------------------------------------------- compile
+
+@pytest.mark.parametrize("activation_checkpointing", [False, True])
+def test_compiled_training_on_cuda_matches_eager(tiny_cfg, activation_checkpointing):
+    """inductor (the real backend, generating Triton kernels): the same losses and weights as eager
+    to fp32 tolerance (fused kernels sum in another order), nothing falling back to eager."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, saves = trained_on_cuda(tiny_cfg, steps=10, dtype="float32", compile=True,
+                                       activation_checkpointing=activation_checkpointing)
+    assert not [w for w in caught if "torch.compile failed" in str(w.message)]
+    eager, eager_saves = trained_on_cuda(tiny_cfg, steps=10, dtype="float32", compile=False)
+    assert [s for s, _ in saves] == [s for s, _ in eager_saves]
+    assert [v for _, v in saves] == pytest.approx([v for _, v in eager_saves], abs=1e-4)
+    for p, q in zip(model.parameters(), eager.parameters()):
+        assert torch.allclose(p, q, atol=1e-4)
+    assert not any(k.startswith("_orig_mod.") for k in model.state_dict())
+
+
+# --------------------------------------------------------------------------- optimizers
+
+def test_fused_adamw_on_cuda_matches_the_per_tensor_version(tiny_cfg):
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg).to(CUDA)
+    reference = GPTModel(tiny_cfg).to(CUDA)
+    reference.load_state_dict(model.state_dict())
+    cfg = TrainConfig(optimizer="adamw", learning_rate=1e-2)
+    fused, plain = build_optimizer(model, cfg, CUDA), build_optimizer(reference, cfg, CUDA, fused=False)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    x = torch.randint(0, tiny_cfg.vocab_size, (2, 12), device=CUDA)
+    for _ in range(3):
+        for m, opt in ((model, fused), (reference, plain)):
+            calc_loss_batch(m, x, x.roll(1)).backward()
+            opt.step()
+            opt.zero_grad()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_muon_on_cuda_runs_torch_s_bf16_iteration_and_trains(tiny_cfg):
+    """A GPU with bf16 gets torch.optim.Muon itself (bf16 Newton-Schulz); our float32 copy is for CPUs."""
+    torch.manual_seed(0)
+    optimizer = build_optimizer(GPTModel(tiny_cfg).to(CUDA), TrainConfig(), CUDA)
+    if bf16_is_fast(CUDA):
+        assert type(optimizer.muon) is torch.optim.Muon
+    else:
+        assert isinstance(optimizer.muon, Muon) and optimizer.muon.ns_dtype == torch.float32
+    model, saves = trained_on_cuda(tiny_cfg, optimizer="muon", dtype="float32")
+    assert saves[-1][1] < saves[0][1] < math.log(101)
+
+
+def test_our_muon_in_bf16_is_torch_muon_on_cuda_too():
+    """The CPU test's bit-for-bit check (tests/test_optim.py), on the GPU's bf16 matmuls."""
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32, 64), (48, 48)]
+    ours = [torch.nn.Parameter(torch.randn(s, device=CUDA)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    a, b = Muon(ours, ns_dtype=torch.bfloat16, lr=0.02), torch.optim.Muon(theirs, lr=0.02)
+    generator = torch.Generator(device=CUDA).manual_seed(1)
+    for _ in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=generator, device=CUDA)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
+
+
+# --------------------------------------------------------------------------- sampling and checkpoints
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "explicit"])
+def test_kv_cache_sampling_on_cuda_equals_recomputation(tiny_cfg, attn_impl):
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(**{**tiny_cfg.__dict__, "attn_impl": attn_impl})).to(CUDA).eval()
+    prompt = torch.randint(0, tiny_cfg.vocab_size, (3, 5), device=CUDA)
+    with torch.no_grad():
+        # Logits of the last position, cached step by step against the whole window recomputed.
+        cache = model.new_kv_cache(3)
+        model(prompt[:, :4], cache)
+        cached = model(prompt[:, 4:], cache)[:, -1]
+        assert torch.allclose(cached, model(prompt)[:, -1], atol=1e-5)
+        # 5 + 14 tokens: past the 16-token context, where the cache gives way to cropping and recomputing.
+        greedy = [generate(model, prompt, 14, temperature=0, kv_cache=kv) for kv in (True, False)]
+    assert torch.equal(*greedy)
+
+
+def test_a_checkpoint_trained_on_cuda_loads_and_samples_on_cpu(corpus_file, tmp_path, capsys):
+    import generate as generate_script
+    import train as train_script
+    out = tmp_path / "run"
+    assert train_script.main(["--config", "tiny.yaml", f"--data.corpus={corpus_file}",
+                              f"--data.prepared_dir={tmp_path / 'prepared'}", "--model.context_length=16",
+                              "--train.device=cuda", "--train.compile=false", "--train.max_iters=4",
+                              f"--train.out_dir={out}", "--sample.max_new_tokens=2"]) == 0
+    checkpoint = load_checkpoint(out / "latest.pt")
+    assert all(t.device == CPU for t in checkpoint["model"].values())  # read onto the CPU
+    assert checkpoint["rng"]["cuda"]  # the GPU's RNG state was saved
+    capsys.readouterr()
+    assert generate_script.main(["Line 3", "--checkpoint", str(out), "--device", "cpu", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("Line 3")
+    # The same weights give the same logits on both devices.
+    model = GPTModel(ModelConfig(**checkpoint["config"]["model"])).eval()
+    model.load_state_dict(checkpoint["model"])
+    x = torch.randint(0, 1000, (2, 16))
+    with torch.no_grad():
+        on_cpu = model(x)
+        on_cuda = model.to(CUDA)(x.to(CUDA)).cpu()
+    assert torch.allclose(on_cpu, on_cuda, atol=1e-4)
+
+
+def test_exact_resume_on_cuda_with_its_rng_states(corpus_file, tmp_path, monkeypatch):
+    """Dropout on; a run stopped at step 3 and resumed to 6 against runs that never stopped.
+
+    Some CUDA kernels add in whatever order their threads finish (atomic adds in the backward
+    of embeddings and of the fused attention kernels), so two unbroken runs may already differ in
+    the last bits; what holds is that the resumed run is no further from an unbroken one than
+    the unbroken ones are from each other (bit-identical where they are). With the dropout masks
+    of another RNG state the difference would be orders of magnitude larger.
+    """
+    import train as train_script
+    from gpt.resume import StopRequest
+
+    args = ["--config", "tiny.yaml", f"--data.corpus={corpus_file}", f"--data.prepared_dir={tmp_path / 'prepared'}",
+            "--model.context_length=16", "--model.drop_rate=0.1", "--data.batch_size=2", "--train.device=cuda",
+            "--train.compile=false", "--train.max_iters=6", "--train.eval_interval=3", "--sample.max_new_tokens=1"]
+
+    def weights(run: str) -> dict:
+        return torch.load(tmp_path / run / "latest.pt", weights_only=True)
+
+    for run in ("unbroken", "again"):
+        assert train_script.main([*args, f"--train.out_dir={tmp_path / run}"]) == 0
+
+    class StopAtThree(StopRequest):
+        asked = 0
+
+        def __call__(self) -> bool:
+            StopAtThree.asked += 1
+            return StopAtThree.asked == 3
+
+    monkeypatch.setattr(train_script, "StopRequest", StopAtThree)
+    broken = [*args, f"--train.out_dir={tmp_path / 'broken'}"]
+    assert train_script.main(broken) != 0
+    stopped = weights("broken")
+    assert stopped["step"] == 3 and stopped["rng"]["cuda"]  # the GPU's dropout RNG, saved
+    assert train_script.main([*broken, "--resume"]) == 0
+
+    unbroken, again, resumed = weights("unbroken"), weights("again"), weights("broken")
+    assert resumed["step"] == unbroken["step"] == 6 and resumed["data"] == unbroken["data"]
+
+    def largest_difference(a: dict, b: dict) -> float:
+        return max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
+    noise = largest_difference(unbroken, again)
+    assert largest_difference(unbroken, resumed) <= 10 * noise
+    assert noise < 1e-4
+
+
+# --------------------------------------------------------------------------- memory
+
+def test_pinned_memory_batches_reach_the_gpu_intact():
+    ds = TokenWindows(np.arange(4000, dtype=np.uint16), 16, 16)
+    inputs, targets = next(iter(TrainBatches(ds, 8, seed=0, pin_memory=True)))
+    assert inputs.is_pinned() and targets.is_pinned() and inputs.dtype == torch.uint16
+    on_gpu = to_device(inputs, CUDA)  # an asynchronous copy, widened to int64 on the GPU
+    assert on_gpu.is_cuda and on_gpu.dtype == torch.int64
+    assert torch.equal(on_gpu.cpu(), inputs.long())
+
+
+def test_activation_checkpointing_on_cuda_same_gradients_less_memory():
+    cfg = ModelConfig(vocab_size=512, context_length=512, emb_dim=256, n_heads=4, n_layers=6, drop_rate=0.1)
+    torch.manual_seed(0)
+    model = GPTModel(cfg).to(CUDA).train()
+    x = torch.randint(0, cfg.vocab_size, (8, 512), device=CUDA)
+    results = {}
+    for on in (False, True):
+        model.activation_checkpointing = on
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        torch.manual_seed(1)  # the same dropout masks
+        loss = calc_loss_batch(model, x, x.roll(-1, 1))
+        loss.backward()
+        torch.cuda.synchronize()
+        results[on] = (loss.item(), [p.grad.clone() for p in model.parameters()],
+                       torch.cuda.max_memory_allocated() - start)
+    (loss, grads, peak), (ckpt_loss, ckpt_grads, ckpt_peak) = results[False], results[True]
+    assert ckpt_loss == loss
+    for a, b in zip(grads, ckpt_grads):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)  # attention backward may add in another order
+    assert ckpt_peak < 0.7 * peak, (peak, ckpt_peak)
+
+
+def test_running_out_of_gpu_memory_is_one_line_and_keeps_the_checkpoint(corpus_file, tmp_path):
+    """A real CUDA out-of-memory: 4,096 windows of 256 tokens at once (the logits alone would take
+    over 200 GB; a stride of 1 makes that many windows of the small corpus), resumed from a good
+    checkpoint that must survive byte for byte."""
+    out = tmp_path / "run"
+    args = [str(ROOT / "train.py"), "--config", "tiny.yaml", f"--data.corpus={corpus_file}",
+            f"--data.prepared_dir={tmp_path / 'prepared'}", "--model.context_length=256", "--data.stride=1",
+            "--train.device=cuda", "--train.compile=false", f"--train.out_dir={out}", "--sample.max_new_tokens=1"]
+    first = subprocess.run([sys.executable, *args, "--train.max_iters=2"], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    saved = (out / "latest.pt").read_bytes()
+    done = subprocess.run([sys.executable, *args, "--train.max_iters=4", "--resume", "--data.batch_size=4096"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 2, done.stderr
+    error = done.stderr.strip().splitlines()
+    assert len(error) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert error[0].startswith("error: out of memory on cuda:0 during training step 3 (tried to allocate ")
+    assert "batches of 4096 windows x 256 tokens" in error[0] and "--data.batch_size=2048" in error[0]
+    assert f"the last checkpoint, {out / 'latest.pt'} (step 2), is kept" in error[0]
+    assert (out / "latest.pt").read_bytes() == saved
+
+
+# --------------------------------------------------------------------------- several GPUs
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpus_with_nccl_train_like_one(corpus_file, tmp_path):
+    """2 processes (NCCL), each taking half of each micro-batch, against one GPU: TF32 on in both
+    (train.py's setting), so the tolerance is TF32's, not fp32's."""
+    args = [str(ROOT / "train.py"), "--config", "tiny.yaml", f"--data.corpus={corpus_file}",
+            f"--data.prepared_dir={tmp_path / 'prepared'}", "--model.context_length=16", "--model.drop_rate=0",
+            "--train.compile=false", "--train.max_iters=6", "--train.eval_interval=2", "--sample.max_new_tokens=1"]
+    prepare = subprocess.run([sys.executable, *args, "--train.max_iters=1", f"--train.out_dir={tmp_path / 'p'}"],
+                             capture_output=True, text=True)
+    assert prepare.returncode == 0, prepare.stderr  # the token files exist before two processes look for them
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"gpus-{processes}"
+        launcher = [sys.executable] if processes == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        done = subprocess.run([*launcher, *args, f"--train.out_dir={out}"], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        runs[processes] = torch.load(out / "latest.pt", weights_only=True)
+    one, two = runs[1], runs[2]
+    assert two["world_size"] == 2 and one["data"] == two["data"]
+    assert abs(one["val_loss"] - two["val_loss"]) < 1e-3
+    assert max((one["model"][k] - two["model"][k]).abs().max().item() for k in one["model"]) < 1e-3
