@@ -125,13 +125,14 @@ CASES = [
      lambda w: ["Hi", "--checkpoint", str(w.run), "--head", "2"],
      r"--head 2 is out of range: .*run/best.pt has 2 heads, numbered 0 to 1"),
     ("missing corpus", "data", TRAIN, lambda w: tiny(w, f"--data.corpus={w.root / 'none.txt'}"),
-     r"data.corpus '.*none.txt' does not exist; give a text file, a folder of .txt/.md files, or 'shakespeare'"),
+     r"data.corpus '.*none.txt' does not exist; give a text, JSONL or Parquet file, a folder of them, hf:NAME "
+     r"for a Hugging Face dataset, or 'shakespeare'"),
     ("blank corpus", "data", TRAIN, lambda w: tiny(w, f"--data.corpus={w.empty}"),
      r"corpus '.*empty.txt' is empty; give it some text"),
     ("corpus not UTF-8", "data", TRAIN, lambda w: tiny(w, f"--data.corpus={w.latin}"),
      r"latin.txt is not UTF-8 text \(bad byte at offset 3\); convert it, e.g. `iconv -f latin1 -t utf-8`"),
     ("folder without text files", "data", TRAIN, lambda w: tiny(w, f"--data.corpus={w.no_text}"),
-     r"corpus folder .*no-text holds no .txt or .md files; add some or name a file"),
+     r"corpus folder .*no-text holds no .txt, .md, .jsonl, .jsonl.gz or .parquet files; add some or name a file"),
     ("corpus shorter than a window", "data", TRAIN,
      lambda w: tiny(w, f"--data.corpus={w.short}", f"--data.prepared_dir={w.root / 'prepared-short'}"),
      r"the train split of .* has 18 tokens, fewer than one window of 33; use more text or a smaller "

@@ -1,0 +1,152 @@
+"""Documents -> GPT-2 token ids on every core, in order, in bounded memory.
+
+The calling process reads the documents (`gpt.sources` blocks) and cuts them into tasks of about
+`CHUNK_CHARS` characters: a long document is cut only where the tokens cannot change
+(`safe_cut`), short ones travel several to a task. Tokenising, the slow part (~6.5 MB/s on one
+core), runs in `num_proc` worker processes (`multiprocessing.Pool`); each task comes back as
+uint16 token ids, with `<|endoftext|>` before every document but the first.
+
+The tasks depend on the text only, never on `num_proc`, and results are taken back in task
+order, so the token stream is the same, byte for byte, with any number of processes (and equals
+tokenising each document whole). At most `2 * num_proc` tasks are in flight: `Pool.imap` would
+read the whole corpus ahead of the workers into its queue, which is what makes other
+preparation scripts run out of memory. A corpus of one task is tokenised in the calling
+process, with no workers to start.
+
+Workers are forked on Linux: they start in milliseconds and share the parent's tokenizer and
+imports; elsewhere the platform's default start method is used.
+"""
+
+import itertools
+import multiprocessing
+import multiprocessing.pool
+import re
+import signal
+import sys
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gpt.sources import Block
+from gpt.tokenizer import EOT_ID, get_tokenizer
+
+CHUNK_CHARS = 1 << 20  # characters per task: ~0.15 s of tokenising, a few MB of memory
+
+# After a non-space character and before a space or a newline, the GPT-2 pre-tokeniser always
+# starts a new piece: a piece holding a non-space character can hold a space only as its first
+# character and never a newline, and no pattern looks behind. So pieces encoded apart give the
+# tokens of the whole. (Python's \S is narrower than the tokenizer's: its cuts are all safe.)
+_SAFE_CUT = re.compile(r"\S(?=[ \n])")
+
+
+def safe_cut(text: str, start: int) -> int | None:
+    """The first place at or after `start` where `text` can be cut without changing its tokens."""
+    match = _SAFE_CUT.search(text, max(0, start - 1))
+    return match.end() if match else None
+
+
+@dataclass
+class Task:
+    """Text to tokenise in one go: pieces of documents, and what finishing it accounts for."""
+
+    pieces: list[tuple[str, bool]] = field(default_factory=list)  # (text, <|endoftext|> before it)
+    chars: int = 0
+    documents: int = 0  # documents that start in this task
+    advance: int = 0  # the source's progress (gpt.sources.Block.advance) once this task is done
+
+    def add(self, text: str, starts_document: bool, first_document: bool) -> None:
+        self.pieces.append((text, starts_document and not first_document))
+        self.chars += len(text)
+        self.documents += starts_document
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A task's tokens (uint16 ids as bytes), and the documents, characters and progress it holds."""
+
+    tokens: bytes
+    documents: int
+    chars: int
+    advance: int
+
+
+def make_tasks(blocks: Iterable[Block]) -> Iterator[Task]:
+    """Cut documents into tasks of about CHUNK_CHARS characters; blank documents are dropped.
+
+    A document's text is held until it can be cut (`safe_cut`) or it ends. A cut needs a
+    non-space character before it, so a document that has been cut is not blank; one that
+    ends uncut is kept only if it holds a non-space character.
+    """
+    task, pending, cut_before, documents = Task(), "", False, 0
+
+    def finish_document() -> None:
+        nonlocal documents
+        if pending and (cut_before or not pending.isspace()):
+            task.add(pending, not cut_before, documents == 0)
+            documents += not cut_before
+
+    for block in blocks:
+        if block.starts_document:
+            finish_document()
+            pending, cut_before = "", False
+        pending += block.text
+        while len(pending) > CHUNK_CHARS and (cut := safe_cut(pending, CHUNK_CHARS)) is not None:
+            task.add(pending[:cut], not cut_before, documents == 0)
+            documents += not cut_before
+            pending, cut_before = pending[cut:], True
+        task.advance += block.advance
+        if task.chars >= CHUNK_CHARS:
+            yield task
+            task = Task()
+    finish_document()
+    if task.pieces or task.advance:
+        yield task
+
+
+def encode_pieces(pieces: list[tuple[str, bool]]) -> bytes:
+    """The uint16 token ids of a task's pieces, `<|endoftext|>` where marked (runs in a worker)."""
+    enc = get_tokenizer()
+    ids: list[int] = []
+    for text, eot_before in pieces:
+        if eot_before:
+            ids.append(EOT_ID)
+        ids += enc.encode_ordinary(text)
+    return np.array(ids, dtype=np.uint16).tobytes()
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C is for the parent, which stops the workers itself; otherwise every worker would
+    # print its own KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _pool(num_proc: int) -> multiprocessing.pool.Pool:
+    method = "fork" if sys.platform == "linux" else None
+    return multiprocessing.get_context(method).Pool(num_proc, initializer=_ignore_sigint)
+
+
+def encode_documents(blocks: Iterable[Block], num_proc: int) -> Iterator[Encoded]:
+    """The token ids of `blocks`' documents, joined by <|endoftext|>, task by task, in order.
+
+    Close the iterator (or let it finish) to stop the workers; reading errors raise here.
+    """
+    get_tokenizer()  # built (and its files fetched) once, here, before any worker starts
+    tasks = make_tasks(blocks)
+    head = list(itertools.islice(tasks, 2))
+    if num_proc == 1 or len(head) < 2:
+        for task in itertools.chain(head, tasks):
+            yield Encoded(encode_pieces(task.pieces), task.documents, task.chars, task.advance)
+        return
+    with _pool(num_proc) as pool:
+        in_flight: deque = deque()
+        for task in itertools.chain(head, tasks):
+            result = pool.apply_async(encode_pieces, (task.pieces,))
+            in_flight.append((result, task.documents, task.chars, task.advance))  # not the text
+            if len(in_flight) >= 2 * num_proc:
+                result, *counts = in_flight.popleft()
+                yield Encoded(result.get(), *counts)
+        while in_flight:
+            result, *counts = in_flight.popleft()
+            yield Encoded(result.get(), *counts)
