@@ -15,7 +15,7 @@ import torch
 
 from gpt.checkpoint import BEST_NAME, LATEST_NAME, load_checkpoint, run_checkpoints, save_checkpoint
 from gpt.config import Config, load_config
-from gpt.data import TrainBatches, eval_loader, load_split, prepare
+from gpt.data import TrainBatches, check_max_tokens, eval_loader, load_split, prepare
 from gpt.distributed import Distributed, environment_rank, launched_by_torchrun, start
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.model import GPTModel
@@ -59,6 +59,7 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
     setup_device(device)
     seed_everything(cfg.train.seed)
     context = cfg.model.context_length
+    check_max_tokens(cfg.data, context + 1)  # before any reading: each split needs a window and its target
     prepared = dist.in_turn(lambda: prepare(cfg.data))  # rank 0 writes the token files, the rest read them
     train_set = load_split(prepared, "train", context, cfg.data.stride or context)
     val_set = load_split(prepared, "val", context, context)
