@@ -4,7 +4,6 @@ On several GPUs (or CPU processes), the same script under torchrun:
 `torchrun --nproc_per_node=N train.py --config small.yaml` (see `gpt.distributed`).
 """
 
-import math
 import os
 import shlex
 import signal
@@ -18,6 +17,7 @@ from gpt.config import Config, load_config
 from gpt.data import TrainBatches, check_max_tokens, eval_loader, load_split, prepare
 from gpt.distributed import Distributed, environment_rank, launched_by_torchrun, start
 from gpt.errors import ArgumentParser, UserError, run_cli
+from gpt.evaluate import describe, score
 from gpt.model import GPTModel
 from gpt.resume import (
     StopRequest, best_checkpoint, check_resumable, checkpoint_to_resume, rank_seed, restore_training,
@@ -28,7 +28,7 @@ from gpt.plot import plot_after_training
 from gpt.pretrained import build_model, resolve_model_config
 from gpt.sampling import print_samples
 from gpt.training import (
-    NonFiniteLoss, Precision, TrainState, evaluate, pick_device, pick_dtype, setup_device, train,
+    NonFiniteLoss, Precision, TrainState, pick_device, pick_dtype, setup_device, train,
 )
 
 
@@ -136,9 +136,7 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
         say(f"stopped at step {state.step}; saved {latest}; resume with: {resume_command}", flush=True)
         return 128 + (stop.signum or signal.SIGTERM)
     if cfg.train.whole_val_at_end:  # the figure to compare runs by: every window, not the periodic subset
-        val_loss = evaluate(model, whole_val, device, precision, dist)
-        say(f"val loss over all {len(val_set):,} windows of the val split: {val_loss:.4f} "
-            f"(ppl {math.exp(min(val_loss, 50)):.1f})")
+        say(describe(score(model, whole_val, device, precision, dist), "val loss", "the val split"))
     if not dist.is_main:
         return 0
     print(f"saved {latest} (step {state.step}); best: {best} (step {state.best_step}, val loss "
