@@ -1,6 +1,7 @@
 """Measure training and sampling speed: `python -m gpt.bench --config small.yaml [options]`.
 
-(`python -m gpt.bench race ...` races optimizers and settings for loss per second: gpt/race.py.)
+(`python -m gpt.bench race ...` races optimizers and settings for loss per second: gpt/race.py;
+`python -m gpt.bench prep ...` measures corpus preparation on 1 and N processes: gpt/prep_bench.py.)
 
 Every figure is measured against a baseline in the same run, because absolute speed on a shared
 machine drifts: the baseline is the plain path (explicit attention, float32, no compile,
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gpt import race
+from gpt import prep_bench, race
 from gpt.config import Config, load_config
 from gpt.distributed import SINGLE, Distributed, single_process_group
 from gpt.errors import ArgumentParser, UserError, run_cli
@@ -287,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["race"]:
         return race.main(argv[1:])
+    if argv[:1] == ["prep"]:
+        return prep_bench.main(argv[1:])
     parser = ArgumentParser(
         description="Benchmark training and sampling speed for a config (any --section.key=value "
         "override applies, e.g. --data.batch_size=8).", allow_abbrev=False)
