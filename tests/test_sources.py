@@ -136,3 +136,14 @@ def test_hf_source_streams_a_local_dataset_through_datasets(tmp_path):
     with pytest.raises(UserError, match=r"cannot open Hugging Face dataset .*dataset', split 'test'"):
         prepare(DataConfig(corpus=f"hf:{folder}", hf_split="test", prepared_dir=str(tmp_path / "q")))
     assert not (tmp_path / "q").exists()  # nothing written
+
+
+def test_prepare_command_makes_the_files_train_py_reuses(corpus_file, tmp_path, capsys):
+    from gpt import prepare as prepare_command
+
+    argv = ["--config", "tiny.yaml", f"--data.corpus={corpus_file}", f"--data.prepared_dir={tmp_path / 'p'}"]
+    assert prepare_command.main(argv) == 0
+    assert f"token files ready in {tmp_path / 'p'}" in capsys.readouterr().out
+    stamp = (tmp_path / "p" / "train.bin").stat().st_mtime_ns
+    assert prepare(DataConfig(corpus=str(corpus_file), prepared_dir=str(tmp_path / "p"))) == tmp_path / "p"
+    assert (tmp_path / "p" / "train.bin").stat().st_mtime_ns == stamp  # what a training run finds: reused
