@@ -242,17 +242,19 @@ def prepare(cfg: DataConfig) -> Path:
     return prepared
 
 
-def prepare_whole(cfg: DataConfig, spec: str, prepared_dir: str | None = None, option: str = "--corpus") -> Path:
-    """Tokenise all of the corpus `spec` into whole.bin (once, like `prepare`); return the dir.
+def prepare_whole(cfg: DataConfig, spec: str, prepared_dir: str | None = None, max_tokens: int | None = None,
+                  option: str = "--corpus") -> Path:
+    """Tokenise all of the corpus `spec` (its first `max_tokens`) into whole.bin, once; return the dir.
 
     The dir is `prepared_dir`, or data/<name>-whole/ (cfg.prepared_dir belongs to cfg.corpus).
     """
     source = open_corpus(spec, cfg, option)
     prepared = Path(prepared_dir) if prepared_dir else DATA_DIR / f"{source.name}-whole"
-    wanted = {"corpus": source.name, "source": source.fingerprint(), "tokenizer": "gpt2", "split": "whole"}
+    wanted = {"corpus": source.name, "source": source.fingerprint(), "tokenizer": "gpt2", "split": "whole",
+              "max_tokens": max_tokens}
     if not _reusable(prepared, wanted, ("whole",)):
         with _preparing(prepared, ("whole",)) as temporary:
-            written = write_tokens(source, temporary["whole"], cfg.num_proc)
+            written = write_tokens(source, temporary["whole"], cfg.num_proc, max_tokens)
             _publish(prepared, temporary, {**wanted, "documents": written.documents,
                                            "characters": written.characters, "whole_tokens": written.tokens})
     return prepared

@@ -16,7 +16,8 @@ whole window.
 
 The command scores a run's val split (its own corpus and settings, prepared again if needed)
 or, with `--corpus`, all of any corpus `data.corpus` accepts (tokenised once into
-`data/<name>-whole/`). `--checkpoint` takes what `generate.py` takes, GPT-2's weights included.
+`data/<name>-whole/`; `--data.max_tokens=N` scores its first N tokens). `--checkpoint` takes what
+`generate.py` takes, GPT-2's weights included.
 """
 
 import contextlib
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 from gpt.checkpoint import checkpoint_path, load_model
 from gpt.config import build_config, parse_overrides
-from gpt.data import DataConfig, eval_loader, load_split, prepare, prepare_whole
+from gpt.data import DataConfig, TokenWindows, eval_loader, load_split, prepare, prepare_whole
 from gpt.distributed import SINGLE, Distributed
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.model import GPTModel, ModelConfig
@@ -124,6 +125,16 @@ def load_scored_model(location: str, device: torch.device) -> tuple[GPTModel, Da
     return model, config.data, config.train.dtype, str(path)
 
 
+def scored_windows(data: DataConfig, given: set[str], corpus: str | None, context: int) -> tuple[TokenWindows, str]:
+    """The windows to score, prepared if need be, and what they are: all of `corpus`, or the run's val split."""
+    if corpus:  # the run's prepared_dir and max_tokens are for its own corpus: only the command line's apply
+        prepared = prepare_whole(data, corpus, data.prepared_dir if "prepared_dir" in given else None,
+                                 data.max_tokens if "max_tokens" in given else None)
+        return load_split(prepared, "whole", context, context), corpus
+    windows = load_split(prepare(data), "val", context, context)
+    return windows, f"the val split of {data.val_corpus or data.corpus}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the loss, perplexity and bits per byte of a model over a val split or a corpus."""
     parser = ArgumentParser(prog="python -m gpt.evaluate", allow_abbrev=False, description=(
@@ -146,12 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         model, run_data, dtype, source = load_scored_model(location, device)
         data, given = data_config(run_data or DataConfig(), overrides, source if run_data else "the defaults")
         context = model.cfg.context_length
-        if args.corpus:  # (the run's prepared_dir is its own corpus's; only the command line's applies)
-            prepared = prepare_whole(data, args.corpus, data.prepared_dir if "prepared_dir" in given else None)
-            windows, what = load_split(prepared, "whole", context, context), args.corpus
-        else:
-            windows = load_split(prepare(data), "val", context, context)
-            what = f"the val split of {data.val_corpus or data.corpus}"
+        with contextlib.redirect_stdout(sys.stderr):  # what preparation says: stdout is for the figures
+            windows, what = scored_windows(data, given, args.corpus, context)
         print(f"scoring {source} on {what}", file=sys.stderr)
         precision = Precision(pick_dtype(dtype, device), device)
         result = score(model, eval_loader(windows, data.batch_size, None), device, precision)

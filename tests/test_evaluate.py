@@ -56,6 +56,10 @@ def test_gpt2_weights_scored_on_a_corpus_agree_with_transformers(hf_gpt2_vocab, 
     text_bytes = len(get_tokenizer().decode_bytes(tokens[1:n * 64 + 1].tolist()))
     assert printed["text_bytes"] == text_bytes
     assert printed["bits_per_byte"] == pytest.approx(nats.sum().item() / (text_bytes * math.log(2)), rel=1e-5)
+    # --data.max_tokens scores the corpus's first tokens only (prepared again: another setting).
+    assert evaluate.main(["--checkpoint", str(folder), "--corpus", str(corpus_file), "--json",
+                          "--data.max_tokens=129", f"--data.prepared_dir={tmp_path / 'whole'}"]) == 0
+    assert json.loads(capsys.readouterr().out)["windows"] == 2  # stdout holds the figures alone
 
 
 def test_gpt2_weights_without_a_corpus_is_one_clear_error(hf_small_vocab, capsys):
