@@ -3,15 +3,17 @@
 The calling process reads the documents (`gpt.sources` blocks) and cuts them into tasks of about
 `CHUNK_CHARS` characters: a long document is cut only where the tokens cannot change
 (`safe_cut`), short ones travel several to a task. Tokenising, the slow part (~6.5 MB/s on one
-core), runs in `num_proc` worker processes (`multiprocessing.Pool`); each task comes back as
-uint16 token ids, with `<|endoftext|>` before every document but the first.
+core), runs in `num_proc` worker processes (`concurrent.futures.ProcessPoolExecutor`, which,
+unlike `multiprocessing.Pool`, reports a worker killed by the system instead of waiting for it
+forever); each task comes back as uint16 token ids, with `<|endoftext|>` before every document
+but the first.
 
 The tasks depend on the text only, never on `num_proc`, and results are taken back in task
 order, so the token stream is the same, byte for byte, with any number of processes (and equals
-tokenising each document whole). At most `2 * num_proc` tasks are in flight: `Pool.imap` would
-read the whole corpus ahead of the workers into its queue, which is what makes other
-preparation scripts run out of memory. A corpus of one task is tokenised in the calling
-process, with no workers to start.
+tokenising each document whole). At most `2 * num_proc` tasks are in flight: `Pool.imap` (or
+`Executor.map`) would read the whole corpus ahead of the workers into its queue, which is what
+makes other preparation scripts run out of memory. A corpus of one task is tokenised in the
+calling process, with no workers to start.
 
 Workers are forked on Linux: they start in milliseconds and share the parent's tokenizer and
 imports; elsewhere the platform's default start method is used.
@@ -19,16 +21,18 @@ imports; elsewhere the platform's default start method is used.
 
 import itertools
 import multiprocessing
-import multiprocessing.pool
 import re
 import signal
 import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from gpt.errors import UserError
 from gpt.sources import Block
 from gpt.tokenizer import EOT_ID, get_tokenizer
 
@@ -80,27 +84,28 @@ def make_tasks(blocks: Iterable[Block]) -> Iterator[Task]:
     ends uncut is kept only if it holds a non-space character.
     """
     task, pending, cut_before, documents = Task(), "", False, 0
-
-    def finish_document() -> None:
-        nonlocal documents
-        if pending and (cut_before or not pending.isspace()):
-            task.add(pending, not cut_before, documents == 0)
-            documents += not cut_before
-
     for block in blocks:
         if block.starts_document:
-            finish_document()
+            if pending and (cut_before or not pending.isspace()):  # the rest of the document before
+                task.add(pending, not cut_before, documents == 0)
+                documents += not cut_before
             pending, cut_before = "", False
         pending += block.text
-        while len(pending) > CHUNK_CHARS and (cut := safe_cut(pending, CHUNK_CHARS)) is not None:
-            task.add(pending[:cut], not cut_before, documents == 0)
+        start = 0  # (cut by offset: slicing the rest off each time would copy a long text again and again)
+        while len(pending) - start > CHUNK_CHARS and (cut := safe_cut(pending, start + CHUNK_CHARS)) is not None:
+            task.add(pending[start:cut], not cut_before, documents == 0)
             documents += not cut_before
-            pending, cut_before = pending[cut:], True
+            start, cut_before = cut, True
+            if task.chars >= CHUNK_CHARS:
+                yield task
+                task = Task()
+        pending = pending[start:]
         task.advance += block.advance
         if task.chars >= CHUNK_CHARS:
             yield task
             task = Task()
-    finish_document()
+    if pending and (cut_before or not pending.isspace()):
+        task.add(pending, not cut_before, documents == 0)
     if task.pieces or task.advance:
         yield task
 
@@ -122,9 +127,19 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _pool(num_proc: int) -> multiprocessing.pool.Pool:
+def _workers(num_proc: int) -> ProcessPoolExecutor:
     method = "fork" if sys.platform == "linux" else None
-    return multiprocessing.get_context(method).Pool(num_proc, initializer=_ignore_sigint)
+    return ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context(method), initializer=_ignore_sigint)
+
+
+def _collect(future: Future, task: Task) -> Encoded:
+    """A task's result, once its worker is done with it."""
+    try:
+        tokens = future.result()
+    except BrokenProcessPool:
+        raise UserError("a process tokenising the corpus was killed (by the system, if it ran out of memory); "
+                        "set data.num_proc lower and prepare again") from None
+    return Encoded(tokens, task.documents, task.chars, task.advance)
 
 
 def encode_documents(blocks: Iterable[Block], num_proc: int) -> Iterator[Encoded]:
@@ -139,14 +154,15 @@ def encode_documents(blocks: Iterable[Block], num_proc: int) -> Iterator[Encoded
         for task in itertools.chain(head, tasks):
             yield Encoded(encode_pieces(task.pieces), task.documents, task.chars, task.advance)
         return
-    with _pool(num_proc) as pool:
-        in_flight: deque = deque()
-        for task in itertools.chain(head, tasks):
-            result = pool.apply_async(encode_pieces, (task.pieces,))
-            in_flight.append((result, task.documents, task.chars, task.advance))  # not the text
-            if len(in_flight) >= 2 * num_proc:
-                result, *counts = in_flight.popleft()
-                yield Encoded(result.get(), *counts)
-        while in_flight:
-            result, *counts = in_flight.popleft()
-            yield Encoded(result.get(), *counts)
+    with _workers(num_proc) as workers:
+        in_flight: deque[tuple[Future, Task]] = deque()
+        try:
+            for task in itertools.chain(head, tasks):
+                in_flight.append((workers.submit(encode_pieces, task.pieces), task))
+                if len(in_flight) >= 2 * num_proc:
+                    yield _collect(*in_flight.popleft())
+            while in_flight:
+                yield _collect(*in_flight.popleft())
+        finally:  # stopped early (data.max_tokens, an error, Ctrl-C): drop what has not started
+            for future, _ in in_flight:
+                future.cancel()

@@ -67,11 +67,12 @@ def test_builtin_shakespeare_is_plain_play_text():
     assert get_tokenizer().decode(train[:8].tolist()).startswith("A Midsummer")
 
 
-@pytest.mark.parametrize("num_proc", [1, 2])
-def test_chunked_encoding_equals_whole(monkeypatch, num_proc):
+@pytest.mark.parametrize("num_proc,block", [(1, 777), (2, 777), (2, None)])
+def test_chunked_encoding_equals_whole(monkeypatch, num_proc, block):
     text = ("Word  \n  spaced\n\nlines\nX\ny " * 20000)
     monkeypatch.setattr(encode, "CHUNK_CHARS", 1000)
-    blocks = [Block(text[i:i + 777], i == 0) for i in range(0, len(text), 777)]  # cut anywhere, even mid-word
+    block = block or len(text)  # blocks cut anywhere, even mid-word; or one block of 660K characters
+    blocks = [Block(text[i:i + block], i == 0) for i in range(0, len(text), block)]
     pieces = list(encode_documents(blocks, num_proc))
     assert len(pieces) > 100  # it did go piece by piece
     tokens = np.frombuffer(b"".join(piece.tokens for piece in pieces), dtype=np.uint16)
