@@ -34,16 +34,15 @@ import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 from gpt.data import DataConfig, prepare
 from gpt.tokenizer import get_tokenizer
+peak = lambda who: resource.getrusage(who).ru_maxrss * 1024  # KiB on Linux
 get_tokenizer()  # built before the clock starts, as a second preparation would find it
+imports = peak(resource.RUSAGE_SELF)
 started = time.perf_counter()
 prepare(DataConfig(corpus=sys.argv[2], prepared_dir=sys.argv[3], num_proc=int(sys.argv[4])))
 seconds = time.perf_counter() - started
-peak = lambda who: resource.getrusage(who).ru_maxrss * 1024  # KiB on Linux
-print(json.dumps({"seconds": seconds, "main": peak(resource.RUSAGE_SELF),
+print(json.dumps({"seconds": seconds, "imports": imports, "main": peak(resource.RUSAGE_SELF),
                   "worker": peak(resource.RUSAGE_CHILDREN)}))
 """
-IMPORTS_ONLY = ("import resource, sys; sys.path.insert(0, sys.argv[1]); from gpt.data import prepare; "
-                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
 
 
 def corpus_records(size: int) -> Iterator[str]:
@@ -120,8 +119,6 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--num-proc {args.num_proc!r} is not a list of numbers, e.g. 1,2,4") from None
         if min(counts) < 1 or args.rounds < 1 or args.megabytes <= 0:
             raise UserError("--num-proc counts and --rounds must be at least 1, --megabytes more than 0")
-        imports = int(subprocess.run([sys.executable, "-c", IMPORTS_ONLY, str(ROOT)], capture_output=True,
-                                     text=True, check=True).stdout)
         with tempfile.TemporaryDirectory(dir=args.dir, prefix="prep-bench-") as tmp:
             folder = Path(tmp)
             size = int(args.megabytes * 1e6)  # bytes of text: what MB/s counts, whatever the format
@@ -148,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             worker = f"{workers:.0f} MiB" if workers else "-"  # 1 process: no workers
             print(f"{n:>9} {seconds:>8.2f} {size / 1e6 / seconds:>7.1f} {base / seconds:>7.2f}x "
                   f"{main_peak:>6.0f} MiB {worker:>12}")
+        imports = max(r["imports"] for rounds in runs.values() for r in rounds) / 2**20
         print(f"  peak: resident memory (ru_maxrss) of the process that reads and writes, and of its largest "
-              f"worker (forked: it counts the pages it shares with that process); importing torch, NumPy "
-              f"and tiktoken alone takes {imports / 2**20:.0f} MiB")
+              f"worker (forked: it counts the pages it shares with that process); before preparing, with "
+              f"torch, NumPy and tiktoken imported, the process held {imports:.0f} MiB")
         same = len(set(digests.values())) == 1
         print(f"  token files {'identical' if same else 'DIFFERENT'} for {', '.join(map(str, counts))} processes "
               f"(sha256 of train.bin + val.bin: {', '.join(sorted(set(d[:12] for d in digests.values())))})")

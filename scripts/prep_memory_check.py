@@ -4,13 +4,12 @@ Writes a text file of `--gigabytes` (default 2) into a temporary folder (Shakesp
 repeated, each copy under its own heading; `--format jsonl` or `parquet` for records of ~4 KB),
 prepares it in a child process with `gpt.data.prepare` (the code train.py runs) on
 `--num-proc` processes, and prints the peak resident memory (`ru_maxrss`) of the process that
-reads and writes and of its largest tokenising worker, beside that of a child that only imports
-the same modules, and the time taken. Everything it wrote is deleted at the end. Needs about
+reads and writes (and what it held before preparing: its imports) and of its largest tokenising
+worker, and the time taken. Everything it wrote is deleted at the end. Needs about
 3.5 x the size in free disk space. (`python -m gpt.bench prep` compares process counts.)
 """
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -19,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gpt.data import default_num_proc  # noqa: E402
-from gpt.prep_bench import IMPORTS_ONLY, run_child, write_corpus  # noqa: E402
+from gpt.prep_bench import run_child, write_corpus  # noqa: E402
 
 
 def main() -> None:
@@ -29,9 +28,6 @@ def main() -> None:
     parser.add_argument("--num-proc", type=int, default=default_num_proc(), help="processes that tokenise")
     parser.add_argument("--dir", help="where to write the temporary files (default: the system's)")
     args = parser.parse_args()
-    baseline = int(subprocess.run([sys.executable, "-c", IMPORTS_ONLY, str(ROOT)], capture_output=True,
-                                  text=True, check=True).stdout)
-    print(f"importing gpt.data (torch, numpy, tiktoken): peak resident memory {baseline / 2**20:.0f} MiB")
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="prep-check-") as tmp:
         corpus = write_corpus(Path(tmp), int(args.gigabytes * 1e9), args.format)
         print(f"wrote {corpus.stat().st_size / 1e9:.2f} GB ({corpus.name}); preparing it on {args.num_proc} "
@@ -42,7 +38,8 @@ def main() -> None:
         tokens = sum(p.stat().st_size // 2 for p in prepared.glob("*.bin"))
     worker = f"{run['worker'] / 2**20:.0f} MiB" if run["worker"] else "none (one process)"
     print(f"prepared {tokens:,} tokens in {run['seconds']:.0f} s: peak resident memory {run['main'] / 2**20:.0f} "
-          f"MiB (reading and writing), largest worker {worker}")
+          f"MiB (the process that reads and writes; {run['imports'] / 2**20:.0f} MiB of it held before "
+          f"preparing: torch, NumPy, tiktoken), largest worker {worker}")
 
 
 if __name__ == "__main__":
