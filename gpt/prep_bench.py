@@ -5,8 +5,8 @@ heading) in a temporary folder, as one text file, as JSONL records of ~4 KB (the
 page in FineWeb) or as Parquet, then prepares it with `gpt.data.prepare` (what train.py runs)
 at each `--num-proc`, in turns, `--rounds` times. Each preparation runs in a child process of
 its own, so the figures are its own: MB/s of text (UTF-8 bytes, whatever the format), and the
-peak resident memory (`ru_maxrss`) of the process that reads and writes and of its largest
-tokenising worker. The speed-up is against 1 process in the same run, so a busy machine slows
+peak resident memory of the process that reads and writes (`VmHWM`) and of its largest
+tokenising worker (`ru_maxrss`). The speed-up is against 1 process in the same run, so a busy machine slows
 both alike. At the end, the token files of every process count are compared byte for byte.
 Everything it wrote is deleted at the end.
 """
@@ -34,14 +34,23 @@ import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 from gpt.data import DataConfig, prepare
 from gpt.tokenizer import get_tokenizer
-peak = lambda who: resource.getrusage(who).ru_maxrss * 1024  # KiB on Linux
+
+def peak_self():
+    # VmHWM is this program's own peak; ru_maxrss also counts the parent it was started from
+    # (Linux carries the high-water mark across exec).
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
 get_tokenizer()  # built before the clock starts, as a second preparation would find it
-imports = peak(resource.RUSAGE_SELF)
+imports = peak_self()
 started = time.perf_counter()
 prepare(DataConfig(corpus=sys.argv[2], prepared_dir=sys.argv[3], num_proc=int(sys.argv[4])))
 seconds = time.perf_counter() - started
-print(json.dumps({"seconds": seconds, "imports": imports, "main": peak(resource.RUSAGE_SELF),
-                  "worker": peak(resource.RUSAGE_CHILDREN)}))
+print(json.dumps({"seconds": seconds, "imports": imports, "main": peak_self(),
+                  "worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
 """
 
 
@@ -146,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{n:>9} {seconds:>8.2f} {size / 1e6 / seconds:>7.1f} {base / seconds:>7.2f}x "
                   f"{main_peak:>6.0f} MiB {worker:>12}")
         imports = max(r["imports"] for rounds in runs.values() for r in rounds) / 2**20
-        print(f"  peak: resident memory (ru_maxrss) of the process that reads and writes, and of its largest "
+        print(f"  peak: resident memory of the process that reads and writes, and of its largest "
               f"worker (forked: it counts the pages it shares with that process); before preparing, with "
               f"torch, NumPy and tiktoken imported, the process held {imports:.0f} MiB")
         same = len(set(digests.values())) == 1
