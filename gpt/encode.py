@@ -11,9 +11,9 @@ but the first.
 The tasks depend on the text only, never on `num_proc`, and results are taken back in task
 order, so the token stream is the same, byte for byte, with any number of processes (and equals
 tokenising each document whole). At most `2 * num_proc` tasks are in flight: `Pool.imap` (or
-`Executor.map`) would read the whole corpus ahead of the workers into its queue, which is what
-makes other preparation scripts run out of memory. A corpus of one task is tokenised in the
-calling process, with no workers to start.
+`Executor.map`) would read the whole corpus ahead of the workers, into memory, whenever reading
+is faster than tokenising (it always is). A corpus of one task is tokenised in the calling
+process, with no workers to start.
 
 Workers are forked on Linux: they start in milliseconds and share the parent's tokenizer and
 imports; elsewhere the platform's default start method is used.
@@ -128,6 +128,7 @@ def _ignore_sigint() -> None:
 
 
 def _workers(num_proc: int) -> ProcessPoolExecutor:
+    """`num_proc` tokenising processes, forked on Linux."""
     method = "fork" if sys.platform == "linux" else None
     return ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context(method), initializer=_ignore_sigint)
 
