@@ -4,7 +4,6 @@ On several GPUs (or CPU processes), the same script under torchrun:
 `torchrun --nproc_per_node=N train.py --config small.yaml` (see `gpt.distributed`).
 """
 
-import math
 import os
 import shlex
 import signal
@@ -15,9 +14,10 @@ import torch
 
 from gpt.checkpoint import BEST_NAME, LATEST_NAME, load_checkpoint, run_checkpoints, save_checkpoint
 from gpt.config import Config, load_config
-from gpt.data import TrainBatches, eval_loader, load_split, prepare
+from gpt.data import TrainBatches, check_max_tokens, eval_loader, load_split, prepare
 from gpt.distributed import Distributed, environment_place, environment_rank, launched_by_torchrun, start
 from gpt.errors import ArgumentParser, UserError, run_cli
+from gpt.evaluate import describe, score
 from gpt.model import GPTModel
 from gpt.resume import (
     StopRequest, best_checkpoint, check_resumable, checkpoint_to_resume, rank_seed, restore_training,
@@ -28,8 +28,8 @@ from gpt.plot import plot_after_training
 from gpt.pretrained import build_model, resolve_model_config
 from gpt.sampling import print_samples
 from gpt.training import (
-    NonFiniteLoss, OutOfMemory, Precision, TrainState, evaluate, out_of_memory_named, pick_device, pick_dtype,
-    setup_device, train,
+    NonFiniteLoss, OutOfMemory, Precision, TrainState, out_of_memory_named, pick_device, pick_dtype, setup_device,
+    train,
 )
 
 
@@ -61,6 +61,7 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
     setup_device(device)
     seed_everything(cfg.train.seed)
     context = cfg.model.context_length
+    check_max_tokens(cfg.data, context + 1)  # before any reading: each split needs a window and its target
     prepared = dist.in_turn(lambda: prepare(cfg.data))  # rank 0 writes the token files, the rest read them
     train_set = load_split(prepared, "train", context, cfg.data.stride or context)
     val_set = load_split(prepared, "val", context, context)
@@ -140,11 +141,10 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
     if cfg.train.whole_val_at_end:  # the figure to compare runs by: every window, not the periodic subset
         try:
             with out_of_memory_named("the evaluation over the whole val split after step", state.step, device):
-                val_loss = evaluate(model, whole_val, device, precision, dist)
+                scored = score(model, whole_val, device, precision, dist)
         except OutOfMemory as e:
             raise out_of_memory_error(e, cfg, dist, latest, last_saved) from None
-        say(f"val loss over all {len(val_set):,} windows of the val split: {val_loss:.4f} "
-            f"(ppl {math.exp(min(val_loss, 50)):.1f})")
+        say(describe(scored, "val loss", "the val split"))
     if not dist.is_main:
         return 0
     print(f"saved {latest} (step {state.step}); best: {best} (step {state.best_step}, val loss "

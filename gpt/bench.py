@@ -2,7 +2,8 @@
 
 (`python -m gpt.bench race ...` races optimizers and settings for loss per second: gpt/race.py;
 `python -m gpt.bench memory ...` measures peak memory with and without activation checkpointing:
-gpt/peak_memory.py.)
+gpt/peak_memory.py; `python -m gpt.bench prep ...` measures corpus preparation on 1 and N
+processes: gpt/prep_bench.py.)
 
 Every figure is measured against a baseline in the same run, because absolute speed on a shared
 machine drifts: the baseline is the plain path (explicit attention, float32, no compile,
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gpt import peak_memory, race
+from gpt import peak_memory, prep_bench, race
 from gpt.config import Config, load_config
 from gpt.distributed import SINGLE, Distributed, single_process_group
 from gpt.errors import ArgumentParser, UserError, run_cli
@@ -41,7 +42,7 @@ from gpt.model import GPTModel, ModelConfig
 from gpt.optim import build_optimizer, muon_parameters
 from gpt.sampling import generate
 from gpt.training import (
-    DTYPES, Precision, TrainConfig, calc_loss_batch, compile_model, pick_device, pick_dtype,
+    DTYPES, Precision, calc_loss_batch, compile_model, pick_device, pick_dtype,
     setup_device, train_step,
 )
 
@@ -295,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         return race.main(argv[1:])
     if argv[:1] == ["memory"]:
         return peak_memory.main(argv[1:])
+    if argv[:1] == ["prep"]:
+        return prep_bench.main(argv[1:])
     parser = ArgumentParser(
         description="Benchmark training and sampling speed for a config (any --section.key=value "
         "override applies, e.g. --data.batch_size=8).", allow_abbrev=False)

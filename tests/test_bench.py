@@ -123,3 +123,13 @@ def test_every_row_of_the_small_yaml_sweep_is_a_config_that_loads():
         if "batch" in name:
             assert cfg.data.batch_size * cfg.train.max_iters == base.data.batch_size * base.train.max_iters
     assert sweep.main(["--rows", "no-such-row"]) == 2
+
+
+def test_prep_bench_compares_process_counts_and_checks_the_token_files(capsys):
+    # 2.5 MB of text: three tasks of ~1M characters, so 2 processes do start their workers.
+    assert bench.main(["prep", "--megabytes", "2.5", "--num-proc", "1,2", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if re.fullmatch(r"\s+\d+ .+", line)}
+    assert set(rows) == {"1", "2"} and rows["1"][3] == "1.00x"
+    assert rows["1"][-1] == "-" and rows["2"][-1] == "MiB"  # one process has no workers; two have
+    assert "token files identical for 1, 2 processes" in out

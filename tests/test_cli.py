@@ -123,7 +123,7 @@ def test_the_final_val_loss_covers_every_window_of_the_val_split(tmp_path, corpu
                        f"--data.prepared_dir={tmp_path / 'prepared'}", "--model.context_length=8",
                        "--data.val_fraction=0.3", "--data.batch_size=3", "--train.eval_iters=1",
                        f"--train.out_dir={out}", "--sample.max_new_tokens=1"]) == 0
-    printed = re.search(r"val loss over all ([\d,]+) windows of the val split: ([\d.]+)", capsys.readouterr().out)
+    printed = re.search(r"val loss over all ([\d,]+) windows of the val split: (([\d.]+).*)", capsys.readouterr().out)
     model, _ = load_model(out / "latest.pt")
     tokens = np.fromfile(tmp_path / "prepared" / "val.bin", dtype=np.uint16).astype(np.int64)
     windows = (len(tokens) - 1) // 8  # non-overlapping windows of 8 and their next-token targets
@@ -132,4 +132,9 @@ def test_the_final_val_loss_covers_every_window_of_the_val_split(tmp_path, corpu
     y = torch.from_numpy(tokens[1:windows * 8 + 1].reshape(windows, 8))
     with torch.no_grad():
         expected = calc_loss_batch(model.eval(), x, y).item()
-    assert float(printed.group(2)) == pytest.approx(expected, abs=1e-4)
+    assert float(printed.group(3)) == pytest.approx(expected, abs=1e-4)
+    # python -m gpt.evaluate on the same run prints the same figures: one code path for both.
+    from gpt import evaluate
+    assert evaluate.main(["--checkpoint", str(out / "latest.pt")]) == 0
+    scored = re.search(r"loss over all ([\d,]+) windows of the val split of .*corpus.txt: (.*)", capsys.readouterr().out)
+    assert scored.group(1) == printed.group(1) and scored.group(2) == printed.group(2)

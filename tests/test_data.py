@@ -8,12 +8,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from gpt.data import (
-    DataConfig, TokenWindows, TrainBatches, encode_stream, eval_loader, load_split,
-    markdown_play_to_text, prepare,
-)
-from gpt import data
+from gpt.data import DataConfig, TokenWindows, TrainBatches, eval_loader, load_split, prepare
+from gpt import data, encode, sources
+from gpt.encode import Encoded, encode_documents
 from gpt.errors import UserError
+from gpt.sources import Block, markdown_play_to_text
 from gpt.tokenizer import EOT_ID, get_tokenizer
 
 PLAY = """# Macbeth
@@ -68,13 +67,16 @@ def test_builtin_shakespeare_is_plain_play_text():
     assert get_tokenizer().decode(train[:8].tolist()).startswith("A Midsummer")
 
 
-def test_chunked_encoding_equals_whole(monkeypatch):
+@pytest.mark.parametrize("num_proc,block", [(1, 777), (2, 777), (2, None)])
+def test_chunked_encoding_equals_whole(monkeypatch, num_proc, block):
     text = ("Word  \n  spaced\n\nlines\nX\ny " * 20000)
-    monkeypatch.setattr(data, "CHUNK_CHARS", 1000)
-    blocks = [text[i:i + 777] for i in range(0, len(text), 777)]  # cut anywhere, even mid-word
-    pieces = list(encode_stream(blocks))
+    monkeypatch.setattr(encode, "CHUNK_CHARS", 1000)
+    block = block or len(text)  # blocks cut anywhere, even mid-word; or one block of 660K characters
+    blocks = [Block(text[i:i + block], i == 0) for i in range(0, len(text), block)]
+    pieces = list(encode_documents(blocks, num_proc))
     assert len(pieces) > 100  # it did go piece by piece
-    assert [i for piece in pieces for i in piece] == get_tokenizer().encode_ordinary(text)
+    tokens = np.frombuffer(b"".join(piece.tokens for piece in pieces), dtype=np.uint16)
+    assert tokens.tolist() == get_tokenizer().encode_ordinary(text)
 
 
 def test_every_safe_cut_keeps_the_tokens_of_the_whole():
@@ -86,7 +88,7 @@ def test_every_safe_cut_keeps_the_tokens_of_the_whole():
     for _ in range(1000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60)))
         cuts, start = [0], 1
-        while (cut := data._safe_cut(text, start)) is not None:
+        while (cut := encode.safe_cut(text, start)) is not None:
             cuts.append(cut)
             start = cut + 1
         pieces = [text[a:b] for a, b in zip(cuts, cuts[1:] + [len(text)])]
@@ -161,7 +163,7 @@ def test_corpus_errors(tmp_path):
     with pytest.raises(UserError, match="not UTF-8.*offset 3"):
         prepare(DataConfig(corpus=str(latin), prepared_dir=str(tmp_path / "l")))
     (tmp_path / "nothing").mkdir()
-    with pytest.raises(UserError, match="no .txt or .md"):
+    with pytest.raises(UserError, match="holds no .txt, .md, .jsonl"):
         prepare(DataConfig(corpus=str(tmp_path / "nothing")))
     assert not (tmp_path / "e").exists() and not (tmp_path / "l").exists()
 
@@ -172,14 +174,14 @@ def test_corpus_errors(tmp_path):
     (b"abc\xe6\x97abc", 3),  # ... or by the next one
 ])
 def test_text_is_read_in_blocks_and_a_bad_byte_is_named_by_its_offset(tmp_path, monkeypatch, raw, offset):
-    monkeypatch.setattr(data, "BLOCK_BYTES", 4)  # characters split across blocks
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 4)  # characters split across blocks
     good = tmp_path / "good.txt"
     good.write_text("naïve café 日本語 🎭\r\n", encoding="utf-8")
-    assert "".join(data.read_text_blocks(good)) == good.read_bytes().decode("utf-8")
+    assert "".join(sources.read_text_blocks(good)) == good.read_bytes().decode("utf-8")
     bad = tmp_path / "bad.txt"
     bad.write_bytes(raw)
     with pytest.raises(UserError, match=f"not UTF-8 text \\(bad byte at offset {offset}\\)"):
-        list(data.read_text_blocks(bad))
+        list(sources.read_text_blocks(bad))
 
 
 @pytest.mark.parametrize("failure,raised", [
@@ -193,11 +195,11 @@ def test_failed_preparation_leaves_the_previous_files_and_no_temporary_ones(
     before = {p.name: p.read_bytes() for p in prepared.iterdir()}
     corpus_file.write_text(corpus_file.read_text(encoding="utf-8") + "\nmore", encoding="utf-8")
 
-    def failing(blocks, progress=None):
-        yield [1, 2, 3]
+    def failing(blocks, num_proc):
+        yield Encoded(np.array([1, 2, 3], dtype=np.uint16).tobytes(), 1, 10, 10)
         raise failure
 
-    monkeypatch.setattr(data, "encode_stream", failing)
+    monkeypatch.setattr(data, "encode_documents", failing)
     with pytest.raises(raised, match="cannot write the prepared corpus .*No space left on device" if raised
                        is UserError else None):
         prepare(cfg)
@@ -281,8 +283,9 @@ def test_eval_loader_is_fixed_and_bounded():
 
 
 def test_preparation_streams_in_bounded_memory(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "CHUNK_CHARS", 1 << 14)
-    monkeypatch.setattr(data, "BLOCK_BYTES", 1 << 14)
+    monkeypatch.setattr(encode, "CHUNK_CHARS", 1 << 14)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 1 << 14)
+    monkeypatch.setattr(data, "COPY_BYTES", 1 << 14)
     line = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer\n"
     enc = get_tokenizer()  # built before measuring
 

@@ -2,9 +2,11 @@
 exit code 2, no traceback, and every file that existed before left byte for byte as it was."""
 
 import hashlib
+import json
 import pickle
 import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -54,6 +56,17 @@ def world(tmp_path_factory) -> SimpleNamespace:
     w.short = text("short.txt", "Too short to train on. " * 3)
     text("no-text/table.csv", "a,b\n")
     w.no_text = root / "no-text"
+    w.bad_json = text("bad.jsonl", '{"text": "fine"}\nnot json\n')
+    w.no_field = text("no-field.jsonl", json.dumps({"title": "T", "body": "words"}) + "\n")
+    w.number = text("number.jsonl", json.dumps({"text": 42}) + "\n")
+    w.blank_records = text("blank.jsonl", '{"text": ""}\n{"text": "  \\n "}\n')
+    w.no_column = root / "no-column.parquet"
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"title": ["a play"]}), w.no_column)
+    except ImportError:  # the case that needs it is skipped
+        pass
     w.in_the_way = text("a-file", "not a folder")
 
     latest = (w.run / "latest.pt").read_bytes()
@@ -105,7 +118,16 @@ def resume(w, run, *more):
     return ["--config", "tiny.yaml", f"--train.out_dir={run}", "--resume", *more]
 
 
-# (id, area, script, argv from the world, what the message must say[, a setup given monkeypatch]);
+def without_datasets(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` fails as if not installed
+
+
+def needs(module: str):
+    return lambda monkeypatch: pytest.importorskip(module)
+
+
+# (id, area, script, argv from the world, what the message must say[, a setup given monkeypatch:
+# what the case needs or how it fails]);
 # the README's table.
 CASES = [
     ("missing config", "config", TRAIN, lambda w: ["--config", "nope.yaml"],
@@ -150,13 +172,39 @@ CASES = [
      lambda w: ["Hi", "--checkpoint", str(w.run), "--head", "2"],
      r"--head 2 is out of range: .*run/best.pt has 2 heads, numbered 0 to 1"),
     ("missing corpus", "data", TRAIN, lambda w: tiny(w, f"--data.corpus={w.root / 'none.txt'}"),
-     r"data.corpus '.*none.txt' does not exist; give a text file, a folder of .txt/.md files, or 'shakespeare'"),
+     r"data.corpus '.*none.txt' does not exist; give a text, JSONL or Parquet file, a folder of them, hf:NAME "
+     r"for a Hugging Face dataset, or 'shakespeare'"),
     ("blank corpus", "data", TRAIN, lambda w: tiny(w, f"--data.corpus={w.empty}"),
      r"corpus '.*empty.txt' is empty; give it some text"),
     ("corpus not UTF-8", "data", TRAIN, lambda w: tiny(w, f"--data.corpus={w.latin}"),
      r"latin.txt is not UTF-8 text \(bad byte at offset 3\); convert it, e.g. `iconv -f latin1 -t utf-8`"),
     ("folder without text files", "data", TRAIN, lambda w: tiny(w, f"--data.corpus={w.no_text}"),
-     r"corpus folder .*no-text holds no .txt or .md files; add some or name a file"),
+     r"corpus folder .*no-text holds no .txt, .md, .jsonl, .jsonl.gz or .parquet files; add some or name a file"),
+    ("JSONL line that is not JSON", "data", TRAIN, lambda w: tiny(w, f"--data.corpus={w.bad_json}"),
+     r"bad.jsonl line 2 is not JSON \(Expecting value at column 1\); each line must be one JSON object, e.g. "
+     r'\{"text": "..."\}'),
+    ("record without the text field", "data", TRAIN, lambda w: tiny(w, f"--data.corpus={w.no_field}"),
+     r"no-field.jsonl line 1 has no field 'text' \(its fields: title, body\); set data.text_field to the one "
+     r"that holds the text"),
+    ("text field that is not a string", "data", TRAIN, lambda w: tiny(w, f"--data.corpus={w.number}"),
+     r"number.jsonl line 1: field 'text' is int, not a string; set data.text_field to a field that holds text"),
+    ("Parquet file without the column", "data", TRAIN, lambda w: tiny(w, f"--data.corpus={w.no_column}"),
+     r"no-column.parquet has no column 'text' \(its columns: title\); set data.text_field to the column that "
+     r"holds the text", needs("pyarrow")),
+    ("hf: without datasets installed", "data", TRAIN,
+     lambda w: tiny(w, "--data.corpus=hf:HuggingFaceFW/fineweb-edu"),
+     r"data.corpus 'hf:HuggingFaceFW/fineweb-edu' needs the datasets library: pip install pyarrow datasets, "
+     r'or pip install -e "\.\[datasets\]"', without_datasets),
+    ("Hugging Face dataset out of reach", "data", TRAIN,
+     lambda w: tiny(w, "--data.corpus=hf:no-such-user/no-such-dataset"),
+     r"cannot open Hugging Face dataset 'no-such-user/no-such-dataset', split 'train' \(Couldn't reach .*\); "
+     r"check the name, config and split, and the connection, or download its files and set data.corpus to "
+     r"their folder", needs("datasets")),
+    ("corpus with no text after blank records", "data", TRAIN, lambda w: tiny(w, f"--data.corpus={w.blank_records}"),
+     r"corpus '.*blank.jsonl' is empty \(every record's 'text' is blank\); give it some text"),
+    ("data.max_tokens below one window", "data", TRAIN, lambda w: tiny(w, "--data.max_tokens=20"),
+     r"data.max_tokens 20 leaves the train split 18 tokens at data.val_fraction 0.1, fewer than one window of "
+     r"33; raise data.max_tokens or leave it unset"),
     ("corpus shorter than a window", "data", TRAIN,
      lambda w: tiny(w, f"--data.corpus={w.short}", f"--data.prepared_dir={w.root / 'prepared-short'}"),
      r"the train split of .* has 18 tokens, fewer than one window of 33; use more text or a smaller "

@@ -1,0 +1,175 @@
+"""Loss, perplexity and bits per byte over every window: `python -m gpt.evaluate --checkpoint RUN`.
+
+`score` is the one evaluation over every window of a token file: training's final figure
+(`train.whole_val_at_end`) and this command both call it. The windows are those training
+evaluates on: `context_length` tokens side by side (stride = context), window i predicting
+tokens i*T+1 .. i*T+T from the ones before them in the window. So every token of the file is
+scored once, except the first (nothing predicts it) and the fewer than T left after the last
+whole window.
+
+- loss: the mean next-token cross-entropy (nats) over the scored tokens; perplexity is e^loss.
+- bits per byte: the nats of the scored tokens that are text, divided by the UTF-8 bytes of
+  exactly those tokens (each id decoded to its bytes, `gpt.tokenizer.token_byte_lengths`) and
+  by ln 2. `<|endoftext|>` separates documents and is not text: it is left out of both, as
+  nanochat leaves out its special tokens. A model's bits per byte does not depend on its
+  tokenizer, so models with different vocabularies can be compared.
+
+The command scores a run's val split (its own corpus and settings, prepared again if needed)
+or, with `--corpus`, all of any corpus `data.corpus` accepts (tokenised once into
+`data/<name>-whole/`; `--data.max_tokens=N` scores its first N tokens). `--checkpoint` takes what
+`generate.py` takes, GPT-2's weights included.
+"""
+
+import contextlib
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from gpt.checkpoint import checkpoint_path, load_model
+from gpt.config import build_config, parse_overrides
+from gpt.data import DataConfig, TokenWindows, eval_loader, load_split, prepare, prepare_whole
+from gpt.distributed import SINGLE, Distributed
+from gpt.errors import ArgumentParser, UserError, run_cli
+from gpt.model import GPTModel, ModelConfig
+from gpt.pretrained import DEFAULT_RUN_CONFIG, build_model, default_checkpoint, is_pretrained_source, resolve_model_config
+from gpt.tokenizer import token_byte_lengths
+from gpt.training import Precision, pick_device, pick_dtype, to_device
+
+
+@dataclass
+class Score:
+    """Sums over the scored tokens of every window; the figures are properties."""
+
+    windows: int = 0
+    tokens: int = 0  # target tokens scored
+    nats: float = 0.0  # their summed next-token loss
+    text_tokens: int = 0  # those that are text (all but <|endoftext|>)
+    text_nats: float = 0.0
+    text_bytes: int = 0  # the UTF-8 bytes of those
+
+    @property
+    def loss(self) -> float:
+        """Mean nats per scored token."""
+        return self.nats / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 50))
+
+    @property
+    def bits_per_byte(self) -> float:
+        """Nats of the text tokens / (their UTF-8 bytes x ln 2)."""
+        return self.text_nats / (self.text_bytes * math.log(2)) if self.text_bytes else math.nan
+
+
+@torch.no_grad()
+def score(model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision | None = None,
+          dist: Distributed = SINGLE) -> Score:
+    """Loss and bits per byte over every batch of `loader`, in eval mode; restores the mode.
+
+    With several processes, each scores its share of the batches and the sums are over all.
+    """
+    was_training = model.training
+    model.eval()
+    byte_lengths = torch.tensor(token_byte_lengths(), device=device)
+    sums = torch.zeros(6, dtype=torch.float64)  # the fields of Score, in order
+    for inputs, targets in tqdm(loader, desc="evaluating", unit="batch", leave=False,
+                                disable=None if dist.is_main else True):
+        inputs, targets = to_device(inputs, device), to_device(targets, device).flatten()
+        with precision.autocast() if precision else contextlib.nullcontext():
+            logits = model(inputs)  # (B, T, V)
+        nats = F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="none")  # (B*T,)
+        text_bytes = byte_lengths[targets]  # (B*T,), 0 for <|endoftext|>
+        is_text = text_bytes > 0
+        nats_sum, text_nats = torch.stack([nats.sum(), (nats * is_text).sum()]).tolist()
+        text_tokens, bytes_sum = torch.stack([is_text.sum(), text_bytes.sum()]).tolist()
+        sums += torch.tensor([len(inputs), targets.numel(), nats_sum, text_tokens, text_nats, bytes_sum],
+                             dtype=torch.float64)  # summed in float64 here, over any number of batches
+    model.train(was_training)
+    if dist.launched:
+        sums = dist.sum(sums.to(device)).cpu()
+    windows, tokens, nats, text_tokens, text_nats, text_bytes = sums.tolist()
+    return Score(int(windows), int(tokens), nats, int(text_tokens), text_nats, int(text_bytes))
+
+
+def describe(result: Score, label: str, what: str) -> str:
+    """One line: `<label> over all N windows of <what>: loss (ppl), bits per byte`."""
+    return (f"{label} over all {result.windows:,} windows of {what}: {result.loss:.4f} "
+            f"(ppl {result.perplexity:.1f}), {result.bits_per_byte:.4f} bits per byte "
+            f"({result.tokens:,} tokens, {result.text_bytes:,} bytes of text)")
+
+
+def data_config(base: DataConfig, overrides: list[str], source: str) -> tuple[DataConfig, set[str]]:
+    """`base` with `--data.key=value` overrides, strictly checked, and the keys they set."""
+    values = parse_overrides(overrides)
+    if set(values) - {"data"}:
+        raise UserError(f"only --data.key=value settings apply here, not --{next(iter(set(values) - {'data'}))}.*")
+    cfg = build_config([({"data": asdict(base)}, source), (values, "the command line")]).data
+    return cfg, set(values.get("data", {}))
+
+
+def load_scored_model(location: str, device: torch.device) -> tuple[GPTModel, DataConfig | None, str, str]:
+    """(model in eval mode, the run's data config or None for GPT-2's weights, its train.dtype, what it is)."""
+    if is_pretrained_source(location):
+        cfg = resolve_model_config(ModelConfig(init_from=location), given=())
+        return build_model(cfg).to(device).eval(), None, "auto", location
+    path = checkpoint_path(location)
+    model, config = load_model(path, device)
+    return model, config.data, config.train.dtype, str(path)
+
+
+def scored_windows(data: DataConfig, given: set[str], corpus: str | None, context: int) -> tuple[TokenWindows, str]:
+    """The windows to score, prepared if need be, and what they are: all of `corpus`, or the run's val split."""
+    if corpus:  # the run's prepared_dir and max_tokens are for its own corpus: only the command line's apply
+        prepared = prepare_whole(data, corpus, data.prepared_dir if "prepared_dir" in given else None,
+                                 data.max_tokens if "max_tokens" in given else None)
+        return load_split(prepared, "whole", context, context), corpus
+    windows = load_split(prepare(data), "val", context, context)
+    return windows, f"the val split of {data.val_corpus or data.corpus}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the loss, perplexity and bits per byte of a model over a val split or a corpus."""
+    parser = ArgumentParser(prog="python -m gpt.evaluate", allow_abbrev=False, description=(
+        "Loss, perplexity and bits per byte of a model over every window of its run's val split, or of "
+        "any corpus. --data.key=value overrides the run's data settings (e.g. --data.batch_size=4)."))
+    parser.add_argument("--checkpoint", help="run folder (its best.pt, else latest.pt) or checkpoint file "
+                        f"(default: the run configs/{DEFAULT_RUN_CONFIG} writes); or GPT-2's weights: gpt2, "
+                        "gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 folder")
+    parser.add_argument("--corpus", help="score all of this corpus instead (anything data.corpus takes: a file, "
+                        "a folder, hf:NAME[:CONFIG] or shakespeare)")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    parser.add_argument("--device", default="auto", help="auto, cpu, mps or cuda[:N]")
+    args, overrides = parser.parse_known_args(argv)
+
+    def work() -> None:
+        device = pick_device(args.device, option="--device")
+        location = args.checkpoint or default_checkpoint()
+        if is_pretrained_source(location) and not args.corpus:
+            raise UserError(f"{location} is not a run, so it has no val split; give --corpus SOURCE to score")
+        model, run_data, dtype, source = load_scored_model(location, device)
+        data, given = data_config(run_data or DataConfig(), overrides, source if run_data else "the defaults")
+        context = model.cfg.context_length
+        with contextlib.redirect_stdout(sys.stderr):  # what preparation says: stdout is for the figures
+            windows, what = scored_windows(data, given, args.corpus, context)
+        print(f"scoring {source} on {what}", file=sys.stderr)
+        precision = Precision(pick_dtype(dtype, device), device)
+        result = score(model, eval_loader(windows, data.batch_size, None), device, precision)
+        if args.json:
+            print(json.dumps({"checkpoint": source, "data": what, **asdict(result), "loss": result.loss,
+                              "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte}))
+        else:
+            print(describe(result, "loss", what))
+
+    return run_cli(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
