@@ -40,7 +40,7 @@ from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.model import GPTModel, ModelConfig
 from gpt.pretrained import DEFAULT_RUN_CONFIG, build_model, default_checkpoint, is_pretrained_source, resolve_model_config
 from gpt.tokenizer import token_byte_lengths
-from gpt.training import Precision, pick_device, pick_dtype, to_device
+from gpt.training import Precision, pick_device, pick_dtype, setup_device, to_device
 
 
 @dataclass
@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> None:
         device = pick_device(args.device, option="--device")
+        setup_device(device)  # on a CPU, malloc kept from returning the logits' memory every batch
         location = args.checkpoint or default_checkpoint()
         if is_pretrained_source(location) and not args.corpus:
             raise UserError(f"{location} is not a run, so it has no val split; give --corpus SOURCE to score")
