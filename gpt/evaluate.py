@@ -79,7 +79,8 @@ def score(model: nn.Module, loader: DataLoader, device: torch.device, precision:
     was_training = model.training
     model.eval()
     byte_lengths = torch.tensor(token_byte_lengths(), device=device)
-    sums = torch.zeros(6, dtype=torch.float64)  # the fields of Score, in order
+    windows = tokens = 0
+    per_batch = []  # each batch's (nats, text nats, text tokens, text bytes), left on the device: one sync at the end
     for inputs, targets in tqdm(loader, desc="evaluating", unit="batch", leave=False,
                                 disable=None if dist.is_main else True):
         inputs, targets = to_device(inputs, device), to_device(targets, device).flatten()
@@ -88,14 +89,16 @@ def score(model: nn.Module, loader: DataLoader, device: torch.device, precision:
         nats = F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="none")  # (B*T,)
         text_bytes = byte_lengths[targets]  # (B*T,), 0 for <|endoftext|>
         is_text = text_bytes > 0
-        nats_sum, text_nats = torch.stack([nats.sum(), (nats * is_text).sum()]).tolist()
-        text_tokens, bytes_sum = torch.stack([is_text.sum(), text_bytes.sum()]).tolist()
-        sums += torch.tensor([len(inputs), targets.numel(), nats_sum, text_tokens, text_nats, bytes_sum],
-                             dtype=torch.float64)  # summed in float64 here, over any number of batches
+        per_batch.append(torch.stack([nats.sum(), (nats * is_text).sum(), is_text.sum(), text_bytes.sum()]))
+        windows, tokens = windows + len(inputs), tokens + targets.numel()
     model.train(was_training)
+    # Summed in float64 (on the CPU: MPS has none) over any number of batches; each batch's counts
+    # are far below float32's 2**24, so they are exact.
+    batch_sums = torch.stack(per_batch).cpu().double().sum(0) if per_batch else torch.zeros(4, dtype=torch.float64)
+    sums = torch.cat([torch.tensor([windows, tokens], dtype=torch.float64), batch_sums])
     if dist.launched:
         sums = dist.sum(sums.to(device)).cpu()
-    windows, tokens, nats, text_tokens, text_nats, text_bytes = sums.tolist()
+    windows, tokens, nats, text_nats, text_tokens, text_bytes = sums.tolist()
     return Score(int(windows), int(tokens), nats, int(text_tokens), text_nats, int(text_bytes))
 
 

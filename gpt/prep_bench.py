@@ -33,23 +33,15 @@ CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 from gpt.data import DataConfig, prepare
+from gpt.peak_memory import resident_peak  # VmHWM: this program's own peak
 from gpt.tokenizer import get_tokenizer
 
-def peak_self():
-    # VmHWM is this program's own peak; ru_maxrss also counts the parent it was started from
-    # (Linux carries the high-water mark across exec).
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
 get_tokenizer()  # built before the clock starts, as a second preparation would find it
-imports = peak_self()
+imports = resident_peak()
 started = time.perf_counter()
 prepare(DataConfig(corpus=sys.argv[2], prepared_dir=sys.argv[3], num_proc=int(sys.argv[4])))
 seconds = time.perf_counter() - started
-print(json.dumps({"seconds": seconds, "imports": imports, "main": peak_self(),
+print(json.dumps({"seconds": seconds, "imports": imports, "main": resident_peak(),
                   "worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
 """
 
