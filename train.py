@@ -25,12 +25,10 @@ from gpt.resume import (
 )
 from gpt.metrics import RunLog
 from gpt.plot import plot_after_training
+from gpt.precision import CPU_BF16_VARIABLE, Precision, comparable_dtype, dtype_name, pick_dtype
 from gpt.pretrained import build_model, resolve_model_config
 from gpt.sampling import print_samples
-from gpt.training import (
-    NonFiniteLoss, OutOfMemory, Precision, TrainState, out_of_memory_named, pick_device, pick_dtype, setup_device,
-    train,
-)
+from gpt.training import NonFiniteLoss, OutOfMemory, TrainState, out_of_memory_named, pick_device, setup_device, train
 
 
 def run(cfg: Config, resume: bool, overwrite: bool, resume_command: str) -> int:
@@ -84,8 +82,9 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
     say(f"model: {model.num_parameters() / 1e6:.2f}M parameters; device: {device}{processes}; "
         f"{len(train_set):,} train windows")
     say(batch_line(batch_size, accum, context, dist))
-
     precision = Precision(pick_dtype(cfg.train.dtype, device), device)
+    say(f"precision: {precision_line(cfg.train.dtype, precision.dtype, device)}")
+
     latest, best = out_dir / LATEST_NAME, out_dir / BEST_NAME
     last_saved = checkpoint["step"] if checkpoint is not None else None  # the last good checkpoint
 
@@ -139,12 +138,13 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
         say(f"stopped at step {state.step}; saved {latest}; resume with: {resume_command}", flush=True)
         return 128 + (stop.signum or signal.SIGTERM)
     if cfg.train.whole_val_at_end:  # the figure to compare runs by: every window, not the periodic subset
+        comparable = Precision(comparable_dtype(precision.dtype, device), device)  # float32 on any CPU
         try:
             with out_of_memory_named("the evaluation over the whole val split after step", state.step, device):
-                scored = score(model, whole_val, device, precision, dist)
+                scored = score(model, whole_val, device, comparable, dist)
         except OutOfMemory as e:
             raise out_of_memory_error(e, cfg, dist, latest, last_saved) from None
-        say(describe(scored, "val loss", "the val split"))
+        say(describe(scored, "val loss", "the val split", comparable.dtype))
     if not dist.is_main:
         return 0
     print(f"saved {latest} (step {state.step}); best: {best} (step {state.best_step}, val loss "
@@ -153,6 +153,19 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
     print("\n--- sample ---")
     print_samples(model, cfg.sample.prompt, cfg.sample, device)
     return 0
+
+
+def precision_line(setting: str, dtype: torch.dtype, device: torch.device) -> str:
+    """What the run computes in, and why: e.g. `bfloat16 autocast (train.dtype auto: the CPU has native bf16)`."""
+    what = "float32" if dtype == torch.float32 else f"{dtype_name(dtype)} autocast"
+    if setting != "auto":
+        return f"{what} (train.dtype {setting})"
+    if device.type == "cpu":
+        why = "the CPU has native bf16" if dtype == torch.bfloat16 else "bf16 would be emulated on this CPU"
+        if os.environ.get(CPU_BF16_VARIABLE):
+            why = f"{CPU_BF16_VARIABLE}={os.environ[CPU_BF16_VARIABLE]}"
+        return f"{what} (train.dtype auto: {why})"
+    return f"{what} (train.dtype auto on {device.type})"
 
 
 def plural(count: int, word: str, words: str) -> str:

@@ -18,6 +18,10 @@ The command scores a run's val split (its own corpus and settings, prepared agai
 or, with `--corpus`, all of any corpus `data.corpus` accepts (tokenised once into
 `data/<name>-whole/`; `--data.max_tokens=N` scores its first N tokens). `--checkpoint` takes what
 `generate.py` takes, GPT-2's weights included.
+
+Precision: the figure is computed in float32 on every CPU, and in the run's autocast (bf16) on a
+GPU (`gpt.precision.comparable_dtype`, which says why); `--dtype` chooses another, and the line
+says which it ran in.
 """
 
 import contextlib
@@ -39,8 +43,9 @@ from gpt.distributed import SINGLE, Distributed
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.model import GPTModel, ModelConfig
 from gpt.pretrained import DEFAULT_RUN_CONFIG, build_model, default_checkpoint, is_pretrained_source, resolve_model_config
+from gpt.precision import DTYPES, Precision, comparable_dtype, dtype_name, pick_dtype
 from gpt.tokenizer import token_byte_lengths
-from gpt.training import Precision, pick_device, pick_dtype, setup_device, to_device
+from gpt.training import pick_device, setup_device, to_device
 
 
 @dataclass
@@ -102,11 +107,11 @@ def score(model: nn.Module, loader: DataLoader, device: torch.device, precision:
     return Score(int(windows), int(tokens), nats, int(text_tokens), text_nats, int(text_bytes))
 
 
-def describe(result: Score, label: str, what: str) -> str:
-    """One line: `<label> over all N windows of <what>: loss (ppl), bits per byte`."""
+def describe(result: Score, label: str, what: str, dtype: torch.dtype) -> str:
+    """One line: `<label> over all N windows of <what>: loss (ppl), bits per byte (..., in <dtype>)`."""
     return (f"{label} over all {result.windows:,} windows of {what}: {result.loss:.4f} "
             f"(ppl {result.perplexity:.1f}), {result.bits_per_byte:.4f} bits per byte "
-            f"({result.tokens:,} tokens, {result.text_bytes:,} bytes of text)")
+            f"({result.tokens:,} tokens, {result.text_bytes:,} bytes of text, in {dtype_name(dtype)})")
 
 
 def data_config(base: DataConfig, overrides: list[str], source: str) -> tuple[DataConfig, set[str]]:
@@ -150,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                         "a folder, hf:NAME[:CONFIG] or shakespeare)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     parser.add_argument("--device", default="auto", help="auto, cpu, mps or cuda[:N]")
+    parser.add_argument("--dtype", choices=["comparable", *DTYPES], default="comparable", help=(
+        "the precision to score in; comparable (the default): float32 on a CPU, the run's autocast on a GPU"))
     args, overrides = parser.parse_known_args(argv)
 
     def work() -> None:
@@ -164,13 +171,17 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.redirect_stdout(sys.stderr):  # what preparation says: stdout is for the figures
             windows, what = scored_windows(data, given, args.corpus, context)
         print(f"scoring {source} on {what}", file=sys.stderr)
-        precision = Precision(pick_dtype(dtype, device), device)
+        if args.dtype == "comparable":
+            precision = Precision(comparable_dtype(pick_dtype(dtype, device), device), device)
+        else:
+            precision = Precision(pick_dtype(args.dtype, device), device)
         result = score(model, eval_loader(windows, data.batch_size, None), device, precision)
         if args.json:
             print(json.dumps({"checkpoint": source, "data": what, **asdict(result), "loss": result.loss,
-                              "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte}))
+                              "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
+                              "dtype": dtype_name(precision.dtype)}))
         else:
-            print(describe(result, "loss", what))
+            print(describe(result, "loss", what, precision.dtype))
 
     return run_cli(work)
 

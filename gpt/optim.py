@@ -13,11 +13,16 @@
   matrices only: embeddings and the output layer stay on AdamW. The two run as one optimizer
   (`MuonWithAdamW`), so the loop, the GradScaler and checkpoints see a single object.
 
-torch's Muon runs the Newton-Schulz iteration in bfloat16. On a GPU, or a CPU with native bf16
-instructions, that is fast; on a CPU without them bf16 matmuls are emulated, ~100x slower than
-fp32, and one Muon step over small.yaml's 24 matrices took twice as long as the whole rest of a
-training step. There `Muon` below (a `torch.optim.Muon` whose iteration runs in float32) takes
-its place: the same algorithm and state, tested against torch's on the same inputs.
+torch's Muon runs the Newton-Schulz iteration in bfloat16. The iteration here follows the
+training precision (`train.dtype`, as `gpt.precision.pick_dtype` resolves it): torch's own Muon
+where training autocasts and bf16 is native (a GPU, a CPU with native bf16 instructions), and
+`Muon` below (a `torch.optim.Muon` whose iteration runs in float32) where training runs in
+float32 or bf16 would be emulated. Emulated, bf16 matmuls are ~100x slower than fp32: one Muon
+step over small.yaml's 24 matrices took twice as long as the whole rest of a training step. And
+a run asked to be float32 is float32 throughout: bf16's rounding, which Newton-Schulz amplifies
+(it scales a matrix's small singular directions up to 1), would otherwise make two float32 runs
+that add the same numbers in another order differ ~10x more than float32 itself does.
+`Muon` is the same algorithm and state, tested against torch's on the same inputs.
 
 `learning_rate` is the schedule (linear warmup, then cosine decay to `min_lr`);
 `set_learning_rate` applies it to every group, Muon's scaled by `muon_lr / learning_rate` so
@@ -32,25 +37,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from gpt.precision import bf16_is_fast, pick_dtype
+
 if TYPE_CHECKING:
     from gpt.training import TrainConfig
 
 OPTIMIZERS = ("adamw", "muon")
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN has native bf16 kernels here (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    """Whether bf16 matmuls run natively on `device` (not emulated)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    return device.type == "cpu" and cpu_has_native_bf16()
 
 
 # --------------------------------------------------------------------------- Muon
@@ -197,9 +189,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
     matrices = muon_parameters(model)
     in_muon = {id(p) for p in matrices}
     options = {"lr": cfg.muon_lr, "momentum": cfg.muon_momentum, "weight_decay": cfg.muon_weight_decay}
-    if bf16_is_fast(device):
-        muon = torch.optim.Muon(matrices, **options)
-    else:  # bf16 would be emulated: run the iteration in float32 instead
+    if pick_dtype(cfg.dtype, device) != torch.float32 and bf16_is_fast(device):
+        muon = torch.optim.Muon(matrices, **options)  # Newton-Schulz in bf16
+    else:  # training in float32, or bf16 would be emulated: the iteration in float32 too
         muon = Muon(matrices, ns_dtype=torch.float32, **options)
     return MuonWithAdamW(muon, adamw([p for p in params if id(p) not in in_muon], cfg, fused))
 

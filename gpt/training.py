@@ -46,7 +46,8 @@ from tqdm import tqdm
 
 from gpt.distributed import SINGLE, Distributed
 from gpt.errors import UserError
-from gpt.optim import OPTIMIZERS, build_optimizer, cpu_has_native_bf16, set_learning_rate
+from gpt.optim import OPTIMIZERS, build_optimizer, set_learning_rate
+from gpt.precision import DTYPES, Precision, pick_dtype
 
 
 @dataclass
@@ -98,9 +99,6 @@ class TrainConfig:
             raise ValueError(f"train.compile must be true, false or auto, got {self.compile!r}")
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def pick_device(name: str, option: str = "train.device") -> torch.device:
     """`auto` -> cuda if available, then mps, then cpu; otherwise the named device, if present."""
     if name == "auto":
@@ -127,42 +125,6 @@ def setup_device(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
     elif device.type == "cpu":
         keep_freed_memory()
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype for `train.dtype`: `auto` takes the fastest one the hardware runs well.
-
-    CUDA: bf16 where supported (Ampere and later), else fp16 (with a GradScaler).
-    CPU: bf16 where the CPU has native bf16 instructions, else fp32. MPS: fp32.
-    """
-    if name != "auto":
-        dtype = DTYPES[name]
-        if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise UserError("train.dtype is bfloat16 but this GPU does not support it; use float16 or auto")
-        return dtype
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return torch.bfloat16
-    return torch.float32
-
-
-class Precision:
-    """Autocast to `dtype` for forward passes, and a GradScaler that is active only for fp16.
-
-    fp16 has a narrow range, so small gradients would underflow to zero: the scaler multiplies
-    the loss before backward and divides the gradients after (`unscale`, before clipping, so the
-    clip threshold applies to the true gradient), skipping steps whose gradients overflowed.
-    Weights and optimizer state stay fp32 throughout.
-    """
-
-    def __init__(self, dtype: torch.dtype, device: torch.device):
-        self.dtype = dtype
-        self.device_type = device.type
-        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
 
 def compile_model(model: nn.Module, setting: bool | str, device: torch.device) -> nn.Module:

@@ -1,0 +1,99 @@
+"""Numeric precision: what `train.dtype: auto` picks, autocast with its GradScaler, and the
+precision the figure to compare runs by is computed in.
+
+`auto` takes the fastest precision the hardware runs well:
+- CUDA: bf16 autocast where the GPU supports it (Ampere and later), else fp16 with a GradScaler;
+- CPU: bf16 autocast where the CPU has native bf16 instructions (AVX512-BF16 or AMX), else
+  float32: elsewhere bf16 matmuls are emulated, ~100x slower than float32;
+- MPS: float32.
+Muon's Newton-Schulz iteration follows the training precision (`gpt.optim`): bf16 (torch's own
+Muon) where training autocasts and bf16 is native, float32 otherwise.
+
+The environment variable `GPT_CPU_BF16` overrides the CPU's detection: `1` has `auto` treat the
+CPU as if it had native bf16, `0` as if it had not. The test suite uses it to run both of
+`auto`'s choices on any machine (`.ci/run` runs the precision tests again under the other one).
+
+The comparable figure: the same weights score 12.0992 in bf16 and 12.0972 in float32, a
+difference larger than many a real improvement. So `gpt.evaluate` and the final whole-val loss of
+`train.py` run in float32 on every CPU, native bf16 or not (`comparable_dtype`), and say which
+precision they ran in. On a GPU they keep the training's autocast (bf16): GPU runs are compared
+with GPU runs, and a GPU-size val split is large. `gpt.evaluate --dtype float32` gives the float32
+figure on any device.
+"""
+
+import os
+
+import torch
+
+from gpt.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_BF16_VARIABLE = "GPT_CPU_BF16"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX): the hardware alone."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_bf16() -> bool:
+    """Whether `auto` trains in bf16 on this CPU: where it has native bf16, unless GPT_CPU_BF16 says."""
+    forced = os.environ.get(CPU_BF16_VARIABLE, "")
+    if forced == "":
+        return cpu_has_native_bf16()
+    if forced not in ("0", "1"):
+        raise UserError(f"{CPU_BF16_VARIABLE} must be 1 (train in bf16 on a CPU), 0 (float32) or unset "
+                        f"(bf16 where the CPU has native bf16), got {forced!r}")
+    return forced == "1"
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively on `device` (on a CPU: as `cpu_bf16` decides)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and cpu_bf16()
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype for `train.dtype` (auto, float32, bfloat16 or float16) on `device`."""
+    if name != "auto":
+        dtype = DTYPES[name]
+        if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError("train.dtype is bfloat16 but this GPU does not support it; use float16 or auto")
+        return dtype
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def comparable_dtype(training_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The precision of the figure to compare runs by: float32 on any CPU, the training's elsewhere."""
+    return torch.float32 if device.type == "cpu" else training_dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32', 'bfloat16' or 'float16': how the config and the printed figures name it."""
+    return str(dtype).removeprefix("torch.")
+
+
+class Precision:
+    """Autocast to `dtype` for forward passes, and a GradScaler that is active only for fp16.
+
+    fp16 has a narrow range, so small gradients would underflow to zero: the scaler multiplies
+    the loss before backward and divides the gradients after (`unscale`, before clipping, so the
+    clip threshold applies to the true gradient), skipping steps whose gradients overflowed.
+    Weights and optimizer state stay fp32 throughout.
+    """
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype = dtype
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
