@@ -19,9 +19,8 @@ where training autocasts and bf16 is native (a GPU, a CPU with native bf16 instr
 `Muon` below (a `torch.optim.Muon` whose iteration runs in float32) where training runs in
 float32 or bf16 would be emulated. Emulated, bf16 matmuls are ~100x slower than fp32: one Muon
 step over small.yaml's 24 matrices took twice as long as the whole rest of a training step. And
-a run asked to be float32 is float32 throughout: bf16's rounding, which Newton-Schulz amplifies
-(it scales a matrix's small singular directions up to 1), would otherwise make two float32 runs
-that add the same numbers in another order differ ~10x more than float32 itself does.
+a run asked to be float32 is float32 throughout: Newton-Schulz scales a matrix's small singular
+directions up to 1, bf16's rounding included (docs/precision.md measures what that does).
 `Muon` is the same algorithm and state, tested against torch's on the same inputs.
 
 `learning_rate` is the schedule (linear warmup, then cosine decay to `min_lr`);
