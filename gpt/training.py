@@ -223,6 +223,9 @@ class OutOfMemory(Exception):
 
     def __init__(self, phase: str, step: int, device: torch.device, error: torch.OutOfMemoryError):
         tried = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]?i?B)", str(error))
+        if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+            # `cuda` is the current GPU: the line names it (cuda:0), as CUDA's own message does
+            device = torch.device("cuda", torch.cuda.current_device())
         self.phase, self.step, self.device = phase, step, device
         self.tried = tried.group(1) if tried else None
         super().__init__(f"out of memory on {device} during {phase} {step}"

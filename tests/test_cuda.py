@@ -8,10 +8,12 @@ with the CUDA RNG states and, with two GPUs, NCCL.
 Not yet run on a GPU: no GPU was available while this was written (see the README). Run it with
 `scripts/gpu_check.sh`, or `python -m pytest tests/test_cuda.py`.
 
-TF32 is turned off for each test (`no_tf32`), except where a test says otherwise: comparisons of
-two paths are then of fp32 sums taken in another order, not of 10-bit mantissas.
+TF32 is turned off for each test (`no_tf32`), and again (`tf32(False)`) where a test compares after
+running train.py's main, which turns it on: comparisons of two paths are then of fp32 sums taken in
+another order, not of 10-bit mantissas.
 """
 
+import contextlib
 import math
 import os
 import subprocess
@@ -37,13 +39,22 @@ CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
 
 
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """TF32 matmuls on or off inside, restored after (train.py's setup_device turns them on process-wide)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.fixture(autouse=True)
 def no_tf32():
-    """Full fp32 matmuls during the test (train.py's setup_device turns TF32 on process-wide)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    """Full fp32 matmuls during the test; a test that runs train.py's main pins it again where it compares."""
+    with tf32(False):
+        yield
 
 
 def pattern_windows(context: int = 12) -> TokenWindows:
@@ -212,7 +223,7 @@ def test_a_checkpoint_trained_on_cuda_loads_and_samples_on_cpu(corpus_file, tmp_
     model = GPTModel(ModelConfig(**checkpoint["config"]["model"])).eval()
     model.load_state_dict(checkpoint["model"])
     x = torch.randint(0, 1000, (2, 16))
-    with torch.no_grad():
+    with torch.no_grad(), tf32(False):  # train_script.main turned TF32 on (setup_device): fp32 against fp32
         on_cpu = model(x)
         on_cuda = model.to(CUDA)(x.to(CUDA)).cpu()
     assert torch.allclose(on_cpu, on_cuda, atol=1e-4)

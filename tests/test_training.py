@@ -287,3 +287,14 @@ def test_auto_picks_nothing_apple_gpu_users_found_broken(tiny_model):
     assert pick_dtype("auto", mps) == torch.float32
     assert not Precision(pick_dtype("auto", mps), mps).scaler.is_enabled()
     assert TrainConfig().compile == "auto" and TrainConfig().dtype == "auto"  # what a run gets unasked
+
+
+def test_out_of_memory_on_the_current_gpu_names_its_index(monkeypatch):
+    """`cuda` (train.device auto) is the current GPU: the line says cuda:0, as CUDA's own message does."""
+    from gpt.training import OutOfMemory
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ...")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert str(OutOfMemory("training step", 3, torch.device("cuda"), oom)) == (
+        "out of memory on cuda:0 during training step 3 (tried to allocate 2.00 GiB)")
+    assert str(OutOfMemory("training step", 3, torch.device("cuda", 1), oom)).startswith("out of memory on cuda:1 ")
