@@ -38,7 +38,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -163,9 +162,8 @@ def keep_freed_memory() -> bool:
 
 
 def calc_loss_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of one (B, T) batch."""
-    logits = model(inputs)  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    """Mean next-token cross-entropy of one (B, T) batch, computed by the model (inside its compiled graph)."""
+    return model(inputs, targets=targets)
 
 
 def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
