@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gpt.attention import ATTENTION_IMPLS, CausalAttention, LayerKVCache
+from gpt.attention import ATTENTION_IMPLS, CausalAttention, LayerKVCache, StaticKVCache
 
 
 
@@ -151,12 +151,17 @@ class GPTModel(nn.Module):
         """Number of trainable parameters, the tied embedding (padding rows included) counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def new_kv_cache(self, batch: int) -> list[LayerKVCache]:
-        """An empty KV cache (one per layer) for `batch` sequences of up to `context_length`."""
+    def new_kv_cache(self, batch: int, static: bool = False) -> list[LayerKVCache] | list[StaticKVCache]:
+        """An empty KV cache (one per layer) for `batch` sequences of up to `context_length`.
+
+        `static`: fixed shapes, the position a tensor (`StaticKVCache`: for a compiled decoding step);
+        its layers share `pos`, which the caller advances by the tokens it fed."""
         weight = self.tok_emb.weight
-        head_dim = self.cfg.emb_dim // self.cfg.n_heads
-        return [LayerKVCache(batch, self.cfg.n_heads, self.cfg.context_length, head_dim, weight.device, weight.dtype)
-                for _ in self.trf_blocks]
+        shape = (batch, self.cfg.n_heads, self.cfg.context_length, self.cfg.emb_dim // self.cfg.n_heads)
+        if static:
+            pos = torch.zeros((), dtype=torch.long, device=weight.device)
+            return [StaticKVCache(*shape, weight.device, weight.dtype, pos) for _ in self.trf_blocks]
+        return [LayerKVCache(*shape, weight.device, weight.dtype) for _ in self.trf_blocks]
 
     def forward(self, idx: torch.Tensor, cache: list[LayerKVCache] | None = None,
                 targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
@@ -171,13 +176,15 @@ class GPTModel(nn.Module):
         if targets is not None and cache is not None:
             raise ValueError("targets and a KV cache do not go together: the loss is for training")
         _, num_tokens = idx.shape
-        start = 0 if cache is None else cache[0].length
+        start = cache[0].length if cache and isinstance(cache[0], LayerKVCache) else 0
         if start + num_tokens > self.cfg.context_length:
             raise ValueError(
                 f"input of {start + num_tokens} tokens is longer than context_length "
                 f"{self.cfg.context_length}; crop it to the last {self.cfg.context_length} tokens"
             )
         positions = torch.arange(start, start + num_tokens, device=idx.device)
+        if cache and isinstance(cache[0], StaticKVCache):  # the position as a tensor: no recompiling
+            positions = positions + cache[0].pos
         x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, emb_dim)
         x = self.drop_emb(x)
         for i, block in enumerate(self.trf_blocks):
