@@ -203,6 +203,25 @@ def test_kv_cache_sampling_on_cuda_equals_recomputation(tiny_cfg, attn_impl):
     assert torch.equal(*greedy)
 
 
+def test_cuda_graph_decoding_gives_recomputation_s_greedy_tokens(tiny_cfg):
+    """The static cache and the one-token step captured in CUDA graphs (generate.py's path on CUDA),
+    batched, past the context (where it gives way to recomputing): the same greedy tokens, no warning
+    of a fallback, and no CUDA graph skipped (a skip is counted, not raised)."""
+    from torch._dynamo.utils import counters
+
+    from gpt.sampling import compiled_decode_step
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg).to(CUDA).eval()
+    prompt = torch.randint(0, tiny_cfg.vocab_size, (3, 5), device=CUDA)
+    step = compiled_decode_step("auto", CUDA)
+    counters.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        graphed = generate(model, prompt, 14, temperature=0, static_cache=True, step=step)
+    assert torch.equal(graphed, generate(model, prompt, 14, temperature=0, kv_cache=False))
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+
+
 def test_a_checkpoint_trained_on_cuda_loads_and_samples_on_cpu(corpus_file, tmp_path, capsys):
     import generate as generate_script
     import train as train_script
