@@ -113,48 +113,52 @@ class Muon(torch.optim.Muon):
             with torch.enable_grad():
                 loss = closure()
         found_inf = getattr(self, "found_inf", None)
+        skip = None if found_inf is None else found_inf.reshape(()).bool()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            lr, momentum = group["lr"], group["momentum"]
-            grads = [p.grad for p in params]
-            if found_inf is not None:  # a skipped step moves the buffers by exactly 0 (and NaN * 0 is NaN)
-                skip = found_inf.reshape(()).bool()
-                grads = [torch.where(skip, torch.zeros_like(g), g) for g in grads]
-            bufs = []
-            for p, grad in zip(params, grads):
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(grad)
-                bufs.append(state["momentum_buffer"])
-            if found_inf is None:
-                torch._foreach_lerp_(bufs, grads, 1 - momentum)
-            else:  # weight 0 when skipping: buf + 0 * (0 - buf), each buffer as it was
-                weight = (1 - found_inf.reshape(())) * (1 - momentum)
-                for buf, grad in zip(bufs, grads):
-                    buf.lerp_(grad, weight)
-            updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
-            for indices in self._same_shapes(params):
-                members = [updates[i] for i in indices]
-                if len(members) == 1:
-                    ortho = [orthogonalise(members[0], group["ns_coefficients"], group["ns_steps"], group["eps"],
+            lr = group["lr"]
+            for indices in self._same_shapes(params):  # one shape's updates alive at a time
+                members = [params[i] for i in indices]
+                updates = self._momentum_updates(members, group["momentum"], group["nesterov"], found_inf)
+                if len(updates) == 1:
+                    ortho = [orthogonalise(updates[0], group["ns_coefficients"], group["ns_steps"], group["eps"],
                                            self.ns_dtype)]
                 else:  # (N, rows, cols), every tall matrix transposed to the group's wide shape
-                    stack = torch.stack([u.mT if u.size(0) > u.size(1) else u for u in members])
+                    stack = torch.stack([u.mT if u.size(0) > u.size(1) else u for u in updates])
+                    del updates
                     done = orthogonalise(stack, group["ns_coefficients"], group["ns_steps"], group["eps"],
                                          self.ns_dtype).unbind(0)
-                    ortho = [o.mT if u.size(0) > u.size(1) else o for o, u in zip(done, members)]
-                for i, update in zip(indices, ortho):
-                    param = params[i]
+                    ortho = [o.mT if p.size(0) > p.size(1) else o for o, p in zip(done, members)]
+                for param, update in zip(members, ortho):
                     ratio = muon_lr_ratio(param.shape, group["adjust_lr_fn"])
                     decay = 1 - lr * group["weight_decay"]  # decoupled weight decay
-                    if found_inf is not None:  # when skipping: x 1 and + 0, the weight bit for bit as it was
+                    if skip is not None:  # when skipping: x 1 and + 0, the weight bit for bit as it was
                         decay = torch.where(skip, 1.0, decay)
                         update = torch.where(skip, 0.0, update)
                     param.mul_(decay)
                     param.add_(update, alpha=-lr * ratio)
         return loss
+
+    def _momentum_updates(self, params: list[torch.Tensor], momentum: float, nesterov: bool,
+                          found_inf: torch.Tensor | None) -> list[torch.Tensor]:
+        """Advance each matrix's momentum buffer by its gradient -> the updates to orthogonalise (torch's math)."""
+        grads = [p.grad for p in params]
+        if found_inf is not None:  # a skipped step moves the buffers by exactly 0 (and NaN * 0 is NaN)
+            skip = found_inf.reshape(()).bool()
+            grads = [torch.where(skip, torch.zeros_like(g), g) for g in grads]
+        bufs = []
+        for p, grad in zip(params, grads):
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(grad)
+            bufs.append(state["momentum_buffer"])
+        if found_inf is None:
+            torch._foreach_lerp_(bufs, grads, 1 - momentum)
+        else:  # weight 0 when skipping: buf + 0 * (0 - buf), each buffer as it was
+            weight = (1 - found_inf.reshape(())) * (1 - momentum)
+            for buf, grad in zip(bufs, grads):
+                buf.lerp_(grad, weight)
+        return torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs
 
     def _same_shapes(self, params: list[torch.Tensor]) -> list[list[int]]:
         """Indices of `params` grouped by shape, a tall matrix with the wide ones of its transpose's shape."""
