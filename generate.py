@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="end a sample at <|endoftext|>")
     parser.add_argument("--kv-cache", action=argparse.BooleanOptionalAction,
                         help="reuse earlier tokens' keys and values (faster; same tokens)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="decode with a static KV cache and a compiled step in CUDA graphs "
+                        "(default: on CUDA; the first token waits for the compile)")
     parser.add_argument("--device", default="auto", help="auto, cpu, mps or cuda[:N]")
     return parser
 
@@ -41,7 +44,7 @@ def sample_config(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:
         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
         "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
         "num_samples": args.num_samples, "stop_at_eot": args.stop_at_eot,
-        "kv_cache": args.kv_cache,
+        "kv_cache": args.kv_cache, "compile": args.compile,
     }
     changes = {k: v for k, v in given.items() if v is not None}
     if changes.get("top_k") == 0:

@@ -4,6 +4,7 @@ On several GPUs (or CPU processes), the same script under torchrun:
 `torchrun --nproc_per_node=N train.py --config small.yaml` (see `gpt.distributed`).
 """
 
+import dataclasses
 import os
 import shlex
 import signal
@@ -151,7 +152,10 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
           f"{state.best_val_loss:.4f} on the periodic subset)")
     print(plot_after_training(out_dir))
     print("\n--- sample ---")
-    print_samples(model, cfg.sample.prompt, cfg.sample, device)
+    # A few hundred tokens: not worth compiling the decoding step for (tens of seconds on a GPU),
+    # unless the config asks for it explicitly.
+    sample = cfg.sample if cfg.sample.compile is True else dataclasses.replace(cfg.sample, compile=False)
+    print_samples(model, cfg.sample.prompt, sample, device)
     return 0
 
 

@@ -54,6 +54,36 @@ class LayerKVCache:
         return self.keys[:, :, :end], self.values[:, :, :end]
 
 
+class StaticKVCache:
+    """Keys and values of one layer at fixed addresses and shapes, the position a tensor: what a
+    compiled, CUDA-graph-captured decoding step needs (as gpt-fast's and transformers' static caches).
+
+    New keys and values are written at positions `pos`..`pos`+T-1 (`pos`, a 0-d long tensor that
+    every layer shares, counts the positions filled before this call; the caller advances it), and
+    attention runs over all `context_length` slots, the ones not yet filled masked out. No Python
+    number changes from one token to the next, so a compiled step never recompiles; the caller
+    keeps `pos` + T within `context_length`.
+    """
+
+    def __init__(self, batch: int, num_heads: int, context_length: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype, pos: torch.Tensor):
+        shape = (batch, num_heads, context_length, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = pos
+        for buffer in (self.keys, self.values):  # CUDA graphs may then write into them in place
+            torch._dynamo.mark_static_address(buffer)
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store (B, H, T, D) new keys/values -> every slot's keys and values (B, H, L, D), and the
+        (T, L) mask of the slots each new query may see (filled ones, up to its own position)."""
+        positions = self.pos + torch.arange(keys.shape[-2], device=keys.device)  # (T,)
+        self.keys.index_copy_(2, positions, keys)
+        self.values.index_copy_(2, positions, values)
+        allowed = torch.arange(self.keys.shape[-2], device=keys.device) <= positions[:, None]  # (T, L)
+        return self.keys, self.values, allowed
+
+
 class CausalAttention(nn.Module):
     """Masked (causal) multi-head self-attention with dropout on the attention weights."""
 
@@ -99,20 +129,23 @@ class CausalAttention(nn.Module):
         are reused; the new keys and values are added to it.
         """
         b, num_tokens, _ = x.shape
-        start = 0 if cache is None else cache.length
+        start = cache.length if isinstance(cache, LayerKVCache) else 0  # a StaticKVCache's caller checks
         if start + num_tokens > self.context_length:
             raise ValueError(
                 f"sequence of {start + num_tokens} tokens is longer than context_length "
                 f"{self.context_length}; crop the input to its last {self.context_length} tokens"
             )
         queries, keys, values = self._project(x)  # each (B, n_heads, T, head_dim)
-        if cache is not None:  # keys/values become (B, n_heads, start + T, head_dim)
+        allowed = None  # derived from the shapes, except with a static cache
+        if isinstance(cache, StaticKVCache):  # keys/values: (B, n_heads, context_length, head_dim)
+            keys, values, allowed = cache.write(keys, values)
+        elif cache is not None:  # keys/values become (B, n_heads, start + T, head_dim)
             keys, values = cache.append(keys, values)
 
         if self.impl == "sdpa":
-            context = self._attend_sdpa(queries, keys, values)
+            context = self._attend_sdpa(queries, keys, values, allowed)
         else:
-            context = self._attend_explicit(queries, keys, values)  # (B, n_heads, T, head_dim)
+            context = self._attend_explicit(queries, keys, values, allowed)  # (B, n_heads, T, head_dim)
         context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)
         if self.out_proj is not None:
             context = self.out_proj(context)
@@ -135,24 +168,32 @@ class CausalAttention(nn.Module):
         values = self.W_value(x).view(shape).transpose(1, 2)
         return queries, keys, values
 
-    def _masked_softmax(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """softmax(QK^T / sqrt(head_dim)) with the causal mask: (B, H, T, D) -> (B, H, T, start + T)."""
+    def _masked_softmax(self, queries: torch.Tensor, keys: torch.Tensor,
+                        allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """softmax(QK^T / sqrt(head_dim)) with the causal mask: (B, H, T, D) -> (B, H, T, start + T).
+
+        `allowed` (T, keys), from a static cache, replaces the mask taken from the shapes."""
         num_queries, num_keys = queries.shape[-2], keys.shape[-2]
         start = num_keys - num_queries  # > 0 when earlier keys come from a cache
         attn_scores = queries @ keys.transpose(-2, -1)  # (B, H, T, start + T)
         # In place: the seed's `masked_fill` (no underscore) returned a new tensor and lost it.
-        attn_scores.masked_fill_(self.mask[start:num_keys, :num_keys], -torch.inf)
+        future = self.mask[start:num_keys, :num_keys] if allowed is None else ~allowed
+        attn_scores.masked_fill_(future, -torch.inf)
         return torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
 
-    def _attend_explicit(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def _attend_explicit(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         allowed: torch.Tensor | None = None) -> torch.Tensor:
         """Explicit scaled dot-product attention with the causal mask; shapes (B, H, T, D)."""
-        attn_weights = self.dropout(self._masked_softmax(queries, keys))  # (B, H, T, start + T)
+        attn_weights = self.dropout(self._masked_softmax(queries, keys, allowed))  # (B, H, T, start + T)
         return attn_weights @ values
 
-    def _attend_sdpa(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def _attend_sdpa(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     allowed: torch.Tensor | None = None) -> torch.Tensor:
         """The same computation through PyTorch's fused kernel; shapes (B, H, T, D)."""
         # nn.Dropout follows train()/eval() by itself; SDPA's dropout_p does not.
         dropout_p = self.dropout.p if self.training else 0.0
+        if allowed is not None:  # a static cache: its mask says which slots are filled
+            return F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed, dropout_p=dropout_p)
         num_queries, num_keys = queries.shape[-2], keys.shape[-2]
         if num_queries == num_keys:  # no cache: the plain causal case, the fastest kernels
             return F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p, is_causal=True)

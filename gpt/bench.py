@@ -15,9 +15,12 @@ wrapper costs a multi-GPU run beyond the gradient exchange itself. Variants are
 timed in turns (round-robin, `--rounds` times) and the median is reported, so a slow spell on
 the machine hits all of them alike.
 
-Printed per variant: milliseconds per optimizer step, training tokens/s, achieved FLOP/s, MFU
+First the settings a matched comparison needs (micro-batch, accumulation, dropout, clipping,
+optimizer, dtype, compile) and the command that repeats them. Printed per variant: milliseconds per optimizer step, training tokens/s, achieved FLOP/s, MFU
 (model FLOPs utilisation: achieved / peak) and peak memory; then sampling tokens/s with and
-without the KV cache. FLOPs per token follow the PaLM paper's estimate used by nanoGPT:
+without the KV cache, and on CUDA with the static cache and the decoding step compiled into CUDA
+graphs (`sample.compile`). `--optimizer-steps` adds the optimizer step and clipping alone, each
+as a share of a training step. FLOPs per token follow the PaLM paper's estimate used by nanoGPT:
 6 * N for the matmuls (N = parameters, embedding excluded, LM head included) plus
 12 * n_layers * context_length * emb_dim for attention. The peak is measured here on a CPU (a
 large matmul in the variant's dtype); on a GPU it comes from the table of datasheet peaks below.
@@ -40,7 +43,7 @@ from gpt.distributed import SINGLE, Distributed, single_process_group
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.model import GPTModel, ModelConfig
 from gpt.optim import build_optimizer, muon_parameters
-from gpt.sampling import generate
+from gpt.sampling import compiled_decode_step, generate
 from gpt.training import (
     DTYPES, Precision, calc_loss_batch, compile_model, pick_device, pick_dtype,
     setup_device, train_step,
@@ -195,22 +198,32 @@ def bench_training(cfg: Config, device: torch.device, variants: list[Variant], s
 
 def bench_sampling(cfg: Config, device: torch.device, new_tokens: int, prompt_tokens: int,
                    rounds: int) -> dict[str, float]:
-    """Greedy tokens/s of one sequence with and without the KV cache (median of rounds)."""
+    """Greedy tokens/s of one sequence with and without the KV cache and, where `sample.compile`
+    says so (auto: on CUDA), with the static cache and the compiled step (median of rounds)."""
     torch.manual_seed(cfg.train.seed)
     model = GPTModel(cfg.model).to(device).eval()
     prompt = torch.randint(0, cfg.model.vocab_size, (1, prompt_tokens), device=device)
-    results: dict[str, list[float]] = {"kv cache": [], "recompute": []}
+    paths = {"kv cache": {}, "recompute": {"kv_cache": False}}
+    step = compiled_decode_step(cfg.sample.compile, device)
+    if step is not None:
+        name = "compiled step, static cache" + (" (CUDA graphs)" if device.type == "cuda" else "")
+        paths[name] = {"static_cache": True, "step": step}
+    results: dict[str, list[float]] = {name: [] for name in paths}
     outputs = {}
-    generate(model, prompt, 4, temperature=0)  # warm up
+    for name, options in paths.items():  # warm up; the compile happens here
+        started = time.perf_counter()
+        generate(model, prompt, min(8, new_tokens), temperature=0, **options)
+        if "step" in options:
+            print(f"  sampling: {name} compiled in {time.perf_counter() - started:.1f} s", flush=True)
     for _ in range(rounds):
-        for name, kv_cache in (("kv cache", True), ("recompute", False)):
+        for name, options in paths.items():
             synchronize(device)
             started = time.perf_counter()
-            outputs[name] = generate(model, prompt, new_tokens, temperature=0, kv_cache=kv_cache)
+            outputs[name] = generate(model, prompt, new_tokens, temperature=0, **options)
             synchronize(device)
             results[name].append(new_tokens / (time.perf_counter() - started))
-    if not torch.equal(outputs["kv cache"], outputs["recompute"]):
-        print("  note: greedy tokens differ between the two paths (numerical near-tie)")
+    if any(not torch.equal(out, outputs["recompute"]) for out in outputs.values()):
+        print("  note: greedy tokens differ between the paths (numerical near-tie)")
     return {name: statistics.median(rates) for name, rates in results.items()}
 
 
@@ -275,6 +288,16 @@ def bench_optimizer_steps(cfg: Config, device: torch.device, step_seconds: float
     ]
     print(f"\noptimizer step alone (median of {rounds}), as a share of the default path's "
           f"{step_seconds * 1e3:.1f} ms training step:")
+    if cfg.train.grad_clip > 0:  # what train_step adds to the step when clipping is on
+        times = []
+        for _ in range(rounds):
+            synchronize(device)
+            started = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            synchronize(device)
+            times.append(time.perf_counter() - started)
+        seconds = statistics.median(times)
+        print(f"  {'clip_grad_norm_ (train.grad_clip)':<38} {seconds * 1e3:>8.1f} ms  {seconds / step_seconds:>6.1%}")
     for name, optimizer in candidates:
         state = copy.deepcopy(model.state_dict())
         optimizer.step()  # first step: creates the state
@@ -288,6 +311,19 @@ def bench_optimizer_steps(cfg: Config, device: torch.device, step_seconds: float
         model.load_state_dict(state)
         seconds = statistics.median(times)
         print(f"  {name:<38} {seconds * 1e3:>8.1f} ms  {seconds / step_seconds:>6.1%}")
+
+
+def matched_settings(cfg: Config, config_name: str | None) -> str:
+    """The settings a comparison with another trainer must match, and the command that repeats them."""
+    m, t = cfg.model, cfg.train
+    settings = {"data.batch_size": cfg.data.batch_size, "train.grad_accum_steps": t.grad_accum_steps,
+                "model.drop_rate": m.drop_rate, "train.grad_clip": t.grad_clip, "train.optimizer": t.optimizer,
+                "train.dtype": t.dtype, "train.compile": str(t.compile).lower()}
+    return (f"settings (the default row): micro-batch {cfg.data.batch_size} x {m.context_length} tokens, "
+            f"{t.grad_accum_steps} accumulation step(s), dropout {m.drop_rate}, grad clip "
+            f"{t.grad_clip or 'off'}, optimizer {t.optimizer}, dtype {t.dtype}, compile {t.compile}\n"
+            f"  to repeat: python -m gpt.bench --config {config_name or '<defaults>'} "
+            + " ".join(f"--{key}={value}" for key, value in settings.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device: {device}; torch {torch.__version__}; {torch.get_num_threads()} threads")
         print(f"model: {m.n_layers} layers, {m.n_heads} heads, {m.emb_dim} wide, context {m.context_length}; "
               f"batch {cfg.data.batch_size} x {cfg.train.grad_accum_steps} accumulation")
+        print(matched_settings(cfg, args.config))
         group = single_process_group(device) if args.ddp else SINGLE
         try:
             benches = bench_training(cfg, device, variants, args.steps, args.warmup, args.rounds)
@@ -348,9 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nsampling: {args.sample_tokens} new tokens after a {args.prompt_tokens}-token prompt, "
                   f"batch 1, greedy, context {m.context_length}"
                   + ("" if fits else " (the cache fills up; the rest is recomputed)"))
-            print(f"  kv cache:  {rates['kv cache']:,.0f} tokens/s")
-            print(f"  recompute: {rates['recompute']:,.0f} tokens/s")
-            print(f"  speed-up:  {rates['kv cache'] / rates['recompute']:.2f}x")
+            for name, rate in rates.items():
+                print(f"  {name + ':':<42} {rate:>8,.0f} tokens/s  {rate / rates['recompute']:>6.2f}x recompute")
 
     return run_cli(work)
 

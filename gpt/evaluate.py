@@ -31,7 +31,6 @@ import sys
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -88,10 +87,10 @@ def score(model: nn.Module, loader: DataLoader, device: torch.device, precision:
     per_batch = []  # each batch's (nats, text nats, text tokens, text bytes), left on the device: one sync at the end
     for inputs, targets in tqdm(loader, desc="evaluating", unit="batch", leave=False,
                                 disable=None if dist.is_main else True):
-        inputs, targets = to_device(inputs, device), to_device(targets, device).flatten()
+        inputs, targets = to_device(inputs, device), to_device(targets, device)
         with precision.autocast() if precision else contextlib.nullcontext():
-            logits = model(inputs)  # (B, T, V)
-        nats = F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="none")  # (B*T,)
+            nats = model(inputs, targets=targets, reduction="none").float()  # (B*T,), the loss inside the model
+        targets = targets.flatten()
         text_bytes = byte_lengths[targets]  # (B*T,), 0 for <|endoftext|>
         is_text = text_bytes > 0
         per_batch.append(torch.stack([nats.sum(), (nats * is_text).sum(), is_text.sum(), text_bytes.sum()]))

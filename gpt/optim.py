@@ -13,15 +13,18 @@
   matrices only: embeddings and the output layer stay on AdamW. The two run as one optimizer
   (`MuonWithAdamW`), so the loop, the GradScaler and checkpoints see a single object.
 
-torch's Muon runs the Newton-Schulz iteration in bfloat16. The iteration here follows the
-training precision (`train.dtype`, as `gpt.precision.pick_dtype` resolves it): torch's own Muon
-where training autocasts and bf16 is native (a GPU, a CPU with native bf16 instructions), and
-`Muon` below (a `torch.optim.Muon` whose iteration runs in float32) where training runs in
-float32 or bf16 would be emulated. Emulated, bf16 matmuls are ~100x slower than fp32: one Muon
-step over small.yaml's 24 matrices took twice as long as the whole rest of a training step. And
-a run asked to be float32 is float32 throughout: Newton-Schulz scales a matrix's small singular
-directions up to 1, bf16's rounding included (docs/precision.md measures what that does).
-`Muon` is the same algorithm and state, tested against torch's on the same inputs.
+torch's Muon runs the Newton-Schulz iteration in bfloat16, one matrix at a time. `Muon` below
+is a `torch.optim.Muon` with the same algorithm and state (tested against torch's on the same
+inputs) that runs the iteration over each group of same-shaped matrices as one batched call, as
+modded-nanogpt and nanochat do, in the dtype of the training precision (`train.dtype`, as
+`gpt.precision.pick_dtype` resolves it): bf16, torch's choice, where training autocasts and bf16
+is native (a GPU, a CPU with native bf16 instructions); float32 where training runs in float32
+or bf16 would be emulated. Emulated, bf16 matmuls are ~100x slower than fp32: one Muon step over
+small.yaml's 24 matrices took twice as long as the whole rest of a training step. And a run asked
+to be float32 is float32 throughout: Newton-Schulz scales a matrix's small singular directions
+up to 1, bf16's rounding included (docs/precision.md measures what that does). `Muon` also skips
+its update on the device when told to (`steps_unless`), which is how the training step's NaN
+guard avoids a host sync.
 
 `learning_rate` is the schedule (linear warmup, then cosine decay to `min_lr`);
 `set_learning_rate` applies it to every group, Muon's scaled by `muon_lr / learning_rate` so
@@ -52,18 +55,25 @@ def orthogonalise(matrix: torch.Tensor, coefficients: tuple[float, float, float]
 
     torch.optim.Muon's quintic Newton-Schulz iteration, step for step: scaled to spectral
     norm <= 1, then `steps` times X <- a X + (b A + c A^2) X with A = X X^T. It drives every
-    singular value towards 1 (to roughly 0.7-1.2, which is all Muon needs).
+    singular value towards 1 (to roughly 0.7-1.2, which is all Muon needs). A (N, rows, cols)
+    stack is N matrices at once, each scaled by its own norm: batched matmuls, one launch each.
     """
     a, b, c = coefficients
     x = matrix.to(dtype)
-    tall = matrix.size(0) > matrix.size(1)
+    tall = matrix.size(-2) > matrix.size(-1)
     if tall:  # work on the wide side: X X^T is then the smaller Gram matrix
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
-    for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        x = x.mT
+    if x.dim() == 2:  # torch's ops exactly (addmm), so that in bf16 it is torch's Muon bit for bit
+        x = x / x.norm().clamp(min=eps)
+        for _ in range(steps):
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    else:
+        x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+        for _ in range(steps):
+            gram = x @ x.mT  # (N, rows, rows)
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
 
 
 def muon_lr_ratio(shape: torch.Size, adjust_lr_fn: str | None) -> float:
@@ -77,15 +87,24 @@ def muon_lr_ratio(shape: torch.Size, adjust_lr_fn: str | None) -> float:
 
 
 class Muon(torch.optim.Muon):
-    """`torch.optim.Muon` with its Newton-Schulz iteration in `ns_dtype` (torch's is bfloat16).
+    """`torch.optim.Muon` with its Newton-Schulz iteration in `ns_dtype`, over same-shaped matrices at once.
 
     Same settings, same state (`momentum_buffer` per matrix), same update: with
-    `ns_dtype=torch.bfloat16` it gives torch's results bit for bit (tests/test_optim.py).
+    `ns_dtype=torch.bfloat16` and `batched=False` it gives torch's results bit for bit
+    (tests/test_optim.py). torch's step orthogonalises one matrix at a time, ~15 small kernels
+    each; with `batched` (the default) the matrices of one shape (a tall one counted as its
+    transpose) go through the iteration as one (N, rows, cols) stack, as modded-nanogpt and
+    nanochat do: GPT-2 small's 72 matrices are then two batches, not 72 launches of everything.
+
+    Where `found_inf` is set on it (a 1-element float tensor on the device, as GradScaler sets it
+    for fused optimizers; 1 = skip), a step with it at 1 changes neither a weight nor a momentum
+    buffer, decided on the device with no host sync.
     """
 
-    def __init__(self, params, ns_dtype: torch.dtype = torch.float32, **kwargs):
+    def __init__(self, params, ns_dtype: torch.dtype = torch.float32, batched: bool = True, **kwargs):
         super().__init__(params, **kwargs)
         self.ns_dtype = ns_dtype
+        self.batched = batched
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -93,23 +112,62 @@ class Muon(torch.optim.Muon):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)
+        skip = None if found_inf is None else found_inf.reshape(()).bool()
         for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                grad = param.grad
-                state = self.state[param]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(grad)
-                buf = state["momentum_buffer"]
-                buf.lerp_(grad, 1 - momentum)
-                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                       self.ns_dtype)
-                param.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay
-                param.add_(update, alpha=-lr * muon_lr_ratio(param.shape, group["adjust_lr_fn"]))
+            params = [p for p in group["params"] if p.grad is not None]
+            lr = group["lr"]
+            for indices in self._same_shapes(params):  # one shape's updates alive at a time
+                members = [params[i] for i in indices]
+                updates = self._momentum_updates(members, group["momentum"], group["nesterov"], found_inf)
+                if len(updates) == 1:
+                    ortho = [orthogonalise(updates[0], group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                           self.ns_dtype)]
+                else:  # (N, rows, cols), every tall matrix transposed to the group's wide shape
+                    stack = torch.stack([u.mT if u.size(0) > u.size(1) else u for u in updates])
+                    del updates
+                    done = orthogonalise(stack, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                         self.ns_dtype).unbind(0)
+                    ortho = [o.mT if p.size(0) > p.size(1) else o for o, p in zip(done, members)]
+                for param, update in zip(members, ortho):
+                    ratio = muon_lr_ratio(param.shape, group["adjust_lr_fn"])
+                    decay = 1 - lr * group["weight_decay"]  # decoupled weight decay
+                    if skip is not None:  # when skipping: x 1 and + 0, the weight bit for bit as it was
+                        decay = torch.where(skip, 1.0, decay)
+                        update = torch.where(skip, 0.0, update)
+                    param.mul_(decay)
+                    param.add_(update, alpha=-lr * ratio)
         return loss
+
+    def _momentum_updates(self, params: list[torch.Tensor], momentum: float, nesterov: bool,
+                          found_inf: torch.Tensor | None) -> list[torch.Tensor]:
+        """Advance each matrix's momentum buffer by its gradient -> the updates to orthogonalise (torch's math)."""
+        grads = [p.grad for p in params]
+        if found_inf is not None:  # a skipped step moves the buffers by exactly 0 (and NaN * 0 is NaN)
+            skip = found_inf.reshape(()).bool()
+            grads = [torch.where(skip, torch.zeros_like(g), g) for g in grads]
+        bufs = []
+        for p, grad in zip(params, grads):
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(grad)
+            bufs.append(state["momentum_buffer"])
+        if found_inf is None:
+            torch._foreach_lerp_(bufs, grads, 1 - momentum)
+        else:  # weight 0 when skipping: buf + 0 * (0 - buf), each buffer as it was
+            weight = (1 - found_inf.reshape(())) * (1 - momentum)
+            for buf, grad in zip(bufs, grads):
+                buf.lerp_(grad, weight)
+        return torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs
+
+    def _same_shapes(self, params: list[torch.Tensor]) -> list[list[int]]:
+        """Indices of `params` grouped by shape, a tall matrix with the wide ones of its transpose's shape."""
+        if not self.batched:
+            return [[i] for i in range(len(params))]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, p in enumerate(params):
+            groups.setdefault((min(p.shape), max(p.shape)) if p.size(0) > p.size(1) else tuple(p.shape), []).append(i)
+        return list(groups.values())
 
 
 class MuonWithAdamW:
@@ -157,6 +215,27 @@ def muon_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in blocks.parameters() if p.requires_grad and p.dim() == 2]
 
 
+def steps_unless(optimizer: torch.optim.Optimizer | MuonWithAdamW, skip: torch.Tensor) -> bool:
+    """Step `optimizer` with the update skipped on the device where `skip` (a bool tensor) is true -> True;
+    False, doing nothing, where some part cannot skip on the device (the caller then syncs and steps).
+
+    Fused AdamW takes `found_inf` as GradScaler hands it over (its step counter is taken back too);
+    our `Muon` takes it the same way. No host sync: the GPU keeps running.
+    """
+    parts = [optimizer.muon, optimizer.adamw] if isinstance(optimizer, MuonWithAdamW) else [optimizer]
+    if not all(isinstance(part, Muon) or (isinstance(part, torch.optim.AdamW) and part.defaults.get("fused"))
+               for part in parts):
+        return False
+    found_inf = skip.float().reshape(())  # 1.0 = skip, as GradScaler sets it
+    for part in parts:
+        part.found_inf = found_inf
+        try:
+            part.step()
+        finally:
+            del part.found_inf
+    return True
+
+
 # --------------------------------------------------------------------------- building
 
 def adamw(params: list[nn.Parameter], cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
@@ -188,10 +267,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
     matrices = muon_parameters(model)
     in_muon = {id(p) for p in matrices}
     options = {"lr": cfg.muon_lr, "momentum": cfg.muon_momentum, "weight_decay": cfg.muon_weight_decay}
-    if pick_dtype(cfg.dtype, device) != torch.float32 and bf16_is_fast(device):
-        muon = torch.optim.Muon(matrices, **options)  # Newton-Schulz in bf16
-    else:  # training in float32, or bf16 would be emulated: the iteration in float32 too
-        muon = Muon(matrices, ns_dtype=torch.float32, **options)
+    # Newton-Schulz in bf16 (torch's choice) where training autocasts and bf16 is native; in float32
+    # where training runs in float32 or bf16 would be emulated
+    bf16 = pick_dtype(cfg.dtype, device) != torch.float32 and bf16_is_fast(device)
+    muon = Muon(matrices, ns_dtype=torch.bfloat16 if bf16 else torch.float32, **options)
     return MuonWithAdamW(muon, adamw([p for p in params if id(p) not in in_muon], cfg, fused))
 
 

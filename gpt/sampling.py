@@ -12,12 +12,18 @@ them, sampling falls back to cropping and recomputing the window, so positions n
 the context and the mask slice always applies. Greedy generation gives the same tokens either
 way (tested).
 
+On CUDA (`sample.compile`: auto) the cache is a static one (fixed shapes, the position a tensor)
+and each one-token step is compiled and captured in a CUDA graph (`compiled_decode_step`), as
+gpt-fast does: eager decoding is bound by launching hundreds of small kernels per token. The
+static cache gives the same greedy tokens (tested), compiled or not.
+
 Everything here works on batches: `(B, T)` prompts give `B` independent continuations, and
 temperature, top-k, top-p and end-of-text handling are applied per row.
 """
 
 import codecs
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -41,6 +47,7 @@ class SampleConfig:
     num_samples: int = 1
     stop_at_eot: bool = True  # end a sample when the model emits <|endoftext|>
     kv_cache: bool = True  # reuse earlier tokens' keys/values; false recomputes the window each step
+    compile: bool | str = "auto"  # one-token steps compiled into CUDA graphs, static cache: true, false, auto (CUDA)
 
     def __post_init__(self):
         if not self.prompt:
@@ -55,6 +62,8 @@ class SampleConfig:
             raise ValueError(f"sample.top_p must be in (0, 1] (or null), got {self.top_p}")
         if self.num_samples < 1:
             raise ValueError(f"sample.num_samples must be at least 1, got {self.num_samples}")
+        if self.compile not in (True, False, "auto"):
+            raise ValueError(f"sample.compile must be true, false or auto, got {self.compile!r}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -73,6 +82,24 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def decode_step(model: nn.Module, new: torch.Tensor, cache: list) -> torch.Tensor:
+    """(B, V) logits of the token after `new` (B, T), which continues what `cache` holds."""
+    return model(new, cache)[:, -1, :]
+
+
+def compiled_decode_step(setting: bool | str, device: torch.device) -> Callable | None:
+    """`decode_step` under torch.compile if `setting` asks for it (auto: on CUDA), else None.
+
+    On CUDA in "reduce-overhead" mode: the whole one-token forward pass is captured in a CUDA
+    graph and replayed with one launch, where eager decoding is bound by launching its hundreds
+    of small kernels (gpt-fast's recipe). fullgraph: a graph break would fall back silently.
+    """
+    if setting is False or (setting == "auto" and device.type != "cuda"):
+        return None
+    return torch.compile(decode_step, mode="reduce-overhead" if device.type == "cuda" else "default",
+                         fullgraph=True)
+
+
 @torch.no_grad()
 def generate_stream(
     model: nn.Module,
@@ -84,23 +111,44 @@ def generate_stream(
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
     kv_cache: bool = True,
+    static_cache: bool = False,
+    step: Callable | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), step by step.
 
     With `eos_id`, a row that has produced it keeps producing `eos_id` (padding), and the
     stream ends once every row has. `generator` is a CPU generator (draws happen on the CPU).
-    `kv_cache` uses the model's `new_kv_cache` while the sequence fits the context.
-    The caller puts the model in eval mode.
+    `kv_cache` uses the model's `new_kv_cache` while the sequence fits the context; `static_cache`
+    makes it a static one, and `step` (from `compiled_decode_step`; it needs the static cache) then
+    computes each one-token step after the prompt. Should `step` fail to compile, a warning says so
+    and the plain step carries on. The caller puts the model in eval mode.
     """
     context_length = model.cfg.context_length
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    cache = model.new_kv_cache(idx.shape[0]) if kv_cache else None
+    if step is not None and not (kv_cache and static_cache):
+        raise ValueError("a compiled decoding step needs the static KV cache (kv_cache and static_cache)")
+    cache = model.new_kv_cache(idx.shape[0], static=True) if kv_cache and static_cache else (
+        model.new_kv_cache(idx.shape[0]) if kv_cache else None)
+    filled = 0  # positions the cache holds
     new = idx[:, -context_length:]  # what the cache has not seen yet: first the (cropped) prompt
     for _ in range(max_new_tokens):
-        if cache is not None and cache[0].length + new.shape[1] > context_length:
+        if cache is not None and filled + new.shape[1] > context_length:
             cache = None  # full: from here on, crop and recompute
         if cache is not None:
-            logits = model(new, cache)[:, -1, :]  # (B, V): only the last position predicts the next
+            if step is not None and new.shape[1] == 1:  # the prompt itself runs uncompiled: one shape to capture
+                try:
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are used up
+                    logits = step(model, new, cache)
+                except Exception as e:  # a failure to compile; writing the same slots again is harmless
+                    warnings.warn(f"the compiled decoding step failed ({(str(e).strip().splitlines() or [''])[0][:200]}); "
+                                  "sampling continues uncompiled (sample.compile: false skips it)", stacklevel=2)
+                    step = None
+                    logits = decode_step(model, new, cache)
+            else:
+                logits = decode_step(model, new, cache)  # (B, V): only the last position predicts the next
+            filled += new.shape[1]
+            if static_cache:
+                cache[0].pos.fill_(filled)  # shared by every layer; in place, so the captured graph sees it
         else:
             logits = model(idx[:, -context_length:])[:, -1, :]  # never more than the mask covers
         if temperature == 0:
@@ -151,10 +199,11 @@ def continue_prompt(
     texts = [""] * cfg.num_samples
     done = [False] * cfg.num_samples
     model.eval()
+    step = compiled_decode_step(cfg.compile, device) if cfg.kv_cache else None
     for next_ids in generate_stream(
         model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
         top_p=cfg.top_p, eos_id=EOT_ID if cfg.stop_at_eot else None, generator=generator,
-        kv_cache=cfg.kv_cache,
+        kv_cache=cfg.kv_cache, static_cache=step is not None, step=step,
     ):
         for row, token in enumerate(next_ids.tolist()):
             if done[row] or (cfg.stop_at_eot and token == EOT_ID):

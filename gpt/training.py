@@ -9,8 +9,12 @@ variables; the loop knows nothing of files: `save` and `restore` are given to it
 (`gpt.resume` writes them). The optimizer (AdamW, or Muon with AdamW) and the learning-rate
 schedule come from `gpt.optim`.
 
-A non-finite loss (or, before a save, non-finite weights) stops the run with `NonFiniteLoss`
-before anything is updated or saved, so a NaN model never replaces a good checkpoint. Running
+A non-finite loss or gradient norm (or, before a save, non-finite weights) stops the run with
+`NonFiniteLoss` before anything is updated or saved, so a NaN model never replaces a good
+checkpoint. The check costs no host sync before the update: the optimizer (fused AdamW, our
+Muon) skips its update on the device when the loss or the clipped norm is not finite
+(`gpt.optim.steps_unless`), and the step's one sync, reading the loss, comes after. (With clipping
+off, the gradient is checked through the loss only.) Running
 out of GPU memory in a step or an evaluation stops it with `OutOfMemory`, likewise before any
 save.
 
@@ -38,7 +42,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -46,7 +49,7 @@ from tqdm import tqdm
 
 from gpt.distributed import SINGLE, Distributed
 from gpt.errors import UserError
-from gpt.optim import OPTIMIZERS, build_optimizer, set_learning_rate
+from gpt.optim import OPTIMIZERS, build_optimizer, set_learning_rate, steps_unless
 from gpt.precision import DTYPES, Precision, pick_dtype
 
 
@@ -163,9 +166,8 @@ def keep_freed_memory() -> bool:
 
 
 def calc_loss_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of one (B, T) batch."""
-    logits = model(inputs)  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    """Mean next-token cross-entropy of one (B, T) batch, computed by the model (inside its compiled graph)."""
+    return model(inputs, targets=targets)
 
 
 def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -223,6 +225,9 @@ class OutOfMemory(Exception):
 
     def __init__(self, phase: str, step: int, device: torch.device, error: torch.OutOfMemoryError):
         tried = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]?i?B)", str(error))
+        if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+            # `cuda` is the current GPU: the line names it (cuda:0), as CUDA's own message does
+            device = torch.device("cuda", torch.cuda.current_device())
         self.phase, self.step, self.device = phase, step, device
         self.tried = tried.group(1) if tried else None
         super().__init__(f"out of memory on {device} during {phase} {step}"
@@ -288,18 +293,41 @@ def train_step(
             precision.scaler.scale(loss).backward()
         loss_sum += loss.detach()  # summed on the device: no GPU sync per micro-batch
         tokens += inputs.numel()
-    loss_value = dist.sum(loss_sum).item() / dist.world_size  # the step's one sync
+    loss_sum = dist.sum(loss_sum) / dist.world_size
     tokens *= dist.world_size
+    if precision.scaler.is_enabled():  # fp16: the scaler skips steps whose gradients overflowed
+        return _scaled_step(model, loss_sum, optimizer, precision.scaler, cfg, step), tokens
+    # Clip and step without waiting for the GPU: whether the loss and the gradient norm are finite
+    # is decided on the device, where the optimizer skips its update if not; the step's one sync
+    # (reading the loss) comes after, while the GPU works through the update.
+    norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
+            else torch.zeros((), device=device))  # clip_grad_norm_ uses foreach kernels where the device has them
+    finite = torch.isfinite(loss_sum) & torch.isfinite(norm)
+    stepped_blind = steps_unless(optimizer, ~finite)
+    loss_value, norm_value, ok = torch.stack([loss_sum, norm.float(), finite.float()]).tolist()
+    if ok and not stepped_blind:  # an optimizer that cannot skip on the device steps after the check
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if not ok:
+        raise NonFiniteLoss("loss" if not math.isfinite(loss_value) else "the gradient norm",
+                            loss_value if not math.isfinite(loss_value) else norm_value, step)
+    return loss_value, tokens
+
+
+def _scaled_step(model: nn.Module, loss_sum: torch.Tensor, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, cfg: TrainConfig, step: int) -> float:
+    """fp16's step: stop on a non-finite loss, unscale, clip, and let the scaler step (or skip) -> the loss."""
+    loss_value = loss_sum.item()
     if not math.isfinite(loss_value):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLoss("loss", loss_value, step)
     if cfg.grad_clip > 0:
-        precision.scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+        scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    precision.scaler.step(optimizer)  # skipped if fp16 gradients overflowed
-    precision.scaler.update()
+    scaler.step(optimizer)  # skipped if fp16 gradients overflowed
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_value, tokens
+    return loss_value
 
 
 def train(

@@ -42,14 +42,24 @@ def test_bench_runs_and_reports_against_the_baseline(capsys):
     assert code == 0
     rows = {line.strip().split("  ")[0]: line for line in out.splitlines() if line.endswith("x")}
     assert set(rows) >= {"baseline (plain path)", "sdpa:float32:off", "sdpa:float32:off:ckpt",
-                         "default in DDP (1 process)", "speed-up:"}
+                         "default in DDP (1 process)"}
     assert rows["baseline (plain path)"].endswith(" 1.00x")
     assert "MFU" in out and "%" in rows["sdpa:float32:off"]  # a measured CPU peak gives an MFU
     assert "kv cache:" in out and "recompute:" in out
     assert "DDP wrapper: the default path inside DDP runs at " in out
     shares = [line for line in out.split("optimizer step alone")[1].splitlines() if line.endswith("%")]
     assert [re.match(r"\s+(.+?)\s+[\d.]+ ms", line).group(1) for line in shares] == [
-        "adamw (fused)", "muon + adamw, as train.py builds it", "its muon part alone", "torch.optim.Muon (bf16 inside)"]
+        "clip_grad_norm_ (train.grad_clip)", "adamw (fused)", "muon + adamw, as train.py builds it", "its muon part alone", "torch.optim.Muon (bf16 inside)"]
+
+
+def test_bench_prints_the_settings_to_match_and_a_command_that_repeats_them(capsys):
+    argv = ["--config", "tiny.yaml", "--model.drop_rate=0.2", "--train.grad_clip=0.5", "--data.batch_size=3"]
+    assert bench.main([*argv, "--steps", "1", "--warmup", "0", "--rounds", "1", "--sample-tokens", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "micro-batch 3 x " in out and "dropout 0.2" in out and "grad clip 0.5" in out
+    repeat = next(line for line in out.splitlines() if "to repeat: " in line).split("to repeat: ")[1].split()
+    assert repeat[:5] == ["python", "-m", "gpt.bench", "--config", "tiny.yaml"]
+    assert load_config("tiny.yaml", repeat[5:]) == load_config("tiny.yaml", argv[2:])  # the same run
 
 
 def test_memory_bench_measures_less_with_activation_checkpointing(capsys):

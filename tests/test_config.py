@@ -23,6 +23,11 @@ def test_expected_configs_exist():
     assert (gpt2.n_layers, gpt2.n_heads, gpt2.emb_dim, gpt2.context_length) == (12, 12, 768, 1024)
 
 
+def test_pretraining_runs_without_dropout_and_fine_tuning_keeps_it():
+    assert load_config("gpt2-124m.yaml").model.drop_rate == 0.0  # as nanoGPT, modded-nanogpt, nanochat
+    assert load_config("finetune-shakespeare.yaml").model.drop_rate > 0
+
+
 def test_name_is_looked_up_in_configs():
     assert load_config("tiny.yaml").train.out_dir == "runs/tiny"
 

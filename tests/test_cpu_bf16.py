@@ -57,12 +57,12 @@ def test_auto_trains_in_bf16_and_the_loss_falls(tiny_cfg):
 
 
 def test_muon_runs_its_bf16_iteration(tiny_model):
-    """auto builds torch's own Muon, whose Newton-Schulz runs in bf16: the same step as our Muon
+    """auto builds Muon with its Newton-Schulz in bf16, as torch's runs it: the same step as our Muon
     told to iterate in bf16, bit for bit, and not the float32 iteration's."""
     cfg = TrainConfig(optimizer="muon")
     models = [copy.deepcopy(tiny_model) for _ in range(3)]
     built = build_optimizer(models[0], cfg, CPU).muon
-    assert type(built) is torch.optim.Muon
+    assert isinstance(built, Muon) and built.ns_dtype == torch.bfloat16
     options = {"lr": cfg.muon_lr, "momentum": cfg.muon_momentum, "weight_decay": cfg.muon_weight_decay}
     ours_bf16, ours_fp32 = (Muon([p for n, p in m.named_parameters() if n.startswith("trf_blocks.") and p.dim() == 2],
                                  ns_dtype=dtype, **options)

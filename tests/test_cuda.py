@@ -8,10 +8,12 @@ with the CUDA RNG states and, with two GPUs, NCCL.
 Not yet run on a GPU: no GPU was available while this was written (see the README). Run it with
 `scripts/gpu_check.sh`, or `python -m pytest tests/test_cuda.py`.
 
-TF32 is turned off for each test (`no_tf32`), except where a test says otherwise: comparisons of
-two paths are then of fp32 sums taken in another order, not of 10-bit mantissas.
+TF32 is turned off for each test (`no_tf32`), and again (`tf32(False)`) where a test compares after
+running train.py's main, which turns it on: comparisons of two paths are then of fp32 sums taken in
+another order, not of 10-bit mantissas.
 """
 
+import contextlib
 import math
 import os
 import subprocess
@@ -37,13 +39,22 @@ CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
 
 
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """TF32 matmuls on or off inside, restored after (train.py's setup_device turns them on process-wide)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.fixture(autouse=True)
 def no_tf32():
-    """Full fp32 matmuls during the test (train.py's setup_device turns TF32 on process-wide)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    """Full fp32 matmuls during the test; a test that runs train.py's main pins it again where it compares."""
+    with tf32(False):
+        yield
 
 
 def pattern_windows(context: int = 12) -> TokenWindows:
@@ -148,13 +159,11 @@ def test_fused_adamw_on_cuda_matches_the_per_tensor_version(tiny_cfg):
 
 
 def test_muon_on_cuda_runs_torch_s_bf16_iteration_and_trains(tiny_cfg):
-    """A GPU with bf16 gets torch.optim.Muon itself (bf16 Newton-Schulz); our float32 copy is for CPUs."""
+    """A GPU with bf16 runs torch.optim.Muon's bf16 Newton-Schulz (batched, in our Muon); float32 where bf16 is emulated."""
     torch.manual_seed(0)
     optimizer = build_optimizer(GPTModel(tiny_cfg).to(CUDA), TrainConfig(), CUDA)
-    if bf16_is_fast(CUDA):
-        assert type(optimizer.muon) is torch.optim.Muon
-    else:
-        assert isinstance(optimizer.muon, Muon) and optimizer.muon.ns_dtype == torch.float32
+    assert isinstance(optimizer.muon, Muon)
+    assert optimizer.muon.ns_dtype == (torch.bfloat16 if bf16_is_fast(CUDA) else torch.float32)
     model, saves = trained_on_cuda(tiny_cfg, optimizer="muon", dtype="float32")
     assert saves[-1][1] < saves[0][1] < math.log(101)
 
@@ -165,7 +174,7 @@ def test_our_muon_in_bf16_is_torch_muon_on_cuda_too():
     shapes = [(64, 32), (32, 64), (48, 48)]
     ours = [torch.nn.Parameter(torch.randn(s, device=CUDA)) for s in shapes]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    a, b = Muon(ours, ns_dtype=torch.bfloat16, lr=0.02), torch.optim.Muon(theirs, lr=0.02)
+    a, b = Muon(ours, ns_dtype=torch.bfloat16, batched=False, lr=0.02), torch.optim.Muon(theirs, lr=0.02)
     generator = torch.Generator(device=CUDA).manual_seed(1)
     for _ in range(3):
         for p, q in zip(ours, theirs):
@@ -194,6 +203,25 @@ def test_kv_cache_sampling_on_cuda_equals_recomputation(tiny_cfg, attn_impl):
     assert torch.equal(*greedy)
 
 
+def test_cuda_graph_decoding_gives_recomputation_s_greedy_tokens(tiny_cfg):
+    """The static cache and the one-token step captured in CUDA graphs (generate.py's path on CUDA),
+    batched, past the context (where it gives way to recomputing): the same greedy tokens, no warning
+    of a fallback, and no CUDA graph skipped (a skip is counted, not raised)."""
+    from torch._dynamo.utils import counters
+
+    from gpt.sampling import compiled_decode_step
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg).to(CUDA).eval()
+    prompt = torch.randint(0, tiny_cfg.vocab_size, (3, 5), device=CUDA)
+    step = compiled_decode_step("auto", CUDA)
+    counters.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        graphed = generate(model, prompt, 14, temperature=0, static_cache=True, step=step)
+    assert torch.equal(graphed, generate(model, prompt, 14, temperature=0, kv_cache=False))
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+
+
 def test_a_checkpoint_trained_on_cuda_loads_and_samples_on_cpu(corpus_file, tmp_path, capsys):
     import generate as generate_script
     import train as train_script
@@ -212,7 +240,7 @@ def test_a_checkpoint_trained_on_cuda_loads_and_samples_on_cpu(corpus_file, tmp_
     model = GPTModel(ModelConfig(**checkpoint["config"]["model"])).eval()
     model.load_state_dict(checkpoint["model"])
     x = torch.randint(0, 1000, (2, 16))
-    with torch.no_grad():
+    with torch.no_grad(), tf32(False):  # train_script.main turned TF32 on (setup_device): fp32 against fp32
         on_cpu = model(x)
         on_cuda = model.to(CUDA)(x.to(CUDA)).cpu()
     assert torch.allclose(on_cpu, on_cuda, atol=1e-4)

@@ -101,11 +101,11 @@ def out_of_memory_in(mode: str):
     def setup(monkeypatch):
         forward = GPTModel.forward
 
-        def failing(self, idx, cache=None):
+        def failing(self, idx, *args, **kwargs):
             if self.training == (mode == "train"):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total "
                                              "capacity of 79.19 GiB of which 3.06 MiB is free.")
-            return forward(self, idx, cache)
+            return forward(self, idx, *args, **kwargs)
         monkeypatch.setattr(GPTModel, "forward", failing)
     return setup
 

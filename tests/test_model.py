@@ -185,3 +185,40 @@ def test_activation_checkpointing_keeps_only_the_blocks_inputs_for_backward(tiny
     model.activation_checkpointing = True
     checkpointed = saved_activation_bytes()
     assert checkpointed < stored / 5
+
+
+def loss_and_gradients(model, loss_of) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = loss_of()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def test_the_loss_inside_the_model_is_the_cross_entropy_of_its_logits(tiny_model, tiny_cfg):
+    """forward(idx, targets=...) is F.cross_entropy on forward(idx)'s logits: the same ops, the same numbers."""
+    x, y = torch.randint(0, tiny_cfg.vocab_size, (2, 3, 12))
+    eager, eager_grads = loss_and_gradients(
+        tiny_model, lambda: torch.nn.functional.cross_entropy(tiny_model(x).flatten(0, 1), y.flatten()))
+    inside, inside_grads = loss_and_gradients(tiny_model, lambda: calc_loss_batch(tiny_model, x, y))
+    assert torch.equal(inside, eager)
+    assert all(torch.equal(a, b) for a, b in zip(inside_grads, eager_grads))
+    per_token = tiny_model(x, targets=y, reduction="none")
+    assert per_token.shape == (3 * 12,) and torch.allclose(per_token.mean(), eager)
+    with pytest.raises(ValueError, match="targets and a KV cache"):
+        tiny_model(x, tiny_model.new_kv_cache(3), targets=y)
+
+
+@pytest.mark.slow
+def test_inductor_compiles_the_loss_with_the_model_and_matches_eager(tiny_cfg):
+    """fullgraph=True: the loss is in the one compiled graph (a graph break would fail). Inductor's
+    CPU kernels sum in another order than eager's, so float32 agreement to ~1e-5, not bit for bit."""
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg)
+    compiled = torch.compile(model, fullgraph=True)  # inductor, C++ kernels on the CPU
+    x, y = torch.randint(0, tiny_cfg.vocab_size, (2, 3, 12))
+    eager, eager_grads = loss_and_gradients(model, lambda: calc_loss_batch(model, x, y))
+    fused, fused_grads = loss_and_gradients(model, lambda: calc_loss_batch(compiled, x, y))
+    assert torch.allclose(fused, eager, atol=1e-5)
+    for a, b in zip(fused_grads, eager_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert all(g.abs().sum() > 0 for g in eager_grads)  # every parameter got a gradient to compare

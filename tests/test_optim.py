@@ -37,9 +37,9 @@ def step_with_gradients(optimizer, params: list[torch.nn.Parameter], steps: int,
     {"nesterov": False, "adjust_lr_fn": "match_rms_adamw"},
 ])
 def test_muon_in_bfloat16_is_torch_muon_bit_for_bit(options):
-    """Our update, run in torch's dtype, is torch's update: the same algorithm, step for step."""
+    """Our update, run in torch's dtype one matrix at a time, is torch's update: the same algorithm, step for step."""
     ours, theirs = matrices(), matrices()
-    step_with_gradients(Muon(ours, ns_dtype=torch.bfloat16, **options), ours, steps=4)
+    step_with_gradients(Muon(ours, ns_dtype=torch.bfloat16, batched=False, **options), ours, steps=4)
     step_with_gradients(torch.optim.Muon(theirs, **options), theirs, steps=4)
     for p, q in zip(ours, theirs):
         assert torch.equal(p, q)
@@ -61,6 +61,25 @@ def test_muon_in_float32_is_torch_muon_without_the_bfloat16_rounding():
         assert theirs_error < 0.05 * moved  # bf16: within a few percent of the step
         assert ours_error < 1e-3 * moved  # float32: far closer
         assert ours_error < theirs_error / 10
+
+
+def test_batched_muon_is_the_per_matrix_update():
+    """Same-shaped matrices (tall ones as their transposes) in one batched iteration, as GPT-2's 72 go
+    in two batches. Compared in float32 (pinned: this CPU's native bf16 would round either way):
+    the batched matmuls sum the same products in another order, so the weights agree to float32's
+    rounding (~1e-7 here), a thousandth of what each step moves them (~1e-2), not always bit for bit."""
+    shapes = [(48, 48)] * 4 + [(192, 48)] * 3 + [(48, 192)] * 3  # like q/k/v/out, fc and proj
+    torch.manual_seed(0)
+    start = [torch.randn(shape) for shape in shapes]
+    batched = [torch.nn.Parameter(p.clone()) for p in start]
+    one_by_one = [torch.nn.Parameter(p.clone()) for p in start]
+    optimizer = Muon(batched, ns_dtype=torch.float32, weight_decay=0.1)
+    assert sorted(len(g) for g in optimizer._same_shapes(batched)) == [4, 6]  # two batches
+    step_with_gradients(optimizer, batched, steps=3)
+    step_with_gradients(Muon(one_by_one, ns_dtype=torch.float32, weight_decay=0.1, batched=False), one_by_one, steps=3)
+    for p, q, s in zip(batched, one_by_one, start):
+        assert (p - s).abs().max() > 1e-3  # they moved
+        assert torch.allclose(p, q, rtol=0, atol=1e-6)
 
 
 def test_orthogonalise_brings_every_singular_value_near_one():
@@ -96,7 +115,7 @@ def test_muon_orthogonalises_in_float32_where_bf16_is_emulated(tiny_model, monke
     assert isinstance(slow_bf16, Muon) and slow_bf16.ns_dtype == torch.float32
     monkeypatch.setattr(optim, "bf16_is_fast", lambda device: True)
     fast_bf16 = build_optimizer(tiny_model, cfg, CPU).muon
-    assert type(fast_bf16) is torch.optim.Muon  # torch's own, unchanged
+    assert isinstance(fast_bf16, Muon) and fast_bf16.ns_dtype == torch.bfloat16  # torch's dtype: its update bit for bit
     for muon in (slow_bf16, fast_bf16):
         group = muon.param_groups[0]
         assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.03, 0.9, 0.01)

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -134,18 +136,66 @@ def test_sample_config_validation():
         SampleConfig(prompt="")
     with pytest.raises(ValueError, match="top_p"):
         SampleConfig(top_p=1.5)
+    with pytest.raises(ValueError, match="sample.compile must be true, false or auto"):
+        SampleConfig(compile="yes")
 
 
+@pytest.mark.parametrize("static_cache", [False, True])
 @pytest.mark.parametrize("attn_impl", ["sdpa", "explicit"])
-def test_kv_cache_greedy_equals_recomputation(attn_impl, tiny_cfg):
-    """Same tokens with and without the cache, across the point where the cache fills up."""
+def test_kv_cache_greedy_equals_recomputation(attn_impl, static_cache, tiny_cfg):
+    """Same tokens with and without the cache (dynamic or static), batched, across the point
+    where the cache fills up."""
     torch.manual_seed(3)
     model = GPTModel(ModelConfig(**{**tiny_cfg.__dict__, "attn_impl": attn_impl})).eval()
     prompt = torch.randint(0, tiny_cfg.vocab_size, (3, 4))
     steps = 2 * tiny_cfg.context_length
-    cached = generate(model, prompt, steps, temperature=0, kv_cache=True)
+    cached = generate(model, prompt, steps, temperature=0, kv_cache=True, static_cache=static_cache)
     recomputed = generate(model, prompt, steps, temperature=0, kv_cache=False)
     assert torch.equal(cached, recomputed)
+    assert len(set(cached[:, -steps:].flatten().tolist())) > 3  # not one token repeated: a real comparison
+
+
+def test_static_kv_cache_logits_equal_full_forward(tiny_model, tiny_cfg):
+    """Every slot attended, the unfilled ones masked: the full forward's logits, piece by piece."""
+    tiny_model.eval()
+    idx = torch.randint(0, tiny_cfg.vocab_size, (2, tiny_cfg.context_length))
+    real = slice(0, tiny_cfg.vocab_size)  # padding logits are -inf in both
+    full = tiny_model(idx)[..., real]
+    cache = tiny_model.new_kv_cache(2, static=True)
+    for a, b in ((0, 5), (5, 6), (6, 11), (11, 16)):
+        assert cache[0].keys.shape[-2] == tiny_cfg.context_length  # the same shape throughout
+        assert torch.allclose(tiny_model(idx[:, a:b], cache)[..., real], full[:, a:b], atol=1e-5)
+        cache[0].pos.fill_(b)  # the caller advances the shared position
+
+
+@pytest.mark.slow
+def test_compiled_decoding_step_gives_the_same_greedy_tokens(tiny_cfg):
+    """torch.compile's default mode on the CPU (CUDA graphs are CUDA's): the compiled one-token step
+    with the static cache, batched, against recomputation; the position is a tensor, so one compile."""
+    from gpt.sampling import compiled_decode_step
+    torch.manual_seed(3)
+    model = GPTModel(tiny_cfg).eval()
+    prompt = torch.randint(0, tiny_cfg.vocab_size, (2, 4))
+    step = compiled_decode_step(True, torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a fallback to the plain step would warn
+        compiled = generate(model, prompt, 20, temperature=0, static_cache=True, step=step)
+    assert torch.equal(compiled, generate(model, prompt, 20, temperature=0, kv_cache=False))
+
+
+def test_a_decoding_step_that_fails_to_compile_warns_and_samples_uncompiled(tiny_cfg, monkeypatch):
+    torch.manual_seed(3)
+    model = GPTModel(tiny_cfg).eval()
+    prompt = torch.randint(0, tiny_cfg.vocab_size, (3, 4))
+
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+    with pytest.warns(UserWarning, match="compiled decoding step failed .no compiler here") as caught:
+        tokens = generate(model, prompt, 8, temperature=0, static_cache=True, step=broken)
+    assert len(caught) == 1  # once, not at every token
+    assert torch.equal(tokens, generate(model, prompt, 8, temperature=0, kv_cache=False))
+    with pytest.raises(ValueError, match="needs the static KV cache"):
+        generate(model, prompt, 2, step=broken)
 
 
 def test_kv_cache_logits_equal_full_forward(tiny_model, tiny_cfg):

@@ -287,3 +287,54 @@ def test_auto_picks_nothing_apple_gpu_users_found_broken(tiny_model):
     assert pick_dtype("auto", mps) == torch.float32
     assert not Precision(pick_dtype("auto", mps), mps).scaler.is_enabled()
     assert TrainConfig().compile == "auto" and TrainConfig().dtype == "auto"  # what a run gets unasked
+
+
+def test_out_of_memory_on_the_current_gpu_names_its_index(monkeypatch):
+    """`cuda` (train.device auto) is the current GPU: the line says cuda:0, as CUDA's own message does."""
+    from gpt.training import OutOfMemory
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ...")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert str(OutOfMemory("training step", 3, torch.device("cuda"), oom)) == (
+        "out of memory on cuda:0 during training step 3 (tried to allocate 2.00 GiB)")
+    assert str(OutOfMemory("training step", 3, torch.device("cuda", 1), oom)).startswith("out of memory on cuda:1 ")
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_a_non_finite_gradient_with_a_finite_loss_changes_no_weight(tiny_model, tiny_cfg, optimizer):
+    """Clipping's norm carries the check: decided on the device, where the optimizer skips its update."""
+    cfg = TrainConfig(optimizer=optimizer, grad_clip=1.0)
+    opt = build_optimizer(tiny_model, cfg, torch.device("cpu"))
+    x, y = torch.randint(0, tiny_cfg.vocab_size, (2, 4, 12)).to(torch.uint16)
+    train_step(tiny_model, iter([(x, y)]), opt, Precision(torch.float32, torch.device("cpu")), cfg,
+               torch.device("cpu"))  # a real step first: the momentum buffers hold something to keep
+    weights = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    hook = tiny_model.trf_blocks[1].att.W_key.weight.register_hook(lambda grad: grad * math.nan)
+    with pytest.raises(NonFiniteLoss, match="^the gradient norm is nan at step 7$"):
+        train_step(tiny_model, iter([(x, y)]), opt, Precision(torch.float32, torch.device("cpu")), cfg,
+                   torch.device("cpu"), step=7)
+    hook.remove()
+    assert all(torch.equal(weights[n], p) for n, p in tiny_model.named_parameters())
+    for p, s in opt.state.items():
+        assert all(torch.equal(state[id(p)][k], v) for k, v in s.items())  # momentum, Adam's moments, its step
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_a_step_skipped_on_the_device_is_no_step_and_one_taken_is_a_plain_step(tiny_model, tiny_cfg, optimizer):
+    import copy
+    from gpt.optim import steps_unless
+    cfg = TrainConfig(optimizer=optimizer)
+    twin = copy.deepcopy(tiny_model)
+    opt, twin_opt = build_optimizer(tiny_model, cfg, torch.device("cpu")), build_optimizer(twin, cfg, torch.device("cpu"))
+    x, y = torch.randint(0, tiny_cfg.vocab_size, (2, 4, 12))
+    before = copy.deepcopy(tiny_model.state_dict())
+    for model in (tiny_model, twin):
+        calc_loss_batch(model, x, y).backward()
+    assert steps_unless(opt, torch.tensor(True))  # skipped
+    assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+    assert steps_unless(opt, torch.tensor(False))  # taken: the same as an ordinary step
+    twin_opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(tiny_model.parameters(), twin.parameters()))
+    assert not all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+    assert not steps_unless(torch.optim.AdamW(tiny_model.parameters(), fused=False), torch.tensor(False))
