@@ -5,6 +5,8 @@
   format (`config.json` + `model.safetensors`). Looked for in `data/gpt2-weights/<name>/`
   first (copy the two files there by hand on a machine with no network), then fetched with
   `huggingface_hub` (which reuses its own cache, so a second run downloads nothing).
+- a run trained here: its folder (best.pt, else latest.pt) or a `.pt` checkpoint file; the
+  architecture is the run's (a chat fine-tune starts this way: configs/shakespeare-chat.yaml).
 - a path: a folder holding `config.json` and `model.safetensors` or `pytorch_model.bin`
   (what `save_pretrained` and `python -m gpt.export` write), or one of those weight files.
   A bare weights file with no `config.json` beside it is sized from its tensor shapes, with the
@@ -30,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from gpt.checkpoint import checkpoint_path, load_model
-from gpt.config import load_config
+from gpt.checkpoint import BEST_NAME, LATEST_NAME, checkpoint_path, load_checkpoint, load_model
+from gpt.config import config_from_dict, load_config
 from gpt.downloads import DATA_DIR
 from gpt.errors import UserError
 from gpt.hf_gpt2 import (ARCHITECTURE_FIELDS, architecture_from_config, architecture_from_weights,
@@ -45,6 +47,7 @@ HF_REPO = "openai-community/{name}"  # the four sizes as OpenAI released them, o
 WEIGHTS_DIR = DATA_DIR / "gpt2-weights"  # <name>/config.json + model.safetensors, by hand
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 CONFIG_FILE = "config.json"
+RUN_FILES = (BEST_NAME, LATEST_NAME)  # a folder holding one of these is a run trained here
 DEFAULT_RUN_CONFIG = "small.yaml"  # with no --checkpoint, read the run this config writes (the quick start's)
 
 
@@ -94,7 +97,8 @@ def locate_weights(init_from: str) -> Path:
                             "here, use generate.py --checkpoint")
         return path
     raise UserError(f"model.init_from {init_from!r} is not {SCRATCH}, a GPT-2 size "
-                    f"({', '.join(GPT2_SIZES)}) or an existing path to Hugging Face GPT-2 weights")
+                    f"({', '.join(GPT2_SIZES)}), a run folder trained here (best.pt or latest.pt) or an "
+                    "existing path to Hugging Face GPT-2 weights")
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -133,6 +137,25 @@ def weights_architecture(weights: Path) -> dict:
     return architecture_from_weights(read_weights(weights), str(weights))
 
 
+def run_checkpoint(init_from: str) -> Path | None:
+    """The checkpoint of a run folder trained here (best.pt, else latest.pt) or a .pt file; None
+    when `init_from` names something else (scratch, a GPT-2 size, Hugging Face weights)."""
+    if init_from in GPT2_SIZES or init_from == SCRATCH:
+        return None
+    path = Path(init_from).expanduser()
+    if path.is_dir() and any((path / name).is_file() for name in RUN_FILES):
+        return checkpoint_path(path)
+    if path.is_file() and path.suffix == ".pt":
+        return path
+    return None
+
+
+def run_weights(checkpoint: Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """The weights of a run's checkpoint and the model config they were trained with."""
+    state = load_checkpoint(checkpoint)
+    return state["model"], config_from_dict(state["config"], source=str(checkpoint)).model
+
+
 def resolve_model_config(cfg: ModelConfig, given: Collection[str]) -> ModelConfig:
     """`cfg` with the architecture of its `init_from` weights; `given` are the keys the user set.
 
@@ -140,8 +163,12 @@ def resolve_model_config(cfg: ModelConfig, given: Collection[str]) -> ModelConfi
     """
     if cfg.init_from == SCRATCH:
         return cfg
-    weights = locate_weights(cfg.init_from)
-    wanted = weights_architecture(weights)
+    run = run_checkpoint(cfg.init_from)
+    if run is not None:
+        run_cfg = run_weights(run)[1]
+        wanted = {name: getattr(run_cfg, name) for name in ARCHITECTURE_FIELDS}
+    else:
+        wanted = weights_architecture(locate_weights(cfg.init_from))
     conflicts = []
     for name in ARCHITECTURE_FIELDS:
         if name not in given:
@@ -159,12 +186,28 @@ def resolve_model_config(cfg: ModelConfig, given: Collection[str]) -> ModelConfi
 
 
 def build_model(cfg: ModelConfig) -> GPTModel:
-    """A new model for `cfg` (from `resolve_model_config`): random, or with its init_from weights."""
+    """A new model for `cfg` (from `resolve_model_config`): random, or with its init_from weights.
+
+    `cfg.vocab_size` may exceed the weights' (a chat template's tokens, `gpt.chat`): the new rows
+    are added by `add_token_rows`.
+    """
     model = GPTModel(cfg)
     if cfg.init_from == SCRATCH:
         return model
-    weights = locate_weights(cfg.init_from)
-    state = from_hf_state_dict(read_weights(weights), cfg, str(weights))
+    run = run_checkpoint(cfg.init_from)
+    if run is not None:
+        weights = run
+        state, run_cfg = run_weights(run)
+        vocab = run_cfg.vocab_size
+        state = {**state, "pos_emb.weight": state["pos_emb.weight"][:cfg.context_length]}
+    else:
+        weights = locate_weights(cfg.init_from)
+        vocab = weights_architecture(weights)["vocab_size"]
+        state = from_hf_state_dict(read_weights(weights), dataclasses.replace(cfg, vocab_size=vocab), str(weights))
+    if vocab > cfg.vocab_size:
+        raise UserError(f"model.init_from {cfg.init_from!r} has {vocab} token ids and the model {cfg.vocab_size}; "
+                        "a vocabulary can grow (new tokens), not shrink")
+    state = add_token_rows(state, vocab, cfg)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -172,6 +215,21 @@ def build_model(cfg: ModelConfig) -> GPTModel:
         detail = lines[1] if len(lines) > 1 else lines[0]  # the first specific mismatch
         raise UserError(f"the weights in {weights} do not fit their config.json ({detail[:200]})") from None
     return model
+
+
+def add_token_rows(state: dict[str, torch.Tensor], vocab: int, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """`state` with its embedding (and tied head) sized for `cfg`: rows past `vocab` up to
+    `cfg.vocab_size` (new tokens, e.g. a chat template's markers) start at the mean of the real
+    tokens' rows, a neutral start (a zero row would give each new token the logit 0 everywhere);
+    the padding rows past `cfg.vocab_size` are zero, as GPTModel keeps them."""
+    rows = state["tok_emb.weight"]
+    grown = torch.zeros(cfg.padded_vocab_size, rows.shape[1], dtype=rows.dtype)
+    grown[:vocab] = rows[:vocab]
+    grown[vocab:cfg.vocab_size] = rows[:vocab].float().mean(0).to(rows.dtype)
+    state = {**state, "tok_emb.weight": grown}
+    if "out_head.weight" in state:
+        state["out_head.weight"] = grown  # tied
+    return state
 
 
 def is_pretrained_source(location: str) -> bool:
