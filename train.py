@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from gpt.chat import TEMPLATE, chat_model_config, check_resumed_template, reply
+from gpt.chat_data import load_chat_split, prepare_chat
 from gpt.checkpoint import BEST_NAME, LATEST_NAME, load_checkpoint, run_checkpoints, save_checkpoint
 from gpt.config import Config, load_config
 from gpt.data import TrainBatches, check_max_tokens, eval_loader, load_split, prepare
@@ -54,16 +56,26 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
     # A pretrained init_from brings its architecture (context_length included) with its weights;
     # resolved first, so a resume compares the architecture it will really build.
     cfg.model = resolve_model_config(cfg.model, cfg.given_keys.get("model", ()))
+    chat = cfg.data.format == "chat"
+    if chat:  # the template's markers are token ids of their own (gpt.chat)
+        cfg.model = chat_model_config(cfg.model)
+    template = {"chat_template": TEMPLATE} if chat else {}  # what the checkpoints record
     out_dir = Path(cfg.train.out_dir)
     resume_from = checkpoint_to_resume(out_dir, resume, overwrite)
     checkpoint = open_checkpoint(resume_from, cfg, say) if resume_from is not None else None
     setup_device(device)
     seed_everything(cfg.train.seed)
     context = cfg.model.context_length
-    check_max_tokens(cfg.data, context + 1)  # before any reading: each split needs a window and its target
-    prepared = dist.in_turn(lambda: prepare(cfg.data))  # rank 0 writes the token files, the rest read them
-    train_set = load_split(prepared, "train", context, cfg.data.stride or context)
-    val_set = load_split(prepared, "val", context, context)
+    if chat:  # one conversation per window, the loss on the replies only (gpt.chat_data)
+        prepared = dist.in_turn(lambda: prepare_chat(cfg.data))
+        train_set, val_set = (load_chat_split(prepared, split, context) for split in ("train", "val"))
+        for split, windows in (("train", train_set), ("val", val_set)):
+            say(windows.describe(split))
+    else:
+        check_max_tokens(cfg.data, context + 1)  # before any reading: each split needs a window and its target
+        prepared = dist.in_turn(lambda: prepare(cfg.data))  # rank 0 writes the token files, the rest read them
+        train_set = load_split(prepared, "train", context, cfg.data.stride or context)
+        val_set = load_split(prepared, "val", context, context)
     pin = device.type == "cuda"
     batch_size, accum = cfg.data.batch_size, cfg.train.grad_accum_steps
     train_batches = TrainBatches(train_set, batch_size, cfg.train.seed, cfg.data.num_workers, pin_memory=pin,
@@ -93,10 +105,10 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
         nonlocal last_saved
         rank_rngs = dist.gather(rng_state())  # every process takes part; rank 0 writes
         if dist.is_main:
-            save_checkpoint(latest, training_checkpoint(model, optimizer, scaler, state, train_batches, cfg,
-                                                        rank_rngs))
+            save_checkpoint(latest, {**training_checkpoint(model, optimizer, scaler, state, train_batches, cfg,
+                                                           rank_rngs), **template})
             if state.best_step == state.step:  # evaluated just now, and the best so far
-                save_checkpoint(best, best_checkpoint(model, state, cfg))
+                save_checkpoint(best, {**best_checkpoint(model, state, cfg), **template})
         last_saved = state.step
 
     def restore(optimizer, scaler) -> TrainState:
@@ -145,13 +157,20 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
                 scored = score(model, whole_val, device, comparable, dist)
         except OutOfMemory as e:
             raise out_of_memory_error(e, cfg, dist, latest, last_saved) from None
-        say(describe(scored, "val loss", "the val split", comparable.dtype))
+        say(describe(scored, "val loss (replies only)" if chat else "val loss",
+                     "the val conversations" if chat else "the val split", comparable.dtype))
     if not dist.is_main:
         return 0
     print(f"saved {latest} (step {state.step}); best: {best} (step {state.best_step}, val loss "
           f"{state.best_val_loss:.4f} on the periodic subset)")
     print(plot_after_training(out_dir))
     print("\n--- sample ---")
+    if chat:
+        print(f"> {cfg.sample.prompt}")
+        reply(model, [{"role": "user", "content": cfg.sample.prompt}], cfg.sample, device,
+              torch.Generator().manual_seed(cfg.sample.seed), write=lambda text: print(text, end="", flush=True))
+        print()
+        return 0
     # A few hundred tokens: not worth compiling the decoding step for (tens of seconds on a GPU),
     # unless the config asks for it explicitly.
     sample = cfg.sample if cfg.sample.compile is True else dataclasses.replace(cfg.sample, compile=False)
@@ -190,6 +209,7 @@ def batch_line(batch_size: int, accum: int, context: int, dist: Distributed) -> 
 def open_checkpoint(path: Path, cfg: Config, say=print) -> dict:
     """The checkpoint to resume, checked against `cfg` before any work; changed settings noted."""
     checkpoint = load_checkpoint(path)
+    check_resumed_template(checkpoint.get("chat_template"), path, cfg.data.format == "chat")
     for change in check_resumable(checkpoint, path, cfg):
         say(f"note: {change}; continuing with the config's value")
     return checkpoint

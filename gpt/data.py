@@ -42,6 +42,7 @@ from gpt.encode import encode_documents
 from gpt.errors import UserError
 from gpt.sources import SHAKESPEARE, ShakespeareSource, Source, open_source
 
+FORMATS = ("text", "chat")
 COPY_BYTES = 1 << 20  # moving the val tail of a token file, 1 MiB at a time
 
 
@@ -49,7 +50,8 @@ COPY_BYTES = 1 << 20  # moving the val tail of a token file, 1 MiB at a time
 class DataConfig:
     """Which corpus to train on, how to prepare it and how to batch it."""
 
-    corpus: str = SHAKESPEARE  # "shakespeare", a .txt/.md/.jsonl/.jsonl.gz/.parquet file, a folder of them, or hf:NAME[:CONFIG]
+    format: str = "text"  # text (documents to continue) or chat (conversations: gpt/chat.py, gpt/chat_data.py)
+    corpus: str = SHAKESPEARE  # "shakespeare", "shakespeare-chat" (format: chat), a .txt/.md/.jsonl/.jsonl.gz/.parquet file, a folder of them, or hf:NAME[:CONFIG]
     val_corpus: str | None = None  # a validation source of its own (any kind above), used whole; None: val_fraction of corpus
     text_field: str = "text"  # the field (JSONL, hf:) or column (Parquet) that holds each record's text
     hf_split: str = "train"  # the split an hf: source is read from
@@ -73,6 +75,8 @@ class DataConfig:
         for name in ("max_tokens", "num_proc"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be at least 1 (or null), got {getattr(self, name)}")
+        if self.format not in FORMATS:
+            raise ValueError(f"data.format must be {' or '.join(FORMATS)}, got {self.format!r}")
         if not self.text_field or not self.hf_split:
             raise ValueError("data.text_field and data.hf_split must not be empty")
 

@@ -44,7 +44,7 @@ from gpt.model import GPTModel, ModelConfig
 from gpt.pretrained import DEFAULT_RUN_CONFIG, build_model, default_checkpoint, is_pretrained_source, resolve_model_config
 from gpt.precision import DTYPES, Precision, comparable_dtype, dtype_name, pick_dtype
 from gpt.tokenizer import token_byte_lengths
-from gpt.training import pick_device, setup_device, to_device
+from gpt.training import IGNORE_INDEX, pick_device, setup_device, to_device
 
 
 @dataclass
@@ -82,24 +82,31 @@ def score(model: nn.Module, loader: DataLoader, device: torch.device, precision:
     """
     was_training = model.training
     model.eval()
-    byte_lengths = torch.tensor(token_byte_lengths(), device=device)
-    windows = tokens = 0
-    per_batch = []  # each batch's (nats, text nats, text tokens, text bytes), left on the device: one sync at the end
+    # 0 bytes for <|endoftext|> and for ids past GPT-2's (a chat template's markers): not text
+    lengths = token_byte_lengths()
+    byte_lengths = torch.zeros(max(len(lengths), 1 << 16), dtype=torch.long)  # every uint16 id
+    byte_lengths[:len(lengths)] = torch.tensor(lengths)
+    byte_lengths = byte_lengths.to(device)
+    windows = 0
+    per_batch = []  # each batch's (tokens, nats, text nats, text tokens, text bytes), left on the device: one sync at the end
     for inputs, targets in tqdm(loader, desc="evaluating", unit="batch", leave=False,
                                 disable=None if dist.is_main else True):
         inputs, targets = to_device(inputs, device), to_device(targets, device)
         with precision.autocast() if precision else contextlib.nullcontext():
+            # IGNORE_INDEX targets (a chat window's prompt and padding) give 0: they count nowhere
             nats = model(inputs, targets=targets, reduction="none").float()  # (B*T,), the loss inside the model
         targets = targets.flatten()
-        text_bytes = byte_lengths[targets]  # (B*T,), 0 for <|endoftext|>
+        counted = targets != IGNORE_INDEX
+        text_bytes = byte_lengths[targets.clamp(min=0)] * counted  # (B*T,), 0 for <|endoftext|> and ignored ones
         is_text = text_bytes > 0
-        per_batch.append(torch.stack([nats.sum(), (nats * is_text).sum(), is_text.sum(), text_bytes.sum()]))
-        windows, tokens = windows + len(inputs), tokens + targets.numel()
+        per_batch.append(torch.stack([counted.sum(), nats.sum(), (nats * is_text).sum(), is_text.sum(),
+                                      text_bytes.sum()]))
+        windows += len(inputs)
     model.train(was_training)
     # Summed in float64 (on the CPU: MPS has none) over any number of batches; each batch's counts
     # are far below float32's 2**24, so they are exact.
-    batch_sums = torch.stack(per_batch).cpu().double().sum(0) if per_batch else torch.zeros(4, dtype=torch.float64)
-    sums = torch.cat([torch.tensor([windows, tokens], dtype=torch.float64), batch_sums])
+    batch_sums = torch.stack(per_batch).cpu().double().sum(0) if per_batch else torch.zeros(5, dtype=torch.float64)
+    sums = torch.cat([torch.tensor([windows], dtype=torch.float64), batch_sums])
     if dist.launched:
         sums = dist.sum(sums.to(device)).cpu()
     windows, tokens, nats, text_nats, text_tokens, text_bytes = sums.tolist()

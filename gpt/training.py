@@ -165,8 +165,12 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
+IGNORE_INDEX = -100  # a target the loss skips (a chat window's prompt and padding: gpt.chat.IGNORE)
+
+
 def calc_loss_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of one (B, T) batch, computed by the model (inside its compiled graph)."""
+    """Mean next-token cross-entropy of one (B, T) batch, computed by the model (inside its compiled graph),
+    over the targets that are not IGNORE_INDEX."""
     return model(inputs, targets=targets)
 
 
@@ -186,14 +190,16 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
     """
     was_training = model.training
     model.eval()
-    total, count = torch.zeros((), device=device), 0
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     for inputs, targets in loader:
+        targets = to_device(targets, device)
         with precision.autocast() if precision else contextlib.nullcontext():
-            loss = calc_loss_batch(model, to_device(inputs, device), to_device(targets, device))
-        total += loss.float() * len(inputs)  # on the device: one sync at the end
-        count += len(inputs)
+            loss = calc_loss_batch(model, to_device(inputs, device), targets)
+        counted = (targets != IGNORE_INDEX).sum()  # every target of a text window; a chat window's replies
+        total += loss.float() * counted  # on the device: one sync at the end
+        count += counted
     model.train(was_training)
-    total, count = dist.sum(torch.stack([total, torch.tensor(float(count), device=device)])).tolist()
+    total, count = dist.sum(torch.stack([total, count.float()])).tolist()
     return total / count
 
 
