@@ -21,7 +21,9 @@ Everything here works on batches: `(B, T)` prompts give `B` independent continua
 temperature, top-k, top-p and end-of-text handling are applied per row.
 """
 
+import argparse
 import codecs
+import dataclasses
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -209,7 +211,8 @@ def continue_prompt(
             if done[row] or (cfg.stop_at_eot and token == EOT_ID):
                 done[row] = True
                 continue
-            piece = decoders[row].decode(enc.decode_single_token_bytes(token))
+            # Ids past the BPE's (a chat model's template markers) are not text: nothing to print
+            piece = decoders[row].decode(enc.decode_single_token_bytes(token) if token < enc.n_vocab else b"")
             texts[row] += piece
             if write is not None and cfg.num_samples == 1 and piece:
                 write(piece)
@@ -235,3 +238,43 @@ def print_samples(model: nn.Module, prompt: str, cfg: SampleConfig, device: torc
 def _write_now(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def add_sample_options(parser: argparse.ArgumentParser, chat: bool = False) -> None:
+    """The sampling options of generate.py (and chat.py, which has no --num-samples, --stop-at-eot or
+    --compile: a reply is one, ends at its end-of-turn token, and is decoded eagerly). Defaults: the
+    run's `sample` section."""
+    parser.add_argument("--max-new-tokens", type=int, help="tokens to generate per sample")
+    parser.add_argument("--temperature", type=float, help="0 is greedy; higher is more random")
+    parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0: all)")
+    parser.add_argument("--top-p", type=float, help="sample among the most likely tokens holding "
+                        "this probability (1: all)")
+    parser.add_argument("--seed", type=int, help="random seed; the same seed gives the same text")
+    if not chat:
+        parser.add_argument("--num-samples", type=int, help="independent continuations, sampled as a batch")
+        parser.add_argument("--stop-at-eot", action=argparse.BooleanOptionalAction,
+                            help="end a sample at <|endoftext|>")
+    parser.add_argument("--kv-cache", action=argparse.BooleanOptionalAction,
+                        help="reuse earlier tokens' keys and values (faster; same tokens)")
+    if not chat:
+        parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                            help="decode with a static KV cache and a compiled step in CUDA graphs "
+                            "(default: on CUDA; the first token waits for the compile)")
+
+
+def sample_config(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:
+    """The run's sample settings with the options given on the command line applied."""
+    given = {
+        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+        "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+        "num_samples": getattr(args, "num_samples", None), "stop_at_eot": getattr(args, "stop_at_eot", None),
+        "kv_cache": args.kv_cache, "compile": getattr(args, "compile", None),
+    }
+    changes = {k: v for k, v in given.items() if v is not None}
+    if changes.get("top_k") == 0:
+        changes["top_k"] = None  # 0 means no top-k filter
+    try:
+        return dataclasses.replace(base, **changes)
+    except ValueError as e:
+        option = str(e).split()[0].replace("sample.", "--").replace("_", "-")
+        raise UserError(f"{option}: {e}") from None
