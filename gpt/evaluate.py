@@ -35,7 +35,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from gpt.checkpoint import checkpoint_path, load_model
+from gpt.chat import load_chat_model
+from gpt.chat_data import load_chat_split, prepare_chat, read_meta
+from gpt.chat_eval import REPLIES, REPLY_LIMIT, ask, held_out, majority, percent
+from gpt.checkpoint import checkpoint_path, load_checkpoint, load_model
 from gpt.config import build_config, parse_overrides
 from gpt.data import DataConfig, TokenWindows, eval_loader, load_split, prepare, prepare_whole
 from gpt.distributed import SINGLE, Distributed
@@ -149,6 +152,67 @@ def scored_windows(data: DataConfig, given: set[str], corpus: str | None, contex
     return windows, f"the val split of {data.val_corpus or data.corpus}"
 
 
+def evaluate_chat(location: str, args, overrides: list[str], device: torch.device) -> None:
+    """Part of `main` for a chat run: loss on held-out replies, accuracy and ended replies, for the run
+    and for its base (`gpt.chat_eval`)."""
+    if args.corpus:
+        raise UserError("--corpus scores text; a chat run is scored on its held-out conversations: leave it out")
+    model, config, path = load_chat_model(location, device)
+    data, _ = data_config(config.data, overrides, str(path))
+    context = model.cfg.context_length
+    with contextlib.redirect_stdout(sys.stderr):
+        prepared = prepare_chat(data)
+    windows = load_chat_split(prepared, "val", context)
+    records = held_out(prepared, args.replies)
+    train_answers = read_meta(prepared).get("train_answers", {})
+    models = {"fine-tuned": (model, str(path))}
+    base_note = None
+    if config.model.init_from == "scratch":
+        base_note = "no base: the run started from scratch"
+    else:
+        try:
+            models = {"base": (build_model(config.model).to(device).eval(), config.model.init_from), **models}
+        except UserError as e:
+            base_note = f"no base figures: {e}"
+    print(f"scoring {', '.join(f'{name} {where}' for name, (_, where) in models.items())} on the "
+          f"{len(windows):,} held-out conversations of {data.val_corpus or data.corpus}; {len(records):,} "
+          f"replied to (greedy, at most {args.max_new_tokens} tokens)", file=sys.stderr)
+    precision = Precision(pick_dtype(config.train.dtype, device), device)
+    results, hidden = {}, {}
+    for name, (m, where) in models.items():
+        loss = score(m, eval_loader(windows, data.batch_size, None), device, precision)
+        answers = ask(m, records, args.max_new_tokens, device)
+        results[name] = {"checkpoint": where, "reply_loss": loss.loss, "reply_tokens": loss.tokens,
+                         "accuracy": {t: answers.right[t] / n for t, n in answers.questions.items()},
+                         "questions": dict(answers.questions), "ended": answers.ended / max(answers.asked, 1),
+                         "replies": answers.asked, "skipped": answers.skipped}
+        hidden[name] = {"right": answers.right, "ended_replies": answers.ended}
+    baseline = majority(records, train_answers)
+    questions = next(iter(results.values()))["questions"]
+    if args.json:
+        print(json.dumps({"data": data.val_corpus or data.corpus, "max_new_tokens": args.max_new_tokens, **results,
+                          "majority": {t: {"answer": a, "accuracy": hits / questions[t] if questions.get(t) else None}
+                                       for t, (a, hits) in baseline.items()}}))
+        return
+    names, replies = list(results), results["fine-tuned"]["replies"]
+    results = {n: {**results[n], **hidden[n]} for n in names}
+    print(f"{'':34}" + "".join(f"{n:>12}" for n in names) + "   majority answer")
+    print(f"{'loss on held-out replies (nats)':34}" + "".join(f"{results[n]['reply_loss']:>12.4f}" for n in names))
+    for task, count in questions.items():
+        answer, hits = baseline.get(task, ("-", 0))
+        label = f"{task} accuracy ({count} questions)"
+        print(f"{label:34}" + "".join(f"{percent(results[n]['right'][task], count):>12}" for n in names)
+              + f"   {percent(hits, count)} ({answer})")
+    label = f"ended with <|end|> ({replies} replies)"
+    print(f"{label:34}" + "".join(f"{percent(results[n]['ended_replies'], replies):>12}" for n in names))
+    skipped = results["fine-tuned"]["skipped"]
+    if skipped:
+        print(f"{skipped} held-out conversation(s) not asked: the system prompt leaves no room for a reply "
+              f"in a context of {context}")
+    if base_note:
+        print(base_note)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the loss, perplexity and bits per byte of a model over a val split or a corpus."""
     parser = ArgumentParser(prog="python -m gpt.evaluate", allow_abbrev=False, description=(
@@ -160,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", help="score all of this corpus instead (anything data.corpus takes: a file, "
                         "a folder, hf:NAME[:CONFIG] or shakespeare)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    parser.add_argument("--replies", type=int, default=REPLIES, help="a chat run: held-out conversations to "
+                        "reply to, for accuracy and ended replies")
+    parser.add_argument("--max-new-tokens", type=int, default=REPLY_LIMIT, help="a chat run: the length limit "
+                        "of a reply")
     parser.add_argument("--device", default="auto", help="auto, cpu, mps or cuda[:N]")
     parser.add_argument("--dtype", choices=["comparable", *DTYPES], default="comparable", help=(
         "the precision to score in; comparable (the default): float32 on a CPU, the run's autocast on a GPU"))
@@ -171,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         location = args.checkpoint or default_checkpoint()
         if is_pretrained_source(location) and not args.corpus:
             raise UserError(f"{location} is not a run, so it has no val split; give --corpus SOURCE to score")
+        if not is_pretrained_source(location) and load_checkpoint(checkpoint_path(location)).get("chat_template"):
+            return evaluate_chat(location, args, overrides, device)
         model, run_data, dtype, source = load_scored_model(location, device)
         data, given = data_config(run_data or DataConfig(), overrides, source if run_data else "the defaults")
         context = model.cfg.context_length
