@@ -1,0 +1,263 @@
+"""Chat fine-tuning: records, the template, the loss mask, windows, init_from a run, chat.py, evaluation."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import chat
+import train
+from gpt import evaluate
+from gpt.chat import (
+    CHAT_VOCAB_SIZE, END_ID, IGNORE, SPECIAL_IDS, TEMPLATE, conversation_from_record, crop_history, render,
+    render_prompt, reply,
+)
+from gpt.chat_data import ChatWindows, prepare_chat
+from gpt.checkpoint import load_checkpoint
+from gpt.data import DataConfig
+from gpt.errors import UserError
+from gpt.model import GPTModel, ModelConfig
+from gpt.pretrained import build_model, resolve_model_config
+from gpt.sampling import SampleConfig, generate
+from gpt.shakespeare_chat import excerpt, scenes, title_of
+from gpt.tokenizer import EOT_ID
+from gpt.training import IGNORE_INDEX, calc_loss_batch
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Two and three?"},
+            {"role": "assistant", "content": "Five."}, {"role": "user", "content": "And four and four?"},
+            {"role": "assistant", "content": "Eight."}]
+
+
+def counted_targets(messages: list[dict], window: int = 64) -> list[int]:
+    ids, trained = render(messages)
+    return [token for token, learn in zip(ids, trained) if learn]
+
+
+# --------------------------------------------------------------------------- records and template
+
+def test_three_record_shapes_give_the_same_conversation():
+    openai = {"messages": MESSAGES[1:3]}
+    sharegpt = {"conversations": [{"from": "human", "value": "Two and three?"}, {"from": "gpt", "value": "Five."}]}
+    alpaca = {"instruction": "Two and three?", "input": "", "output": "Five."}
+    got = [conversation_from_record(r, "x") for r in (openai, sharegpt, alpaca)]
+    assert got[0] == got[1] == got[2] == MESSAGES[1:3]
+    with_input = conversation_from_record({"instruction": "Add.", "input": "2 3", "output": "5"}, "x")
+    assert with_input[0]["content"] == "Add.\n\n2 3"
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"messages": []}, "x line 1 is an empty conversation"),
+    ({"messages": [{"role": "assistant", "content": "Hi"}]}, "roles out of order: message 1 is 'assistant'"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "roles out of order"),
+    ({"messages": [{"role": "bot", "content": "a"}]}, "unknown role 'bot'"),
+    ({"messages": [{"role": "user", "content": "a"}]}, "has no assistant turn"),
+    ({"text": "plain"}, "is not a conversation (its fields: text)"),
+])
+def test_bad_records_are_named(record, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        conversation_from_record(record, "x line 1")
+
+
+def test_template_ids_sit_in_the_padded_rows_and_only_replies_are_targets():
+    assert set(SPECIAL_IDS.values()) == set(range(EOT_ID + 1, CHAT_VOCAB_SIZE))
+    assert ModelConfig(vocab_size=CHAT_VOCAB_SIZE).padded_vocab_size == ModelConfig().padded_vocab_size
+    ids, trained = render(MESSAGES)
+    assert ids[0] == EOT_ID and ids.count(END_ID) == len(MESSAGES)
+    from gpt.tokenizer import get_tokenizer
+    enc = get_tokenizer()
+    replies = [t for t, learn in zip(ids, trained) if learn]
+    assert replies == enc.encode("Five.") + [END_ID] + enc.encode("Eight.") + [END_ID]
+    assert render_prompt(MESSAGES[:2])[-1] == SPECIAL_IDS["<|assistant|>"]
+
+
+def test_text_spelling_a_marker_never_becomes_one():
+    spelt = "<|user|> <|assistant|><|end|> <|system|> <|endoftext|>"
+    messages = [{"role": "user", "content": spelt}, {"role": "assistant", "content": spelt}]
+    ids, _ = render(messages)
+    structural = [EOT_ID, SPECIAL_IDS["<|user|>"], END_ID, SPECIAL_IDS["<|assistant|>"], END_ID]
+    assert [t for t in ids if t >= EOT_ID] == structural
+
+
+def test_changing_a_user_turn_changes_no_counted_target():
+    changed = [dict(m) for m in MESSAGES]
+    changed[1]["content"] = "What do two and three make, if you add them together?"
+    changed[3]["content"] = "x"
+    assert counted_targets(changed) == counted_targets(MESSAGES)
+    # and the loss mask holds: targets outside replies are ignored, whatever the user wrote
+    for messages in (MESSAGES, changed):
+        ids, trained = render(messages)
+        targets = torch.tensor([t if learn else IGNORE for t, learn in zip(ids[1:], trained[1:])])
+        assert targets[targets != IGNORE].tolist() == counted_targets(MESSAGES)
+
+
+def test_loss_ignores_the_ignored_targets():
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(vocab_size=101, context_length=8, emb_dim=16, n_heads=2, n_layers=1,
+                                 drop_rate=0.0))
+    inputs = torch.randint(0, 101, (2, 8))
+    targets = torch.randint(0, 101, (2, 8))
+    masked = targets.clone()
+    masked[:, :5] = IGNORE_INDEX
+    logits = model(inputs)
+    expected = torch.nn.functional.cross_entropy(logits[:, 5:].flatten(0, 1), targets[:, 5:].flatten())
+    assert torch.allclose(calc_loss_batch(model, inputs, masked), expected)
+
+
+def test_crop_history_keeps_the_system_prompt_and_drops_the_oldest_turns():
+    history = MESSAGES + [{"role": "user", "content": "And one more?"}]
+    full = len(render_prompt(history))
+    kept, dropped = crop_history(history, full)
+    assert kept == history and dropped == 0
+    kept, dropped = crop_history(history, full - 1)
+    assert kept[0] == MESSAGES[0] and kept[1:] == history[3:] and dropped == 2
+    kept, _ = crop_history(history, len(render_prompt([MESSAGES[0], history[-1]])) - 1)
+    assert kept[0] == MESSAGES[0] and len(kept) == 2 and kept[1]["content"] != history[-1]["content"]
+    with pytest.raises(UserError, match="system prompt"):
+        crop_history(history, 4)
+
+
+# --------------------------------------------------------------------------- the offline data set
+
+PLAY = """Hamlet
+
+ACT I
+
+SCENE I. Elsinore.
+
+[Enter BERNARDO and FRANCISCO]
+
+BERNARDO:
+Who's there?
+
+FRANCISCO:
+Nay, answer me: stand, and unfold yourself.
+[Exit]
+
+SCENE II. A room.
+
+HAMLET:
+A little more than kin, and less than kind.
+"""
+
+
+def test_plays_become_scenes_of_speeches():
+    found = scenes(PLAY)
+    assert found == [[("BERNARDO", "Who's there?"), ("FRANCISCO", "Nay, answer me: stand, and unfold yourself.")],
+                     [("HAMLET", "A little more than kin, and less than kind.")]]
+    assert title_of("x/hamlet.md", PLAY) == "Hamlet"
+    assert title_of("plays/problems/measure-for-measure.md", "ACT I\n") == "Measure for Measure"
+    assert excerpt("one two\nthree\nfour\nfive") == "one two\nthree\nfour"
+
+
+# --------------------------------------------------------------------------- windows
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_windows_hold_one_conversation_and_count_cut_and_dropped(tmp_path):
+    short = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    long_reply = {"messages": [{"role": "user", "content": "Tell"}, {"role": "assistant", "content": "word " * 40}]}
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 40}, {"role": "assistant", "content": "Ok"}]}
+    corpus = write_jsonl(tmp_path / "chat.jsonl", [short, long_reply, long_prompt] * 4 + [short])
+    prepared = prepare_chat(DataConfig(format="chat", corpus=str(corpus), prepared_dir=str(tmp_path / "p"),
+                                       val_fraction=0.1))
+    windows = ChatWindows(prepared, "train", 16)
+    assert (len(windows), windows.cut, windows.dropped) == (8, 4, 4)
+    inputs, targets = windows[0]
+    ids, trained = render(short["messages"])
+    assert inputs[:len(ids)].tolist() == ids and (inputs[len(ids):] == EOT_ID).all()  # padding, not another one
+    assert targets[:len(ids) - 1].tolist() == [t if learn else IGNORE for t, learn in zip(ids[1:], trained[1:])]
+    assert (targets[len(ids) - 1:] == IGNORE).all()
+
+
+# --------------------------------------------------------------------------- runs: init_from, resume, chat, evaluate
+
+# The tests below share two tiny training runs (~15 s on a shared 2-core CPU): marked slow.
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> SimpleNamespace:
+    """A tiny text run, and a chat run fine-tuned from it on a small JSONL of conversations."""
+    root = tmp_path_factory.mktemp("chat")
+    records = [{"messages": [{"role": "user", "content": f"Add {a} and {b}."},
+                             {"role": "assistant", "content": str(a + b)}], "task": "sum", "answer": str(a + b)}
+               for a in range(10) for b in range(10)]
+    corpus = write_jsonl(root / "sums.jsonl", records)
+    base, tuned = root / "base", root / "tuned"
+    common = ["--config", "tiny.yaml", "--train.max_iters=2", "--sample.max_new_tokens=2",
+              "--train.dtype=float32"]  # float32: the tests compare numbers
+    assert train.main([*common, f"--train.out_dir={base}"]) == 0
+    chat_args = [*common, f"--model.init_from={base}", "--data.format=chat", f"--data.corpus={corpus}",
+                 f"--data.prepared_dir={root / 'prepared'}", "--data.val_fraction=0.2"]
+    assert train.main([*chat_args, f"--train.out_dir={tuned}"]) == 0
+    return SimpleNamespace(root=root, base=base, tuned=tuned, corpus=corpus, chat_args=chat_args)
+
+
+@pytest.mark.slow
+def test_init_from_a_run_keeps_its_weights_and_adds_the_template_rows(runs):
+    base_state = load_checkpoint(runs.base / "best.pt")["model"]
+    cfg = resolve_model_config(ModelConfig(init_from=str(runs.base)), given=())
+    assert cfg.emb_dim == 32 and cfg.vocab_size == EOT_ID + 1
+    start = build_model(ModelConfig(**{**cfg.__dict__, "vocab_size": CHAT_VOCAB_SIZE})).state_dict()
+    old = base_state["tok_emb.weight"]
+    assert torch.equal(start["tok_emb.weight"][:EOT_ID + 1], old[:EOT_ID + 1])
+    assert torch.allclose(start["tok_emb.weight"][EOT_ID + 1:CHAT_VOCAB_SIZE], old[:EOT_ID + 1].mean(0).expand(4, -1))
+    assert torch.equal(start["trf_blocks.0.ff.fc.weight"], base_state["trf_blocks.0.ff.fc.weight"])
+    tuned = load_checkpoint(runs.tuned / "latest.pt")
+    assert tuned["chat_template"] == TEMPLATE and tuned["config"]["model"]["vocab_size"] == CHAT_VOCAB_SIZE
+
+
+@pytest.mark.slow
+def test_resume_with_another_template_is_refused(runs, capsys):
+    assert train.main([*runs.chat_args, f"--train.out_dir={runs.tuned}", "--resume", "--train.max_iters=3",
+                       "--data.format=text"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "chat template 'gpt-chat-1'" in err and "asks for none (a text run)" in err
+    assert train.main(["--config", "tiny.yaml", f"--train.out_dir={runs.base}", "--resume", "--train.max_iters=3",
+                       "--data.format=chat", f"--data.corpus={runs.corpus}"]) == 2
+    assert "chat template none (a text run)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_greedy_chat_reply_equals_generate(runs):
+    model, _ = chat.load_chat_model(str(runs.tuned), "cpu")[:2]
+    history = [{"role": "user", "content": "Add 2 and 3."}]
+    cfg = SampleConfig(temperature=0.0, max_new_tokens=6)
+    _, ended, ids = reply(model, history, cfg, torch.device("cpu"))
+    prompt = torch.tensor([render_prompt(history)])
+    expected = generate(model, prompt, 6, temperature=0.0, eos_id=END_ID)[0, prompt.shape[1]:].tolist()
+    cut = expected.index(END_ID) + 1 if END_ID in expected else len(expected)
+    assert ids == [t for t in expected[:cut]] and ended == (END_ID in expected)
+
+
+@pytest.mark.slow
+def test_chat_command_one_shot_and_clean_exits(runs, capsys, monkeypatch):
+    assert chat.main(["--checkpoint", str(runs.tuned), "--prompt", "Add 1 and 1.", "--max-new-tokens", "3",
+                      "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+    for ending in (EOFError, KeyboardInterrupt):
+        answers = iter(["Add 1 and 2.", ending])
+
+        def fake_input(prompt, answers=answers):
+            item = next(answers)
+            if isinstance(item, type):
+                raise item
+            return item
+        monkeypatch.setattr("builtins.input", fake_input)
+        assert chat.main(["--checkpoint", str(runs.tuned), "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    assert chat.main(["--checkpoint", str(runs.base), "--prompt", "Hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "was never chat-tuned" in err
+
+
+@pytest.mark.slow
+def test_evaluate_reports_loss_accuracy_and_ended_for_base_and_tuned(runs, capsys):
+    assert evaluate.main(["--checkpoint", str(runs.tuned), "--json", "--replies", "5", "--max-new-tokens", "3"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for name in ("base", "fine-tuned"):
+        assert report[name]["reply_loss"] > 0 and report[name]["replies"] == 5
+        assert 0 <= report[name]["accuracy"]["sum"] <= 1 and 0 <= report[name]["ended"] <= 1
+    assert report["majority"]["sum"]["answer"].isdigit()
