@@ -18,7 +18,8 @@ def names(requirements: list[str]) -> set[str]:
             for line in requirements if line.strip() and not line.lstrip().startswith(("#", "-r"))}
 
 
-@pytest.mark.parametrize("command,script", [("gpt-train", "train.py"), ("gpt-generate", "generate.py")])
+@pytest.mark.parametrize("command,script", [("gpt-train", "train.py"), ("gpt-generate", "generate.py"),
+                                                   ("gpt-chat", "chat.py")])
 def test_commands_run_the_scripts_main(command, script, capsys):
     target = PROJECT["project"]["scripts"][command]
     module_name, _, function = target.partition(":")
