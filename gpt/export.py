@@ -6,7 +6,10 @@ logits as the run's own model; so do `model.init_from: OUT_DIR` and `generate.py
 OUT_DIR` here. For a model over the full GPT-2 vocabulary it also gets the tokenizer files
 `GPT2Tokenizer` reads (`vocab.json` and `merges.txt` are GPT-2's `encoder.json` and
 `vocab.bpe`, the files this project tokenises with), so `pipeline("text-generation", OUT_DIR)`
-works as it is. A non-empty OUT_DIR is left alone unless `--overwrite` is given.
+works as it is. A chat run (`gpt.chat`) carries its template too: its four marker tokens (ids
+50257..50260) as added special tokens and a Jinja `chat_template` in `tokenizer_config.json`, so
+`tokenizer.apply_chat_template(messages, add_generation_prompt=True)` gives the ids chat.py feeds
+the model. A non-empty OUT_DIR is left alone unless `--overwrite` is given.
 """
 
 import json
@@ -14,19 +17,43 @@ import shutil
 import sys
 from pathlib import Path
 
-from gpt.checkpoint import load_model
+from gpt.checkpoint import checkpoint_path, load_checkpoint, load_model
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.hf_gpt2 import to_hf_config, to_hf_state_dict
 from gpt.model import GPTModel
-from gpt.tokenizer import EOT_ID, bpe_files
+from gpt.tokenizer import EOT_ID, EOT_TOKEN, bpe_files
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILES = {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"}  # theirs: ours
+TOKENIZER_CONFIG = "tokenizer_config.json"  # a chat run's: its template's tokens and chat_template
 
 
-def export_model(model: GPTModel, out_dir: Path) -> list[Path]:
-    """Write `model` to `out_dir` as a Hugging Face GPT-2 model; return the files written."""
+def chat_tokenizer_config(template: dict) -> dict:
+    """`tokenizer_config.json` for a chat run: the template's markers as added special tokens (their
+    ids follow GPT-2's 50,257, as here) and the template as a Jinja `chat_template`, so
+    `tokenizer.apply_chat_template` gives the ids `gpt.chat.render_prompt` gives (for content that
+    spells no marker: Hugging Face's tokenizer turns such text into the marker, ours keeps it text)."""
+    tokens = {EOT_TOKEN: EOT_ID, **template["tokens"]}
+    end = next(t for t in template["tokens"] if t == "<|end|>")
+    jinja = ("{{ '" + EOT_TOKEN + "' }}{% for message in messages %}{{ '<|' + message['role'] + '|>' + "
+             "message['content'] + '" + end + "' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}"
+             "{% endif %}")
+    return {
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": None, "add_prefix_space": False,
+        "bos_token": EOT_TOKEN, "eos_token": end, "unk_token": EOT_TOKEN, "pad_token": EOT_TOKEN,
+        "added_tokens_decoder": {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
+                                          "normalized": False, "single_word": False} for t, i in tokens.items()},
+        "chat_template": jinja, "gpt_chat_template": template,
+    }
+
+
+def export_model(model: GPTModel, out_dir: Path, chat_template: dict | None = None) -> list[Path]:
+    """Write `model` to `out_dir` as a Hugging Face GPT-2 model; return the files written.
+
+    A chat model (`chat_template` from its checkpoint) also gets `tokenizer_config.json` with the
+    template's tokens and a Jinja chat template (`chat_tokenizer_config`).
+    """
     try:
         from safetensors.torch import save_file
     except ImportError:
@@ -34,13 +61,20 @@ def export_model(model: GPTModel, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     written = [out_dir / CONFIG_FILE, out_dir / WEIGHTS_FILE]
-    written[0].write_text(json.dumps(to_hf_config(cfg), indent=2) + "\n", encoding="utf-8")
+    chat = chat_template is not None and cfg.vocab_size == EOT_ID + 1 + len(chat_template["tokens"])
+    hf_config = to_hf_config(cfg)
+    if chat:  # generation ends a reply at the end-of-turn token
+        hf_config["eos_token_id"] = chat_template["tokens"]["<|end|>"]
+    written[0].write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
     # metadata format=pt: transformers checks it to know the tensors are PyTorch's.
     save_file(to_hf_state_dict(model.state_dict(), cfg), str(written[1]), metadata={"format": "pt"})
-    if cfg.vocab_size == EOT_ID + 1:  # the GPT-2 BPE vocabulary: ship its tokenizer too
+    if cfg.vocab_size == EOT_ID + 1 or chat:  # the GPT-2 BPE vocabulary: ship its tokenizer too
         ours = dict(zip(("vocab.bpe", "encoder.json"), map(Path, bpe_files())))
         for theirs, name in TOKENIZER_FILES.items():
             written.append(Path(shutil.copyfile(ours[name], out_dir / theirs)))
+    if chat:
+        written.append(out_dir / TOKENIZER_CONFIG)
+        written[-1].write_text(json.dumps(chat_tokenizer_config(chat_template), indent=2) + "\n", encoding="utf-8")
     return written
 
 
@@ -52,8 +86,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool) -> lis
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise UserError(f"{out_dir} is not empty; choose a new folder or pass --overwrite")
     model, _ = load_model(run_dir, "cpu")
+    template = load_checkpoint(checkpoint_path(run_dir)).get("chat_template")
     try:
-        return export_model(model, out_dir)
+        return export_model(model, out_dir, template)
     except OSError as e:
         raise UserError(f"cannot write to {out_dir} ({e.strerror}); choose a folder you can write to") from None
 

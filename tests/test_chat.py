@@ -261,3 +261,20 @@ def test_evaluate_reports_loss_accuracy_and_ended_for_base_and_tuned(runs, capsy
         assert report[name]["reply_loss"] > 0 and report[name]["replies"] == 5
         assert 0 <= report[name]["accuracy"]["sum"] <= 1 and 0 <= report[name]["ended"] <= 1
     assert report["majority"]["sum"]["answer"].isdigit()
+
+
+@pytest.mark.slow
+def test_export_carries_the_template_and_its_tokens(runs, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from gpt.export import export_run
+    export_run(runs.tuned, tmp_path / "hf", overwrite=False)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tokenizer.apply_chat_template(MESSAGES[:4], tokenize=True, add_generation_prompt=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert ids == render_prompt(MESSAGES[:4])
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ours = chat.load_chat_model(str(runs.tuned), "cpu")[0]
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert (ours(x)[..., :CHAT_VOCAB_SIZE] - theirs(x).logits).abs().max() < 1e-4
+    assert theirs.config.eos_token_id == END_ID
