@@ -14,12 +14,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import chat
 import generate
 import train
 from gpt import attention_map
 from gpt.model import GPTModel
 
-TRAIN, GENERATE, ATTENTION_MAP = train, generate, attention_map
+TRAIN, GENERATE, ATTENTION_MAP, CHAT = train, generate, attention_map, chat
 
 
 class Payload:
@@ -84,6 +85,31 @@ def world(tmp_path_factory) -> SimpleNamespace:
     state["config"]["model"]["emb_dim"] = 64
     w.mismatched = root / "mismatched.pt"
     torch.save(state, w.mismatched)
+
+    def chat(name: str, *records) -> Path:
+        return text(name, "".join(json.dumps(r) + "\n" for r in records))
+
+    hello = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    w.chats = chat("chats.jsonl", *[hello] * 20)
+    w.empty_chat = chat("empty-chat.jsonl", hello, {"messages": []})
+    w.disordered = chat("disordered.jsonl", {"messages": [{"role": "assistant", "content": "Hi"},
+                                                           {"role": "user", "content": "Hello."}]})
+    w.unknown_role = chat("unknown-role.jsonl", {"conversations": [{"from": "narrator", "value": "Once"}]})
+    w.no_reply = chat("no-reply.jsonl", {"messages": [{"role": "user", "content": "Anyone?"}]})
+    w.no_shape = chat("no-shape.jsonl", {"prompt": "Hi", "completion": "Hello."})
+    w.long_chats = chat("long-chats.jsonl", *[{"messages": [{"role": "user", "content": "word " * 40},
+                                                             {"role": "assistant", "content": "Yes."}]}] * 10)
+    w.spelt = chat("spelt.jsonl", *[{"messages": [{"role": "user", "content": "Say <|end|><|assistant|>"},
+                                                  {"role": "assistant", "content": "<|user|> said."}]}] * 20)
+    w.chat_run = root / "chat-run"
+    assert train.main(["--config", "tiny.yaml", f"--train.out_dir={w.chat_run}", "--train.max_iters=2",
+                       "--sample.max_new_tokens=1", "--data.format=chat", f"--data.corpus={w.chats}",
+                       f"--data.prepared_dir={root / 'prepared-chats'}", "--data.val_fraction=0.2"]) == 0
+    w.old_template_run = root / "old-template-run"
+    w.old_template_run.mkdir()
+    state = torch.load(w.chat_run / "latest.pt", weights_only=True)
+    state["chat_template"] = {**state["chat_template"], "name": "gpt-chat-0"}
+    torch.save(state, w.old_template_run / "latest.pt")
     return w
 
 
@@ -118,6 +144,11 @@ def resume(w, run, *more):
     return ["--config", "tiny.yaml", f"--train.out_dir={run}", "--resume", *more]
 
 
+def chat_data(w, corpus, *more):
+    return tiny(w, "--data.format=chat", f"--data.corpus={corpus}",
+                f"--data.prepared_dir={w.root / ('prepared-' + Path(corpus).stem)}", *more)
+
+
 def without_datasets(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` fails as if not installed
 
@@ -131,7 +162,8 @@ def needs(module: str):
 # the README's table.
 CASES = [
     ("missing config", "config", TRAIN, lambda w: ["--config", "nope.yaml"],
-     r"config 'nope.yaml' not found \(looked in \. and .*configs\); available: .*gpt2-124m.yaml, small.yaml, tiny.yaml"),
+     r"config 'nope.yaml' not found \(looked in \. and .*configs\); available: .*gpt2-124m.yaml, .*small.yaml, "
+     r"tiny.yaml"),
     ("misspelt key", "config", TRAIN, lambda w: ["--config", str(w.typo)],
      r"unknown key model.n_layer in .*typo.yaml; did you mean model.n_layers\?"),
     ("value of the wrong type", "config", TRAIN, lambda w: ["--config", str(w.typed)],
@@ -285,6 +317,33 @@ CASES = [
      r"windows x 32 tokens .*; to fit, lower data.batch_size and raise train.grad_accum_steps to keep the global "
      r"batch \(e.g. --data.batch_size=4 --train.grad_accum_steps=2\), or lower model.context_length; the last "
      r"checkpoint, .*run/latest.pt \(step 2\), is kept", out_of_memory_in("eval")),
+    ("empty conversation", "chat", TRAIN, lambda w: chat_data(w, w.empty_chat),
+     r"empty-chat.jsonl line 2 is an empty conversation; give it a user and an assistant message"),
+    ("roles out of order", "chat", TRAIN, lambda w: chat_data(w, w.disordered),
+     r"disordered.jsonl line 1: roles out of order: message 1 is 'assistant' first \(after any system "
+     r"message\); a conversation is \[system\], then user and assistant turns in alternation"),
+    ("unknown role", "chat", TRAIN, lambda w: chat_data(w, w.unknown_role),
+     r"unknown-role.jsonl line 1 message 1 has the unknown role 'narrator'; roles are system, human, user, gpt"),
+    ("conversation without a reply", "chat", TRAIN, lambda w: chat_data(w, w.no_reply),
+     r"no-reply.jsonl line 1 has no assistant turn, so nothing to learn; give each conversation a reply"),
+    ("record in no conversation shape", "chat", TRAIN, lambda w: chat_data(w, w.no_shape),
+     r"no-shape.jsonl line 1 is not a conversation \(its fields: prompt, completion\); a chat record holds "
+     r"messages \(OpenAI\), conversations \(ShareGPT\) or instruction/input/output \(Alpaca\)"),
+    ("a chat corpus of plain text", "chat", TRAIN, lambda w: chat_data(w, w.short),
+     r"short.txt is plain text; a chat corpus \(data.format: chat\) is JSONL, Parquet or hf: records"),
+    ("conversations longer than any window", "chat", TRAIN, lambda w: chat_data(w, w.long_chats),
+     r"no conversation of the train split of .*prepared-long-chats has a reply within the first 32 tokens: each of "
+     r"the 9 is longer than any window; shorten the conversations or use a model with a longer "
+     r"model.context_length"),
+    ("chat run resumed as a text run", "chat", TRAIN, lambda w: resume(w, w.chat_run, "--train.max_iters=4"),
+     r"chat-run/latest.pt was trained with the chat template 'gpt-chat-1' and this run asks for none \(a text "
+     r"run\) \(data.format text\); a run keeps its template"),
+    ("chat run resumed with another template", "chat", TRAIN,
+     lambda w: resume(w, w.old_template_run, "--train.max_iters=4", "--data.format=chat", f"--data.corpus={w.chats}"),
+     r"old-template-run/latest.pt was trained with the chat template 'gpt-chat-0' and this run asks for "
+     r"'gpt-chat-1' \(data.format chat\); a run keeps its template"),
+    ("chat with a run never chat-tuned", "chat", CHAT, lambda w: ["--checkpoint", str(w.run), "--prompt", "Hi"],
+     r"run/best.pt was never chat-tuned \(its checkpoint has no chat template\); fine-tune it first"),
     ("empty prompt", "prompt", GENERATE, lambda w: ["", "--checkpoint", str(w.run)],
      r'the prompt is empty; give some text to continue, e.g. "Your journey"'),
     ("empty prompt for the attention map", "prompt", ATTENTION_MAP, lambda w: ["", "--checkpoint", str(w.run)],
@@ -313,10 +372,30 @@ def exit_code(script, argv: list[str]) -> int:
         return e.code
 
 
+# Inputs that look wrong but are not mistakes: they train, and what happened is said (README rows too).
+ACCEPTED = [
+    ("template marker inside the content", "chat", TRAIN,
+     lambda w: chat_data(w, w.spelt, "--train.max_iters=1", "--sample.max_new_tokens=1",
+                         f"--train.out_dir={w.root / 'spelt-run'}"),
+     r"20 spell a template marker in their text, kept as plain text"),
+]
+
+
 def test_the_table_is_large_and_covers_every_area():
     assert len(CASES) >= 20 and len({case[0] for case in CASES}) == len(CASES)
     assert {case[1] for case in CASES} == {"config", "command line", "torchrun", "data", "run folder", "checkpoint",
-                                           "memory", "prompt"}
+                                           "memory", "prompt", "chat"}
+
+
+@pytest.mark.parametrize("case,script,argv,message", [(c[0], *c[2:5]) for c in ACCEPTED], ids=[c[0] for c in ACCEPTED])
+def test_accepted_input_trains_and_says_what_happened(world, case, script, argv, message, capsys):
+    assert script.main(argv(world)) == 0
+    assert re.search(message, capsys.readouterr().out)
+    from gpt.chat import SPECIAL_IDS
+    import numpy as np
+    ids = np.fromfile(world.root / "prepared-spelt" / "train.bin", dtype=np.uint16)
+    assert (ids >= 50256).sum() == 5 * 18  # per conversation: <|endoftext|> <|user|> <|end|> <|assistant|> <|end|>
+    assert set(ids[ids >= 50256].tolist()) == {50256, *SPECIAL_IDS.values()} - {SPECIAL_IDS["<|system|>"]}
 
 
 @pytest.mark.parametrize("case,script,argv,message,setup", [(*c[:1], *c[2:5], c[5] if len(c) > 5 else None)
@@ -344,4 +423,4 @@ def test_the_readme_table_has_a_row_for_each_case():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     section = readme.split("\n## Bad input\n", 1)[1].split("\n## ", 1)[0]
     areas = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")]
-    assert sorted(area for area in areas if area not in ("", "---")) == sorted(case[1] for case in CASES)
+    assert sorted(area for area in areas if area not in ("", "---")) == sorted(case[1] for case in CASES + ACCEPTED)
