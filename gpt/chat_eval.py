@@ -29,7 +29,7 @@ from gpt.chat_data import VAL_RECORDS
 from gpt.errors import UserError
 from gpt.sampling import SampleConfig
 
-REPLIES = 150  # held-out conversations replied to (--replies)
+REPLIES = 100  # held-out conversations replied to (--replies)
 REPLY_LIMIT = 64  # tokens a reply may take (--max-new-tokens): the longest shakespeare-chat reply fits
 
 

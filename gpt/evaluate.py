@@ -178,34 +178,29 @@ def evaluate_chat(location: str, args, overrides: list[str], device: torch.devic
           f"{len(windows):,} held-out conversations of {data.val_corpus or data.corpus}; {len(records):,} "
           f"replied to (greedy, at most {args.max_new_tokens} tokens)", file=sys.stderr)
     precision = Precision(pick_dtype(config.train.dtype, device), device)
-    results, hidden = {}, {}
+    results = {}
     for name, (m, where) in models.items():
         loss = score(m, eval_loader(windows, data.batch_size, None), device, precision)
         answers = ask(m, records, args.max_new_tokens, device)
         results[name] = {"checkpoint": where, "reply_loss": loss.loss, "reply_tokens": loss.tokens,
-                         "accuracy": {t: answers.right[t] / n for t, n in answers.questions.items()},
-                         "questions": dict(answers.questions), "ended": answers.ended / max(answers.asked, 1),
-                         "replies": answers.asked, "skipped": answers.skipped}
-        hidden[name] = {"right": answers.right, "ended_replies": answers.ended}
+                         "right": dict(answers.right), "questions": dict(answers.questions),
+                         "ended": answers.ended, "replies": answers.asked, "skipped": answers.skipped}
+    questions, replies, skipped = (results["fine-tuned"][k] for k in ("questions", "replies", "skipped"))
     baseline = majority(records, train_answers)
-    questions = next(iter(results.values()))["questions"]
     if args.json:
-        print(json.dumps({"data": data.val_corpus or data.corpus, "max_new_tokens": args.max_new_tokens, **results,
-                          "majority": {t: {"answer": a, "accuracy": hits / questions[t] if questions.get(t) else None}
-                                       for t, (a, hits) in baseline.items()}}))
+        print(json.dumps({"data": data.val_corpus or data.corpus, "max_new_tokens": args.max_new_tokens,
+                          **results, "majority": {t: {"answer": a, "right": hits} for t, (a, hits) in baseline.items()}}))
         return
-    names, replies = list(results), results["fine-tuned"]["replies"]
-    results = {n: {**results[n], **hidden[n]} for n in names}
+    names = list(results)
     print(f"{'':34}" + "".join(f"{n:>12}" for n in names) + "   majority answer")
     print(f"{'loss on held-out replies (nats)':34}" + "".join(f"{results[n]['reply_loss']:>12.4f}" for n in names))
     for task, count in questions.items():
         answer, hits = baseline.get(task, ("-", 0))
         label = f"{task} accuracy ({count} questions)"
-        print(f"{label:34}" + "".join(f"{percent(results[n]['right'][task], count):>12}" for n in names)
+        print(f"{label:34}" + "".join(f"{percent(results[n]['right'].get(task, 0), count):>12}" for n in names)
               + f"   {percent(hits, count)} ({answer})")
     label = f"ended with <|end|> ({replies} replies)"
-    print(f"{label:34}" + "".join(f"{percent(results[n]['ended_replies'], replies):>12}" for n in names))
-    skipped = results["fine-tuned"]["skipped"]
+    print(f"{label:34}" + "".join(f"{percent(results[n]['ended'], replies):>12}" for n in names))
     if skipped:
         print(f"{skipped} held-out conversation(s) not asked: the system prompt leaves no room for a reply "
               f"in a context of {context}")

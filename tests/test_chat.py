@@ -259,7 +259,9 @@ def test_evaluate_reports_loss_accuracy_and_ended_for_base_and_tuned(runs, capsy
     report = json.loads(capsys.readouterr().out)
     for name in ("base", "fine-tuned"):
         assert report[name]["reply_loss"] > 0 and report[name]["replies"] == 5
-        assert 0 <= report[name]["accuracy"]["sum"] <= 1 and 0 <= report[name]["ended"] <= 1
+        assert report[name]["questions"] == {"sum": 5} and 0 <= report[name]["right"].get("sum", 0) <= 5
+        assert 0 <= report[name]["ended"] <= 5
+    assert report["base"]["reply_loss"] != report["fine-tuned"]["reply_loss"]  # two models, not one twice
     assert report["majority"]["sum"]["answer"].isdigit()
 
 
