@@ -8,6 +8,7 @@ reads them, so the training run that follows finds the files ready.
 
 import sys
 
+from gpt.chat_data import prepare_chat
 from gpt.config import load_config
 from gpt.data import check_max_tokens, prepare
 from gpt.errors import ArgumentParser, UserError, run_cli
@@ -25,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise UserError(f"unknown option {bad[0]}; use --config FILE and --section.key=value overrides")
         cfg = load_config(args.config, overrides)
+        if cfg.data.format == "chat":  # conversations: token, mask and offset files (gpt.chat_data)
+            print(f"token files ready in {prepare_chat(cfg.data)}")
+            return
         check_max_tokens(cfg.data, cfg.model.context_length + 1)
         print(f"token files ready in {prepare(cfg.data)}")
 

@@ -280,3 +280,26 @@ def test_export_carries_the_template_and_its_tokens(runs, tmp_path):
     with torch.no_grad():
         assert (ours(x)[..., :CHAT_VOCAB_SIZE] - theirs(x).logits).abs().max() < 1e-4
     assert theirs.config.eos_token_id == END_ID
+
+
+@pytest.mark.parametrize("kind", ["parquet", "hf"])
+def test_conversations_come_from_parquet_and_hugging_face_datasets(kind, tmp_path):
+    records = [{"conversations": [{"from": "human", "value": f"Say {i}."}, {"from": "gpt", "value": str(i)}]}
+               for i in range(10)]
+    if kind == "parquet":
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+        pq.write_table(pa.Table.from_pylist(records), tmp_path / "chats.parquet")
+        corpus = str(tmp_path / "chats.parquet")
+    else:
+        pytest.importorskip("datasets")
+        folder = tmp_path / "dataset"
+        folder.mkdir()
+        write_jsonl(folder / "train.jsonl", records)
+        corpus = f"hf:{folder}"
+    prepared = prepare_chat(DataConfig(format="chat", corpus=corpus, prepared_dir=str(tmp_path / "p"),
+                                       val_fraction=0.2))
+    windows = ChatWindows(prepared, "train", 32)
+    assert len(windows) == 8 and len(ChatWindows(prepared, "val", 32)) == 2
+    ids, _ = render(conversation_from_record(records[0], "x"))
+    assert windows[0][0][:len(ids)].tolist() == ids
