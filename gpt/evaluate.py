@@ -174,10 +174,14 @@ def evaluate_chat(location: str, args, overrides: list[str], device: torch.devic
             models = {"base": (build_model(config.model).to(device).eval(), config.model.init_from), **models}
         except UserError as e:
             base_note = f"no base figures: {e}"
+    if args.dtype == "comparable":  # as for text: float32 on a CPU, the run's autocast on a GPU
+        precision = Precision(comparable_dtype(pick_dtype(config.train.dtype, device), device), device)
+    else:
+        precision = Precision(pick_dtype(args.dtype, device), device)
     print(f"scoring {', '.join(f'{name} {where}' for name, (_, where) in models.items())} on the "
           f"{len(windows):,} held-out conversations of {data.val_corpus or data.corpus}; {len(records):,} "
-          f"replied to (greedy, at most {args.max_new_tokens} tokens)", file=sys.stderr)
-    precision = Precision(pick_dtype(config.train.dtype, device), device)
+          f"replied to (greedy, at most {args.max_new_tokens} tokens); losses in {dtype_name(precision.dtype)}",
+          file=sys.stderr)
     results = {}
     for name, (m, where) in models.items():
         loss = score(m, eval_loader(windows, data.batch_size, None), device, precision)
