@@ -230,6 +230,11 @@ def test_greedy_chat_reply_equals_generate(runs):
     expected = generate(model, prompt, 6, temperature=0.0, eos_id=END_ID)[0, prompt.shape[1]:].tolist()
     cut = expected.index(END_ID) + 1 if END_ID in expected else len(expected)
     assert ids == [t for t in expected[:cut]] and ended == (END_ID in expected)
+    pieces = []  # streamed: the text arrives token by token, before the reply is returned
+    text, _, _ = reply(model, history, cfg, torch.device("cpu"), write=pieces.append)
+    assert "".join(pieces) == text
+    if text.isascii():  # one piece per token (a character split over tokens waits for its end)
+        assert len(pieces) == len([t for t in ids if t < EOT_ID])
 
 
 @pytest.mark.slow
