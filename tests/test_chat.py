@@ -308,3 +308,14 @@ def test_conversations_come_from_parquet_and_hugging_face_datasets(kind, tmp_pat
     assert len(windows) == 8 and len(ChatWindows(prepared, "val", 32)) == 2
     ids, _ = render(conversation_from_record(records[0], "x"))
     assert windows[0][0][:len(ids)].tolist() == ids
+
+
+def test_a_run_with_another_template_or_none_is_refused():
+    from gpt.chat import check_template
+    check_template(dict(TEMPLATE), "run")  # this version's: accepted
+    with pytest.raises(UserError, match="template 'gpt-chat-0' and this version uses 'gpt-chat-1'"):
+        check_template({**TEMPLATE, "name": "gpt-chat-0"}, "run")
+    with pytest.raises(UserError, match="template 'gpt-chat-1' and this version uses"):
+        check_template({**TEMPLATE, "tokens": {**TEMPLATE["tokens"], "<|end|>": 50261}}, "run")  # same name, edited
+    with pytest.raises(UserError, match="never chat-tuned"):
+        check_template(None, "run")
