@@ -36,6 +36,8 @@ from gpt.attention import ATTENTION_IMPLS, CausalAttention, LayerKVCache, Static
 
 
 
+IGNORE_INDEX = -100  # a target the loss skips: F.cross_entropy's default ignore_index, written out
+
 @dataclass
 class ModelConfig:
     """Architecture of the model; the names follow "LLMs from scratch"."""
@@ -198,4 +200,6 @@ class GPTModel(nn.Module):
         if targets is None:
             return logits
         # In float32 (as autocast would): inside torch.compile the upcast fuses into the loss kernels.
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
+        # A target of IGNORE_INDEX (a chat window's prompt and padding: gpt.chat) counts nowhere
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction,
+                               ignore_index=IGNORE_INDEX)

@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from gpt.distributed import SINGLE, Distributed
 from gpt.errors import UserError
+from gpt.model import IGNORE_INDEX
 from gpt.optim import OPTIMIZERS, build_optimizer, set_learning_rate, steps_unless
 from gpt.precision import DTYPES, Precision, pick_dtype
 
@@ -165,7 +166,6 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
-IGNORE_INDEX = -100  # a target the loss skips (a chat window's prompt and padding: gpt.chat.IGNORE)
 
 
 def calc_loss_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
