@@ -62,6 +62,7 @@ def test_bench_prints_the_settings_to_match_and_a_command_that_repeats_them(caps
     assert load_config("tiny.yaml", repeat[5:]) == load_config("tiny.yaml", argv[2:])  # the same run
 
 
+@pytest.mark.slow
 def test_memory_bench_measures_less_with_activation_checkpointing(capsys):
     """Each setting in its own process; at a size where the blocks' activations outweigh the
     logits (a 256-token vocabulary, context 256, 8 layers), checkpointing must cut training's peak

@@ -130,6 +130,7 @@ def layout(processes: int, batch: int, accum: int) -> list[str]:
     return [f"--data.batch_size={batch}", f"--train.grad_accum_steps={accum}", f"--train.eval_iters={4 // batch}"]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_within_bf16_s_noise(bf16_args, tmp_path):
     """2 processes against 1 (4 micro-batches of 2 windows a step), bounded by 1 process taking the
     same windows in 2 micro-batches of 4: the same run with only its reduction order changed."""
@@ -148,6 +149,7 @@ def test_two_processes_train_like_one_within_bf16_s_noise(bf16_args, tmp_path):
     assert np.abs(two - one).max() < FLOORS * max(loss_floor, 1e-3)  # the losses are printed rounded to bf16's
 
 
+@pytest.mark.slow
 def test_a_checkpoint_resumes_exactly_and_the_whole_val_figure_is_float32(bf16_args, tmp_path, capsys):
     """Stopped at step 3 and resumed, a bf16 run ends with the very weights of one that never stopped;
     its final whole-val figure is computed in float32, and gpt.evaluate gives the same figure, or

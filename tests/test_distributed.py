@@ -256,6 +256,7 @@ def one_process(run_args, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 def test_two_processes_train_exactly_like_one(run_args, one_process, tmp_path, optimizer):
     args = [*run_args, f"--train.max_iters={STEPS}", f"--train.optimizer={optimizer}"]
@@ -287,6 +288,7 @@ def test_two_processes_train_exactly_like_one(run_args, one_process, tmp_path, o
     assert sample.returncode == 0 and sample.stdout.startswith("Line 3"), sample.stderr
 
 
+@pytest.mark.slow
 def test_four_processes_sharing_micro_batches_train_exactly_like_one(run_args, one_process, tmp_path):
     """2 micro-batches of 4 windows a step among 4 processes: 2 groups of 2, each process taking 2
     windows of one micro-batch. The same 8 windows a step as the single process's 4 micro-batches
@@ -304,6 +306,7 @@ def test_four_processes_sharing_micro_batches_train_exactly_like_one(run_args, o
     assert largest_difference(out, one_process, same_batches=False) < TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
 def test_a_run_resumes_with_another_number_of_processes(run_args, one_process, tmp_path, first, then):
     args = [*run_args, f"--train.out_dir={tmp_path}"]
@@ -331,6 +334,7 @@ def test_ctrl_c_stops_every_process_at_one_step_and_saves(run_args, one_process,
     assert resume[:2] == ["torchrun", "--nproc_per_node=2"] and resume[-1] == "--resume"
 
 
+@pytest.mark.slow
 def test_two_processes_with_dropout_resume_bit_identical(run_args, tmp_path):
     """Each process's dropout RNG is saved (rank 0 gathers them) and given back to it on resume."""
     args = [*run_args, "--model.drop_rate=0.1"]

@@ -103,6 +103,7 @@ def assert_same_run(reference: dict, latest: Path) -> None:
     assert resumed["val_loss"] == reference["val_loss"]
 
 
+@pytest.mark.slow
 @pytest.mark.precision  # exact in either of auto's precisions
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 def test_run_killed_with_sigkill_resumes_bit_identical(run_args, references, tmp_path, optimizer):
@@ -138,6 +139,7 @@ def stop_with(sig: int, proc: subprocess.Popen, out: Path) -> list[str]:
     return command[2:]
 
 
+@pytest.mark.slow
 def test_sigterm_then_sigint_each_save_print_the_command_and_it_resumes_exactly(run_args, references, tmp_path):
     out = tmp_path / "run"
     proc = train_process([*run_args, f"--train.out_dir={out}", "--overwrite"], tmp_path)

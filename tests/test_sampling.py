@@ -192,7 +192,8 @@ def test_a_decoding_step_that_fails_to_compile_warns_and_samples_uncompiled(tiny
         raise RuntimeError("no compiler here")
     with pytest.warns(UserWarning, match="compiled decoding step failed .no compiler here") as caught:
         tokens = generate(model, prompt, 8, temperature=0, static_cache=True, step=broken)
-    assert len(caught) == 1  # once, not at every token
+    # once, not at every token (torch may warn of other things the first time it compiles)
+    assert len([w for w in caught if "compiled decoding step failed" in str(w.message)]) == 1
     assert torch.equal(tokens, generate(model, prompt, 8, temperature=0, kv_cache=False))
     with pytest.raises(ValueError, match="needs the static KV cache"):
         generate(model, prompt, 2, step=broken)
