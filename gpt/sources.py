@@ -397,32 +397,9 @@ def _record_text(line: bytes, field: str, where: str) -> str:
     return _checked_text(record[field], field, f"{where}:")
 
 
-def jsonl_blocks(path: Path, field: str) -> Iterator[Block]:
-    """Each line of a JSONL (or .jsonl.gz) file as a document; blank lines are skipped."""
-    compressed = path.name.lower().endswith(".gz")
-    try:
-        raw = open(path, "rb")
-    except OSError as e:
-        raise _cannot_read(path, e) from None
-    with raw, (gzip.open(raw, "rb") if compressed else raw) as lines:
-        done, number = 0, 0
-        while True:
-            try:
-                line = lines.readline()
-            except (OSError, EOFError, zlib.error) as e:  # not gzip, truncated, or a read error
-                raise _cannot_read(path, e) from None
-            if not line:
-                return
-            number += 1
-            if line.strip():
-                text = _record_text(line, field, f"{path} line {number}")
-                position = raw.tell()  # compressed bytes for .gz: what the progress total counts
-                yield Block(text, True, position - done)
-                done = position
-
-
-def jsonl_records(path: Path) -> Iterator[tuple[dict, str]]:
-    """Each non-blank line of a JSONL (or .jsonl.gz) file as a JSON object, with its place."""
+def jsonl_lines(path: Path) -> Iterator[tuple[int, bytes, int]]:
+    """(line number, line, bytes read of the file so far) for each non-blank line of a JSONL (or
+    .jsonl.gz) file; for .gz the bytes are compressed ones, what the progress total counts."""
     compressed = path.name.lower().endswith(".gz")
     try:
         raw = open(path, "rb")
@@ -433,14 +410,28 @@ def jsonl_records(path: Path) -> Iterator[tuple[dict, str]]:
         while True:
             try:
                 line = lines.readline()
-            except (OSError, EOFError, zlib.error) as e:
+            except (OSError, EOFError, zlib.error) as e:  # not gzip, truncated, or a read error
                 raise _cannot_read(path, e) from None
             if not line:
                 return
             number += 1
             if line.strip():
-                where = f"{path} line {number}"
-                yield _record(line, where, "messages"), where
+                yield number, line, raw.tell()
+
+
+def jsonl_blocks(path: Path, field: str) -> Iterator[Block]:
+    """Each line of a JSONL (or .jsonl.gz) file as a document; blank lines are skipped."""
+    done = 0
+    for number, line, position in jsonl_lines(path):
+        yield Block(_record_text(line, field, f"{path} line {number}"), True, position - done)
+        done = position
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[dict, str]]:
+    """Each non-blank line of a JSONL (or .jsonl.gz) file as a JSON object, with its place."""
+    for number, line, _ in jsonl_lines(path):
+        where = f"{path} line {number}"
+        yield _record(line, where, "messages"), where
 
 
 def parquet_records(path: Path) -> Iterator[tuple[dict, str]]:
