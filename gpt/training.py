@@ -166,8 +166,6 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
-
-
 def calc_loss_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of one (B, T) batch, computed by the model (inside its compiled graph),
     over the targets that are not IGNORE_INDEX."""
