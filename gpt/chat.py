@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gpt.checkpoint import checkpoint_path, load_checkpoint, load_weights
-from gpt.config import Config, config_from_dict
+from gpt.checkpoint import checkpoint_path, load_checkpoint, model_from_state
+from gpt.config import Config
 from gpt.errors import UserError
 from gpt.model import GPTModel, ModelConfig
 from gpt.pretrained import is_pretrained_source
@@ -214,12 +214,13 @@ def load_chat_model(location: str, device: torch.device) -> tuple[GPTModel, Conf
     if is_pretrained_source(location):
         check_template(None, location)
     path = checkpoint_path(location)
-    state = load_checkpoint(path)
+    return (*chat_model_from_state(load_checkpoint(path), path, device), path)
+
+
+def chat_model_from_state(state: dict, path: Path, device: torch.device) -> tuple[GPTModel, Config]:
+    """The model and config of a checkpoint already read from `path`, if it was tuned with this template."""
     check_template(state.get("chat_template"), path)
-    config = config_from_dict(state["config"], source=str(path))
-    model = GPTModel(config.model)
-    load_weights(model, state["model"], path)
-    return model.to(device).eval(), config, path
+    return model_from_state(state, path, device)
 
 
 # --------------------------------------------------------------------------- replies

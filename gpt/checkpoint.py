@@ -129,7 +129,12 @@ def load_weights(model: torch.nn.Module, weights: dict, path: Path) -> None:
 def load_model(location: str | Path, device: str | torch.device = "cpu") -> tuple[GPTModel, Config]:
     """The trained model (in eval mode, on `device`) and its config, from a run dir or file."""
     path = checkpoint_path(location)
-    state = load_checkpoint(path)  # on the CPU: the optimizer state need not reach the device
+    # read on the CPU: the optimizer state need not reach the device
+    return model_from_state(load_checkpoint(path), path, device)
+
+
+def model_from_state(state: dict, path: Path, device: str | torch.device = "cpu") -> tuple[GPTModel, Config]:
+    """The model (in eval mode, on `device`) and config of a checkpoint already read from `path`."""
     config = config_from_dict(state["config"], source=str(path))
     model = GPTModel(config.model)
     load_weights(model, state["model"], path)

@@ -29,23 +29,24 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from gpt.chat import load_chat_model
+from gpt.chat import chat_model_from_state
 from gpt.chat_data import load_chat_split, prepare_chat, read_meta
 from gpt.chat_eval import REPLIES, REPLY_LIMIT, ask, held_out, majority, percent
-from gpt.checkpoint import checkpoint_path, load_checkpoint, load_model
+from gpt.checkpoint import checkpoint_path, load_checkpoint, model_from_state
 from gpt.config import build_config, parse_overrides
 from gpt.data import DataConfig, TokenWindows, eval_loader, load_split, prepare, prepare_whole
 from gpt.distributed import SINGLE, Distributed
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.model import GPTModel, ModelConfig
 from gpt.pretrained import DEFAULT_RUN_CONFIG, build_model, default_checkpoint, is_pretrained_source, resolve_model_config
-from gpt.precision import DTYPES, Precision, comparable_dtype, dtype_name, pick_dtype
+from gpt.precision import DTYPES, Precision, dtype_name, scoring_dtype
 from gpt.tokenizer import token_byte_lengths
 from gpt.training import IGNORE_INDEX, pick_device, setup_device, to_device
 
@@ -132,13 +133,15 @@ def data_config(base: DataConfig, overrides: list[str], source: str) -> tuple[Da
     return cfg, set(values.get("data", {}))
 
 
-def load_scored_model(location: str, device: torch.device) -> tuple[GPTModel, DataConfig | None, str, str]:
-    """(model in eval mode, the run's data config or None for GPT-2's weights, its train.dtype, what it is)."""
-    if is_pretrained_source(location):
+def load_scored_model(location: str, state: dict | None, device: torch.device
+                      ) -> tuple[GPTModel, DataConfig | None, str, str]:
+    """(model in eval mode, the run's data config or None for GPT-2's weights, its train.dtype, what it is);
+    `state` is the run's checkpoint, already read, or None for GPT-2's weights."""
+    if state is None:
         cfg = resolve_model_config(ModelConfig(init_from=location), given=())
         return build_model(cfg).to(device).eval(), None, "auto", location
     path = checkpoint_path(location)
-    model, config = load_model(path, device)
+    model, config = model_from_state(state, path, device)
     return model, config.data, config.train.dtype, str(path)
 
 
@@ -152,12 +155,12 @@ def scored_windows(data: DataConfig, given: set[str], corpus: str | None, contex
     return windows, f"the val split of {data.val_corpus or data.corpus}"
 
 
-def evaluate_chat(location: str, args, overrides: list[str], device: torch.device) -> None:
-    """Part of `main` for a chat run: loss on held-out replies, accuracy and ended replies, for the run
-    and for its base (`gpt.chat_eval`)."""
+def evaluate_chat(state: dict, path: Path, args, overrides: list[str], device: torch.device) -> None:
+    """Part of `main` for a chat run (its checkpoint `state`, read from `path`): loss on held-out replies,
+    accuracy and ended replies, for the run and for its base (`gpt.chat_eval`)."""
     if args.corpus:
         raise UserError("--corpus scores text; a chat run is scored on its held-out conversations: leave it out")
-    model, config, path = load_chat_model(location, device)
+    model, config = chat_model_from_state(state, path, device)
     data, _ = data_config(config.data, overrides, str(path))
     context = model.cfg.context_length
     with contextlib.redirect_stdout(sys.stderr):
@@ -174,10 +177,7 @@ def evaluate_chat(location: str, args, overrides: list[str], device: torch.devic
             models = {"base": (build_model(config.model).to(device).eval(), config.model.init_from), **models}
         except UserError as e:
             base_note = f"no base figures: {e}"
-    if args.dtype == "comparable":  # as for text: float32 on a CPU, the run's autocast on a GPU
-        precision = Precision(comparable_dtype(pick_dtype(config.train.dtype, device), device), device)
-    else:
-        precision = Precision(pick_dtype(args.dtype, device), device)
+    precision = Precision(scoring_dtype(args.dtype, config.train.dtype, device), device)  # as for text
     print(f"scoring {', '.join(f'{name} {where}' for name, (_, where) in models.items())} on the "
           f"{len(windows):,} held-out conversations of {data.val_corpus or data.corpus}; {len(records):,} "
           f"replied to (greedy, at most {args.max_new_tokens} tokens); losses in {dtype_name(precision.dtype)}",
@@ -238,18 +238,16 @@ def main(argv: list[str] | None = None) -> int:
         location = args.checkpoint or default_checkpoint()
         if is_pretrained_source(location) and not args.corpus:
             raise UserError(f"{location} is not a run, so it has no val split; give --corpus SOURCE to score")
-        if not is_pretrained_source(location) and load_checkpoint(checkpoint_path(location)).get("chat_template"):
-            return evaluate_chat(location, args, overrides, device)
-        model, run_data, dtype, source = load_scored_model(location, device)
+        state = None if is_pretrained_source(location) else load_checkpoint(checkpoint_path(location))
+        if state is not None and state.get("chat_template"):
+            return evaluate_chat(state, checkpoint_path(location), args, overrides, device)
+        model, run_data, dtype, source = load_scored_model(location, state, device)
         data, given = data_config(run_data or DataConfig(), overrides, source if run_data else "the defaults")
         context = model.cfg.context_length
         with contextlib.redirect_stdout(sys.stderr):  # what preparation says: stdout is for the figures
             windows, what = scored_windows(data, given, args.corpus, context)
         print(f"scoring {source} on {what}", file=sys.stderr)
-        if args.dtype == "comparable":
-            precision = Precision(comparable_dtype(pick_dtype(dtype, device), device), device)
-        else:
-            precision = Precision(pick_dtype(args.dtype, device), device)
+        precision = Precision(scoring_dtype(args.dtype, dtype, device), device)
         result = score(model, eval_loader(windows, data.batch_size, None), device, precision)
         if args.json:
             print(json.dumps({"checkpoint": source, "data": what, **asdict(result), "loss": result.loss,

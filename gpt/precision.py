@@ -76,6 +76,13 @@ def comparable_dtype(training_dtype: torch.dtype, device: torch.device) -> torch
     return torch.float32 if device.type == "cpu" else training_dtype
 
 
+def scoring_dtype(choice: str, run_dtype: str, device: torch.device) -> torch.dtype:
+    """What to score a run in: `comparable` (its `comparable_dtype`) or a named dtype."""
+    if choice == "comparable":
+        return comparable_dtype(pick_dtype(run_dtype, device), device)
+    return pick_dtype(choice, device)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """'float32', 'bfloat16' or 'float16': how the config and the printed figures name it."""
     return str(dtype).removeprefix("torch.")
