@@ -2,9 +2,9 @@
 
 Interactive by default: each line you type is a user turn, and the reply streams as it is
 sampled. The history goes back into every prompt, cropped from its oldest turns (the system
-prompt kept) to fit the context (`gpt.chat.crop_history`). Ctrl-D or Ctrl-C ends it. With
+prompt kept) to fit the context (`gpt.chat.template.crop_history`). Ctrl-D or Ctrl-C ends it. With
 `--prompt`, it prints one reply and exits (for scripts). A run that was never chat-tuned is
-refused in one line (`gpt.chat.check_template`).
+refused in one line (`gpt.chat.template.check_template`).
 """
 
 import argparse
@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from gpt.chat import load_chat_model, reply
+from gpt.chat.template import load_chat_model, reply
 from gpt.config import load_config
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.sampling import add_sample_options, sample_config

@@ -4,7 +4,7 @@ import argparse
 import sys
 
 from gpt.errors import ArgumentParser, UserError, run_cli
-from gpt.pretrained import DEFAULT_RUN_CONFIG, default_checkpoint, load_for_sampling
+from gpt.gpt2.pretrained import DEFAULT_RUN_CONFIG, default_checkpoint, load_for_sampling
 from gpt.sampling import add_sample_options, print_samples, sample_config
 from gpt.training import pick_device
 

@@ -13,23 +13,23 @@ from pathlib import Path
 
 import torch
 
-from gpt.chat import TEMPLATE, chat_model_config, check_resumed_template, reply
-from gpt.chat_data import load_chat_split, prepare_chat
+from gpt.chat.template import TEMPLATE, chat_model_config, check_resumed_template, reply
+from gpt.chat.data import load_chat_split, prepare_chat
 from gpt.checkpoint import BEST_NAME, LATEST_NAME, load_checkpoint, run_checkpoints, save_checkpoint
 from gpt.config import Config, load_config
 from gpt.data import TrainBatches, check_max_tokens, eval_loader, load_split, prepare
 from gpt.distributed import Distributed, environment_place, environment_rank, launched_by_torchrun, start
 from gpt.errors import ArgumentParser, UserError, run_cli
-from gpt.evaluate import describe, score
+from gpt.tools.evaluate import describe, score
 from gpt.model import GPTModel
 from gpt.resume import (
     StopRequest, best_checkpoint, check_resumable, checkpoint_to_resume, rank_seed, restore_training,
     rng_state, seed_everything, training_checkpoint,
 )
 from gpt.metrics import RunLog
-from gpt.plot import plot_after_training
+from gpt.tools.plot import plot_after_training
 from gpt.precision import CPU_BF16_VARIABLE, Precision, comparable_dtype, dtype_name, pick_dtype
-from gpt.pretrained import build_model, resolve_model_config
+from gpt.gpt2.pretrained import build_model, resolve_model_config
 from gpt.sampling import print_samples
 from gpt.training import NonFiniteLoss, OutOfMemory, TrainState, out_of_memory_named, pick_device, setup_device, train
 
@@ -57,7 +57,7 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
     # resolved first, so a resume compares the architecture it will really build.
     cfg.model = resolve_model_config(cfg.model, cfg.given_keys.get("model", ()))
     chat = cfg.data.format == "chat"
-    if chat:  # the template's markers are token ids of their own (gpt.chat)
+    if chat:  # the template's markers are token ids of their own (gpt.chat.template)
         cfg.model = chat_model_config(cfg.model)
     template = {"chat_template": TEMPLATE} if chat else {}  # what the checkpoints record
     out_dir = Path(cfg.train.out_dir)
@@ -66,7 +66,7 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
     setup_device(device)
     seed_everything(cfg.train.seed)
     context = cfg.model.context_length
-    if chat:  # one conversation per window, the loss on the replies only (gpt.chat_data)
+    if chat:  # one conversation per window, the loss on the replies only (gpt.chat.data)
         prepared = dist.in_turn(lambda: prepare_chat(cfg.data))
         train_set, val_set = (load_chat_split(prepared, split, context) for split in ("train", "val"))
         for split, windows in (("train", train_set), ("val", val_set)):

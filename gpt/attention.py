@@ -18,7 +18,7 @@ Design choices:
   picks a fused kernel (flash / memory-efficient attention) and never materialises the
   (T, T) score matrix. Tests check the two agree in outputs and gradients.
 - The explicit weights are computed in one place, `_masked_softmax`, which the explicit
-  forward pass and `attention_weights` (for looking at them: `python -m gpt.attention_map`)
+  forward pass and `attention_weights` (for looking at them: `python -m gpt attention-map`)
   both call, so the weights one sees are the ones the explicit path uses, whichever path the
   model runs with. The sdpa path never computes them.
 - A `KVCache` lets sampling feed one new token at a time: the keys and values of earlier

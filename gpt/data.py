@@ -1,8 +1,8 @@
 """Text -> GPT-2 tokens on disk -> sliding-window batches.
 
-Preparation runs once per corpus: the documents of `data.corpus` (`gpt.sources`: text, JSONL,
+Preparation runs once per corpus: the documents of `data.corpus` (`gpt.corpus.sources`: text, JSONL,
 Parquet, folders of them, Hugging Face datasets, or the built-in Shakespeare) are tokenised
-with the GPT-2 BPE on every core (`gpt.encode`), joined with `<|endoftext|>`, and split (the
+with the GPT-2 BPE on every core (`gpt.corpus.encode`), joined with `<|endoftext|>`, and split (the
 last `val_fraction` of tokens is validation, unless `val_corpus` names a validation source of
 its own) into `train.bin` and `val.bin`, raw uint16 arrays (every GPT-2 id fits in 16 bits),
 beside a `meta.json` that records what they were made from. A later run whose sources and
@@ -20,7 +20,7 @@ tokens starting at `i * stride`, and its target is the same window shifted one t
 `stride == max_length` gives non-overlapping windows; a smaller stride overlaps them (more,
 correlated, samples); a larger one skips tokens.
 
-The built-in corpus is Shakespeare's plays (`gpt.sources.shakespeare_documents`).
+The built-in corpus is Shakespeare's plays (`gpt.corpus.sources.shakespeare_documents`).
 """
 
 import contextlib
@@ -37,10 +37,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from gpt.downloads import DATA_DIR
-from gpt.encode import encode_documents
+from gpt.corpus.downloads import DATA_DIR
+from gpt.corpus.encode import encode_documents
 from gpt.errors import UserError
-from gpt.sources import SHAKESPEARE, ShakespeareSource, Source, open_source
+from gpt.corpus.shakespeare_chat import ShakespeareChatSource
+from gpt.corpus.sources import (HF_PREFIX, SHAKESPEARE, SHAKESPEARE_CHAT, FileSource, HFSource, ShakespeareSource,
+                                Source)
 
 FORMATS = ("text", "chat")
 COPY_BYTES = 1 << 20  # moving the val tail of a token file, 1 MiB at a time
@@ -50,7 +52,7 @@ COPY_BYTES = 1 << 20  # moving the val tail of a token file, 1 MiB at a time
 class DataConfig:
     """Which corpus to train on, how to prepare it and how to batch it."""
 
-    format: str = "text"  # text (documents to continue) or chat (conversations: gpt/chat.py, gpt/chat_data.py)
+    format: str = "text"  # text (documents to continue) or chat (conversations: gpt/chat/template.py, gpt/chat/data.py)
     corpus: str = SHAKESPEARE  # "shakespeare", "shakespeare-chat" (format: chat), a .txt/.md/.jsonl/.jsonl.gz/.parquet file, a folder of them, or hf:NAME[:CONFIG]
     val_corpus: str | None = None  # a validation source of its own (any kind above), used whole; None: val_fraction of corpus
     text_field: str = "text"  # the field (JSONL, hf:) or column (Parquet) that holds each record's text
@@ -84,8 +86,19 @@ class DataConfig:
 # --------------------------------------------------------------------------- preparation
 
 def open_corpus(spec: str, cfg: DataConfig, option: str = "data.corpus") -> Source:
-    """The source `spec` names ('shakespeare', a path or hf:...), read with `cfg`'s settings."""
-    return open_source(spec, cfg.text_field, cfg.hf_split, option)
+    """The source `spec` names ('shakespeare', a path or hf:NAME[:CONFIG]), read with `cfg`'s settings;
+    `option` is where it was given."""
+    if spec == SHAKESPEARE:
+        return ShakespeareSource()
+    if spec == SHAKESPEARE_CHAT:
+        return ShakespeareChatSource()
+    if spec.startswith(HF_PREFIX):
+        return HFSource(spec, cfg.text_field, cfg.hf_split, option)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"{option} {spec!r} does not exist; give a text, JSONL or Parquet file, a folder "
+                        "of them, hf:NAME for a Hugging Face dataset, or 'shakespeare'")
+    return FileSource(path, cfg.text_field, spec)
 
 
 def default_num_proc() -> int:

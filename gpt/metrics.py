@@ -1,7 +1,7 @@
 """What a run records at each evaluation: `metrics.csv` in its folder, and TensorBoard if asked.
 
 One row per evaluation: step, tokens seen, train and val loss, learning rate and tokens/s.
-CSV because everything reads it (a spreadsheet, pandas, `python -m gpt.plot`), and because a
+CSV because everything reads it (a spreadsheet, pandas, `python -m gpt plot`), and because a
 row is appended and flushed at once: a crash loses at most the row being written. A fresh run
 starts the file again; rows are only ever appended, so a resumed run can carry it on.
 

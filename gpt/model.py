@@ -51,7 +51,7 @@ class ModelConfig:
     qkv_bias: bool = False
     vocab_pad_multiple: int = 64  # embedding rows rounded up to a multiple of this; 1 = none
     attn_impl: str = "sdpa"  # sdpa (fused kernel) or explicit (the notebook's math); same weights
-    init_from: str = "scratch"  # or gpt2[-medium/-large/-xl], or a path to HF weights: gpt/pretrained.py
+    init_from: str = "scratch"  # or gpt2[-medium/-large/-xl], or a path to HF weights: gpt/gpt2/pretrained.py
 
     @property
     def padded_vocab_size(self) -> int:
@@ -200,6 +200,6 @@ class GPTModel(nn.Module):
         if targets is None:
             return logits
         # In float32 (as autocast would): inside torch.compile the upcast fuses into the loss kernels.
-        # A target of IGNORE_INDEX (a chat window's prompt and padding: gpt.chat) counts nowhere
+        # A target of IGNORE_INDEX (a chat window's prompt and padding: gpt.chat.template) counts nowhere
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction,
                                ignore_index=IGNORE_INDEX)

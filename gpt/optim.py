@@ -31,20 +31,13 @@ guard avoids a host sync.
 both follow the same curve.
 """
 
-from __future__ import annotations
-
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from gpt.config import TrainConfig
 from gpt.precision import bf16_is_fast, pick_dtype
-
-if TYPE_CHECKING:
-    from gpt.training import TrainConfig
-
-OPTIMIZERS = ("adamw", "muon")
 
 
 # --------------------------------------------------------------------------- Muon

@@ -14,10 +14,10 @@ CPU as if it had native bf16, `0` as if it had not. The test suite uses it to ru
 `auto`'s choices on any machine (`.ci/run` runs the precision tests again under the other one).
 
 The comparable figure: the same weights score 12.0992 in bf16 and 12.0972 in float32, a
-difference larger than many a real improvement. So `gpt.evaluate` and the final whole-val loss of
+difference larger than many a real improvement. So `gpt.tools.evaluate` and the final whole-val loss of
 `train.py` run in float32 on every CPU, native bf16 or not (`comparable_dtype`), and say which
 precision they ran in. On a GPU they keep the training's autocast (bf16): GPU runs are compared
-with GPU runs, and a GPU-size val split is large. `gpt.evaluate --dtype float32` gives the float32
+with GPU runs, and a GPU-size val split is large. `gpt.tools.evaluate --dtype float32` gives the float32
 figure on any device.
 """
 

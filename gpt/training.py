@@ -47,60 +47,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from gpt.config import TrainConfig
 from gpt.distributed import SINGLE, Distributed
 from gpt.errors import UserError
 from gpt.model import IGNORE_INDEX
-from gpt.optim import OPTIMIZERS, build_optimizer, set_learning_rate, steps_unless
-from gpt.precision import DTYPES, Precision, pick_dtype
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation, evaluation and where the run is written."""
-
-    out_dir: str = "runs/default"  # checkpoints go to <out_dir>/latest.pt and best.pt
-    max_iters: int = 2000  # optimizer steps
-    eval_interval: int = 200  # evaluate (and save) every this many steps, and at the end
-    eval_iters: int = 20  # batches per periodic loss estimate
-    whole_val_at_end: bool = True  # at the end, the val loss over every window: the figure to compare runs by
-    learning_rate: float = 6e-4  # AdamW's peak (with muon: for embeddings, biases, LayerNorms), after warmup
-    min_lr: float = 6e-5  # end of the cosine decay
-    warmup_iters: int = 100
-    weight_decay: float = 0.1  # on 2-D weights only
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
-    optimizer: str = "muon"  # muon (Muon for the blocks' matrices, AdamW for the rest) or adamw: gpt/optim.py
-    muon_lr: float = 0.02  # Muon's peak lr; the schedule scales it like learning_rate
-    muon_momentum: float = 0.95  # Nesterov momentum of Muon's updates
-    muon_weight_decay: float = 0.0  # decoupled, on the matrices Muon updates
-    grad_accum_steps: int = 1  # micro-batches per optimizer step, over all processes together
-    seed: int = 1337
-    device: str = "auto"  # auto picks cuda, then mps, then cpu
-    dtype: str = "auto"  # auto, float32, bfloat16 or float16 (autocast; see pick_dtype)
-    compile: bool | str = "auto"  # torch.compile: true, false, or auto (on for CUDA only)
-    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more compute
-    tensorboard: bool = False  # also log each evaluation to <out_dir>/tensorboard (gpt/metrics.py)
-
-    def __post_init__(self):
-        for name in ("max_iters", "eval_interval", "eval_iters", "grad_accum_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be at least 1, got {getattr(self, name)}")
-        if self.warmup_iters < 0:
-            raise ValueError(f"train.warmup_iters must be 0 or more, got {self.warmup_iters}")
-        if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
-            raise ValueError("train.learning_rate must be > 0 and train.min_lr in [0, learning_rate]")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("train.grad_clip and train.weight_decay must be 0 or more")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"train.dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"train.optimizer must be {' or '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1 or self.muon_weight_decay < 0:
-            raise ValueError("train.muon_lr must be > 0, train.muon_momentum in [0, 1) and "
-                             "train.muon_weight_decay 0 or more")
-        if self.compile not in (True, False, "auto"):
-            raise ValueError(f"train.compile must be true, false or auto, got {self.compile!r}")
+from gpt.optim import build_optimizer, set_learning_rate, steps_unless
+from gpt.precision import Precision, pick_dtype
 
 
 def pick_device(name: str, option: str = "train.device") -> torch.device:

@@ -13,11 +13,11 @@
 #   2. prepares the Shakespeare corpus, then starts the CPU suite in the background, with CUDA
 #      hidden so it tests what CI tests, on half of the CPU cores;
 #   3. runs tests/test_cuda.py, the tests only a GPU can run;
-#   4. runs python3 -m gpt.bench --config gpt2-124m.yaml: ms per step, tokens/s, MFU against the
+#   4. runs python3 -m gpt bench --config gpt2-124m.yaml: ms per step, tokens/s, MFU against the
 #      GPU's datasheet peak and peak memory of the plain and the default path, and with --ddp
 #      the cost of the DistributedDataParallel wrapper; then sampling with and without KV cache,
 #      and with the static cache and the decoding step in CUDA graphs;
-#   5. measures peak memory with activation checkpointing off and on (python3 -m gpt.bench memory);
+#   5. measures peak memory with activation checkpointing off and on (python3 -m gpt bench memory);
 #   6. trains configs/small.yaml end to end (data, 315 steps, whole-val loss, sample) and times
 #      it, then samples from it with generate.py;
 #   7. with two GPUs or more, trains small.yaml under torchrun on all of them and times it;
@@ -131,12 +131,12 @@ if ((SPEED_ONLY)); then
     # Each bench compiles the model (and the first, the decoding step) anew: most of its limit.
     gpu_stage "tests/test_cuda.py" 200 python3 -m pytest -v -rs -p no:cacheprovider tests/test_cuda.py
     MATCHED=(--config gpt2-124m.yaml --train.optimizer=adamw --train.grad_accum_steps=1 --data.batch_size=12)
-    gpu_stage "gpt.bench matched (dropout 0) + sampling" 200 \
-        python3 -m gpt.bench "${MATCHED[@]}" --steps 10 --rounds 3 --warmup 3 --sample-tokens 200
-    gpu_stage "gpt.bench gpt2-124m.yaml as shipped" 180 \
-        python3 -m gpt.bench --config gpt2-124m.yaml --steps 1 --rounds 3 --warmup 1 --optimizer-steps --sample-tokens 0
-    gpu_stage "gpt.bench matched at dropout 0.1" 120 \
-        python3 -m gpt.bench "${MATCHED[@]}" --model.drop_rate=0.1 --steps 10 --rounds 3 --warmup 3 --sample-tokens 0
+    gpu_stage "gpt bench matched (dropout 0) + sampling" 200 \
+        python3 -m gpt bench "${MATCHED[@]}" --steps 10 --rounds 3 --warmup 3 --sample-tokens 200
+    gpu_stage "gpt bench gpt2-124m.yaml as shipped" 180 \
+        python3 -m gpt bench --config gpt2-124m.yaml --steps 1 --rounds 3 --warmup 1 --optimizer-steps --sample-tokens 0
+    gpu_stage "gpt bench matched at dropout 0.1" 120 \
+        python3 -m gpt bench "${MATCHED[@]}" --model.drop_rate=0.1 --steps 10 --rounds 3 --warmup 3 --sample-tokens 0
     { echo; echo "=== summary (${SECONDS}s in all)"; printf '%s\n' "${SUMMARY[@]}"; } >> "$REPORT"
     echo "report: $REPORT (${SECONDS}s)"
     exit "$FAILED"
@@ -161,12 +161,12 @@ CPU_PID=$!
 gpu_stage "tests/test_cuda.py" 240 python3 -m pytest -v -rs -p no:cacheprovider tests/test_cuda.py
 
 # 4. Speed, MFU and memory of GPT-2 small, and what DDP's wrapper costs.
-gpu_stage "gpt.bench gpt2-124m.yaml --ddp" 240 \
-    python3 -m gpt.bench --config gpt2-124m.yaml --steps 3 --rounds 3 --warmup 2 --ddp --sample-tokens 200
+gpu_stage "gpt bench gpt2-124m.yaml --ddp" 240 \
+    python3 -m gpt bench --config gpt2-124m.yaml --steps 3 --rounds 3 --warmup 2 --ddp --sample-tokens 200
 
 # 5. Activation checkpointing's memory (eager, to leave the time to the rest).
-gpu_stage "gpt.bench memory gpt2-124m.yaml" 150 \
-    python3 -m gpt.bench memory --config gpt2-124m.yaml --train.grad_accum_steps=1 --train.compile=false
+gpu_stage "gpt bench memory gpt2-124m.yaml" 150 \
+    python3 -m gpt bench memory --config gpt2-124m.yaml --train.grad_accum_steps=1 --train.compile=false
 
 # 6. small.yaml from start to sample, timed.
 gpu_stage "train small.yaml" 240 python3 train.py --config small.yaml --train.out_dir=runs/gpu-check-small --overwrite

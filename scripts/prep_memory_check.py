@@ -6,7 +6,7 @@ prepares it in a child process with `gpt.data.prepare` (the code train.py runs) 
 `--num-proc` processes, and prints the peak resident memory of the process that
 reads and writes (and what it held before preparing: its imports) and of its largest tokenising
 worker, and the time taken. Everything it wrote is deleted at the end. Needs about
-3.5 x the size in free disk space. (`python -m gpt.bench prep` compares process counts.)
+3.5 x the size in free disk space. (`python -m gpt bench prep` compares process counts.)
 """
 
 import argparse
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gpt.data import default_num_proc  # noqa: E402
-from gpt.prep_bench import run_child, write_corpus  # noqa: E402
+from gpt.bench.prep import run_child, write_corpus  # noqa: E402
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ sweep, so that a row means the same whatever small.yaml holds now) and then the 
 overrides, written to runs/sweep/<row>. The loss that counts is the one train.py prints at the end over every window
 of the val split. Rows run side by side (--jobs 2) give the same losses but slower, unequal wall
 times, so wall times are only comparable between rows run alone, one after another; each row's
-seconds per step relative to small.yaml come from `python -m gpt.bench` instead.
+seconds per step relative to small.yaml come from `python -m gpt bench` instead.
 Results are appended to runs/sweep/results.jsonl and printed as a Markdown table (docs/tuning.md).
 """
 
@@ -42,7 +42,7 @@ ROWS = [
     ("muon-adamlr6e-3", TUNED),
     ("adamw-lr6e-3", ["--train.optimizer=adamw", "--train.learning_rate=6e-3", "--train.min_lr=6e-4"]),  # control
     # Stage 2, at equal training time: per-step cost relative to BASE measured by
-    # `python -m gpt.bench race` (the command is in docs/tuning.md)
+    # `python -m gpt bench race` (the command is in docs/tuning.md)
     # (8 layers 1.17x, 6 layers 1.07x, 192 wide 1.47x, context 256 x batch 4 1.00x; Muon 0.98x AdamW).
     ("muon-adamlr6e-3-muonlr0.01", [*TUNED, "--train.muon_lr=0.01"]),
     ("muon-adamlr6e-3-8layers", [*TUNED, "--model.n_layers=8", "--train.max_iters=600"]),

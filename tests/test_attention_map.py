@@ -1,4 +1,4 @@
-"""`python -m gpt.attention_map`: the weights it shows are the model's, and it draws and prints them."""
+"""`python -m gpt attention-map`: the weights it shows are the model's, and it draws and prints them."""
 
 import re
 import struct
@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt import attention_map
-from gpt.attention_map import attention_weights, prompt_ids
+from gpt.tools import attention_map
+from gpt.tools.attention_map import attention_weights, prompt_ids
 from gpt.checkpoint import BEST_NAME, save_checkpoint
 from gpt.config import Config, config_to_dict
 from gpt.model import GPTModel, ModelConfig
-from gpt.pretrained import load_for_sampling
+from gpt.gpt2.pretrained import load_for_sampling
 from gpt.tokenizer import get_tokenizer
 
 PROMPT = "Your journey starts with one step"  # 6 tokens
@@ -179,7 +179,7 @@ def test_the_png_is_written_beside_the_checkpoint_and_is_an_image(run, capsys):
 
 def test_gpt2_format_weights_give_the_same_map(run, tmp_path, monkeypatch, capsys):
     pytest.importorskip("safetensors")
-    from gpt.export import export_model
+    from gpt.gpt2.export import export_model
     model, _, _ = load_for_sampling(str(run), torch.device("cpu"))
     export_model(model, tmp_path / "hf")
     assert torch.allclose(weights_of(tmp_path / "hf"), weights_of(run), atol=1e-6)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gpt import bench
+from gpt.bench import speed
 from gpt.config import load_config
 from gpt.model import GPTModel, ModelConfig
 
@@ -15,7 +16,7 @@ def test_flops_per_token_counts_every_matmul_weight():
     # Independent count: every Linear weight in the blocks, plus the head over the real vocabulary.
     block_weights = sum(m.weight.numel() for m in model.trf_blocks.modules() if isinstance(m, torch.nn.Linear))
     expected = 6 * (block_weights + cfg.vocab_size * cfg.emb_dim) + 12 * 3 * 64 * 48
-    assert bench.flops_per_token(cfg) == expected
+    assert speed.flops_per_token(cfg) == expected
 
 
 @pytest.mark.parametrize("name,dtype,peak", [
@@ -29,7 +30,7 @@ def test_flops_per_token_counts_every_matmul_weight():
 ])
 def test_gpu_peak_table(name, dtype, peak, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    found, source = bench.gpu_peak_flops(torch.device("cuda"), dtype)
+    found, source = speed.gpu_peak_flops(torch.device("cuda"), dtype)
     assert found == peak
     assert name in source and (peak is not None or "unknown" in source)
 
@@ -58,8 +59,8 @@ def test_bench_prints_the_settings_to_match_and_a_command_that_repeats_them(caps
     out = capsys.readouterr().out
     assert "micro-batch 3 x " in out and "dropout 0.2" in out and "grad clip 0.5" in out
     repeat = next(line for line in out.splitlines() if "to repeat: " in line).split("to repeat: ")[1].split()
-    assert repeat[:5] == ["python", "-m", "gpt.bench", "--config", "tiny.yaml"]
-    assert load_config("tiny.yaml", repeat[5:]) == load_config("tiny.yaml", argv[2:])  # the same run
+    assert repeat[:6] == ["python", "-m", "gpt", "bench", "--config", "tiny.yaml"]
+    assert load_config("tiny.yaml", repeat[6:]) == load_config("tiny.yaml", argv[2:])  # the same run
 
 
 @pytest.mark.slow
@@ -82,8 +83,8 @@ def test_bench_bad_variant_is_one_line_error(capsys):
     assert bench.main(["--config", "tiny.yaml", "--variants", "sdpa:fp8:on"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot read variant 'sdpa:fp8:on'") and "\n" not in err
-    assert bench.parse_variant("sdpa:auto:auto:ckpt").activation_checkpointing
-    assert not bench.parse_variant("sdpa:auto:auto").activation_checkpointing
+    assert speed.parse_variant("sdpa:auto:auto:ckpt").activation_checkpointing
+    assert not speed.parse_variant("sdpa:auto:auto").activation_checkpointing
     assert bench.main(["--config", "tiny.yaml", "--variants", "sdpa:auto:auto:fast"]) == 2
 
 
@@ -103,7 +104,7 @@ def test_race_trains_each_variant_in_turn_and_reports_loss_per_second(corpus_fil
 
 
 def test_race_reads_loss_curves_between_evaluations():
-    from gpt.race import loss_at, seconds_to
+    from gpt.bench.race import loss_at, seconds_to
     curve = [(10, 100, 2.0, 6.0), (20, 200, 4.0, 5.0), (30, 300, 6.0, 4.5)]  # (step, tokens, s, loss)
     assert loss_at(curve, 3.0) == pytest.approx(5.5)
     assert loss_at(curve, 1.0) is None and loss_at(curve, 9.0) == 4.5

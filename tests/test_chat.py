@@ -9,21 +9,29 @@ import torch
 
 import chat
 import train
-from gpt import evaluate
-from gpt.chat import (
-    CHAT_VOCAB_SIZE, END_ID, IGNORE, SPECIAL_IDS, TEMPLATE, conversation_from_record, crop_history, render,
-    render_prompt, reply,
+from gpt.chat.data import ChatWindows, prepare_chat
+from gpt.chat.template import (
+    CHAT_VOCAB_SIZE,
+    END_ID,
+    IGNORE,
+    SPECIAL_IDS,
+    TEMPLATE,
+    conversation_from_record,
+    crop_history,
+    render,
+    render_prompt,
+    reply,
 )
-from gpt.chat_data import ChatWindows, prepare_chat
 from gpt.checkpoint import load_checkpoint
+from gpt.corpus.shakespeare_chat import excerpt, scenes, title_of
 from gpt.data import DataConfig
 from gpt.errors import UserError
-from gpt.model import GPTModel, ModelConfig
-from gpt.pretrained import build_model, resolve_model_config
+from gpt.gpt2.pretrained import build_model, resolve_model_config
+from gpt.model import IGNORE_INDEX, GPTModel, ModelConfig
 from gpt.sampling import SampleConfig, generate
-from gpt.shakespeare_chat import excerpt, scenes, title_of
 from gpt.tokenizer import EOT_ID
-from gpt.training import IGNORE_INDEX, calc_loss_batch
+from gpt.tools import evaluate
+from gpt.training import calc_loss_batch
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Two and three?"},
             {"role": "assistant", "content": "Five."}, {"role": "user", "content": "And four and four?"},
@@ -273,7 +281,7 @@ def test_evaluate_reports_loss_accuracy_and_ended_for_base_and_tuned(runs, capsy
 @pytest.mark.slow
 def test_export_carries_the_template_and_its_tokens(runs, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from gpt.export import export_run
+    from gpt.gpt2.export import export_run
     export_run(runs.tuned, tmp_path / "hf", overwrite=False)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     ids = tokenizer.apply_chat_template(MESSAGES[:4], tokenize=True, add_generation_prompt=True)
@@ -311,7 +319,7 @@ def test_conversations_come_from_parquet_and_hugging_face_datasets(kind, tmp_pat
 
 
 def test_a_run_with_another_template_or_none_is_refused():
-    from gpt.chat import check_template
+    from gpt.chat.template import check_template
     check_template(dict(TEMPLATE), "run")  # this version's: accepted
     with pytest.raises(UserError, match="template 'gpt-chat-0' and this version uses 'gpt-chat-1'"):
         check_template({**TEMPLATE, "name": "gpt-chat-0"}, "run")

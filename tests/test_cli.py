@@ -133,8 +133,8 @@ def test_the_final_val_loss_covers_every_window_of_the_val_split(tmp_path, corpu
     with torch.no_grad():
         expected = calc_loss_batch(model.eval(), x, y).item()
     assert float(printed.group(3)) == pytest.approx(expected, abs=1e-4)
-    # python -m gpt.evaluate on the same run prints the same figures: one code path for both.
-    from gpt import evaluate
+    # python -m gpt evaluate on the same run prints the same figures: one code path for both.
+    from gpt.tools import evaluate
     assert evaluate.main(["--checkpoint", str(out / "latest.pt")]) == 0
     scored = re.search(r"loss over all ([\d,]+) windows of the val split of .*corpus.txt: (.*)", capsys.readouterr().out)
     assert scored.group(1) == printed.group(1) and scored.group(2) == printed.group(2)

@@ -22,14 +22,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_distributed import STEPS, largest_difference, losses, train_run
 
-from gpt import evaluate
+from gpt.config import TrainConfig
 from gpt.data import TokenWindows, TrainBatches, eval_loader
 from gpt.model import GPTModel
 from gpt.optim import Muon, build_optimizer
-from gpt.precision import cpu_bf16
-from gpt.training import Precision, TrainConfig, pick_dtype, train, train_step
-from test_distributed import STEPS, largest_difference, losses, train_run
+from gpt.precision import Precision, cpu_bf16, pick_dtype
+from gpt.tools import evaluate
+from gpt.training import train, train_step
 
 pytestmark = [pytest.mark.precision,
               pytest.mark.skipif(not cpu_bf16(), reason="train.dtype auto is float32 on this CPU (no native "
@@ -152,7 +153,7 @@ def test_two_processes_train_like_one_within_bf16_s_noise(bf16_args, tmp_path):
 @pytest.mark.slow
 def test_a_checkpoint_resumes_exactly_and_the_whole_val_figure_is_float32(bf16_args, tmp_path, capsys):
     """Stopped at step 3 and resumed, a bf16 run ends with the very weights of one that never stopped;
-    its final whole-val figure is computed in float32, and gpt.evaluate gives the same figure, or
+    its final whole-val figure is computed in float32, and gpt.tools.evaluate gives the same figure, or
     bf16's when asked."""
     args = [*bf16_args, *layout(1, 2, 4), "--train.whole_val_at_end=true"]
     unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"

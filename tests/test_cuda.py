@@ -26,11 +26,13 @@ import pytest
 import torch
 
 from gpt.checkpoint import load_checkpoint
+from gpt.config import TrainConfig
 from gpt.data import TokenWindows, TrainBatches, eval_loader
 from gpt.model import GPTModel, ModelConfig
 from gpt.optim import Muon, bf16_is_fast, build_optimizer
+from gpt.precision import Precision
 from gpt.sampling import generate
-from gpt.training import Precision, TrainConfig, calc_loss_batch, to_device, train, train_step
+from gpt.training import calc_loss_batch, to_device, train, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)")
 

@@ -9,10 +9,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from gpt.data import DataConfig, TokenWindows, TrainBatches, eval_loader, load_split, prepare
-from gpt import data, encode, sources
-from gpt.encode import Encoded, encode_documents
+from gpt import data
+from gpt.corpus import encode
+from gpt.corpus import sources
+from gpt.corpus.encode import Encoded, encode_documents
 from gpt.errors import UserError
-from gpt.sources import Block, markdown_play_to_text
+from gpt.corpus.sources import Block, markdown_play_to_text
 from gpt.tokenizer import EOT_ID, get_tokenizer
 
 PLAY = """# Macbeth

@@ -20,14 +20,15 @@ import torch
 import torch.distributed as torch_dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from gpt.config import load_config
-from gpt.data import TokenWindows, TrainBatches, eval_loader
 from gpt import distributed
+from gpt.config import TrainConfig, load_config
+from gpt.data import TokenWindows, TrainBatches, eval_loader
 from gpt.distributed import SINGLE, Distributed
 from gpt.errors import UserError
 from gpt.model import GPTModel
 from gpt.optim import build_optimizer
-from gpt.training import Precision, TrainConfig, evaluate, train_step
+from gpt.precision import Precision
+from gpt.training import evaluate, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""Loss and bits per byte over every window (gpt.evaluate), checked against independent computations."""
+"""Loss and bits per byte over every window (gpt.tools.evaluate), checked against independent computations."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt import evaluate
+from gpt.tools import evaluate
 from gpt.data import TokenWindows, eval_loader
 from gpt.model import GPTModel, ModelConfig
 from gpt.tokenizer import EOT_ID, get_tokenizer

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import train
-from gpt import export
-from gpt.hf_gpt2 import from_hf_state_dict, to_hf_state_dict
+from gpt.gpt2 import export
+from gpt.gpt2.hf_format import from_hf_state_dict, to_hf_state_dict
 from gpt.model import GPTModel, ModelConfig
-from gpt.pretrained import build_model, resolve_model_config
+from gpt.gpt2.pretrained import build_model, resolve_model_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -17,7 +17,7 @@ import torch
 import chat
 import generate
 import train
-from gpt import attention_map
+from gpt.tools import attention_map
 from gpt.model import GPTModel
 
 TRAIN, GENERATE, ATTENTION_MAP, CHAT = train, generate, attention_map, chat
@@ -391,7 +391,7 @@ def test_the_table_is_large_and_covers_every_area():
 def test_accepted_input_trains_and_says_what_happened(world, case, script, argv, message, capsys):
     assert script.main(argv(world)) == 0
     assert re.search(message, capsys.readouterr().out)
-    from gpt.chat import SPECIAL_IDS
+    from gpt.chat.template import SPECIAL_IDS
     import numpy as np
     ids = np.fromfile(world.root / "prepared-spelt" / "train.bin", dtype=np.uint16)
     assert (ids >= 50256).sum() == 5 * 18  # per conversation: <|endoftext|> <|user|> <|end|> <|assistant|> <|end|>

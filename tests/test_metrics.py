@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import train
-from gpt import plot
+from gpt.tools import plot
 from gpt.data import TokenWindows, TrainBatches, eval_loader
 from gpt.errors import UserError
 from gpt.metrics import COLUMNS, RunLog, append_metrics, read_metrics, start_metrics
 from gpt.model import GPTModel
 from gpt.optim import learning_rate
-from gpt.training import TrainConfig
+from gpt.config import TrainConfig
 from gpt.training import train as train_loop
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

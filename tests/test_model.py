@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from gpt import GPTModel, ModelConfig
+from gpt.config import TrainConfig
 from gpt.optim import build_optimizer
-from gpt.training import calc_loss_batch, TrainConfig
+from gpt.training import calc_loss_batch
 
 
 def test_logits_shape_and_padded_vocabulary(tiny_model, tiny_cfg):

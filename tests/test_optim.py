@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from gpt import optim
+from gpt.config import TrainConfig
 from gpt.data import TokenWindows, TrainBatches, eval_loader
 from gpt.model import GPTModel
 from gpt.optim import Muon, MuonWithAdamW, build_optimizer, learning_rate, orthogonalise, set_learning_rate
-from gpt.training import Precision, TrainConfig, calc_loss_batch, train, train_step
+from gpt.precision import Precision
+from gpt.training import calc_loss_batch, train, train_step
 
 CPU = torch.device("cpu")
 SHAPES = [(64, 32), (32, 64), (48, 48)]  # tall, wide, square: the iteration transposes the tall one

@@ -14,7 +14,7 @@ from gpt.optim import Muon, build_optimizer
 from gpt.precision import (
     CPU_BF16_VARIABLE, bf16_is_fast, comparable_dtype, cpu_bf16, cpu_has_native_bf16, dtype_name, pick_dtype,
 )
-from gpt.training import TrainConfig
+from gpt.config import TrainConfig
 
 CPU = torch.device("cpu")
 

@@ -6,13 +6,12 @@ import pytest
 import torch
 
 from gpt import optim
+from gpt.config import TrainConfig
 from gpt.data import TokenWindows, TrainBatches, eval_loader
 from gpt.model import GPTModel
 from gpt.optim import build_optimizer, learning_rate
-from gpt.training import (
-    NonFiniteLoss, Precision, TrainConfig, calc_loss_batch, compile_model, evaluate, pick_dtype, train,
-    train_step,
-)
+from gpt.precision import Precision, pick_dtype
+from gpt.training import NonFiniteLoss, calc_loss_batch, compile_model, evaluate, train, train_step
 
 
 def test_learning_rate_schedule():
@@ -323,6 +322,7 @@ def test_a_non_finite_gradient_with_a_finite_loss_changes_no_weight(tiny_model, 
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 def test_a_step_skipped_on_the_device_is_no_step_and_one_taken_is_a_plain_step(tiny_model, tiny_cfg, optimizer):
     import copy
+
     from gpt.optim import steps_unless
     cfg = TrainConfig(optimizer=optimizer)
     twin = copy.deepcopy(tiny_model)

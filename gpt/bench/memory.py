@@ -1,6 +1,6 @@
-"""Peak training memory with and without activation checkpointing: `python -m gpt.bench memory`.
+"""Peak training memory with and without activation checkpointing: `python -m gpt bench memory`.
 
-`python -m gpt.bench memory --config X [--section.key=value ...]` trains the config's model
+`python -m gpt bench memory --config X [--section.key=value ...]` trains the config's model
 for a few steps (random token ids: memory does not depend on the text) twice, with
 `train.activation_checkpointing` off and on, each in a fresh Python process, and prints the
 peak memory of each and their ratio:
@@ -15,7 +15,7 @@ peak memory of each and their ratio:
 The training steps are `train_step` on the model `train.py` builds, with the config's dtype,
 compile setting and optimizer, so the optimizer state (created at the first step) is counted.
 What the recomputation costs in time is for `gpt.bench` to measure, with both settings timed in
-turns in one process: `python -m gpt.bench --config X --variants sdpa:auto:auto:ckpt`.
+turns in one process: `python -m gpt bench --config X --variants sdpa:auto:auto:ckpt`.
 `--only off|on` measures one setting in this process and prints it as one JSON line (what
 each child runs).
 """
@@ -34,7 +34,8 @@ from gpt.config import Config, load_config
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.model import GPTModel
 from gpt.optim import build_optimizer
-from gpt.training import Precision, compile_model, pick_device, pick_dtype, setup_device, train_step
+from gpt.precision import Precision, pick_dtype
+from gpt.training import compile_model, pick_device, setup_device, train_step
 
 SETTINGS = {"off": False, "on": True}
 GIB = 2**30
@@ -119,7 +120,7 @@ def report(cfg: Config, device: torch.device, steps: int, results: dict[str, dic
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = ArgumentParser(
-        prog="python -m gpt.bench memory",
+        prog="python -m gpt bench memory",
         description="Peak training memory with activation checkpointing off and on, each in a fresh "
         "process. Any --section.key=value override applies to both.", allow_abbrev=False)
     parser.add_argument("--config", help="YAML config: a path or a file name in configs/")

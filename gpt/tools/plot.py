@@ -1,4 +1,4 @@
-"""`python -m gpt.plot RUN_DIR`: a run's train and val loss against tokens seen, as `loss.png`.
+"""`python -m gpt plot RUN_DIR`: a run's train and val loss against tokens seen, as `loss.png`.
 
 Reads `<RUN_DIR>/metrics.csv` (`gpt/metrics.py`) and draws with matplotlib, an optional
 dependency (`pip install matplotlib`, or the `[plot]` extra). train.py calls
@@ -62,7 +62,7 @@ def plot_after_training(run_dir: str | Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m gpt.plot",
+    parser = ArgumentParser(prog="python -m gpt plot",
                             description=f"Draw RUN_DIR/{PLOT_NAME} from RUN_DIR/{METRICS_NAME}.")
     parser.add_argument("run_dir", help="a run folder (train.out_dir)")
     args = parser.parse_args(argv)

@@ -8,7 +8,7 @@
 - a run trained here: its folder (best.pt, else latest.pt) or a `.pt` checkpoint file; the
   architecture is the run's (a chat fine-tune starts this way: configs/shakespeare-chat.yaml).
 - a path: a folder holding `config.json` and `model.safetensors` or `pytorch_model.bin`
-  (what `save_pretrained` and `python -m gpt.export` write), or one of those weight files.
+  (what `save_pretrained` and `python -m gpt export` write), or one of those weight files.
   A bare weights file with no `config.json` beside it is sized from its tensor shapes, with the
   head count of the released GPT-2 size of that width. No network is used for a path.
 
@@ -34,9 +34,9 @@ import torch
 
 from gpt.checkpoint import BEST_NAME, LATEST_NAME, checkpoint_path, load_checkpoint, load_model
 from gpt.config import config_from_dict, load_config
-from gpt.downloads import DATA_DIR
+from gpt.corpus.downloads import DATA_DIR
 from gpt.errors import UserError
-from gpt.hf_gpt2 import (ARCHITECTURE_FIELDS, architecture_from_config, architecture_from_weights,
+from gpt.gpt2.hf_format import (ARCHITECTURE_FIELDS, architecture_from_config, architecture_from_weights,
                          from_hf_state_dict)
 from gpt.model import GPTModel, ModelConfig
 from gpt.sampling import SampleConfig
@@ -89,7 +89,7 @@ def locate_weights(init_from: str) -> Path:
         found = find_weights(path)
         if found is None:
             raise UserError(f"{path} holds no {' or '.join(WEIGHT_FILES)}; give a Hugging Face GPT-2 "
-                            "model folder (save_pretrained or python -m gpt.export writes one)")
+                            "model folder (save_pretrained or python -m gpt export writes one)")
         return found
     if path.is_file():
         if not path.name.endswith((".safetensors", ".bin")):
@@ -188,7 +188,7 @@ def resolve_model_config(cfg: ModelConfig, given: Collection[str]) -> ModelConfi
 def build_model(cfg: ModelConfig) -> GPTModel:
     """A new model for `cfg` (from `resolve_model_config`): random, or with its init_from weights.
 
-    `cfg.vocab_size` may exceed the weights' (a chat template's tokens, `gpt.chat`): the new rows
+    `cfg.vocab_size` may exceed the weights' (a chat template's tokens, `gpt.chat.template`): the new rows
     are added by `add_token_rows`.
     """
     model = GPTModel(cfg)
@@ -243,7 +243,7 @@ def is_pretrained_source(location: str) -> bool:
 
 
 def default_checkpoint() -> str:
-    """The run folder generate.py and gpt.attention_map read when given no --checkpoint."""
+    """The run folder generate.py and gpt.tools.attention_map read when given no --checkpoint."""
     return load_config(DEFAULT_RUN_CONFIG).train.out_dir
 
 

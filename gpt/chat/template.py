@@ -34,11 +34,10 @@ from torch import nn
 from gpt.checkpoint import checkpoint_path, load_checkpoint, model_from_state
 from gpt.config import Config
 from gpt.errors import UserError
-from gpt.model import GPTModel, ModelConfig
-from gpt.pretrained import is_pretrained_source
+from gpt.gpt2.pretrained import is_pretrained_source
+from gpt.model import IGNORE_INDEX, GPTModel, ModelConfig
 from gpt.sampling import SampleConfig, generate_stream
 from gpt.tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer
-from gpt.training import IGNORE_INDEX
 
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 ROLES = ("system", "user", "assistant")

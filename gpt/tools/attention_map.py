@@ -1,4 +1,4 @@
-"""`python -m gpt.attention_map PROMPT --checkpoint RUN`: the attention weights of a trained model.
+"""`python -m gpt attention-map PROMPT --checkpoint RUN`: the attention weights of a trained model.
 
 For every layer and head: how much each position of the prompt (a query, a row) takes from
 itself and each position before it (the keys, the columns). Drawn as a grid of heatmaps, one
@@ -13,10 +13,10 @@ Design choices:
   with; nothing in the model changes, and the hooks are removed afterwards.
 - Eval mode (dropout off), and the weights before attention dropout: what the model does
   when it samples.
-- The checkpoint is read as generate.py reads it (`gpt.pretrained.load_for_sampling`): a run
+- The checkpoint is read as generate.py reads it (`gpt.gpt2.pretrained.load_for_sampling`): a run
   folder or checkpoint file, GPT-2's weights or a Hugging Face folder. A prompt longer than the
   context is cropped to its last `context_length` tokens, as generation crops it.
-- matplotlib is optional, as in `gpt.plot`: `--print` works without it. The figure is drawn on
+- matplotlib is optional, as in `gpt.tools.plot`: `--print` works without it. The figure is drawn on
   a `matplotlib.figure.Figure` directly (no pyplot, no GUI backend), masked cells in grey so
   they are not mistaken for weights near 0, one colour scale (0 to 1) for every head.
 """
@@ -30,8 +30,8 @@ import torch
 
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.model import GPTModel
-from gpt.plot import INSTALL_HINT
-from gpt.pretrained import DEFAULT_RUN_CONFIG, default_checkpoint, is_pretrained_source, load_for_sampling
+from gpt.tools.plot import INSTALL_HINT
+from gpt.gpt2.pretrained import DEFAULT_RUN_CONFIG, default_checkpoint, is_pretrained_source, load_for_sampling
 from gpt.tokenizer import get_tokenizer
 
 PLOT_NAME = "attention.png"
@@ -150,7 +150,7 @@ def default_out(location: str, source: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Draw (or print) the attention weights for the command line's prompt; the exit code."""
-    parser = ArgumentParser(prog="python -m gpt.attention_map",
+    parser = ArgumentParser(prog="python -m gpt attention-map",
                             description="Draw (or print) the attention weights of a trained model for a prompt.")
     parser.add_argument("prompt", help=f'text to look at, e.g. "{EXAMPLE_PROMPT}"')
     parser.add_argument("--checkpoint", help="run folder (its best.pt, else latest.pt) or checkpoint file "

@@ -1,12 +1,12 @@
-"""`python -m gpt.export RUN_DIR OUT_DIR`: a trained run as a Hugging Face GPT-2 model folder.
+"""`python -m gpt export RUN_DIR OUT_DIR`: a trained run as a Hugging Face GPT-2 model folder.
 
 OUT_DIR gets `config.json` and `model.safetensors` in the layout `GPT2LMHeadModel` reads
-(`gpt/hf_gpt2.py`), so `transformers.GPT2LMHeadModel.from_pretrained(OUT_DIR)` gives the same
+(`gpt/gpt2/hf_format.py`), so `transformers.GPT2LMHeadModel.from_pretrained(OUT_DIR)` gives the same
 logits as the run's own model; so do `model.init_from: OUT_DIR` and `generate.py --checkpoint
 OUT_DIR` here. For a model over the full GPT-2 vocabulary it also gets the tokenizer files
 `GPT2Tokenizer` reads (`vocab.json` and `merges.txt` are GPT-2's `encoder.json` and
 `vocab.bpe`, the files this project tokenises with), so `pipeline("text-generation", OUT_DIR)`
-works as it is. A chat run (`gpt.chat`) carries its template too: its four marker tokens (ids
+works as it is. A chat run (`gpt.chat.template`) carries its template too: its four marker tokens (ids
 50257..50260) as added special tokens and a Jinja `chat_template` in `tokenizer_config.json`, so
 `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` gives the ids chat.py feeds
 the model. A non-empty OUT_DIR is left alone unless `--overwrite` is given.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from gpt.checkpoint import checkpoint_path, load_checkpoint, load_model
 from gpt.errors import ArgumentParser, UserError, run_cli
-from gpt.hf_gpt2 import to_hf_config, to_hf_state_dict
+from gpt.gpt2.hf_format import to_hf_config, to_hf_state_dict
 from gpt.model import GPTModel
 from gpt.tokenizer import EOT_ID, EOT_TOKEN, bpe_files
 
@@ -32,7 +32,7 @@ TOKENIZER_CONFIG = "tokenizer_config.json"  # a chat run's: its template's token
 def chat_tokenizer_config(template: dict) -> dict:
     """`tokenizer_config.json` for a chat run: the template's markers as added special tokens (their
     ids follow GPT-2's 50,257, as here) and the template as a Jinja `chat_template`, so
-    `tokenizer.apply_chat_template` gives the ids `gpt.chat.render_prompt` gives (for content that
+    `tokenizer.apply_chat_template` gives the ids `gpt.chat.template.render_prompt` gives (for content that
     spells no marker: Hugging Face's tokenizer turns such text into the marker, ours keeps it text)."""
     tokens = {EOT_TOKEN: EOT_ID, **template["tokens"]}
     end = next(t for t in template["tokens"] if t == "<|end|>")
@@ -94,7 +94,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool) -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m gpt.export",
+    parser = ArgumentParser(prog="python -m gpt export",
                             description="Write a trained run as a Hugging Face GPT-2 model "
                             "(config.json + model.safetensors) that transformers can load.")
     parser.add_argument("run_dir", help="a run folder (train.out_dir) or a checkpoint file")

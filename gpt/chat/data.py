@@ -2,7 +2,7 @@
 
 Preparation (`prepare_chat`, once per corpus, like `gpt.data.prepare`) reads the records of
 `data.corpus` (`Source.records`: JSONL, Parquet, hf:, or the built-in `shakespeare-chat`),
-checks each one (`gpt.chat.conversation_from_record`: a bad one is an error naming its file and
+checks each one (`gpt.chat.template.conversation_from_record`: a bad one is an error naming its file and
 line or row) and renders it with the chat template into three files per split:
 
 - `<split>.bin`: the token ids, uint16 (the template's ids, 50257..50260, fit too);
@@ -10,7 +10,7 @@ line or row) and renders it with the chat template into three files per split:
 - `<split>.idx`: int64 offsets, conversation i being tokens [idx[i], idx[i+1]).
 
 The held-out split is the last `data.val_fraction` of the conversations (or all of
-`data.val_corpus`); its records are also kept in `val.jsonl`, which `gpt.evaluate` asks the
+`data.val_corpus`); its records are also kept in `val.jsonl`, which `gpt.tools.evaluate` asks the
 questions of. `meta.json` records the template, the counts, and how many answers of each
 checkable task the train split holds (the majority-answer baseline).
 
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from gpt.chat import IGNORE, TEMPLATE, conversation_from_record, render, spells_marker
+from gpt.chat.template import IGNORE, TEMPLATE, conversation_from_record, render, spells_marker
 from gpt.data import DataConfig, _cannot_write, open_corpus
-from gpt.downloads import DATA_DIR
+from gpt.corpus.downloads import DATA_DIR
 from gpt.errors import UserError
 from gpt.tokenizer import EOT_ID
 

@@ -1,4 +1,4 @@
-"""Race training settings against each other: `python -m gpt.bench race --config small.yaml`.
+"""Race training settings against each other: `python -m gpt bench race --config small.yaml`.
 
 Each variant (by default `adamw` and `muon`: `train.optimizer`, plus any `+section.key=value`
 overrides, e.g. `muon+model.n_layers=6`) trains its own model from the config, and they take
@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gpt.config import Config, load_config
+from gpt.config import OPTIMIZERS, Config, load_config
 from gpt.data import TrainBatches, eval_loader, load_split, prepare
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.model import GPTModel
-from gpt.optim import OPTIMIZERS, build_optimizer, set_learning_rate
+from gpt.optim import build_optimizer, set_learning_rate
+from gpt.precision import Precision, pick_dtype
 from gpt.resume import seed_everything
-from gpt.training import Precision, compile_model, evaluate, pick_device, pick_dtype, setup_device, train_step
+from gpt.training import compile_model, evaluate, pick_device, setup_device, train_step
 
 TIMED_FROM = 3  # with --seconds: steps before this one (allocations, warm-up) don't set the pace
 PACE_STEPS = 10  # with --seconds: the step count is fixed after this many steps
@@ -180,7 +181,7 @@ def report(racers: list[Racer], target: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(
-        prog="python -m gpt.bench race",
+        prog="python -m gpt bench race",
         description="Train a config under several variants in turns; compare val loss per token and "
         "per second. Any --section.key=value override applies to every variant.", allow_abbrev=False)
     parser.add_argument("--config", help="YAML config: a path or a file name in configs/")

@@ -1,4 +1,4 @@
-"""Loss, perplexity and bits per byte over every window: `python -m gpt.evaluate --checkpoint RUN`.
+"""Loss, perplexity and bits per byte over every window: `python -m gpt evaluate --checkpoint RUN`.
 
 `score` is the one evaluation over every window of a token file: training's final figure
 (`train.whole_val_at_end`) and this command both call it. The windows are those training
@@ -36,19 +36,20 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from gpt.chat import chat_model_from_state
-from gpt.chat_data import load_chat_split, prepare_chat, read_meta
-from gpt.chat_eval import REPLIES, REPLY_LIMIT, ask, held_out, majority, percent
+from gpt.chat.data import load_chat_split, prepare_chat, read_meta
+from gpt.chat.scoring import REPLIES, REPLY_LIMIT, ask, held_out, majority, percent
+from gpt.chat.template import chat_model_from_state
 from gpt.checkpoint import checkpoint_path, load_checkpoint, model_from_state
 from gpt.config import build_config, parse_overrides
 from gpt.data import DataConfig, TokenWindows, eval_loader, load_split, prepare, prepare_whole
 from gpt.distributed import SINGLE, Distributed
 from gpt.errors import ArgumentParser, UserError, run_cli
-from gpt.model import GPTModel, ModelConfig
-from gpt.pretrained import DEFAULT_RUN_CONFIG, build_model, default_checkpoint, is_pretrained_source, resolve_model_config
+from gpt.gpt2.pretrained import (DEFAULT_RUN_CONFIG, build_model, default_checkpoint, is_pretrained_source,
+                                 resolve_model_config)
+from gpt.model import IGNORE_INDEX, GPTModel, ModelConfig
 from gpt.precision import DTYPES, Precision, dtype_name, scoring_dtype
 from gpt.tokenizer import token_byte_lengths
-from gpt.training import IGNORE_INDEX, pick_device, setup_device, to_device
+from gpt.training import pick_device, setup_device, to_device
 
 
 @dataclass
@@ -157,7 +158,7 @@ def scored_windows(data: DataConfig, given: set[str], corpus: str | None, contex
 
 def evaluate_chat(state: dict, path: Path, args, overrides: list[str], device: torch.device) -> None:
     """Part of `main` for a chat run (its checkpoint `state`, read from `path`): loss on held-out replies,
-    accuracy and ended replies, for the run and for its base (`gpt.chat_eval`)."""
+    accuracy and ended replies, for the run and for its base (`gpt.chat.scoring`)."""
     if args.corpus:
         raise UserError("--corpus scores text; a chat run is scored on its held-out conversations: leave it out")
     model, config = chat_model_from_state(state, path, device)
@@ -214,7 +215,7 @@ def evaluate_chat(state: dict, path: Path, args, overrides: list[str], device: t
 
 def main(argv: list[str] | None = None) -> int:
     """Print the loss, perplexity and bits per byte of a model over a val split or a corpus."""
-    parser = ArgumentParser(prog="python -m gpt.evaluate", allow_abbrev=False, description=(
+    parser = ArgumentParser(prog="python -m gpt evaluate", allow_abbrev=False, description=(
         "Loss, perplexity and bits per byte of a model over every window of its run's val split, or of "
         "any corpus. --data.key=value overrides the run's data settings (e.g. --data.batch_size=4)."))
     parser.add_argument("--checkpoint", help="run folder (its best.pt, else latest.pt) or checkpoint file "

@@ -1,8 +1,8 @@
-"""What `python -m gpt.evaluate --checkpoint RUN` measures on a chat run, for it and for its base.
+"""What `python -m gpt evaluate --checkpoint RUN` measures on a chat run, for it and for its base.
 
 - loss on replies: the mean next-token loss over the held-out conversations' assistant tokens
   (each reply's text and its `<|end|>`), every conversation of the val split, one per window
-  (`gpt.evaluate.score` over `gpt.chat_data.ChatWindows`);
+  (`gpt.tools.evaluate.score` over `gpt.chat.data.ChatWindows`);
 - accuracy: the held-out questions that have one right answer (a record's `answer`; in
   `shakespeare-chat`, the play of a speech and its speaker), asked with the chat template and
   answered greedily; a reply is right when it equals the answer (case, spaces and a final
@@ -12,7 +12,7 @@
   with `<|end|>` within `limit` tokens.
 
 The base is the model the fine-tuning started from (`model.init_from`) with the template's new
-token rows as fine-tuning initialises them (`gpt.pretrained.add_token_rows`): exactly step 0.
+token rows as fine-tuning initialises them (`gpt.gpt2.pretrained.add_token_rows`): exactly step 0.
 """
 
 import json
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gpt.chat import reply
-from gpt.chat_data import VAL_RECORDS
+from gpt.chat.template import reply
+from gpt.chat.data import VAL_RECORDS
 from gpt.errors import UserError
 from gpt.sampling import SampleConfig
 

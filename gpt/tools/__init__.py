@@ -1,0 +1,1 @@
+"""Tools around a trained run: whole-split evaluation, attention maps, loss plots."""
