@@ -20,26 +20,31 @@ GUIDES = ["install.md", "training.md", "data.md", "gpus.md", "generating.md", "c
 README_MAX_LINES = 260
 
 FENCE = re.compile(r"^\s*(```|~~~)")
-INLINE_CODE = re.compile(r"(`+)(?:(?!\1).)+?\1")  # `code`, ``code with ` inside``
+INLINE_CODE = re.compile(r"(`+)(?:(?!\1).)+?\1", re.DOTALL)  # `code`, ``code with ` inside``, over lines
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 HEADING = re.compile(r"^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
 EXTERNAL = ("http://", "https://", "mailto:")
 
 
-def prose_lines(text: str) -> list[str]:
-    """The lines of `text` outside fenced code blocks, with inline code blanked out."""
+def prose(text: str) -> list[str]:
+    """The paragraphs of `text` outside fenced code blocks, inline code removed.
+
+    Inline code may run over a line break but never past a blank line, as in GitHub's Markdown.
+    """
     lines, in_fence = [], False
     for line in text.splitlines():
         if FENCE.match(line):
             in_fence = not in_fence
-            continue
-        lines.append("" if in_fence else INLINE_CODE.sub("", line))
-    return lines
+            lines.append("")
+        else:
+            lines.append("" if in_fence else line)
+    paragraphs = re.split(r"\n\s*\n", "\n".join(lines))
+    return [INLINE_CODE.sub("", paragraph) for paragraph in paragraphs]
 
 
 def link_targets(text: str) -> list[str]:
     """The targets of the Markdown links and images in `text`, in order, code left out."""
-    return [m.group(1) for line in prose_lines(text) for m in LINK.finditer(line)]
+    return [m.group(1) for paragraph in prose(text) for m in LINK.finditer(paragraph)]
 
 
 def github_slug(heading: str) -> str:
@@ -101,7 +106,8 @@ def test_a_broken_link_or_anchor_is_reported(tmp_path: Path):
         "# Page", "## Same", "## Same",
         "[good](guide.md#two-words-here) [good](#same-1) [web](https://example.com/none)",
         "[missing file](nowhere.md) [missing anchor](guide.md#three-words) [missing here](#same-2)",
-        "`[in code](nowhere-either.md)`",
+        "`[in code](nowhere-either.md)` and `code over a",
+        "line break [in code](nowhere-too.md)`",
         "```", "[in a fence](nowhere-at-all.md)", "```",
     ])
     assert broken_links(text, tmp_path) == ["nowhere.md (no such file)", "guide.md#three-words (no such heading)",
