@@ -5,8 +5,7 @@ Muon's bf16 iteration, KV-cache sampling, pinned-memory batches, activation chec
 memory, a real out-of-memory error, checkpoints that cross from the GPU to the CPU, exact resume
 with the CUDA RNG states and, with two GPUs, NCCL.
 
-Not yet run on a GPU: no GPU was available while this was written (see the README). Run it with
-`scripts/gpu_check.sh`, or `python -m pytest tests/test_cuda.py`.
+Run it on a GPU box with `bash scripts/gpu_check.sh` (docs/gpus.md), or `python -m pytest tests/test_cuda.py`.
 
 TF32 is turned off for each test (`no_tf32`), and again (`tf32(False)`) where a test compares after
 running train.py's main, which turns it on: comparisons of two paths are then of fp32 sums taken in

@@ -247,8 +247,8 @@ def test_train_batches_resume_on_the_next_batch(taken):
 
 
 def test_train_batches_shuffle_like_a_seeded_dataloader():
-    # The same order as before batches could be resumed, so earlier runs (and the README's
-    # measured small.yaml run) repeat exactly.
+    # The order of a seeded, shuffling DataLoader, epoch after epoch: TrainBatches adds only the
+    # ability to resume part way through an epoch.
     ds = TokenWindows(np.arange(2000, dtype=np.uint16), max_length=8, stride=8)  # 15 batches an epoch
     it = iter(TrainBatches(ds, 16, seed=7))
     for epoch in range(2):

@@ -1,4 +1,4 @@
-"""Every bad input of the README's table: one `error:` line naming what is wrong and what to do,
+"""Every bad input of docs/bad-input.md's table: one `error:` line naming what is wrong and what to do,
 exit code 2, no traceback, and every file that existed before left byte for byte as it was."""
 
 import hashlib
@@ -159,7 +159,7 @@ def needs(module: str):
 
 # (id, area, script, argv from the world, what the message must say[, a setup given monkeypatch:
 # what the case needs or how it fails]);
-# the README's table.
+# docs/bad-input.md's table.
 CASES = [
     ("missing config", "config", TRAIN, lambda w: ["--config", "nope.yaml"],
      r"config 'nope.yaml' not found \(looked in \. and .*configs\); available: .*gpt2-124m.yaml, .*small.yaml, "
@@ -372,7 +372,7 @@ def exit_code(script, argv: list[str]) -> int:
         return e.code
 
 
-# Inputs that look wrong but are not mistakes: they train, and what happened is said (README rows too).
+# Inputs that look wrong but are not mistakes: they train, and what happened is said (rows of docs/bad-input.md too).
 ACCEPTED = [
     ("template marker inside the content", "chat", TRAIN,
      lambda w: chat_data(w, w.spelt, "--train.max_iters=1", "--sample.max_new_tokens=1",
@@ -419,8 +419,7 @@ def test_hostile_input_is_one_clear_line_and_loses_nothing(world, case, script, 
     assert not (world.root / "pwned").exists()  # the pickle's code never ran
 
 
-def test_the_readme_table_has_a_row_for_each_case():
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    section = readme.split("\n## Bad input\n", 1)[1].split("\n## ", 1)[0]
-    areas = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")]
+def test_the_guide_table_has_a_row_for_each_case():
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "bad-input.md").read_text(encoding="utf-8")
+    areas = [line.split("|")[1].strip() for line in guide.splitlines() if line.startswith("| ")]
     assert sorted(area for area in areas if area not in ("", "---")) == sorted(case[1] for case in CASES + ACCEPTED)
