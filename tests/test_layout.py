@@ -99,3 +99,10 @@ def test_a_command_runs_and_an_unknown_one_is_one_line(capsys):
     assert commands.main(["evaluat"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "'evaluat'" in error and "evaluate" in error
+
+
+def test_the_package_finds_the_clones_folders_from_any_depth():
+    """gpt/corpus/downloads.py and gpt/config.py find data/ and configs/ beside gpt/, not inside it."""
+    from gpt.config import CONFIG_DIR
+    from gpt.corpus.downloads import DATA_DIR
+    assert DATA_DIR == ROOT / "data" and CONFIG_DIR == ROOT / "configs"

@@ -90,7 +90,7 @@ def measure(cfg: Config, device: torch.device, steps: int) -> dict:
 
 def child(argv: list[str], setting: str) -> dict:
     """`measure` for `setting` in a fresh Python process: its JSON line, read back."""
-    package_root = str(Path(__file__).resolve().parent.parent)
+    package_root = str(Path(__file__).resolve().parents[2])  # the folder holding gpt/
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-m", "gpt.bench", "memory", *argv, "--only", setting],
                           capture_output=True, text=True, env=env)

@@ -26,7 +26,7 @@ from gpt.corpus.sources import import_pyarrow, shakespeare_documents
 from gpt.data import default_num_proc
 from gpt.errors import ArgumentParser, UserError, run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the clone: gpt/bench/prep.py -> .
 RECORD_CHARS = 4000  # JSONL and Parquet records of about this many characters
 # Run as a child: prepare argv[2] into argv[3] with num_proc argv[4]; print what it took as JSON.
 CHILD = """
