@@ -1,22 +1,23 @@
 """Causal self-attention: the block the rest of the model is built around.
 
-`CausalAttention` follows the seed notebook (and chapter 3 of "Build a Large Language Model
-from Scratch") line for line, with its bug fixed: the notebook calls `attn_scores.masked_fill(...)`
-and drops the result, so the mask never applies and every token attends to the future. Here
-the mask is applied (`masked_fill_`, in place), and `tests/test_attention.py` proves it both
-with the notebook's own worked example and with a leak test.
+`CausalAttention(d_in, d_out, context_length, dropout, qkv_bias=False)` is the module of chapter 3
+of "Build a Large Language Model from Scratch": its weights are created in the chapter's order, so
+a seeded module has the chapter's weights and gives its outputs (`tests/test_attention.py` checks
+the mask against the seed notebook's worked example, and that no position sees the future).
 
 Design choices:
 - The mask is a `context_length`-square boolean buffer, True above the diagonal (the future).
   It is a buffer so it follows the module across devices, and non-persistent so it is not
   written into checkpoints (it is derived from `context_length`, not learned).
-- One head by default, exactly the notebook's module. With `num_heads > 1` the same math runs
-  per head on `d_out // num_heads` channels, followed by an output projection, as GPT-2 has.
-- Two ways to compute the same thing, chosen by `impl`: "explicit" is the notebook's math
-  (scores, mask, softmax, dropout, weighted sum), kept as the reference; "sdpa" (the default)
-  hands the same computation to `torch.nn.functional.scaled_dot_product_attention`, which
-  picks a fused kernel (flash / memory-efficient attention) and never materialises the
-  (T, T) score matrix. Tests check the two agree in outputs and gradients.
+- One head and no output projection by default: the chapter's module. With `num_heads > 1` the
+  same math runs per head on `d_out // num_heads` channels; `out_proj` adds the linear layer
+  that mixes the heads, as GPT-2's blocks have.
+- Two ways to compute the same thing, chosen by `impl`: "explicit" is the chapter's math
+  (scores, mask, softmax, dropout, weighted sum), kept as the reference; "sdpa" (`DEFAULT_IMPL`,
+  for this module and for `ModelConfig.attn_impl`) hands the same computation to
+  `torch.nn.functional.scaled_dot_product_attention`, which picks a fused kernel (flash /
+  memory-efficient attention) and never materialises the (T, T) score matrix. Tests check the
+  two agree in outputs and gradients.
 - The explicit weights are computed in one place, `_masked_softmax`, which the explicit
   forward pass and `attention_weights` (for looking at them: `python -m gpt attention-map`)
   both call, so the weights one sees are the ones the explicit path uses, whichever path the
@@ -30,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTENTION_IMPLS = ("sdpa", "explicit")
+DEFAULT_IMPL = "sdpa"  # the fused kernel: faster, and no (T, T) scores in memory
+ATTENTION_IMPLS = (DEFAULT_IMPL, "explicit")
 
 
 class LayerKVCache:
@@ -95,8 +97,8 @@ class CausalAttention(nn.Module):
         dropout: float,
         qkv_bias: bool = False,
         num_heads: int = 1,
-        out_proj: bool | None = None,
-        impl: str = "explicit",
+        out_proj: bool = False,
+        impl: str = DEFAULT_IMPL,
     ):
         super().__init__()
         if impl not in ATTENTION_IMPLS:
@@ -108,14 +110,11 @@ class CausalAttention(nn.Module):
         self.head_dim = d_out // num_heads
         self.context_length = context_length
         self.impl = impl
-        # Created in the seed's order, so a seeded model gets the seed's weights.
+        # Created in the chapter's order, so a seeded module gets the chapter's weights.
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        # The output projection mixes the heads; a single head (the seed's module) has none
-        # unless asked for.
-        if out_proj is None:
-            out_proj = num_heads > 1
+        # The output projection mixes the heads (GPT-2's blocks have one; the chapter's module none).
         self.out_proj = nn.Linear(d_out, d_out) if out_proj else None
         self.dropout = nn.Dropout(dropout)
         # True above the diagonal: position i may not look at positions j > i.
@@ -176,7 +175,7 @@ class CausalAttention(nn.Module):
         num_queries, num_keys = queries.shape[-2], keys.shape[-2]
         start = num_keys - num_queries  # > 0 when earlier keys come from a cache
         attn_scores = queries @ keys.transpose(-2, -1)  # (B, H, T, start + T)
-        # In place: the seed's `masked_fill` (no underscore) returned a new tensor and lost it.
+        # The future's scores become -inf, so softmax gives it weight exactly 0 (in place: no copy).
         future = self.mask[start:num_keys, :num_keys] if allowed is None else ~allowed
         attn_scores.masked_fill_(future, -torch.inf)
         return torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)

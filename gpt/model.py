@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gpt.attention import ATTENTION_IMPLS, CausalAttention, LayerKVCache, StaticKVCache
+from gpt.attention import ATTENTION_IMPLS, DEFAULT_IMPL, CausalAttention, LayerKVCache, StaticKVCache
 
 
 
@@ -50,7 +50,7 @@ class ModelConfig:
     drop_rate: float = 0.1  # embedding, attention-weight and residual dropout
     qkv_bias: bool = False
     vocab_pad_multiple: int = 64  # embedding rows rounded up to a multiple of this; 1 = none
-    attn_impl: str = "sdpa"  # sdpa (fused kernel) or explicit (the notebook's math); same weights
+    attn_impl: str = DEFAULT_IMPL  # sdpa (fused kernel) or explicit (the reference math); same weights
     init_from: str = "scratch"  # or gpt2[-medium/-large/-xl], or a path to HF weights: gpt/gpt2/pretrained.py
 
     @property
@@ -99,7 +99,7 @@ class TransformerBlock(nn.Module):
             dropout=cfg.drop_rate,
             qkv_bias=cfg.qkv_bias,
             num_heads=cfg.n_heads,
-            out_proj=True,
+            out_proj=True,  # as GPT-2, whatever n_heads is
             impl=cfg.attn_impl,
         )
         self.norm2 = nn.LayerNorm(cfg.emb_dim)

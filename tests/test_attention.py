@@ -147,7 +147,7 @@ def test_mask_is_a_non_persistent_buffer():
 def test_parameter_names_order_and_projection():
     single = CausalAttention(3, 2, 6, 0.0)
     assert [n for n, _ in single.named_parameters()] == ["W_query.weight", "W_key.weight", "W_value.weight"]
-    multi = CausalAttention(6, 6, 6, 0.0, qkv_bias=True, num_heads=3)
+    multi = CausalAttention(6, 6, 6, 0.0, qkv_bias=True, num_heads=3, out_proj=True)
     names = [n for n, _ in multi.named_parameters()]
     assert names[:6] == ["W_query.weight", "W_query.bias", "W_key.weight", "W_key.bias",
                          "W_value.weight", "W_value.bias"]
