@@ -142,7 +142,7 @@ def _reusable(prepared: Path, wanted: dict, splits: tuple[str, ...]) -> bool:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
         meta = {}
-    # A key an older version did not write reads as None: the default of the settings added since.
+    # A key meta.json lacks reads as None: what `wanted` holds for a setting left unset.
     if {k: meta.get(k) for k in wanted} == wanted and all(
         _token_count(prepared / f"{split}.bin") == meta.get(f"{split}_tokens") for split in splits
     ):
@@ -367,8 +367,8 @@ class TrainBatches:
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The window indices of `epoch`, shuffled by seed + epoch."""
         generator = torch.Generator().manual_seed(self.seed + epoch)
-        # The order a shuffling DataLoader gives (it draws a worker seed, then the permutation),
-        # so runs repeat those made before batches could be resumed.
+        # The order DataLoader(shuffle=True, generator=generator) gives: it draws a seed for its
+        # workers first, then the permutation.
         torch.empty((), dtype=torch.int64).random_(generator=generator)
         return torch.randperm(len(self.dataset), generator=generator)
 

@@ -172,8 +172,8 @@ def check_resumable(checkpoint: dict, path: Path, cfg: Config) -> list[str]:
 
 
 def saved_optimizer_name(checkpoint: dict) -> str:
-    """The `train.optimizer` a latest.pt was written by, read from its optimizer state itself
-    (a checkpoint from before Muon existed has no such setting in its config)."""
+    """The `train.optimizer` a latest.pt was written by, read from its optimizer state itself (Muon's
+    has a part per optimizer): a config that lacks the key reads as the default, whatever trained it."""
     state = checkpoint["optimizer"]
     return "muon" if isinstance(state, dict) and set(state) == {"muon", "adamw"} else "adamw"
 
