@@ -12,10 +12,11 @@ memory. Initialisation follows GPT-2: N(0, 0.02) for weights, zero biases, and t
 projections that write into the residual stream scaled down by 1/sqrt(2 * n_layers) so the
 stream's variance does not grow with depth.
 
-With `activation_checkpointing` set (training sets it from `train.activation_checkpointing`), a
+With `checkpoint_activations=True` (the training step passes `train.activation_checkpointing`), a
 forward pass that records gradients keeps only each block's input; the block's activations are
 recomputed in the backward pass (`torch.utils.checkpoint`, non-reentrant), with the same dropout
-masks: less memory for about one more forward pass of the blocks.
+masks: less memory for about one more forward pass of the blocks. It is an argument of the call,
+not of the model: a setting of the run, never saved, which a resumed run may change.
 
 The embedding (and so the tied head) has `padded_vocab_size` rows: `vocab_size` rounded up to
 a multiple of `vocab_pad_multiple` (50257 -> 50304), a shape GPU matrix units handle much
@@ -127,9 +128,6 @@ class GPTModel(nn.Module):
         # Weight tying (GPT-2): the head reuses the token embedding matrix, which saves
         # vocab_size * emb_dim parameters, most of a small model.
         self.out_head.weight = self.tok_emb.weight
-        # Recompute each block in backward instead of storing its activations (a setting of the
-        # run, not of the architecture: not saved, and a resumed run may change it).
-        self.activation_checkpointing = False
         self.apply(self._init_weights)
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layers)
         for block in self.trf_blocks:
@@ -166,7 +164,8 @@ class GPTModel(nn.Module):
         return [LayerKVCache(*shape, weight.device, weight.dtype) for _ in self.trf_blocks]
 
     def forward(self, idx: torch.Tensor, cache: list[LayerKVCache] | None = None,
-                targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+                targets: torch.Tensor | None = None, reduction: str = "mean",
+                checkpoint_activations: bool = False) -> torch.Tensor:
         """(B, T) token ids -> (B, T, padded_vocab_size) logits for the next token at each position.
 
         With `cache` (from `new_kv_cache`), `idx` continues the sequences already cached.
@@ -174,6 +173,7 @@ class GPTModel(nn.Module):
         With `targets` (B, T), the next-token cross-entropy instead (`reduction` as
         `F.cross_entropy` takes it: mean, sum, or none for (B * T,) losses): a compiled model then
         computes the loss inside its graph, and the (B, T, V) logits never leave it.
+        `checkpoint_activations`: recompute each block in backward instead of keeping its activations.
         """
         if targets is not None and cache is not None:
             raise ValueError("targets and a KV cache do not go together: the loss is for training")
@@ -190,7 +190,7 @@ class GPTModel(nn.Module):
         x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, emb_dim)
         x = self.drop_emb(x)
         for i, block in enumerate(self.trf_blocks):
-            if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
+            if checkpoint_activations and cache is None and torch.is_grad_enabled():
                 # Only x (B, T, emb_dim) is kept for backward; the RNG state is saved with it and
                 # replayed, so the recomputation draws the same dropout masks.
                 x = checkpoint(block, x, use_reentrant=False)

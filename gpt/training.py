@@ -24,7 +24,7 @@ unscales before clipping) when `train.dtype` asks for it or `auto` finds hardwar
 fails); `setup_device` turns on TF32 matmuls on CUDA. The un-compiled module is what gets
 saved, so checkpoints load with or without compile. Memory: `train.activation_checkpointing`
 has the model recompute each block's activations in the backward pass instead of keeping them
-(`GPTModel.activation_checkpointing`).
+(`train_step` passes it to `GPTModel.forward` as `checkpoint_activations`).
 
 Several processes (torchrun): `train`, `train_step` and `evaluate` take a `Distributed`
 (`gpt.distributed`); the model is wrapped in DistributedDataParallel, micro-steps before the
@@ -118,10 +118,11 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def calc_loss_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def calc_loss_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                    checkpoint_activations: bool = False) -> torch.Tensor:
     """Mean next-token cross-entropy of one (B, T) batch, computed by the model (inside its compiled graph),
-    over the targets that are not IGNORE_INDEX."""
-    return model(inputs, targets=targets)
+    over the targets that are not IGNORE_INDEX; `checkpoint_activations` as `GPTModel.forward` takes it."""
+    return model(inputs, targets=targets, checkpoint_activations=checkpoint_activations)
 
 
 def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -245,7 +246,7 @@ def train_step(
             with precision.autocast():
                 # Divide so the accumulated gradient is the mean over the micro-batches (DDP
                 # then averages over processes: the mean over all of them).
-                loss = calc_loss_batch(model, inputs, targets) / micro_steps
+                loss = calc_loss_batch(model, inputs, targets, cfg.activation_checkpointing) / micro_steps
             precision.scaler.scale(loss).backward()
         loss_sum += loss.detach()  # summed on the device: no GPU sync per micro-batch
         tokens += inputs.numel()
@@ -316,7 +317,6 @@ def train(
     scaler = precision.scaler if precision.scaler.is_enabled() else None
     state = restore(optimizer, scaler) if restore is not None else TrainState()
     batches = iter(train_batches)  # after restore: it continues from the restored position
-    model.activation_checkpointing = cfg.activation_checkpointing  # GPTModel.forward reads it
     # DDP first, then compile (PyTorch's advice); both share their parameters with `model`.
     ddp = dist.wrap(model, device)
     net = compile_model(ddp, cfg.compile, device)

@@ -312,13 +312,12 @@ def test_activation_checkpointing_on_cuda_same_gradients_less_memory():
     x = torch.randint(0, cfg.vocab_size, (8, 512), device=CUDA)
     results = {}
     for on in (False, True):
-        model.activation_checkpointing = on
         model.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
         torch.manual_seed(1)  # the same dropout masks
-        loss = calc_loss_batch(model, x, x.roll(-1, 1))
+        loss = calc_loss_batch(model, x, x.roll(-1, 1), checkpoint_activations=on)
         loss.backward()
         torch.cuda.synchronize()
         results[on] = (loss.item(), [p.grad.clone() for p in model.parameters()],

@@ -148,11 +148,10 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients_dropout_incl
     model.trf_blocks[0].register_forward_pre_hook(lambda *args: block_calls.append(1))
     results = {}
     for on in (False, True):
-        model.activation_checkpointing = on
         model.zero_grad()
         block_calls.clear()
         torch.manual_seed(1)
-        loss = calc_loss_batch(model, x, y)
+        loss = calc_loss_batch(model, x, y, checkpoint_activations=on)
         loss.backward()
         # The RNG moves on as it would without checkpointing: the next draw (the next step's masks) is the same.
         results[on] = (loss.detach(), [p.grad.clone() for p in model.parameters()], torch.rand(4), len(block_calls))
@@ -170,7 +169,7 @@ def test_activation_checkpointing_keeps_only_the_blocks_inputs_for_backward(tiny
     parameters = {p.data_ptr() for p in model.parameters()}
     x = torch.randint(0, tiny_cfg.vocab_size, (4, 16))
 
-    def saved_activation_bytes() -> int:
+    def saved_activation_bytes(checkpoint_activations: bool) -> int:
         """Bytes of the non-parameter tensors autograd keeps for backward during one forward pass."""
         saved = {}
 
@@ -179,12 +178,11 @@ def test_activation_checkpointing_keeps_only_the_blocks_inputs_for_backward(tiny
                 saved[(t.data_ptr(), t.dtype, t.shape)] = t.numel() * t.element_size()
             return t
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            calc_loss_batch(model, x, x)
+            calc_loss_batch(model, x, x, checkpoint_activations)
         return sum(saved.values())
 
-    stored = saved_activation_bytes()
-    model.activation_checkpointing = True
-    checkpointed = saved_activation_bytes()
+    stored = saved_activation_bytes(False)
+    checkpointed = saved_activation_bytes(True)
     assert checkpointed < stored / 5
 
 

@@ -69,7 +69,6 @@ def measure(cfg: Config, device: torch.device, steps: int) -> dict:
     # follows the tensors alive at once.
     torch.manual_seed(cfg.train.seed)
     model = GPTModel(cfg.model).to(device).train()
-    model.activation_checkpointing = cfg.train.activation_checkpointing
     net = compile_model(model, cfg.train.compile, device)
     optimizer = build_optimizer(model, cfg.train, device)
     precision = Precision(pick_dtype(cfg.train.dtype, device), device)

@@ -135,11 +135,11 @@ class TrainBench:
         self.variant = variant
         model_cfg = dataclasses.replace(cfg.model, attn_impl=variant.attn_impl,
                                         vocab_pad_multiple=variant.vocab_pad_multiple or cfg.model.vocab_pad_multiple)
-        self.train_cfg = dataclasses.replace(cfg.train, dtype=variant.dtype, compile=variant.compile)
+        self.train_cfg = dataclasses.replace(
+            cfg.train, dtype=variant.dtype, compile=variant.compile,
+            activation_checkpointing=variant.activation_checkpointing or cfg.train.activation_checkpointing)
         torch.manual_seed(cfg.train.seed)
         self.model = GPTModel(model_cfg).to(device).train()
-        self.model.activation_checkpointing = (variant.activation_checkpointing
-                                               or self.train_cfg.activation_checkpointing)
         self.dist = Distributed(launched=True) if variant.ddp else SINGLE
         wrapped = self.dist.wrap(self.model, device)
         self.net = compile_model(wrapped, variant.compile, device)
