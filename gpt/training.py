@@ -20,9 +20,9 @@ save.
 
 Speed: `Precision` runs forward passes under autocast (bf16, or fp16 with a GradScaler that
 unscales before clipping) when `train.dtype` asks for it or `auto` finds hardware for it;
-`compile_model` wraps the model in `torch.compile` (falling back, with one warning, if that
-fails); `setup_device` turns on TF32 matmuls on CUDA. The un-compiled module is what gets
-saved, so checkpoints load with or without compile. Memory: `train.activation_checkpointing`
+`compile_model` wraps the model in `torch.compile` (`CompiledOrEager`: if compiling fails at the
+first call, one warning and the plain model); `setup_device` turns on TF32 matmuls on CUDA. The
+un-compiled module is what gets saved, so checkpoints load with or without compile. Memory: `train.activation_checkpointing`
 has the model recompute each block's activations in the backward pass instead of keeping them
 (`train_step` passes it to `GPTModel.forward` as `checkpoint_activations`).
 
@@ -84,17 +84,48 @@ def setup_device(device: torch.device) -> None:
 
 
 def compile_model(model: nn.Module, setting: bool | str, device: torch.device) -> nn.Module:
-    """`torch.compile(model)` if `setting` asks for it (auto: on CUDA), else `model` itself."""
+    """`torch.compile(model)` if `setting` asks for it (auto: on CUDA), else `model` itself.
+
+    Compiled, it is a `CompiledOrEager`: if compiling fails, it warns once and runs `model` as it is."""
     if setting is False or (setting == "auto" and device.type != "cuda"):
         return model
     try:
-        return torch.compile(model)
+        return CompiledOrEager(model)
     except Exception as e:  # e.g. an unsupported platform or Python version
         warn_compile_failed(e)
         return model
 
 
+class CompiledOrEager(nn.Module):
+    """`torch.compile(eager)`, which falls back to `eager` itself if the first call fails.
+
+    torch.compile compiles lazily, at the first call, so that is where a missing compiler or an
+    unsupported platform shows: the call is then run uncompiled, after one warning, and so is
+    every later one. A failure at a later call is a real error, and so is running out of memory.
+    """
+
+    def __init__(self, eager: nn.Module):
+        super().__init__()
+        self.eager = eager
+        self.compiled = torch.compile(eager)
+        self.called = False
+
+    def forward(self, *args, **kwargs):
+        if self.called:
+            return self.compiled(*args, **kwargs)
+        self.called = True
+        try:
+            return self.compiled(*args, **kwargs)
+        except torch.OutOfMemoryError:  # not a failure to compile: too large for the device
+            raise
+        except Exception as e:
+            warn_compile_failed(e)
+            self.compiled = self.eager
+            return self.eager(*args, **kwargs)
+
+
 def warn_compile_failed(error: Exception) -> None:
+    """One warning that torch.compile failed and training goes on without it."""
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     warnings.warn(f"torch.compile failed ({first_line[:200]}); training continues uncompiled "
                   "(set train.compile: false to skip it)", stacklevel=2)
@@ -215,7 +246,7 @@ def _stop_if_not_finite(value: float, what: str, step: int, progress: tqdm) -> N
 
 def gradient_sync_skipped(model: nn.Module) -> contextlib.AbstractContextManager:
     """DDP's `no_sync()` (gradients accumulate locally, not exchanged), or nothing without DDP."""
-    ddp = getattr(model, "_orig_mod", model)  # inside torch.compile's wrapper
+    ddp = model.eager if isinstance(model, CompiledOrEager) else model
     return ddp.no_sync() if isinstance(ddp, DistributedDataParallel) else contextlib.nullcontext()
 
 
@@ -318,9 +349,7 @@ def train(
     state = restore(optimizer, scaler) if restore is not None else TrainState()
     batches = iter(train_batches)  # after restore: it continues from the restored position
     # DDP first, then compile (PyTorch's advice); both share their parameters with `model`.
-    ddp = dist.wrap(model, device)
-    net = compile_model(ddp, cfg.compile, device)
-    compiled_once = False
+    net = compile_model(dist.wrap(model, device), cfg.compile, device)
     model.train()  # dropout active for the steps
     rate = None  # tokens/s, smoothed
     progress = tqdm(total=cfg.max_iters, initial=state.step, desc="training", unit="step",
@@ -328,24 +357,12 @@ def train(
     while state.step < cfg.max_iters:
         started = time.perf_counter()
         lr = set_learning_rate(optimizer, state.step, cfg)
-        step_args = (batches, optimizer, precision, cfg, device, state.step + 1, dist)
         with out_of_memory_named("training step", state.step + 1, device, progress):
             try:
-                step_loss, tokens = train_step(net, *step_args)
+                step_loss, tokens = train_step(net, batches, optimizer, precision, cfg, device, state.step + 1, dist)
             except NonFiniteLoss:
                 progress.close()
                 raise
-            except torch.OutOfMemoryError:  # not a failure to compile: too large for the device
-                raise
-            except Exception as e:
-                if net is ddp or compiled_once:  # not a failure to compile: a real error
-                    raise
-                # Compilation happens at the first call; if it fails, carry on without it.
-                warn_compile_failed(e)
-                net = ddp
-                optimizer.zero_grad(set_to_none=True)
-                step_loss, tokens = train_step(net, *step_args)
-        compiled_once = True
         state.step += 1
 
         step_rate = tokens / (time.perf_counter() - started)
