@@ -13,14 +13,16 @@ from pathlib import Path
 
 import torch
 
+from gpt.chat.data import load_chat_splits
 from gpt.chat.template import TEMPLATE, chat_model_config, check_resumed_template, reply
-from gpt.chat.data import load_chat_split, prepare_chat
 from gpt.checkpoint import BEST_NAME, LATEST_NAME, load_checkpoint, run_checkpoints, save_checkpoint
 from gpt.config import Config, load_config
-from gpt.data import TrainBatches, check_max_tokens, eval_loader, load_split, prepare
-from gpt.distributed import Distributed, environment_place, environment_rank, launched_by_torchrun, start
+from gpt.data import TrainBatches, eval_loader, load_text_splits
+from gpt.distributed import (
+    Distributed, batch_line, environment_place, environment_rank, launched_by_torchrun, plural, start,
+)
 from gpt.errors import ArgumentParser, UserError, run_cli
-from gpt.tools.evaluate import describe, score
+from gpt.tools.evaluate import final_val_line
 from gpt.model import GPTModel
 from gpt.resume import (
     StopRequest, best_checkpoint, check_resumable, checkpoint_to_resume, rank_seed, restore_training,
@@ -28,10 +30,10 @@ from gpt.resume import (
 )
 from gpt.metrics import RunLog
 from gpt.tools.plot import plot_after_training
-from gpt.precision import CPU_BF16_VARIABLE, Precision, comparable_dtype, dtype_name, pick_dtype
+from gpt.precision import Precision, pick_dtype, precision_line
 from gpt.gpt2.pretrained import build_model, resolve_model_config
 from gpt.sampling import print_samples
-from gpt.training import NonFiniteLoss, OutOfMemory, TrainState, out_of_memory_named, pick_device, setup_device, train
+from gpt.training import NonFiniteLoss, OutOfMemory, TrainState, pick_device, setup_device, train
 
 
 def run(cfg: Config, resume: bool, overwrite: bool, resume_command: str) -> int:
@@ -67,15 +69,11 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
     seed_everything(cfg.train.seed)
     context = cfg.model.context_length
     if chat:  # one conversation per window, the loss on the replies only (gpt.chat.data)
-        prepared = dist.in_turn(lambda: prepare_chat(cfg.data))
-        train_set, val_set = (load_chat_split(prepared, split, context) for split in ("train", "val"))
+        train_set, val_set = load_chat_splits(cfg.data, context, dist)
         for split, windows in (("train", train_set), ("val", val_set)):
             say(windows.describe(split))
     else:
-        check_max_tokens(cfg.data, context + 1)  # before any reading: each split needs a window and its target
-        prepared = dist.in_turn(lambda: prepare(cfg.data))  # rank 0 writes the token files, the rest read them
-        train_set = load_split(prepared, "train", context, cfg.data.stride or context)
-        val_set = load_split(prepared, "val", context, context)
+        train_set, val_set = load_text_splits(cfg.data, context, dist)
     pin = device.type == "cuda"
     batch_size, accum = cfg.data.batch_size, cfg.train.grad_accum_steps
     train_batches = TrainBatches(train_set, batch_size, cfg.train.seed, cfg.data.num_workers, pin_memory=pin,
@@ -96,7 +94,7 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
         f"{len(train_set):,} train windows")
     say(batch_line(batch_size, accum, context, dist))
     precision = Precision(pick_dtype(cfg.train.dtype, device), device)
-    say(f"precision: {precision_line(cfg.train.dtype, precision.dtype, device)}")
+    say(f"precision: {precision_line(cfg.train.dtype, device)}")
 
     latest, best = out_dir / LATEST_NAME, out_dir / BEST_NAME
     last_saved = checkpoint["step"] if checkpoint is not None else None  # the last good checkpoint
@@ -151,14 +149,10 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
         say(f"stopped at step {state.step}; saved {latest}; resume with: {resume_command}", flush=True)
         return 128 + (stop.signum or signal.SIGTERM)
     if cfg.train.whole_val_at_end:  # the figure to compare runs by: every window, not the periodic subset
-        comparable = Precision(comparable_dtype(precision.dtype, device), device)  # float32 on any CPU
         try:
-            with out_of_memory_named("the evaluation over the whole val split after step", state.step, device):
-                scored = score(model, whole_val, device, comparable, dist)
+            say(final_val_line(model, whole_val, cfg.train.dtype, device, dist, chat, state.step))
         except OutOfMemory as e:
             raise out_of_memory_error(e, cfg, dist, latest, last_saved) from None
-        say(describe(scored, "val loss (replies only)" if chat else "val loss",
-                     "the val conversations" if chat else "the val split", comparable.dtype))
     if not dist.is_main:
         return 0
     print(f"saved {latest} (step {state.step}); best: {best} (step {state.best_step}, val loss "
@@ -176,34 +170,6 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
     sample = cfg.sample if cfg.sample.compile is True else dataclasses.replace(cfg.sample, compile=False)
     print_samples(model, cfg.sample.prompt, sample, device)
     return 0
-
-
-def precision_line(setting: str, dtype: torch.dtype, device: torch.device) -> str:
-    """What the run computes in, and why: e.g. `bfloat16 autocast (train.dtype auto: the CPU has native bf16)`."""
-    what = "float32" if dtype == torch.float32 else f"{dtype_name(dtype)} autocast"
-    if setting != "auto":
-        return f"{what} (train.dtype {setting})"
-    if device.type == "cpu":
-        why = "the CPU has native bf16" if dtype == torch.bfloat16 else "bf16 would be emulated on this CPU"
-        if os.environ.get(CPU_BF16_VARIABLE):
-            why = f"{CPU_BF16_VARIABLE}={os.environ[CPU_BF16_VARIABLE]}"
-        return f"{what} (train.dtype auto: {why})"
-    return f"{what} (train.dtype auto on {device.type})"
-
-
-def plural(count: int, word: str, words: str) -> str:
-    return f"{count} {word if count == 1 else words}"
-
-
-def batch_line(batch_size: int, accum: int, context: int, dist: Distributed) -> str:
-    """The global batch, and with several processes what each of them runs of it."""
-    line = (f"global batch: {plural(batch_size, 'window', 'windows')} x {plural(accum, 'micro-step', 'micro-steps')}"
-            f" = {batch_size * accum * context:,} tokens per step")
-    if not dist.launched:
-        return line
-    local_steps = plural(dist.local_accum_steps(accum), "micro-step", "micro-steps")
-    local_batch = plural(dist.local_batch_size(batch_size, accum), "window", "windows")
-    return f"{line}; each of {dist.world_size} processes runs {local_steps} of {local_batch}"
 
 
 def open_checkpoint(path: Path, cfg: Config, say=print) -> dict:

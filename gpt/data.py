@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from gpt.corpus.downloads import DATA_DIR
 from gpt.corpus.encode import encode_documents
+from gpt.distributed import SINGLE, Distributed
 from gpt.errors import UserError
 from gpt.corpus.shakespeare_chat import ShakespeareChatSource
 from gpt.corpus.sources import (HF_PREFIX, SHAKESPEARE, SHAKESPEARE_CHAT, FileSource, HFSource, ShakespeareSource,
@@ -314,6 +315,14 @@ def load_split(prepared: Path, split: str, max_length: int, stride: int) -> Toke
             f"{max_length + 1}; use more text or a smaller model.context_length"
         )
     return windows
+
+
+def load_text_splits(cfg: DataConfig, context: int, dist: Distributed = SINGLE) -> tuple[TokenWindows, TokenWindows]:
+    """The train and val windows of the configured corpus, prepared first where needed (rank 0 first)."""
+    check_max_tokens(cfg, context + 1)  # before any reading: each split needs a window and its target
+    prepared = dist.in_turn(lambda: prepare(cfg))  # rank 0 writes the token files, the rest read them
+    train = load_split(prepared, "train", context, cfg.stride or context)
+    return train, load_split(prepared, "val", context, context)
 
 
 class TrainBatches:

@@ -156,6 +156,22 @@ class Distributed:
 SINGLE = Distributed()
 
 
+def plural(count: int, word: str, words: str) -> str:
+    """`1 process`, `4 processes`."""
+    return f"{count} {word if count == 1 else words}"
+
+
+def batch_line(batch_size: int, accum: int, context: int, dist: Distributed) -> str:
+    """The global batch, and with several processes what each of them runs of it."""
+    line = (f"global batch: {plural(batch_size, 'window', 'windows')} x {plural(accum, 'micro-step', 'micro-steps')}"
+            f" = {batch_size * accum * context:,} tokens per step")
+    if not dist.launched:
+        return line
+    local_steps = plural(dist.local_accum_steps(accum), "micro-step", "micro-steps")
+    local_batch = plural(dist.local_batch_size(batch_size, accum), "window", "windows")
+    return f"{line}; each of {dist.world_size} processes runs {local_steps} of {local_batch}"
+
+
 def launched_by_torchrun() -> bool:
     return all(key in os.environ for key in ENV_KEYS)
 

@@ -88,6 +88,21 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def precision_line(setting: str, device: torch.device) -> str:
+    """What `train.dtype` `setting` computes in on `device`, and why: e.g. `bfloat16 autocast (train.dtype
+    auto: the CPU has native bf16)`."""
+    dtype = pick_dtype(setting, device)
+    what = "float32" if dtype == torch.float32 else f"{dtype_name(dtype)} autocast"
+    if setting != "auto":
+        return f"{what} (train.dtype {setting})"
+    if device.type == "cpu":
+        why = "the CPU has native bf16" if dtype == torch.bfloat16 else "bf16 would be emulated on this CPU"
+        if os.environ.get(CPU_BF16_VARIABLE):
+            why = f"{CPU_BF16_VARIABLE}={os.environ[CPU_BF16_VARIABLE]}"
+        return f"{what} (train.dtype auto: {why})"
+    return f"{what} (train.dtype auto on {device.type})"
+
+
 class Precision:
     """Autocast to `dtype` for forward passes, and a GradScaler that is active only for fp16.
 

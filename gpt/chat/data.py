@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from gpt.chat.template import IGNORE, TEMPLATE, conversation_from_record, render, spells_marker
 from gpt.data import DataConfig, _cannot_write, open_corpus
 from gpt.corpus.downloads import DATA_DIR
+from gpt.distributed import SINGLE, Distributed
 from gpt.errors import UserError
 from gpt.tokenizer import EOT_ID
 
@@ -175,6 +176,12 @@ def load_chat_split(prepared: Path, split: str, max_length: int) -> ChatWindows:
                         f"{max_length} tokens: each of the {windows.dropped:,} is longer than any window; "
                         "shorten the conversations or use a model with a longer model.context_length")
     return windows
+
+
+def load_chat_splits(cfg: DataConfig, context: int, dist: Distributed = SINGLE) -> tuple[ChatWindows, ChatWindows]:
+    """The train and val conversations, prepared first where needed (rank 0 first), one per window."""
+    prepared = dist.in_turn(lambda: prepare_chat(cfg))
+    return load_chat_split(prepared, "train", context), load_chat_split(prepared, "val", context)
 
 
 def read_meta(prepared: Path) -> dict:

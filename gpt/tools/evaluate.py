@@ -1,7 +1,7 @@
 """Loss, perplexity and bits per byte over every window: `python -m gpt evaluate --checkpoint RUN`.
 
 `score` is the one evaluation over every window of a token file: training's final figure
-(`train.whole_val_at_end`) and this command both call it. The windows are those training
+(`train.whole_val_at_end`: `final_val_line`) and this command both call it. The windows are those training
 evaluates on: `context_length` tokens side by side (stride = context), window i predicting
 tokens i*T+1 .. i*T+T from the ones before them in the window. So every token of the file is
 scored once, except the first (nothing predicts it) and the fewer than T left after the last
@@ -49,7 +49,7 @@ from gpt.gpt2.pretrained import (DEFAULT_RUN_CONFIG, build_model, default_checkp
 from gpt.model import IGNORE_INDEX, GPTModel, ModelConfig
 from gpt.precision import DTYPES, Precision, dtype_name, scoring_dtype
 from gpt.tokenizer import token_byte_lengths
-from gpt.training import pick_device, setup_device, to_device
+from gpt.training import out_of_memory_named, pick_device, setup_device, to_device
 
 
 @dataclass
@@ -123,6 +123,18 @@ def describe(result: Score, label: str, what: str, dtype: torch.dtype) -> str:
     return (f"{label} over all {result.windows:,} windows of {what}: {result.loss:.4f} "
             f"(ppl {result.perplexity:.1f}), {result.bits_per_byte:.4f} bits per byte "
             f"({result.tokens:,} tokens, {result.text_bytes:,} bytes of text, in {dtype_name(dtype)})")
+
+
+def final_val_line(model: nn.Module, loader: DataLoader, run_dtype: str, device: torch.device, dist: Distributed,
+                   chat: bool, step: int) -> str:
+    """Training's final figure, after `step`: the val loss over every window (a chat run's replies only),
+    in the precision runs are compared in (float32 on any CPU)."""
+    precision = Precision(scoring_dtype("comparable", run_dtype, device), device)
+    with out_of_memory_named("the evaluation over the whole val split after step", step, device):
+        scored = score(model, loader, device, precision, dist)
+    if chat:
+        return describe(scored, "val loss (replies only)", "the val conversations", precision.dtype)
+    return describe(scored, "val loss", "the val split", precision.dtype)
 
 
 def data_config(base: DataConfig, overrides: list[str], source: str) -> tuple[DataConfig, set[str]]:
