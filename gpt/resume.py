@@ -23,10 +23,13 @@ way and resumed ends with weights bit-identical to one that never stopped
 (`tests/test_resume.py` checks it with real kills).
 
 Everything is stored as tensors, numbers, strings, lists and dicts, so
-`torch.load(..., weights_only=True)` reads it back. `StopRequest` turns SIGINT and SIGTERM into
-a request the loop honours after its current step: save, then stop.
+`torch.load(..., weights_only=True)` reads it back. `RunCheckpoints` is what the loop saves to
+and restores from: a run folder's latest.pt and best.pt; it also turns a stop the loop raises (a
+NaN, running out of memory) into one line naming the last good checkpoint. `StopRequest` turns
+SIGINT and SIGTERM into a request the loop honours after its current step: save, then stop.
 """
 
+import contextlib
 import dataclasses
 import os
 import random
@@ -38,11 +41,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt.checkpoint import LATEST_NAME, config_differences, load_weights, run_checkpoints
+from gpt.checkpoint import BEST_NAME, LATEST_NAME, config_differences, load_weights, run_checkpoints, save_checkpoint
 from gpt.config import Config, config_from_dict, config_to_dict
 from gpt.data import TrainBatches
+from gpt.distributed import SINGLE, Distributed, plural
 from gpt.errors import UserError
-from gpt.training import TrainState
+from gpt.training import NonFiniteLoss, OutOfMemory, TrainState
 
 # What latest.pt holds beyond the weights and config; best.pt (weights only) lacks these.
 RESUME_KEYS = ("optimizer", "scaler", "data", "rng", *(f.name for f in dataclasses.fields(TrainState)))
@@ -204,6 +208,111 @@ def restore_training(checkpoint: dict, path: Path, model: torch.nn.Module, optim
         raise UserError(f"{path} is damaged: its training state cannot be restored ({reason[:200]}); "
                         "start again with --overwrite") from None
     return state
+
+
+# --------------------------------------------------------------------------- a run's folder
+
+class RunCheckpoints:
+    """A run folder's latest.pt and best.pt: where `train` saves the run and, resuming, restores it from.
+
+    `resumed` is the (path, checkpoint) to continue from, None for a fresh run. `extras` go into
+    both files beside the run's state (a chat run's template). Every process calls `save` (their
+    RNG states are gathered) and rank 0 writes.
+    """
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, batches: TrainBatches, dist: Distributed = SINGLE,
+                 resumed: tuple[Path, dict] | None = None, extras: dict | None = None):
+        out_dir = Path(cfg.train.out_dir)
+        self.latest, self.best = out_dir / LATEST_NAME, out_dir / BEST_NAME
+        self.cfg, self.model, self.batches, self.dist = cfg, model, batches, dist
+        self.resumed = resumed
+        self.extras = extras or {}
+        self.last_saved = resumed[1]["step"] if resumed is not None else None  # the last good checkpoint's step
+
+    def make_folder(self, overwrite: bool) -> None:
+        """Create the run folder now, not at the first save; with `overwrite`, remove the old run's checkpoints."""
+        if not self.dist.is_main:
+            return
+        out_dir = self.latest.parent
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create train.out_dir {out_dir} ({e.strerror}); "
+                            "choose a folder you can write to") from None
+        if overwrite:  # asked for: the new run replaces the old one's checkpoints
+            for old in run_checkpoints(out_dir):
+                old.unlink()
+
+    def restore(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> TrainState:
+        """The state to continue from, the resumed checkpoint loaded into the run's objects; a new one if fresh."""
+        if self.resumed is None:
+            return TrainState()
+        path, checkpoint = self.resumed
+        self.resumed = None  # its tensors go into the model and optimizer: free the copy after
+        state = restore_training(checkpoint, path, self.model, optimizer, scaler, self.batches, self.cfg.train.seed,
+                                 self.dist.rank, self.dist.world_size)
+        saved_by = checkpoint.get("world_size", 1)
+        if self.dist.is_main:
+            if saved_by != self.dist.world_size:
+                print(f"note: {path} was written by {plural(saved_by, 'process', 'processes')} and continues with "
+                      f"{self.dist.world_size}: the batches and the schedule continue exactly, the dropout masks "
+                      "differ from an unbroken run's")
+            print(f"resuming {path} at step {state.step}")
+        return state
+
+    def save(self, state: TrainState, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+        """Write latest.pt, and best.pt when `state` holds the best val loss so far, measured just now."""
+        rank_rngs = self.dist.gather(rng_state())  # every process takes part; rank 0 writes
+        if self.dist.is_main:
+            save_checkpoint(self.latest, {**training_checkpoint(self.model, optimizer, scaler, state, self.batches,
+                                                                self.cfg, rank_rngs), **self.extras})
+            if state.best_step == state.step:  # evaluated just now, and the best so far
+                save_checkpoint(self.best, {**best_checkpoint(self.model, state, self.cfg), **self.extras})
+        self.last_saved = state.step
+
+    @contextlib.contextmanager
+    def explained_stops(self):
+        """Inside, `NonFiniteLoss` and `OutOfMemory` become one-line UserErrors naming the last good checkpoint."""
+        try:
+            yield
+        except NonFiniteLoss as e:
+            raise non_finite_error(e, self.latest, self.last_saved) from None
+        except OutOfMemory as e:
+            raise out_of_memory_error(e, self.cfg, self.dist, self.latest, self.last_saved) from None
+
+
+def non_finite_error(e: NonFiniteLoss, latest: Path, last_saved: int | None) -> UserError:
+    """The error for a NaN/inf: the step, the last good checkpoint and what to do."""
+    if last_saved is None:
+        return UserError(f"{e}; last good checkpoint: none yet; lower train.learning_rate (or set "
+                         "train.grad_clip) and start again")
+    return UserError(f"{e}; last good checkpoint: {latest} (step {last_saved}); lower train.learning_rate "
+                     "(or set train.grad_clip) and continue from it with --resume, or start again with "
+                     "--overwrite")
+
+
+def out_of_memory_error(e: OutOfMemory, cfg: Config, dist: Distributed, latest: Path,
+                        last_saved: int | None) -> UserError:
+    """The error for running out of GPU memory: where, at which batch size, and what to lower."""
+    batch_size, accum = cfg.data.batch_size, cfg.train.grad_accum_steps
+    training = e.phase == "training step"
+    # Training micro-batches are each process's slice; evaluation batches are data.batch_size whole.
+    windows = dist.local_batch_size(batch_size, accum) if training else batch_size
+    on_each = f" on each of {dist.world_size} processes" if dist.launched else ""
+    ideas = []
+    smaller = next((batch_size // f for f in range(2, batch_size + 1) if batch_size % f == 0), None)
+    if smaller is not None:  # the same global batch in smaller micro-batches
+        ideas.append(f"lower data.batch_size and raise train.grad_accum_steps to keep the global batch (e.g. "
+                     f"--data.batch_size={smaller} --train.grad_accum_steps={accum * batch_size // smaller})")
+    if training and not cfg.train.activation_checkpointing:
+        ideas.append("set --train.activation_checkpointing=true")
+    ideas.append("lower model.context_length")
+    kept = (f"the last checkpoint, {latest} (step {last_saved}), is kept" if last_saved is not None
+            else "no checkpoint was written yet")
+    to_fit = ", ".join(ideas[:-1]) + ", or " + ideas[-1] if len(ideas) > 1 else ideas[0]
+    return UserError(f"{e} with batches of {plural(windows, 'window', 'windows')} x {cfg.model.context_length:,} "
+                     f"tokens{on_each} (data.batch_size {batch_size}, model.context_length "
+                     f"{cfg.model.context_length}); to fit, {to_fit}; {kept}")
 
 
 # --------------------------------------------------------------------------- signals

@@ -2,11 +2,12 @@
 
 Each piece is a small function taking what it needs: `calc_loss_batch` (next-token
 cross-entropy), `evaluate` (mean loss in eval mode, no grad), `train_step` (one optimizer step
-over accumulated micro-batches) and `train`, which ties them together with periodic
-evaluation, a progress bar and checkpoints. Everything a resumed run needs (model, optimizer,
-step, best val loss, data position) is held in named objects rather than loop-local
-variables; the loop knows nothing of files: `save` and `restore` are given to it
-(`gpt.resume` writes them). The optimizer (AdamW, or Muon with AdamW) and the learning-rate
+over accumulated micro-batches), `measure_losses` (the periodic evaluation) and `train`, whose
+loop reads top to bottom: learning rate, step, progress, evaluation when due, save when due,
+stop when asked. Everything a resumed run needs (model, optimizer, step, best val loss, data
+position) is held in named objects rather than loop-local variables; the loop knows nothing of
+files: it restores from and saves to the `Checkpoints` it is given (`gpt.resume.RunCheckpoints`
+writes a run folder). The optimizer (AdamW, or Muon with AdamW) and the learning-rate
 schedule come from `gpt.optim`.
 
 A non-finite loss or gradient norm (or, before a save, non-finite weights) stops the run with
@@ -22,9 +23,10 @@ Speed: `Precision` runs forward passes under autocast (bf16, or fp16 with a Grad
 unscales before clipping) when `train.dtype` asks for it or `auto` finds hardware for it;
 `compile_model` wraps the model in `torch.compile` (`CompiledOrEager`: if compiling fails at the
 first call, one warning and the plain model); `setup_device` turns on TF32 matmuls on CUDA. The
-un-compiled module is what gets saved, so checkpoints load with or without compile. Memory: `train.activation_checkpointing`
-has the model recompute each block's activations in the backward pass instead of keeping them
-(`train_step` passes it to `GPTModel.forward` as `checkpoint_activations`).
+un-compiled module is what gets saved, so checkpoints load with or without compile. Memory:
+`train.activation_checkpointing` has the model recompute each block's activations in the
+backward pass instead of keeping them (`train_step` passes it to `GPTModel.forward` as
+`checkpoint_activations`).
 
 Several processes (torchrun): `train`, `train_step` and `evaluate` take a `Distributed`
 (`gpt.distributed`); the model is wrapped in DistributedDataParallel, micro-steps before the
@@ -38,16 +40,18 @@ import math
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from gpt.config import TrainConfig
+from gpt.data import DataConfig, TrainBatches, eval_loader
 from gpt.distributed import SINGLE, Distributed
 from gpt.errors import UserError
 from gpt.model import IGNORE_INDEX
@@ -208,7 +212,7 @@ class OutOfMemory(Exception):
     """The device ran out of memory during `phase` (a training step or an evaluation) at `step`.
 
     Raised from `torch.OutOfMemoryError` (CUDA's), which leaves nothing saved half way: the last
-    checkpoint is the one before. `train.py` turns it into one line saying what to lower.
+    checkpoint is the one before. `gpt.resume.out_of_memory_error` turns it into one line saying what to lower.
     """
 
     def __init__(self, phase: str, step: int, device: torch.device, error: torch.OutOfMemoryError):
@@ -223,25 +227,17 @@ class OutOfMemory(Exception):
 
 
 @contextlib.contextmanager
-def out_of_memory_named(phase: str, step: int, device: torch.device, progress: tqdm | None = None):
-    """Inside, `torch.OutOfMemoryError` becomes `OutOfMemory(phase, step, ...)`, the progress bar closed first."""
+def out_of_memory_named(phase: str, step: int, device: torch.device) -> Iterator[None]:
+    """Inside, `torch.OutOfMemoryError` becomes `OutOfMemory(phase, step, ...)`."""
     try:
         yield
     except torch.OutOfMemoryError as e:
-        if progress is not None:
-            progress.close()
         raise OutOfMemory(phase, step, device, e) from None  # from None: the failed step's tensors can go
 
 
 def weights_are_finite(model: nn.Module) -> bool:
     """True when no parameter holds a NaN or an infinity (one device sync for all of them)."""
     return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
-
-
-def _stop_if_not_finite(value: float, what: str, step: int, progress: tqdm) -> None:
-    if not math.isfinite(value):
-        progress.close()
-        raise NonFiniteLoss(what, value, step)
 
 
 def gradient_sync_skipped(model: nn.Module) -> contextlib.AbstractContextManager:
@@ -318,83 +314,130 @@ def _scaled_step(model: nn.Module, loss_sum: torch.Tensor, optimizer: torch.opti
     return loss_value
 
 
+class Checkpoints(Protocol):
+    """Where `train` resumes from and saves to (`gpt.resume.RunCheckpoints`: a run folder)."""
+
+    def restore(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> TrainState:
+        """The state to continue from, loaded into the run's objects; a new `TrainState` for a fresh run."""
+
+    def save(self, state: TrainState, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+        """Record the run at `state` (every process calls it)."""
+
+
+@dataclass
+class TrainData:
+    """What a run reads: endless shuffled train batches and the fixed loaders it evaluates with."""
+
+    batches: TrainBatches  # (inputs, targets) forever, resumable
+    eval_loaders: dict[str, DataLoader]  # "train" and "val": evenly spread batches, for the periodic estimate
+    whole_val: DataLoader | None = None  # every val window: the figure to compare runs by
+
+
+def train_data(train_set: Dataset, val_set: Dataset, data: DataConfig, cfg: TrainConfig, dist: Distributed,
+               device: torch.device) -> TrainData:
+    """The batches and loaders of a run over `train_set` and `val_set`: this process's share of each."""
+    batches = TrainBatches(train_set, data.batch_size, cfg.seed, data.num_workers, pin_memory=device.type == "cuda",
+                           rank=dist.rank, world_size=dist.world_size,
+                           shares=dist.batch_shares(cfg.grad_accum_steps))
+    eval_loaders = {split: eval_loader(windows, data.batch_size, cfg.eval_iters, dist.rank, dist.world_size)
+                    for split, windows in (("train", train_set), ("val", val_set))}
+    whole_val = eval_loader(val_set, data.batch_size, None, dist.rank, dist.world_size)
+    return TrainData(batches, eval_loaders, whole_val)
+
+
+class Progress:
+    """The progress bar and the smoothed tokens/s; only the main process shows and prints them."""
+
+    def __init__(self, cfg: TrainConfig, step: int, dist: Distributed):
+        self.show = dist.is_main
+        self.bar = tqdm(total=cfg.max_iters, initial=step, desc="training", unit="step",
+                        disable=None if self.show else True, dynamic_ncols=True)
+        self.rate: float | None = None  # tokens/s, smoothed
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.close()  # before any error's message
+
+    def update(self, loss: float, lr: float, tokens_per_s: float) -> None:
+        """Count one more step, which ran at `tokens_per_s`."""
+        self.rate = tokens_per_s if self.rate is None else 0.9 * self.rate + 0.1 * tokens_per_s
+        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{self.rate:,.0f}")
+        self.bar.update(1)
+
+    def report(self, state: TrainState) -> None:
+        """The line of an evaluation: both losses, their perplexities and the speed."""
+        if self.show:
+            self.bar.write(
+                f"step {state.step}: train loss {state.train_loss:.4f} "
+                f"(ppl {math.exp(min(state.train_loss, 50)):.1f}), val loss {state.val_loss:.4f} "
+                f"(ppl {math.exp(min(state.val_loss, 50)):.1f}), {self.rate:,.0f} tokens/s"
+            )
+
+
+def measure_losses(model: nn.Module, loaders: dict[str, DataLoader], state: TrainState, device: torch.device,
+                   precision: Precision, dist: Distributed = SINGLE) -> None:
+    """Evaluate the train and val loss into `state` (and the best val loss); NonFiniteLoss if one is not finite."""
+    with out_of_memory_named("the evaluation at step", state.step, device):
+        state.train_loss = evaluate(model, loaders["train"], device, precision, dist)
+        state.val_loss = evaluate(model, loaders["val"], device, precision, dist)
+    for what, value in (("train loss", state.train_loss), ("val loss", state.val_loss)):
+        if not math.isfinite(value):
+            raise NonFiniteLoss(what, value, state.step)
+    if state.val_loss < state.best_val_loss:
+        state.best_val_loss, state.best_step = state.val_loss, state.step
+
+
 def train(
     model: nn.Module,
     cfg: TrainConfig,
-    train_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    eval_loaders: dict[str, DataLoader],
+    data: TrainData,
     device: torch.device,
-    save: Callable[[TrainState, torch.optim.Optimizer, torch.amp.GradScaler | None], None],
-    restore: Callable[[torch.optim.Optimizer, torch.amp.GradScaler | None], TrainState] | None = None,
-    precision: Precision | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    checkpoints: Checkpoints,
+    stop: Callable[[], bool] | None = None,
     log: Callable[[dict], None] | None = None,
     dist: Distributed = SINGLE,
 ) -> TrainState:
-    """Train up to step `cfg.max_iters`; evaluate and `save(state, optimizer, scaler)` on schedule.
+    """Train up to step `cfg.max_iters`, evaluating and saving to `checkpoints` every `cfg.eval_interval` steps.
 
-    `train_batches` yields (inputs, targets) forever; `eval_loaders` maps "train"/"val" to
-    fixed evaluation loaders. `restore(optimizer, scaler)` loads a checkpoint into the run's
-    objects and returns the state to continue from. `should_stop()` is asked after every step:
-    when true, the run saves and returns early (`state.step < cfg.max_iters`). `precision`
-    defaults to what `cfg.dtype` picks; its GradScaler (None unless fp16) is handed to `save`
-    and `restore`. `model` is trained in place (through DistributedDataParallel when `dist`
-    has several processes, and a compiled wrapper if `cfg.compile` says so).
-    `log`, if given, gets each evaluation's metrics as a dict. Only `dist`'s main process
-    prints; every process calls `save` (rank 0 writes).
+    `checkpoints.restore` gives the state to start from. `stop()` is asked after every step: when
+    true, the run saves and returns early (`state.step < cfg.max_iters`). `model` is trained in
+    place (through DistributedDataParallel when `dist` has several processes, and a compiled
+    wrapper if `cfg.compile` says so), in the precision `cfg.dtype` picks. `log`, if given, gets
+    each evaluation's metrics as a dict. Only `dist`'s main process prints; every process calls
+    `checkpoints.save` (rank 0 writes).
     """
     optimizer = build_optimizer(model, cfg, device)
-    precision = precision or Precision(pick_dtype(cfg.dtype, device), device)
+    precision = Precision(pick_dtype(cfg.dtype, device), device)
     scaler = precision.scaler if precision.scaler.is_enabled() else None
-    state = restore(optimizer, scaler) if restore is not None else TrainState()
-    batches = iter(train_batches)  # after restore: it continues from the restored position
+    state = checkpoints.restore(optimizer, scaler)
+    batches = iter(data.batches)  # after restore: it continues from the restored position
     # DDP first, then compile (PyTorch's advice); both share their parameters with `model`.
     net = compile_model(dist.wrap(model, device), cfg.compile, device)
     model.train()  # dropout active for the steps
-    rate = None  # tokens/s, smoothed
-    progress = tqdm(total=cfg.max_iters, initial=state.step, desc="training", unit="step",
-                    disable=None if dist.is_main else True, dynamic_ncols=True)
-    while state.step < cfg.max_iters:
-        started = time.perf_counter()
-        lr = set_learning_rate(optimizer, state.step, cfg)
-        with out_of_memory_named("training step", state.step + 1, device, progress):
-            try:
-                step_loss, tokens = train_step(net, batches, optimizer, precision, cfg, device, state.step + 1, dist)
-            except NonFiniteLoss:
-                progress.close()
-                raise
-        state.step += 1
+    with Progress(cfg, state.step, dist) as progress:
+        while state.step < cfg.max_iters:
+            started = time.perf_counter()
+            lr = set_learning_rate(optimizer, state.step, cfg)
+            with out_of_memory_named("training step", state.step + 1, device):
+                loss, tokens = train_step(net, batches, optimizer, precision, cfg, device, state.step + 1, dist)
+            state.step += 1
+            progress.update(loss, lr, tokens / (time.perf_counter() - started))
 
-        step_rate = tokens / (time.perf_counter() - started)
-        rate = step_rate if rate is None else 0.9 * rate + 0.1 * step_rate
-        progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
-        progress.update(1)
-
-        evaluated = state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters
-        if evaluated:
-            with out_of_memory_named("the evaluation at step", state.step, device, progress):
-                state.train_loss = evaluate(net, eval_loaders["train"], device, precision, dist)
-                state.val_loss = evaluate(net, eval_loaders["val"], device, precision, dist)
-            _stop_if_not_finite(state.train_loss, "train loss", state.step, progress)
-            _stop_if_not_finite(state.val_loss, "val loss", state.step, progress)
-            if state.val_loss < state.best_val_loss:
-                state.best_val_loss, state.best_step = state.val_loss, state.step
-            if dist.is_main:
-                progress.write(
-                    f"step {state.step}: train loss {state.train_loss:.4f} "
-                    f"(ppl {math.exp(min(state.train_loss, 50)):.1f}), val loss {state.val_loss:.4f} "
-                    f"(ppl {math.exp(min(state.val_loss, 50)):.1f}), {rate:,.0f} tokens/s"
-                )
-            if log is not None:
-                log({"step": state.step, "train_loss": state.train_loss, "val_loss": state.val_loss,
-                     "lr": lr, "tokens_per_s": rate})
-        # Every process stops at the same step, whichever of them was asked.
-        stopping = should_stop is not None and dist.any(should_stop(), device)
-        if evaluated or stopping:
-            if not weights_are_finite(model):  # a NaN model never replaces a good checkpoint
-                _stop_if_not_finite(math.nan, "a weight", state.step, progress)
-            save(state, optimizer, scaler)
-        if stopping:
-            break
-    progress.close()
+            evaluated = state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters
+            if evaluated:
+                measure_losses(net, data.eval_loaders, state, device, precision, dist)
+                progress.report(state)
+                if log is not None:
+                    log({"step": state.step, "train_loss": state.train_loss, "val_loss": state.val_loss,
+                         "lr": lr, "tokens_per_s": progress.rate})
+            # Every process stops at the same step, whichever of them was asked.
+            stopping = stop is not None and dist.any(stop(), device)
+            if evaluated or stopping:
+                if not weights_are_finite(model):  # a NaN model never replaces a good checkpoint
+                    raise NonFiniteLoss("a weight", math.nan, state.step)
+                checkpoints.save(state, optimizer, scaler)
+            if stopping:
+                break
     return state

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SavesOnly
 from test_distributed import STEPS, largest_difference, losses, train_run
 
 from gpt.config import TrainConfig
@@ -30,7 +31,7 @@ from gpt.model import GPTModel
 from gpt.optim import Muon, build_optimizer
 from gpt.precision import Precision, cpu_bf16, pick_dtype
 from gpt.tools import evaluate
-from gpt.training import train, train_step
+from gpt.training import TrainData, train, train_step
 
 pytestmark = [pytest.mark.precision,
               pytest.mark.skipif(not cpu_bf16(), reason="train.dtype auto is float32 on this CPU (no native "
@@ -50,8 +51,9 @@ def test_auto_trains_in_bf16_and_the_loss_falls(tiny_cfg):
     model.trf_blocks[0].ff.fc.register_forward_hook(lambda module, args, out: output_dtypes.add(out.dtype))
     saves = []
     cfg = TrainConfig(max_iters=20, eval_interval=10, eval_iters=2, warmup_iters=3, learning_rate=3e-3, min_lr=3e-4)
-    train(model, cfg, TrainBatches(ds, 4, seed=1), {"train": eval_loader(ds, 4, 2), "val": eval_loader(ds, 4, 2)},
-          CPU, lambda s, opt, scaler: saves.append(s.val_loss))
+    loaders = {"train": eval_loader(ds, 4, 2), "val": eval_loader(ds, 4, 2)}
+    train(model, cfg, TrainData(TrainBatches(ds, 4, seed=1), loaders),
+          CPU, SavesOnly(lambda s: saves.append(s.val_loss)))
     assert output_dtypes == {torch.bfloat16}  # the matmuls ran in bf16
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights stay float32
     assert saves[-1] < saves[0] < math.log(101)

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import SavesOnly
 from gpt.checkpoint import load_checkpoint
 from gpt.config import TrainConfig
 from gpt.data import TokenWindows, TrainBatches, eval_loader
@@ -31,7 +32,7 @@ from gpt.model import GPTModel, ModelConfig
 from gpt.optim import Muon, bf16_is_fast, build_optimizer
 from gpt.precision import Precision
 from gpt.sampling import generate
-from gpt.training import calc_loss_batch, to_device, train, train_step
+from gpt.training import TrainData, calc_loss_batch, to_device, train, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)")
 
@@ -71,9 +72,9 @@ def trained_on_cuda(cfg: ModelConfig, steps: int = 20, **train_overrides) -> tup
     train_cfg = TrainConfig(max_iters=steps, eval_interval=steps // 2, eval_iters=2, warmup_iters=2,
                             learning_rate=3e-3, min_lr=3e-4, **train_overrides)
     saves = []
-    train(model, train_cfg, TrainBatches(ds, 4, seed=1, pin_memory=True),
-          {"train": eval_loader(ds, 4, 2), "val": eval_loader(ds, 4, 2)}, CUDA,
-          lambda state, optimizer, scaler: saves.append((state.step, state.val_loss)))
+    train(model, train_cfg, TrainData(TrainBatches(ds, 4, seed=1, pin_memory=True),
+                                      {"train": eval_loader(ds, 4, 2), "val": eval_loader(ds, 4, 2)}), CUDA,
+          SavesOnly(lambda state: saves.append((state.step, state.val_loss))))
     return model, saves
 
 

@@ -349,13 +349,13 @@ def test_two_processes_with_dropout_resume_bit_identical(run_args, tmp_path):
 def test_out_of_memory_under_torchrun_names_each_process_s_share():
     """small.yaml's 16 windows on 4 processes: each ran out with its 4, and halving data.batch_size
     (with twice the accumulation) keeps the global batch, which 4 processes still share."""
-    import train
+    from gpt.resume import out_of_memory_error
     from gpt.training import OutOfMemory
     cfg = load_config("small.yaml", ["--train.activation_checkpointing=true"])
     error = OutOfMemory("training step", 7, torch.device("cuda", 1),
                         torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB. GPU 1 has ..."))
     place = Distributed(rank=1, world_size=4, launched=True)
-    message = str(train.out_of_memory_error(error, cfg, place, Path("runs/small/latest.pt"), 5))
+    message = str(out_of_memory_error(error, cfg, place, Path("runs/small/latest.pt"), 5))
     assert message == ("out of memory on cuda:1 during training step 7 (tried to allocate 1.50 GiB) with batches "
                        "of 4 windows x 128 tokens on each of 4 processes (data.batch_size 16, model.context_length "
                        "128); to fit, lower data.batch_size and raise train.grad_accum_steps to keep the global "

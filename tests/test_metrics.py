@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import train
+from conftest import SavesOnly
 from gpt.tools import plot
 from gpt.data import TokenWindows, TrainBatches, eval_loader
 from gpt.errors import UserError
@@ -14,7 +15,7 @@ from gpt.metrics import COLUMNS, RunLog, append_metrics, read_metrics, start_met
 from gpt.model import GPTModel
 from gpt.optim import learning_rate
 from gpt.config import TrainConfig
-from gpt.training import train as train_loop
+from gpt.training import TrainData, train as train_loop
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -57,9 +58,9 @@ def test_the_loop_logs_every_evaluation(tiny_cfg):
     cfg = TrainConfig(max_iters=9, eval_interval=4, eval_iters=1, warmup_iters=2, grad_accum_steps=2)
     torch.manual_seed(0)
     rows, saves = [], []
-    state = train_loop(GPTModel(tiny_cfg), cfg, TrainBatches(ds, 3, seed=1),
-                       {"train": eval_loader(ds, 3, 1), "val": eval_loader(ds, 3, 1)}, torch.device("cpu"),
-                       lambda s, opt, scaler: saves.append(s.val_loss), log=rows.append)
+    loaders = {"train": eval_loader(ds, 3, 1), "val": eval_loader(ds, 3, 1)}
+    state = train_loop(GPTModel(tiny_cfg), cfg, TrainData(TrainBatches(ds, 3, seed=1), loaders), torch.device("cpu"),
+                       SavesOnly(lambda s: saves.append(s.val_loss)), log=rows.append)
     assert [r["step"] for r in rows] == [4, 8, 9]
     assert [r["val_loss"] for r in rows] == saves
     assert rows[-1]["train_loss"] == state.train_loss

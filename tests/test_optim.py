@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import SavesOnly
 from gpt import optim
 from gpt.config import TrainConfig
 from gpt.data import TokenWindows, TrainBatches, eval_loader
 from gpt.model import GPTModel
 from gpt.optim import Muon, MuonWithAdamW, build_optimizer, learning_rate, orthogonalise, set_learning_rate
 from gpt.precision import Precision
-from gpt.training import calc_loss_batch, train, train_step
+from gpt.training import TrainData, calc_loss_batch, train, train_step
 
 CPU = torch.device("cpu")
 SHAPES = [(64, 32), (32, 64), (48, 48)]  # tall, wide, square: the iteration transposes the tall one
@@ -219,8 +220,9 @@ def trained(tiny_cfg, optimizer="muon", steps=30, **train_overrides):
     cfg = TrainConfig(max_iters=steps, eval_interval=10, eval_iters=2, warmup_iters=3, learning_rate=3e-3,
                       min_lr=3e-4, optimizer=optimizer, **train_overrides)
     saves = []
-    train(model, cfg, TrainBatches(ds, 4, seed=1), {"train": eval_loader(ds, 4, 2), "val": eval_loader(ds, 4, 2)},
-          CPU, lambda s, opt, scaler: saves.append((s.step, s.val_loss)))
+    loaders = {"train": eval_loader(ds, 4, 2), "val": eval_loader(ds, 4, 2)}
+    train(model, cfg, TrainData(TrainBatches(ds, 4, seed=1), loaders),
+          CPU, SavesOnly(lambda s: saves.append((s.step, s.val_loss))))
     return model, saves
 
 

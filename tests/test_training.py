@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import SavesOnly
 from gpt import optim
 from gpt.config import TrainConfig
 from gpt.data import TokenWindows, TrainBatches, eval_loader
 from gpt.model import GPTModel
 from gpt.optim import build_optimizer, learning_rate
 from gpt.precision import Precision, pick_dtype
-from gpt.training import NonFiniteLoss, calc_loss_batch, compile_model, evaluate, train, train_step
+from gpt.training import NonFiniteLoss, TrainData, calc_loss_batch, compile_model, evaluate, train, train_step
 
 
 def test_learning_rate_schedule():
@@ -95,9 +96,9 @@ def test_train_loop_lowers_loss_saves_and_repeats_exactly(tiny_cfg):
         cfg = TrainConfig(max_iters=30, eval_interval=10, eval_iters=2, warmup_iters=3,
                           learning_rate=3e-3, min_lr=3e-4, grad_accum_steps=2)
         saves = []
-        state = train(model, cfg, TrainBatches(ds, 4, seed=1),
-                      {"train": eval_loader(ds, 4, 2), "val": eval_loader(ds, 4, 2)},
-                      torch.device("cpu"), lambda s, opt, scaler: saves.append((s.step, s.val_loss)))
+        state = train(model, cfg, TrainData(TrainBatches(ds, 4, seed=1),
+                                            {"train": eval_loader(ds, 4, 2), "val": eval_loader(ds, 4, 2)}),
+                      torch.device("cpu"), SavesOnly(lambda s: saves.append((s.step, s.val_loss))))
         return model, state, saves
 
     model_a, state_a, saves_a = run()
@@ -118,12 +119,12 @@ def tiny_run(tiny_cfg, optimizer="muon"):
     ds = TokenWindows((np.arange(600) * 7 % 101).astype(np.uint16), 12, 12)
     saves = []
 
-    def run(max_iters, eval_interval, should_stop=None):
+    def run(max_iters, eval_interval, stop=None):
         cfg = TrainConfig(max_iters=max_iters, eval_interval=eval_interval, eval_iters=1, warmup_iters=0,
                           optimizer=optimizer)
-        return train(model, cfg, TrainBatches(ds, 4, seed=1),
-                     {"train": eval_loader(ds, 4, 1), "val": eval_loader(ds, 4, 1)}, torch.device("cpu"),
-                     lambda state, optimizer, scaler: saves.append(state.step), should_stop=should_stop)
+        return train(model, cfg, TrainData(TrainBatches(ds, 4, seed=1),
+                                           {"train": eval_loader(ds, 4, 1), "val": eval_loader(ds, 4, 1)}),
+                     torch.device("cpu"), SavesOnly(lambda state: saves.append(state.step)), stop=stop)
     return model, saves, run
 
 
@@ -134,7 +135,7 @@ def tiny_run(tiny_cfg, optimizer="muon"):
 def test_stop_request_saves_after_the_step_and_returns(tiny_cfg, asks, step, saves):
     _, saved, run = tiny_run(tiny_cfg)
     asked = iter(asks)
-    assert run(10, 2, should_stop=lambda: next(asked)).step == step
+    assert run(10, 2, stop=lambda: next(asked)).step == step
     assert saved == saves
 
 
@@ -162,7 +163,7 @@ def test_non_finite_weights_are_never_saved(tiny_cfg):
         return True
 
     with pytest.raises(NonFiniteLoss, match="a weight is nan at step 1"):
-        run(10, 5, should_stop=poison_then_stop)
+        run(10, 5, stop=poison_then_stop)
     assert saved == []
 
 
@@ -175,8 +176,9 @@ def trained(tiny_cfg, steps=30, **train_overrides):
     cfg = TrainConfig(max_iters=steps, eval_interval=10, eval_iters=2, warmup_iters=3,
                       learning_rate=3e-3, min_lr=3e-4, **train_overrides)
     saves = []
-    train(model, cfg, TrainBatches(ds, 4, seed=1), {"train": eval_loader(ds, 4, 2), "val": eval_loader(ds, 4, 2)},
-          torch.device("cpu"), lambda s, opt, scaler: saves.append((s.step, s.val_loss)))
+    loaders = {"train": eval_loader(ds, 4, 2), "val": eval_loader(ds, 4, 2)}
+    train(model, cfg, TrainData(TrainBatches(ds, 4, seed=1), loaders),
+          torch.device("cpu"), SavesOnly(lambda s: saves.append((s.step, s.val_loss))))
     return model, saves
 
 
