@@ -36,6 +36,7 @@ import random
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -271,7 +272,7 @@ class RunCheckpoints:
         self.last_saved = state.step
 
     @contextlib.contextmanager
-    def explained_stops(self):
+    def explained_stops(self) -> Iterator[None]:
         """Inside, `NonFiniteLoss` and `OutOfMemory` become one-line UserErrors naming the last good checkpoint."""
         try:
             yield

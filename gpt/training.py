@@ -114,7 +114,8 @@ class CompiledOrEager(nn.Module):
         self.compiled = torch.compile(eager)
         self.called = False
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        """The compiled module's output; at the first call, the plain module's if compiling fails."""
         if self.called:
             return self.compiled(*args, **kwargs)
         self.called = True
