@@ -39,11 +39,10 @@ from tqdm import tqdm
 
 from gpt.corpus.downloads import DATA_DIR
 from gpt.corpus.encode import encode_documents
+from gpt.corpus.shakespeare_chat import ShakespeareChatSource
+from gpt.corpus.sources import HF_PREFIX, SHAKESPEARE, SHAKESPEARE_CHAT, FileSource, HFSource, ShakespeareSource, Source
 from gpt.distributed import SINGLE, Distributed
 from gpt.errors import UserError
-from gpt.corpus.shakespeare_chat import ShakespeareChatSource
-from gpt.corpus.sources import (HF_PREFIX, SHAKESPEARE, SHAKESPEARE_CHAT, FileSource, HFSource, ShakespeareSource,
-                                Source)
 
 FORMATS = ("text", "chat")
 COPY_BYTES = 1 << 20  # moving the val tail of a token file, 1 MiB at a time
