@@ -17,7 +17,7 @@ The comparable figure: the same weights score 12.0992 in bf16 and 12.0972 in flo
 difference larger than many a real improvement. So `gpt.tools.evaluate` and the final whole-val loss of
 `train.py` run in float32 on every CPU, native bf16 or not (`comparable_dtype`), and say which
 precision they ran in. On a GPU they keep the training's autocast (bf16): GPU runs are compared
-with GPU runs, and a GPU-size val split is large. `gpt.tools.evaluate --dtype float32` gives the float32
+with GPU runs, and a GPU-size val split is large. `python -m gpt evaluate --dtype float32` gives the float32
 figure on any device.
 """
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gpt.model import GPTModel, ModelConfig
-from gpt.sampling import SampleConfig, continue_prompt, filter_logits, generate, generate_stream
+from gpt.sampling import SampleConfig, continue_prompt, filter_logits, generate
 from gpt.tokenizer import EOT_ID
 
 

