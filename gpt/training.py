@@ -39,7 +39,6 @@ import ctypes
 import math
 import re
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -50,6 +49,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from gpt.compiled import CompiledOrEager, warn_compile_failed
 from gpt.config import TrainConfig
 from gpt.data import DataConfig, TrainBatches, eval_loader
 from gpt.distributed import SINGLE, Distributed
@@ -81,10 +81,23 @@ def setup_device(device: torch.device) -> None:
     if device.type == "cuda":
         # TF32 keeps fp32's range with a 10-bit mantissa in matmuls: Ampere and later run
         # them on tensor cores, several times faster, and training is unaffected.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        allow_tf32_matmuls()
     elif device.type == "cpu":
         keep_freed_memory()
+
+
+def allow_tf32_matmuls(enabled: bool = True) -> None:
+    """float32 matmuls on CUDA in TF32 (or, `enabled` False, in full float32).
+
+    Through `fp32_precision`, the API of torch 2.9 and later: its legacy `allow_tf32` flags warn
+    that they are deprecated, and torch refuses to read one API's state once the other has set it.
+    The legacy flag only where the new API is missing.
+    """
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32" if enabled else "ieee"
+    else:
+        matmul.allow_tf32 = enabled
 
 
 def compile_model(model: nn.Module, setting: bool | str, device: torch.device) -> nn.Module:
@@ -98,42 +111,6 @@ def compile_model(model: nn.Module, setting: bool | str, device: torch.device) -
     except Exception as e:  # e.g. an unsupported platform or Python version
         warn_compile_failed(e)
         return model
-
-
-class CompiledOrEager(nn.Module):
-    """`torch.compile(eager)`, which falls back to `eager` itself if the first call fails.
-
-    torch.compile compiles lazily, at the first call, so that is where a missing compiler or an
-    unsupported platform shows: the call is then run uncompiled, after one warning, and so is
-    every later one. A failure at a later call is a real error, and so is running out of memory.
-    """
-
-    def __init__(self, eager: nn.Module):
-        super().__init__()
-        self.eager = eager
-        self.compiled = torch.compile(eager)
-        self.called = False
-
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        """The compiled module's output; at the first call, the plain module's if compiling fails."""
-        if self.called:
-            return self.compiled(*args, **kwargs)
-        self.called = True
-        try:
-            return self.compiled(*args, **kwargs)
-        except torch.OutOfMemoryError:  # not a failure to compile: too large for the device
-            raise
-        except Exception as e:
-            warn_compile_failed(e)
-            self.compiled = self.eager
-            return self.eager(*args, **kwargs)
-
-
-def warn_compile_failed(error: Exception) -> None:
-    """One warning that torch.compile failed and training goes on without it."""
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    warnings.warn(f"torch.compile failed ({first_line[:200]}); training continues uncompiled "
-                  "(set train.compile: false to skip it)", stacklevel=2)
 
 
 def keep_freed_memory() -> bool:
