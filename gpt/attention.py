@@ -22,9 +22,9 @@ Design choices:
   forward pass and `attention_weights` (for looking at them: `python -m gpt attention-map`)
   both call, so the weights one sees are the ones the explicit path uses, whichever path the
   model runs with. The sdpa path never computes them.
-- A `KVCache` lets sampling feed one new token at a time: the keys and values of earlier
-  tokens are kept instead of recomputed. New queries at positions start..start+T-1 see keys
-  0..start+T-1, so the mask slice is rows start..start+T-1 of the same buffer.
+- A `LayerCache` lets sampling feed one new token at a time: the keys and values of earlier
+  tokens are kept instead of recomputed. New queries at positions p..p+T-1 attend over every
+  slot of the cache, and rows p..p+T-1 of the same mask buffer hide what they may not see.
 """
 
 import torch
@@ -35,55 +35,25 @@ DEFAULT_IMPL = "sdpa"  # the fused kernel: faster, and no (T, T) scores in memor
 ATTENTION_IMPLS = (DEFAULT_IMPL, "explicit")
 
 
-class LayerKVCache:
-    """Keys and values of one attention layer, preallocated for `context_length` positions."""
+class LayerCache:
+    """One attention layer's keys and values for up to `context_length` positions, at fixed addresses.
 
-    def __init__(self, batch: int, num_heads: int, context_length: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype):
-        shape = (batch, num_heads, context_length, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled so far
-
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, H, T, D) new keys/values; return all of them so far, (B, H, length, D)."""
-        end = self.length + keys.shape[-2]
-        if end > self.keys.shape[-2]:
-            raise ValueError(f"the KV cache holds {self.keys.shape[-2]} positions; {end} needed")
-        self.keys[:, :, self.length:end] = keys
-        self.values[:, :, self.length:end] = values
-        self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
-
-
-class StaticKVCache:
-    """Keys and values of one layer at fixed addresses and shapes, the position a tensor: what a
-    compiled, CUDA-graph-captured decoding step needs (as gpt-fast's and transformers' static caches).
-
-    New keys and values are written at positions `pos`..`pos`+T-1 (`pos`, a 0-d long tensor that
-    every layer shares, counts the positions filled before this call; the caller advances it), and
-    attention runs over all `context_length` slots, the ones not yet filled masked out. No Python
-    number changes from one token to the next, so a compiled step never recompiles; the caller
-    keeps `pos` + T within `context_length`.
+    New keys and values go in at positions `pos`..`pos`+T-1, where `pos` (a 0-d long tensor on the
+    device, shared by every layer: `gpt.model.KVCache`) counts the positions filled before. Attention
+    then runs over every slot, and the causal mask's rows at the new positions hide the slots not yet
+    filled, since they lie in the future too. No Python number changes from one token to the next,
+    so a compiled step never recompiles, and a CUDA graph replays on the same memory.
     """
 
-    def __init__(self, batch: int, num_heads: int, context_length: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype, pos: torch.Tensor):
-        shape = (batch, num_heads, context_length, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = pos
-        for buffer in (self.keys, self.values):  # CUDA graphs may then write into them in place
-            torch._dynamo.mark_static_address(buffer)
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor):
+        self.keys, self.values, self.pos = keys, values, pos  # keys, values: (B, H, context_length, D)
 
     def write(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store (B, H, T, D) new keys/values -> every slot's keys and values (B, H, L, D), and the
-        (T, L) mask of the slots each new query may see (filled ones, up to its own position)."""
-        positions = self.pos + torch.arange(keys.shape[-2], device=keys.device)  # (T,)
+        """Store (B, H, T, D) new keys and values -> their positions (T,), and every slot's keys and values."""
+        positions = self.pos + torch.arange(keys.shape[-2], device=keys.device)
         self.keys.index_copy_(2, positions, keys)
         self.values.index_copy_(2, positions, values)
-        allowed = torch.arange(self.keys.shape[-2], device=keys.device) <= positions[:, None]  # (T, L)
-        return self.keys, self.values, allowed
+        return positions, self.keys, self.values
 
 
 class CausalAttention(nn.Module):
@@ -121,30 +91,28 @@ class CausalAttention(nn.Module):
         mask = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), diagonal=1)
         self.register_buffer("mask", mask, persistent=False)
 
-    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         """(B, T, d_in) -> (B, T, d_out); position t sees positions 0..t only.
 
         With `cache`, `x` holds the tokens after those already cached, whose keys and values
-        are reused; the new keys and values are added to it.
+        are reused; the new keys and values are added to it (the caller keeps it within the context).
         """
         b, num_tokens, _ = x.shape
-        start = cache.length if isinstance(cache, LayerKVCache) else 0  # a StaticKVCache's caller checks
-        if start + num_tokens > self.context_length:
+        if cache is None and num_tokens > self.context_length:
             raise ValueError(
-                f"sequence of {start + num_tokens} tokens is longer than context_length "
+                f"sequence of {num_tokens} tokens is longer than context_length "
                 f"{self.context_length}; crop the input to its last {self.context_length} tokens"
             )
         queries, keys, values = self._project(x)  # each (B, n_heads, T, head_dim)
-        allowed = None  # derived from the shapes, except with a static cache
-        if isinstance(cache, StaticKVCache):  # keys/values: (B, n_heads, context_length, head_dim)
-            keys, values, allowed = cache.write(keys, values)
-        elif cache is not None:  # keys/values become (B, n_heads, start + T, head_dim)
-            keys, values = cache.append(keys, values)
+        future = None  # without a cache, the (T, T) corner of the mask, taken from the shapes
+        if cache is not None:  # keys, values: (B, n_heads, context_length, head_dim), every slot
+            positions, keys, values = cache.write(keys, values)
+            future = self.mask[positions]  # (T, context_length): the mask's rows at the new positions
 
         if self.impl == "sdpa":
-            context = self._attend_sdpa(queries, keys, values, allowed)
+            context = self._attend_sdpa(queries, keys, values, future)
         else:
-            context = self._attend_explicit(queries, keys, values, allowed)  # (B, n_heads, T, head_dim)
+            context = self._attend_explicit(queries, keys, values, future)  # (B, n_heads, T, head_dim)
         context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)
         if self.out_proj is not None:
             context = self.out_proj(context)
@@ -160,45 +128,45 @@ class CausalAttention(nn.Module):
         return self._masked_softmax(queries, keys)
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, T, d_in) -> queries, keys, values, each (B, n_heads, T, head_dim)."""
+        """(B, T, d_in) -> queries, keys, values, each (B, n_heads, T, head_dim).
+
+        The fast path (sdpa) makes them with one matmul against the three weights stacked, as
+        nanoGPT's single `c_attn` does: one pass over `x` instead of three, and one larger matmul.
+        The explicit path keeps the chapter's three projections.
+        """
         shape = (*x.shape[:2], self.num_heads, self.head_dim)  # (B, T, n_heads, head_dim)
-        queries = self.W_query(x).view(shape).transpose(1, 2)
-        keys = self.W_key(x).view(shape).transpose(1, 2)
-        values = self.W_value(x).view(shape).transpose(1, 2)
+        if self.impl == "sdpa":
+            weight = torch.cat([self.W_query.weight, self.W_key.weight, self.W_value.weight])  # (3 d_out, d_in)
+            bias = (None if self.W_query.bias is None else
+                    torch.cat([self.W_query.bias, self.W_key.bias, self.W_value.bias]))
+            projected = F.linear(x, weight, bias).split(self.d_out, dim=-1)
+        else:
+            projected = self.W_query(x), self.W_key(x), self.W_value(x)
+        queries, keys, values = (p.view(shape).transpose(1, 2) for p in projected)
         return queries, keys, values
 
     def _masked_softmax(self, queries: torch.Tensor, keys: torch.Tensor,
-                        allowed: torch.Tensor | None = None) -> torch.Tensor:
-        """softmax(QK^T / sqrt(head_dim)) with the causal mask: (B, H, T, D) -> (B, H, T, start + T).
+                        future: torch.Tensor | None = None) -> torch.Tensor:
+        """softmax(QK^T / sqrt(head_dim)) with the causal mask: (B, H, T, D) -> (B, H, T, keys).
 
-        `allowed` (T, keys), from a static cache, replaces the mask taken from the shapes."""
-        num_queries, num_keys = queries.shape[-2], keys.shape[-2]
-        start = num_keys - num_queries  # > 0 when earlier keys come from a cache
-        attn_scores = queries @ keys.transpose(-2, -1)  # (B, H, T, start + T)
+        `future` (T, keys): the mask's rows for queries after a cache; None: its (T, T) corner."""
+        num_queries = queries.shape[-2]
+        attn_scores = queries @ keys.transpose(-2, -1)  # (B, H, T, keys)
         # The future's scores become -inf, so softmax gives it weight exactly 0 (in place: no copy).
-        future = self.mask[start:num_keys, :num_keys] if allowed is None else ~allowed
-        attn_scores.masked_fill_(future, -torch.inf)
+        attn_scores.masked_fill_(self.mask[:num_queries, :num_queries] if future is None else future, -torch.inf)
         return torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
 
     def _attend_explicit(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                         allowed: torch.Tensor | None = None) -> torch.Tensor:
+                         future: torch.Tensor | None = None) -> torch.Tensor:
         """Explicit scaled dot-product attention with the causal mask; shapes (B, H, T, D)."""
-        attn_weights = self.dropout(self._masked_softmax(queries, keys, allowed))  # (B, H, T, start + T)
+        attn_weights = self.dropout(self._masked_softmax(queries, keys, future))  # (B, H, T, keys)
         return attn_weights @ values
 
     def _attend_sdpa(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     allowed: torch.Tensor | None = None) -> torch.Tensor:
+                     future: torch.Tensor | None = None) -> torch.Tensor:
         """The same computation through PyTorch's fused kernel; shapes (B, H, T, D)."""
         # nn.Dropout follows train()/eval() by itself; SDPA's dropout_p does not.
         dropout_p = self.dropout.p if self.training else 0.0
-        if allowed is not None:  # a static cache: its mask says which slots are filled
-            return F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed, dropout_p=dropout_p)
-        num_queries, num_keys = queries.shape[-2], keys.shape[-2]
-        if num_queries == num_keys:  # no cache: the plain causal case, the fastest kernels
+        if future is None:  # no cache: the plain causal case, the fastest kernels
             return F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p, is_causal=True)
-        if num_queries == 1:  # one new token after the cache sees every key: nothing to mask
-            return F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p)
-        # Several new tokens after a cache; SDPA's is_causal would align the mask top-left.
-        start = num_keys - num_queries
-        allowed = ~self.mask[start:num_keys, :num_keys]
-        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=~future, dropout_p=dropout_p)

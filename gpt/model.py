@@ -33,9 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gpt.attention import ATTENTION_IMPLS, DEFAULT_IMPL, CausalAttention, LayerKVCache, StaticKVCache
-
-
+from gpt.attention import ATTENTION_IMPLS, DEFAULT_IMPL, CausalAttention, LayerCache
 
 IGNORE_INDEX = -100  # a target the loss skips: F.cross_entropy's default ignore_index, written out
 
@@ -107,10 +105,45 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg)
         self.drop_resid = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         x = x + self.drop_resid(self.att(self.norm1(x), cache))
         x = x + self.drop_resid(self.ff(self.norm2(x)))
         return x
+
+
+class KVCache:
+    """What sampling keeps between forward passes: every layer's `LayerCache`, and how full they are.
+
+    `length` (on the host) and `pos` (the same number, a tensor on the device) count the positions
+    filled. The forward pass reads only `pos`, so a compiled one-token step sees no Python number
+    change; the sampler reads `length` to know when the cache is full, without waiting for the device.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype):
+        shape = (batch, cfg.n_heads, cfg.context_length, cfg.emb_dim // cfg.n_heads)
+        self.context_length, self.length = cfg.context_length, 0
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.layers = [LayerCache(torch.zeros(shape, device=device, dtype=dtype),
+                                  torch.zeros(shape, device=device, dtype=dtype), self.pos)
+                       for _ in range(cfg.n_layers)]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """`pos` and every layer's keys and values: the memory a compiled step reads and writes in place."""
+        return [self.pos, *(t for layer in self.layers for t in (layer.keys, layer.values))]
+
+    def advance(self, num_tokens: int) -> None:
+        """Count `num_tokens` more positions as filled (after the forward pass that wrote them)."""
+        if self.length + num_tokens > self.context_length:
+            raise ValueError(f"the KV cache holds {self.context_length} positions; {self.length + num_tokens} "
+                             "needed: crop the input and recompute instead")
+        self.length += num_tokens
+        self.pos.fill_(self.length)
+
+    def reset(self) -> "KVCache":
+        """Empty again (the old keys and values lie in the future of every new position: masked)."""
+        self.length = 0
+        self.pos.zero_()
+        return self
 
 
 class GPTModel(nn.Module):
@@ -139,6 +172,7 @@ class GPTModel(nn.Module):
         self.register_buffer("logit_bias", padding, persistent=False)
         with torch.no_grad():
             self.tok_emb.weight[cfg.vocab_size:] = 0.0  # never looked up, never trained
+        self.kv_caches: dict[int, KVCache] = {}  # by batch size: see kv_cache
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -151,24 +185,26 @@ class GPTModel(nn.Module):
         """Number of trainable parameters, the tied embedding (padding rows included) counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def new_kv_cache(self, batch: int, static: bool = False) -> list[LayerKVCache] | list[StaticKVCache]:
-        """An empty KV cache (one per layer) for `batch` sequences of up to `context_length`.
+    def kv_cache(self, batch: int) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `context_length` tokens.
 
-        `static`: fixed shapes, the position a tensor (`StaticKVCache`: for a compiled decoding step);
-        its layers share `pos`, which the caller advances by the tokens it fed."""
+        Made once per batch size (and device and dtype) and kept, reset, for the next call: a
+        compiled step then replays its CUDA graph on the same memory instead of recording anew.
+        One generation at a time uses a model's cache of a given batch size.
+        """
         weight = self.tok_emb.weight
-        shape = (batch, self.cfg.n_heads, self.cfg.context_length, self.cfg.emb_dim // self.cfg.n_heads)
-        if static:
-            pos = torch.zeros((), dtype=torch.long, device=weight.device)
-            return [StaticKVCache(*shape, weight.device, weight.dtype, pos) for _ in self.trf_blocks]
-        return [LayerKVCache(*shape, weight.device, weight.dtype) for _ in self.trf_blocks]
+        cache = self.kv_caches.get(batch)
+        if cache is None or cache.pos.device != weight.device or cache.layers[0].keys.dtype != weight.dtype:
+            cache = self.kv_caches[batch] = KVCache(self.cfg, batch, weight.device, weight.dtype)
+        return cache.reset()
 
-    def forward(self, idx: torch.Tensor, cache: list[LayerKVCache] | None = None,
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
                 targets: torch.Tensor | None = None, reduction: str = "mean",
                 checkpoint_activations: bool = False) -> torch.Tensor:
         """(B, T) token ids -> (B, T, padded_vocab_size) logits for the next token at each position.
 
-        With `cache` (from `new_kv_cache`), `idx` continues the sequences already cached.
+        With `cache` (from `kv_cache`), `idx` continues the sequences already cached; the caller
+        keeps them within the context and advances the cache after the call.
         Logits of the padding ids (>= vocab_size) are -inf.
         With `targets` (B, T), the next-token cross-entropy instead (`reduction` as
         `F.cross_entropy` takes it: mean, sum, or none for (B * T,) losses): a compiled model then
@@ -178,15 +214,14 @@ class GPTModel(nn.Module):
         if targets is not None and cache is not None:
             raise ValueError("targets and a KV cache do not go together: the loss is for training")
         _, num_tokens = idx.shape
-        start = cache[0].length if cache and isinstance(cache[0], LayerKVCache) else 0
-        if start + num_tokens > self.cfg.context_length:
+        if cache is None and num_tokens > self.cfg.context_length:
             raise ValueError(
-                f"input of {start + num_tokens} tokens is longer than context_length "
+                f"input of {num_tokens} tokens is longer than context_length "
                 f"{self.cfg.context_length}; crop it to the last {self.cfg.context_length} tokens"
             )
-        positions = torch.arange(start, start + num_tokens, device=idx.device)
-        if cache and isinstance(cache[0], StaticKVCache):  # the position as a tensor: no recompiling
-            positions = positions + cache[0].pos
+        positions = torch.arange(num_tokens, device=idx.device)
+        if cache is not None:  # the position as a tensor: a compiled step does not recompile
+            positions = positions + cache.pos
         x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, emb_dim)
         x = self.drop_emb(x)
         for i, block in enumerate(self.trf_blocks):
@@ -195,7 +230,7 @@ class GPTModel(nn.Module):
                 # replayed, so the recomputation draws the same dropout masks.
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, None if cache is None else cache[i])
+                x = block(x, None if cache is None else cache.layers[i])
         logits = F.linear(self.final_norm(x), self.out_head.weight, self.logit_bias)  # (B, T, V_padded)
         if targets is None:
             return logits

@@ -99,13 +99,37 @@ def test_sdpa_dropout_only_in_training():
 @pytest.mark.parametrize("impl", ["explicit", "sdpa"])
 def test_cached_keys_and_values_give_the_same_output(impl):
     """Feeding the sequence in pieces through a KV cache equals one full pass, for both paths."""
-    from gpt.attention import LayerKVCache
+    from gpt.attention import LayerCache
     torch.manual_seed(0)
     ca = CausalAttention(8, 8, context_length=10, dropout=0.0, num_heads=2, impl=impl).eval()
     x = torch.randn(2, 10, 8)
-    cache = LayerKVCache(2, 2, 10, 4, torch.device("cpu"), torch.float32)
-    pieces = [ca(x[:, a:b], cache) for a, b in ((0, 4), (4, 5), (5, 8), (8, 10))]
+    pos = torch.zeros((), dtype=torch.long)
+    cache = LayerCache(torch.randn(2, 2, 10, 4), torch.randn(2, 2, 10, 4), pos)  # stale slots: masked
+    pieces = []
+    for a, b in ((0, 4), (4, 5), (5, 8), (8, 10)):
+        pieces.append(ca(x[:, a:b], cache))
+        pos.fill_(b)
     assert torch.allclose(torch.cat(pieces, dim=1), ca(x), atol=1e-6)
+
+
+def test_one_matmul_for_queries_keys_and_values_equals_the_three_projections():
+    """The fast path stacks W_query, W_key, W_value into one matmul; the same numbers (float32) and
+    gradients as the explicit path's three, with and without biases."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 12, requires_grad=True)
+    for bias in (False, True):
+        fused = CausalAttention(12, 12, context_length=8, dropout=0.0, qkv_bias=bias, num_heads=3, impl="sdpa")
+        separate = CausalAttention(12, 12, context_length=8, dropout=0.0, qkv_bias=bias, num_heads=3, impl="explicit")
+        separate.load_state_dict(fused.state_dict())
+        for a, b in zip(fused._project(x), separate._project(x)):
+            assert torch.allclose(a, b, atol=1e-6)
+        grads = []
+        for module in (fused, separate):
+            module(x).square().sum().backward()
+            grads.append([p.grad.clone() for p in module.parameters()])
+        for a, b in zip(*grads):
+            assert torch.allclose(a, b, atol=1e-5)
+        assert fused.state_dict().keys() == separate.state_dict().keys()  # W_query, W_key, W_value as they were
 
 
 @pytest.mark.parametrize("impl", ["explicit", "sdpa"])

@@ -204,7 +204,7 @@ def test_the_loss_inside_the_model_is_the_cross_entropy_of_its_logits(tiny_model
     per_token = tiny_model(x, targets=y, reduction="none")
     assert per_token.shape == (3 * 12,) and torch.allclose(per_token.mean(), eager)
     with pytest.raises(ValueError, match="targets and a KV cache"):
-        tiny_model(x, tiny_model.new_kv_cache(3), targets=y)
+        tiny_model(x, tiny_model.kv_cache(3), targets=y)
 
 
 @pytest.mark.slow
