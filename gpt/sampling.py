@@ -7,15 +7,17 @@ the oldest tokens simply fall out of view.
 
 With the KV cache (the default), the prompt is run once and then each step feeds only the
 newest token, reusing the cached keys and values of the others: each step costs one position
-instead of the whole window. The cache has `context_length` slots; once the sequence fills
-them, sampling falls back to cropping and recomputing the window, so positions never go past
-the context and the mask slice always applies. Greedy generation gives the same tokens either
-way (tested).
+instead of the whole window. The cache (`GPTModel.kv_cache`) has `context_length` slots at fixed
+addresses and is kept between calls; once the sequence fills it, sampling falls back to cropping
+and recomputing the window, so positions never go past the context. Greedy generation gives the
+same tokens either way (tested).
 
-On CUDA (`sample.compile`: auto) the cache is a static one (fixed shapes, the position a tensor)
-and each one-token step is compiled and captured in a CUDA graph (`compiled_decode_step`), as
-gpt-fast does: eager decoding is bound by launching hundreds of small kernels per token. The
-static cache gives the same greedy tokens (tested), compiled or not.
+The one-token step can be compiled (`sample.compile`), on CUDA into a CUDA graph replayed with
+one launch (gpt-fast's recipe: eager decoding is bound by launching hundreds of small kernels per
+token). Compiling costs seconds, so `auto` compiles only where that is won back
+(`compile_pays`; the figures are in docs/generating.md). The draw happens on the model's device,
+and the next step is queued before the host reads the token it just drew: one host sync per token,
+while the device already works on the next.
 
 Everything here works on batches: `(B, T)` prompts give `B` independent continuations, and
 temperature, top-k, top-p and end-of-text handling are applied per row.
@@ -24,16 +26,21 @@ temperature, top-k, top-p and end-of-text handling are applied per row.
 import argparse
 import codecs
 import dataclasses
+import functools
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from gpt.compiled import CompiledOrEager
 from gpt.errors import UserError
 from gpt.tokenizer import EOT_ID, get_tokenizer
+
+# One-token steps a process must have ahead of it before compiling the step pays, under `auto`
+# (on CUDA; on a CPU compiling gains a few percent at most): docs/generating.md has the figures.
+COMPILE_PAYS_AFTER = 4096
 
 
 @dataclass
@@ -49,7 +56,7 @@ class SampleConfig:
     num_samples: int = 1
     stop_at_eot: bool = True  # end a sample when the model emits <|endoftext|>
     kv_cache: bool = True  # reuse earlier tokens' keys/values; false recomputes the window each step
-    compile: bool | str = "auto"  # one-token steps compiled into CUDA graphs, static cache: true, false, auto (CUDA)
+    compile: bool | str = "auto"  # the one-token step compiled (CUDA graphs on CUDA): true, false, auto (where it pays)
 
     def __post_init__(self):
         if not self.prompt:
@@ -84,99 +91,115 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def decode_step(model: nn.Module, new: torch.Tensor, cache: list) -> torch.Tensor:
+def draw(logits: torch.Tensor, cfg: SampleConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) logits -> (B,) next ids, on their device: the argmax at temperature 0, else a draw."""
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p), dim=-1)
+    # torch.multinomial's own way to draw one sample (the largest p / Exp(1) wins; tested equal to it),
+    # without the checks of its input that wait for the device.
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def decoding_dtype(device: torch.device) -> torch.dtype:
+    """The precision generate.py and chat.py keep the weights in: bf16 on a CUDA GPU that has it.
+
+    Decoding a token reads every weight once, so half of float32's bytes is about twice the speed
+    (and under torch.compile, autocast would cast the float32 weights again at every step). Float32
+    elsewhere, where every figure of docs/ is measured.
+    """
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def for_decoding(model: nn.Module, device: torch.device) -> nn.Module:
+    """A model loaded to sample from, in eval mode and in `decoding_dtype` (converted in place)."""
+    return model.to(decoding_dtype(device)).eval()
+
+
+def decode_step(model: nn.Module, new: torch.Tensor, cache) -> torch.Tensor:
     """(B, V) logits of the token after `new` (B, T), which continues what `cache` holds."""
     return model(new, cache)[:, -1, :]
 
 
-def compiled_decode_step(setting: bool | str, device: torch.device) -> Callable | None:
-    """`decode_step` under torch.compile if `setting` asks for it (auto: on CUDA), else None.
+def compile_pays(setting: bool | str, device: torch.device, steps: float) -> bool:
+    """Whether to compile the one-token step: `setting` true or false, or for auto, on CUDA with at
+    least COMPILE_PAYS_AFTER one-token steps ahead (`steps`: math.inf for a process that stays)."""
+    if setting != "auto":
+        return bool(setting)
+    return device.type == "cuda" and steps >= COMPILE_PAYS_AFTER
+
+
+@functools.cache
+def compiled_decode_step(device_type: str) -> Callable:
+    """`decode_step` compiled, once per process (a second generation reuses the compiled code).
 
     On CUDA in "reduce-overhead" mode: the whole one-token forward pass is captured in a CUDA
-    graph and replayed with one launch, where eager decoding is bound by launching its hundreds
-    of small kernels (gpt-fast's recipe). fullgraph: a graph break would fall back silently.
+    graph and replayed with one launch. fullgraph: a graph break would fall back silently. If
+    compiling fails, one warning and the plain step (`CompiledOrEager`).
     """
-    if setting is False or (setting == "auto" and device.type != "cuda"):
-        return None
-    return torch.compile(decode_step, mode="reduce-overhead" if device.type == "cuda" else "default",
-                         fullgraph=True)
+    mode = "reduce-overhead" if device_type == "cuda" else "default"
+    compiled = CompiledOrEager(decode_step, "sample.compile", mode=mode, fullgraph=True)
+
+    def step(model: nn.Module, new: torch.Tensor, cache) -> torch.Tensor:
+        for tensor in cache.tensors():  # written in place inside the graph, at the same address each call
+            torch._dynamo.mark_static_address(tensor)
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are used up: its graph may reuse them
+        return compiled(model, new, cache)
+    return step
 
 
 @torch.no_grad()
-def generate_stream(
-    model: nn.Module,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_id: int | None = None,
-    generator: torch.Generator | None = None,
-    kv_cache: bool = True,
-    static_cache: bool = False,
-    step: Callable | None = None,
-) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, (B,), step by step.
+def generate_stream(model: nn.Module, idx: torch.Tensor, cfg: SampleConfig, eos_id: int | None = None,
+                    generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,) on the CPU, step by step, up to `cfg.max_new_tokens`.
 
-    With `eos_id`, a row that has produced it keeps producing `eos_id` (padding), and the
-    stream ends once every row has. `generator` is a CPU generator (draws happen on the CPU).
-    `kv_cache` uses the model's `new_kv_cache` while the sequence fits the context; `static_cache`
-    makes it a static one, and `step` (from `compiled_decode_step`; it needs the static cache) then
-    computes each one-token step after the prompt. Should `step` fail to compile, a warning says so
-    and the plain step carries on. The caller puts the model in eval mode.
+    With `eos_id`, a row that has produced it keeps producing `eos_id` (padding), and the stream
+    ends once every row has. `generator` is one of the model's device (draws happen there). The
+    caller puts the model in eval mode.
     """
-    context_length = model.cfg.context_length
+    context = model.cfg.context_length
+    prompt = idx[:, -context:]
+    cache = model.kv_cache(idx.shape[0]) if cfg.kv_cache else None
+    ahead = min(cfg.max_new_tokens - 1, context - prompt.shape[1])  # one-token steps the cache takes
+    step = compiled_decode_step(idx.device.type) if cache and compile_pays(cfg.compile, idx.device, ahead) \
+        else decode_step
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    if step is not None and not (kv_cache and static_cache):
-        raise ValueError("a compiled decoding step needs the static KV cache (kv_cache and static_cache)")
-    cache = model.new_kv_cache(idx.shape[0], static=True) if kv_cache and static_cache else (
-        model.new_kv_cache(idx.shape[0]) if kv_cache else None)
-    filled = 0  # positions the cache holds
-    new = idx[:, -context_length:]  # what the cache has not seen yet: first the (cropped) prompt
-    for _ in range(max_new_tokens):
-        if cache is not None and filled + new.shape[1] > context_length:
-            cache = None  # full: from here on, crop and recompute
-        if cache is not None:
-            if step is not None and new.shape[1] == 1:  # the prompt itself runs uncompiled: one shape to capture
-                try:
-                    torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are used up
-                    logits = step(model, new, cache)
-                except Exception as e:  # a failure to compile; writing the same slots again is harmless
-                    warnings.warn(f"the compiled decoding step failed ({(str(e).strip().splitlines() or [''])[0][:200]}); "
-                                  "sampling continues uncompiled (sample.compile: false skips it)", stacklevel=2)
-                    step = None
-                    logits = decode_step(model, new, cache)
-            else:
-                logits = decode_step(model, new, cache)  # (B, V): only the last position predicts the next
-            filled += new.shape[1]
-            if static_cache:
-                cache[0].pos.fill_(filled)  # shared by every layer; in place, so the captured graph sees it
-        else:
-            logits = model(idx[:, -context_length:])[:, -1, :]  # never more than the mask covers
-        if temperature == 0:
-            next_id = logits.argmax(dim=-1)  # (B,)
-        else:
-            logits = filter_logits(logits / temperature, top_k, top_p)
-            probs = torch.softmax(logits, dim=-1)
-            # Drawn on the CPU: the same seed then gives the same tokens on every device.
-            next_id = torch.multinomial(probs.float().cpu(), 1, generator=generator)
-            next_id = next_id.squeeze(-1).to(idx.device)
+    logits = next_logits(model, prompt, cache, decode_step)  # the prompt runs uncompiled: one shape to capture
+    for made in range(1, cfg.max_new_tokens + 1):
+        next_id = draw(logits, cfg, generator)
         if eos_id is not None:
-            next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
+            next_id = torch.where(finished, eos_id, next_id)
             finished |= next_id == eos_id
         idx = torch.cat([idx, next_id[:, None]], dim=1)
-        new = next_id[:, None]
-        yield next_id
-        if eos_id is not None and bool(finished.all()):
+        if made < cfg.max_new_tokens:  # queued before the token is read: the device keeps working
+            if cache is not None and cache.length == context:
+                cache = None  # full: from here on, crop and recompute
+            logits = next_logits(model, next_id[:, None] if cache else idx[:, -context:], cache, step)
+        # The one wait per token: the new ids and whether every row has finished, read together.
+        read = torch.cat([next_id, finished.all()[None]]).cpu()
+        yield read[:-1]
+        if eos_id is not None and read[-1]:
             return
 
 
-def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-    """(B, T) prompt -> (B, T + n) prompt and continuation (see `generate_stream`)."""
-    new = list(generate_stream(model, idx, max_new_tokens, **kwargs))
-    if not new:
-        return idx
-    return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
+def next_logits(model: nn.Module, new: torch.Tensor, cache, step: Callable) -> torch.Tensor:
+    """(B, V) logits of the next token: `new` after what `cache` holds (then counted), or, with no
+    cache, `new` as the whole window (never more than the mask covers)."""
+    if cache is None:
+        return model(new)[:, -1, :]
+    logits = step(model, new, cache)
+    cache.advance(new.shape[1])
+    return logits
+
+
+def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
+             generator: torch.Generator | None = None, **settings) -> torch.Tensor:
+    """(B, T) prompt -> (B, T + n) prompt and continuation; `settings` are `SampleConfig`'s."""
+    cfg = SampleConfig(max_new_tokens=max_new_tokens, **settings)
+    new = list(generate_stream(model, idx, cfg, eos_id, generator))
+    return torch.cat([idx, torch.stack(new, dim=1).to(idx.device)], dim=1)
 
 
 def continue_prompt(
@@ -196,17 +219,13 @@ def continue_prompt(
     enc = get_tokenizer()
     ids = enc.encode(prompt, allowed_special={"<|endoftext|>"})
     idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(cfg.num_samples)]
     texts = [""] * cfg.num_samples
     done = [False] * cfg.num_samples
     model.eval()
-    step = compiled_decode_step(cfg.compile, device) if cfg.kv_cache else None
-    for next_ids in generate_stream(
-        model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-        top_p=cfg.top_p, eos_id=EOT_ID if cfg.stop_at_eot else None, generator=generator,
-        kv_cache=cfg.kv_cache, static_cache=step is not None, step=step,
-    ):
+    eos_id = EOT_ID if cfg.stop_at_eot else None
+    for next_ids in generate_stream(model, idx, cfg, eos_id, generator):
         for row, token in enumerate(next_ids.tolist()):
             if done[row] or (cfg.stop_at_eot and token == EOT_ID):
                 done[row] = True
@@ -241,9 +260,8 @@ def _write_now(text: str) -> None:
 
 
 def add_sample_options(parser: argparse.ArgumentParser, chat: bool = False) -> None:
-    """The sampling options of generate.py (and chat.py, which has no --num-samples, --stop-at-eot or
-    --compile: a reply is one, ends at its end-of-turn token, and is decoded eagerly). Defaults: the
-    run's `sample` section."""
+    """The sampling options of generate.py (and chat.py, which has no --num-samples or --stop-at-eot:
+    a reply is one, and ends at its end-of-turn token). Defaults: the run's `sample` section."""
     parser.add_argument("--max-new-tokens", type=int, help="tokens to generate per sample")
     parser.add_argument("--temperature", type=float, help="0 is greedy; higher is more random")
     parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0: all)")
@@ -256,10 +274,9 @@ def add_sample_options(parser: argparse.ArgumentParser, chat: bool = False) -> N
                             help="end a sample at <|endoftext|>")
     parser.add_argument("--kv-cache", action=argparse.BooleanOptionalAction,
                         help="reuse earlier tokens' keys and values (faster; same tokens)")
-    if not chat:
-        parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                            help="decode with a static KV cache and a compiled step in CUDA graphs "
-                            "(default: on CUDA; the first token waits for the compile)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="compile the one-token step (CUDA graphs on CUDA); the first token waits for "
+                        "the compile (default: where it pays, docs/generating.md)")
 
 
 def sample_config(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:

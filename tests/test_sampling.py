@@ -1,3 +1,4 @@
+import math
 import warnings
 
 import pytest
@@ -15,11 +16,11 @@ class Recorder(torch.nn.Module):
         super().__init__()
         self.model, self.cfg, self.calls = model, model.cfg, []
 
-    def new_kv_cache(self, batch):
-        return self.model.new_kv_cache(batch)
+    def kv_cache(self, batch):
+        return self.model.kv_cache(batch)
 
     def forward(self, idx, cache=None):
-        start = 0 if cache is None else cache[0].length
+        start = 0 if cache is None else cache.length
         self.calls.append((idx.shape[1], start + idx.shape[1], cache is not None))
         return self.model(idx, cache)
 
@@ -114,7 +115,9 @@ def test_end_of_text_stops_rows_independently():
     out = generate(model, torch.zeros(2, 1, dtype=torch.long), 10, temperature=0, eos_id=EOT_ID, kv_cache=False)
     assert out[0, 1:].tolist() == [5, EOT_ID, EOT_ID, EOT_ID]  # row 0 padded once finished
     assert out[1, 1:].tolist() == [8, 9, 10, EOT_ID]
-    assert model.calls == 4  # stopped when both rows finished, not after 10 steps
+    # Stopped when both rows finished, not after 10 steps: 4 forward passes, and the one queued
+    # while the last token was read.
+    assert model.calls == 5
 
 
 def test_continue_prompt_streams_and_batches(tiny_model, tiny_cfg):
@@ -140,72 +143,133 @@ def test_sample_config_validation():
         SampleConfig(compile="yes")
 
 
-@pytest.mark.parametrize("static_cache", [False, True])
 @pytest.mark.parametrize("attn_impl", ["sdpa", "explicit"])
-def test_kv_cache_greedy_equals_recomputation(attn_impl, static_cache, tiny_cfg):
-    """Same tokens with and without the cache (dynamic or static), batched, across the point
-    where the cache fills up."""
+def test_kv_cache_greedy_equals_recomputation(attn_impl, tiny_cfg):
+    """Same tokens with and without the cache, batched, across the point where the cache fills up."""
     torch.manual_seed(3)
     model = GPTModel(ModelConfig(**{**tiny_cfg.__dict__, "attn_impl": attn_impl})).eval()
     prompt = torch.randint(0, tiny_cfg.vocab_size, (3, 4))
     steps = 2 * tiny_cfg.context_length
-    cached = generate(model, prompt, steps, temperature=0, kv_cache=True, static_cache=static_cache)
+    cached = generate(model, prompt, steps, temperature=0, kv_cache=True)
     recomputed = generate(model, prompt, steps, temperature=0, kv_cache=False)
     assert torch.equal(cached, recomputed)
     assert len(set(cached[:, -steps:].flatten().tolist())) > 3  # not one token repeated: a real comparison
 
 
-def test_static_kv_cache_logits_equal_full_forward(tiny_model, tiny_cfg):
-    """Every slot attended, the unfilled ones masked: the full forward's logits, piece by piece."""
-    tiny_model.eval()
+@pytest.mark.parametrize("attn_impl", ["sdpa", "explicit"])
+def test_kv_cache_logits_equal_full_forward(attn_impl, tiny_cfg):
+    """Feeding a sequence in pieces through the cache gives the full forward's logits: every slot is
+    attended, the unfilled ones hidden by the causal mask's rows at the new positions."""
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(**{**tiny_cfg.__dict__, "attn_impl": attn_impl})).eval()
     idx = torch.randint(0, tiny_cfg.vocab_size, (2, tiny_cfg.context_length))
     real = slice(0, tiny_cfg.vocab_size)  # padding logits are -inf in both
-    full = tiny_model(idx)[..., real]
-    cache = tiny_model.new_kv_cache(2, static=True)
+    full = model(idx)[..., real]
+    cache = model.kv_cache(2)
     for a, b in ((0, 5), (5, 6), (6, 11), (11, 16)):
-        assert cache[0].keys.shape[-2] == tiny_cfg.context_length  # the same shape throughout
-        assert torch.allclose(tiny_model(idx[:, a:b], cache)[..., real], full[:, a:b], atol=1e-5)
-        cache[0].pos.fill_(b)  # the caller advances the shared position
+        assert torch.allclose(model(idx[:, a:b], cache)[..., real], full[:, a:b], atol=1e-5)
+        cache.advance(b - a)
+    assert cache.length == tiny_cfg.context_length and cache.pos.item() == tiny_cfg.context_length
+    with pytest.raises(ValueError, match="holds 16 positions; 17 needed"):
+        cache.advance(1)  # full: the sampler crops and recomputes instead
+
+
+def test_the_cache_is_kept_between_calls_and_reset(tiny_model):
+    """One cache per batch size, the same tensors at every call (what a CUDA graph replays on), emptied;
+    a model moved to another dtype gets a new one."""
+    first = tiny_model.kv_cache(2)
+    first.advance(3)
+    again = tiny_model.kv_cache(2)
+    assert again is first and again.length == 0 and again.pos.item() == 0
+    assert [t.data_ptr() for t in again.tensors()] == [t.data_ptr() for t in first.tensors()]
+    assert tiny_model.kv_cache(3) is not first
+    half = tiny_model.to(torch.bfloat16)
+    assert half.kv_cache(2) is not first and half.kv_cache(2).layers[0].keys.dtype == torch.bfloat16
+
+
+def test_a_second_generation_gives_the_same_tokens_on_the_kept_cache(tiny_model, tiny_cfg):
+    """Stale keys from the call before lie in the future of every new position: masked, never seen."""
+    tiny_model.eval()
+    long = torch.randint(0, tiny_cfg.vocab_size, (2, 9))
+    short = long[:, :3]
+    fresh = GPTModel(tiny_model.cfg).eval()
+    fresh.load_state_dict(tiny_model.state_dict())
+    generate(tiny_model, long, 6, temperature=0)  # fills the cache further than the next call will
+    assert torch.equal(generate(tiny_model, short, 5, temperature=0), generate(fresh, short, 5, temperature=0))
+
+
+def test_the_draw_is_torch_multinomial_s():
+    """The exponential race gives torch.multinomial's samples for the same generator (on the CPU; on a
+    GPU the generator is the GPU's), without waiting for the device."""
+    from gpt.sampling import draw
+    logits = torch.randn(4, 300) * 3
+    cfg = SampleConfig(temperature=0.7, top_k=None)
+    for seed in range(20):
+        ours = draw(logits, cfg, torch.Generator().manual_seed(seed))
+        theirs = torch.multinomial(torch.softmax(logits / 0.7, -1), 1,
+                                   generator=torch.Generator().manual_seed(seed)).squeeze(-1)
+        assert torch.equal(ours, theirs)
+    assert len({draw(logits, cfg, torch.Generator().manual_seed(s))[0].item() for s in range(20)}) > 1
+
+
+def test_compile_pays_only_where_it_is_won_back():
+    from gpt.sampling import COMPILE_PAYS_AFTER, compile_pays
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert compile_pays(True, cpu, 1) and not compile_pays(False, cuda, math.inf)
+    assert not compile_pays("auto", cpu, math.inf)  # a few percent at most on a CPU
+    assert not compile_pays("auto", cuda, 1023)  # a one-shot generate.py of GPT-2: never more than its context
+    assert compile_pays("auto", cuda, COMPILE_PAYS_AFTER) and compile_pays("auto", cuda, math.inf)  # chat.py
 
 
 @pytest.mark.slow
-def test_compiled_decoding_step_gives_the_same_greedy_tokens(tiny_cfg):
-    """torch.compile's default mode on the CPU (CUDA graphs are CUDA's): the compiled one-token step
-    with the static cache, batched, against recomputation; the position is a tensor, so one compile."""
-    from gpt.sampling import compiled_decode_step
+def test_a_second_generation_and_a_second_chat_turn_compile_nothing_new(tiny_cfg):
+    """Inductor on the CPU (CUDA graphs are CUDA's): the compiled one-token step with the kept cache,
+    batched and past the context, gives recomputation's greedy tokens; a second call and another
+    batch size of calls before compile no new graph (Dynamo's counters), and neither does the next
+    chat turn, whose prompt is longer."""
+    from torch._dynamo.utils import counters
+    from gpt.chat.template import CHAT_VOCAB_SIZE, reply
+    torch._dynamo.reset()
+    counters.clear()
     torch.manual_seed(3)
     model = GPTModel(tiny_cfg).eval()
     prompt = torch.randint(0, tiny_cfg.vocab_size, (2, 4))
-    step = compiled_decode_step(True, torch.device("cpu"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # a fallback to the plain step would warn
-        compiled = generate(model, prompt, 20, temperature=0, static_cache=True, step=step)
-    assert torch.equal(compiled, generate(model, prompt, 20, temperature=0, kv_cache=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = generate(model, prompt, 20, temperature=0, compile=True)
+        graphs = counters["stats"]["unique_graphs"]
+        again = generate(model, prompt, 20, temperature=0, compile=True)
+    assert not [w for w in caught if "torch.compile failed" in str(w.message)]
+    assert graphs >= 1 and counters["stats"]["unique_graphs"] == graphs
+    assert torch.equal(compiled, again) and torch.equal(compiled, generate(model, prompt, 20, temperature=0,
+                                                                           kv_cache=False))
+    chat = GPTModel(ModelConfig(**{**tiny_cfg.__dict__, "vocab_size": CHAT_VOCAB_SIZE, "context_length": 64})).eval()
+    cfg = SampleConfig(temperature=0, max_new_tokens=8, compile=True)
+    history = [{"role": "user", "content": "Which play?"}]
+    first, _, _ = reply(chat, history, cfg, torch.device("cpu"))
+    assert counters["stats"]["unique_graphs"] > graphs  # another model: its own graph
+    graphs = counters["stats"]["unique_graphs"]
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "And who says it?"}]
+    reply(chat, history, cfg, torch.device("cpu"))
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_a_decoding_step_that_fails_to_compile_warns_and_samples_uncompiled(tiny_cfg, monkeypatch):
+    from gpt.sampling import compiled_decode_step
+
+    def no_compiler(fn, **options):
+        def broken(*args):
+            raise RuntimeError("no compiler here")
+        return broken
     torch.manual_seed(3)
     model = GPTModel(tiny_cfg).eval()
     prompt = torch.randint(0, tiny_cfg.vocab_size, (3, 4))
-
-    def broken(*args):
-        raise RuntimeError("no compiler here")
-    with pytest.warns(UserWarning, match="compiled decoding step failed .no compiler here") as caught:
-        tokens = generate(model, prompt, 8, temperature=0, static_cache=True, step=broken)
-    # once, not at every token (torch may warn of other things the first time it compiles)
-    assert len([w for w in caught if "compiled decoding step failed" in str(w.message)]) == 1
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    compiled_decode_step.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="torch.compile failed .no compiler here.*sample.compile: false") as caught:
+            tokens = generate(model, prompt, 8, temperature=0, compile=True)
+    finally:
+        compiled_decode_step.cache_clear()  # the next test compiles for real
+    assert len([w for w in caught if "torch.compile failed" in str(w.message)]) == 1  # once, not at every token
     assert torch.equal(tokens, generate(model, prompt, 8, temperature=0, kv_cache=False))
-    with pytest.raises(ValueError, match="needs the static KV cache"):
-        generate(model, prompt, 2, step=broken)
-
-
-def test_kv_cache_logits_equal_full_forward(tiny_model, tiny_cfg):
-    """Feeding a sequence in pieces through the cache gives the full forward's logits."""
-    tiny_model.eval()
-    idx = torch.randint(0, tiny_cfg.vocab_size, (2, tiny_cfg.context_length))
-    full = tiny_model(idx)
-    cache = tiny_model.new_kv_cache(2)
-    pieces = [tiny_model(idx[:, a:b], cache) for a, b in ((0, 5), (5, 6), (6, 11), (11, 16))]
-    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
-    with pytest.raises(ValueError, match="longer than context_length"):
-        tiny_model(idx[:, :1], cache)  # full: the caller must crop and recompute

@@ -234,9 +234,7 @@ def stream_reply(model: nn.Module, prompt: list[int], cfg: SampleConfig, device:
         return
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     model.eval()
-    for next_id in generate_stream(model, idx, room, temperature=cfg.temperature, top_k=cfg.top_k,
-                                   top_p=cfg.top_p, eos_id=END_ID, generator=generator,
-                                   kv_cache=cfg.kv_cache):
+    for next_id in generate_stream(model, idx, dataclasses.replace(cfg, max_new_tokens=room), END_ID, generator):
         token = int(next_id)
         if token == EOT_ID or (token >= EOT_ID and token != END_ID):
             return
