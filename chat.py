@@ -8,6 +8,8 @@ refused in one line (`gpt.chat.template.check_template`).
 """
 
 import argparse
+import dataclasses
+import math
 import sys
 
 import torch
@@ -15,8 +17,8 @@ import torch
 from gpt.chat.template import load_chat_model, reply
 from gpt.config import load_config
 from gpt.errors import ArgumentParser, UserError, run_cli
-from gpt.sampling import add_sample_options, sample_config
-from gpt.training import pick_device
+from gpt.sampling import add_sample_options, compile_pays, for_decoding, sample_config
+from gpt.training import pick_device, setup_device
 
 DEFAULT_CHAT_CONFIG = "shakespeare-chat.yaml"  # with no --checkpoint, talk to the run this config writes
 
@@ -47,10 +49,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.prompt is not None and not args.prompt.strip():
             raise UserError('--prompt is empty; give a message, e.g. --prompt "Which play is this from? ..."')
         device = pick_device(args.device, option="--device")
+        setup_device(device)
         location = args.checkpoint or load_config(DEFAULT_CHAT_CONFIG).train.out_dir
         model, config, path = load_chat_model(location, device)
+        model = for_decoding(model, device)
         cfg = sample_config(config.sample, args)
-        generator = torch.Generator().manual_seed(cfg.seed)
+        if args.prompt is None:  # a conversation: the process stays, so a compiled step pays where it can
+            cfg = dataclasses.replace(cfg, compile=compile_pays(cfg.compile, device, math.inf))
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
         history = [{"role": "system", "content": args.system}] if args.system else []
         if args.prompt is not None:
             history.append({"role": "user", "content": args.prompt})

@@ -5,8 +5,8 @@ import sys
 
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.gpt2.pretrained import DEFAULT_RUN_CONFIG, default_checkpoint, load_for_sampling
-from gpt.sampling import add_sample_options, print_samples, sample_config
-from gpt.training import pick_device
+from gpt.sampling import add_sample_options, for_decoding, print_samples, sample_config
+from gpt.training import pick_device, setup_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,11 +31,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.prompt:
             raise UserError('the prompt is empty; give some text to continue, e.g. "Your journey"')
         device = pick_device(args.device, option="--device")
+        setup_device(device)
         location = args.checkpoint or default_checkpoint()
         model, run_sample, source = load_for_sampling(location, device)  # GPT-2 weights get the defaults
         cfg = sample_config(run_sample, args)
         print(f"sampling from {source}", file=sys.stderr)
-        print_samples(model, args.prompt, cfg, device)
+        print_samples(for_decoding(model, device), args.prompt, cfg, device)
 
     return run_cli(work)
 

@@ -4,7 +4,6 @@ On several GPUs (or CPU processes), the same script under torchrun:
 `torchrun --nproc_per_node=N train.py --config small.yaml` (see `gpt.distributed`).
 """
 
-import dataclasses
 import os
 import shlex
 import signal
@@ -129,13 +128,11 @@ def print_sample(model: torch.nn.Module, cfg: Config, device: torch.device) -> N
     if cfg.data.format == "chat":
         print(f"> {cfg.sample.prompt}")
         reply(model, [{"role": "user", "content": cfg.sample.prompt}], cfg.sample, device,
-              torch.Generator().manual_seed(cfg.sample.seed), write=lambda text: print(text, end="", flush=True))
+              torch.Generator(device=device).manual_seed(cfg.sample.seed),
+              write=lambda text: print(text, end="", flush=True))
         print()
         return
-    # A few hundred tokens: not worth compiling the decoding step for (tens of seconds on a GPU),
-    # unless the config asks for it explicitly.
-    sample = cfg.sample if cfg.sample.compile is True else dataclasses.replace(cfg.sample, compile=False)
-    print_samples(model, cfg.sample.prompt, sample, device)
+    print_samples(model, cfg.sample.prompt, cfg.sample, device)
 
 
 def resume_command(argv: list[str]) -> str:
