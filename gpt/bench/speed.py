@@ -42,8 +42,8 @@ from gpt.distributed import SINGLE, Distributed, single_process_group
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.model import GPTModel, ModelConfig
 from gpt.optim import build_optimizer, muon_parameters
-from gpt.precision import DTYPES, Precision, pick_dtype
-from gpt.sampling import compiled_decode_step, generate
+from gpt.precision import DTYPES, Precision, dtype_name, pick_dtype
+from gpt.sampling import decoding_dtype, for_decoding, generate
 from gpt.training import calc_loss_batch, compile_model, pick_device, setup_device, train_step
 
 # Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, in TFLOP/s: bf16/fp16, and
@@ -194,34 +194,44 @@ def bench_training(cfg: Config, device: torch.device, variants: list[Variant], s
 
 
 def bench_sampling(cfg: Config, device: torch.device, new_tokens: int, prompt_tokens: int,
-                   rounds: int) -> dict[str, float]:
-    """Greedy tokens/s of one sequence with and without the KV cache and, where `sample.compile`
-    says so (auto: on CUDA), with the static cache and the compiled step (median of rounds)."""
+                   rounds: int) -> dict[str, list[float]]:
+    """Greedy decoding of one sequence, in the precision generate.py decodes in: the seconds of each
+    of `rounds` + 1 calls, by path (the first call of the compiled step includes its compile).
+
+    Paths: the KV cache, recomputing the window, and where `sample.compile` is true (or auto, on
+    CUDA) the compiled one-token step. The paths take turns, so a slow spell hits all of them.
+    """
     torch.manual_seed(cfg.train.seed)
-    model = GPTModel(cfg.model).to(device).eval()
+    model = for_decoding(GPTModel(cfg.model).to(device), device)
     prompt = torch.randint(0, cfg.model.vocab_size, (1, prompt_tokens), device=device)
-    paths = {"kv cache": {}, "recompute": {"kv_cache": False}}
-    step = compiled_decode_step(cfg.sample.compile, device)
-    if step is not None:
-        name = "compiled step, static cache" + (" (CUDA graphs)" if device.type == "cuda" else "")
-        paths[name] = {"static_cache": True, "step": step}
-    results: dict[str, list[float]] = {name: [] for name in paths}
+    paths = {"kv cache": {"compile": False}, "recompute": {"kv_cache": False}}
+    if cfg.sample.compile is True or (cfg.sample.compile == "auto" and device.type == "cuda"):
+        paths["compiled step" + (" (CUDA graphs)" if device.type == "cuda" else "")] = {"compile": True}
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
     outputs = {}
-    for name, options in paths.items():  # warm up; the compile happens here
-        started = time.perf_counter()
-        generate(model, prompt, min(8, new_tokens), temperature=0, **options)
-        if "step" in options:
-            print(f"  sampling: {name} compiled in {time.perf_counter() - started:.1f} s", flush=True)
-    for _ in range(rounds):
+    for _ in range(rounds + 1):
         for name, options in paths.items():
             synchronize(device)
             started = time.perf_counter()
             outputs[name] = generate(model, prompt, new_tokens, temperature=0, **options)
             synchronize(device)
-            results[name].append(new_tokens / (time.perf_counter() - started))
+            seconds[name].append(time.perf_counter() - started)
     if any(not torch.equal(out, outputs["recompute"]) for out in outputs.values()):
         print("  note: greedy tokens differ between the paths (numerical near-tie)")
-    return {name: statistics.median(rates) for name, rates in results.items()}
+    return seconds
+
+
+def sampling_report(seconds: dict[str, list[float]], new_tokens: int) -> list[str]:
+    """One line per path: tokens/s in the steady state (the median of the calls after the first),
+    against recomputing, and the first and second calls' overhead over the steady state."""
+    steady = {name: statistics.median(times[1:]) for name, times in seconds.items()}
+    lines = []
+    for name, times in seconds.items():
+        rate = new_tokens / steady[name]
+        over = [f"{t - steady[name]:+.2f} s" for t in times[:2]]
+        lines.append(f"  {name + ':':<34} {rate:>8,.0f} tokens/s  {steady['recompute'] / steady[name]:>6.2f}x "
+                     f"recompute   first call {over[0]}, second {over[1]}")
+    return lines
 
 
 def peak_for(device: torch.device, dtype: torch.dtype, cpu_peaks: dict) -> tuple[float | None, str]:
@@ -371,13 +381,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.optimizer_steps:
             bench_optimizer_steps(cfg, device, statistics.median(benches[1].times), args.rounds)
         if args.sample_tokens:
-            rates = bench_sampling(cfg, device, args.sample_tokens, args.prompt_tokens, args.rounds)
+            seconds = bench_sampling(cfg, device, args.sample_tokens, args.prompt_tokens, max(args.rounds, 2))
             fits = args.prompt_tokens + args.sample_tokens <= m.context_length
             print(f"\nsampling: {args.sample_tokens} new tokens after a {args.prompt_tokens}-token prompt, "
-                  f"batch 1, greedy, context {m.context_length}"
+                  f"batch 1, greedy, context {m.context_length}, weights in {dtype_name(decoding_dtype(device))}"
                   + ("" if fits else " (the cache fills up; the rest is recomputed)"))
-            for name, rate in rates.items():
-                print(f"  {name + ':':<42} {rate:>8,.0f} tokens/s  {rate / rates['recompute']:>6.2f}x recompute")
+            print("  tokens/s in the steady state (the median of the calls after the first); each of the first "
+                  "two calls' time over it (the first includes any compile)")
+            for line in sampling_report(seconds, args.sample_tokens):
+                print(line)
 
     return run_cli(work)
 
