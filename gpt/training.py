@@ -182,7 +182,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
         targets = to_device(targets, device)
         with precision.autocast() if precision else contextlib.nullcontext():
             loss = calc_loss_batch(model, to_device(inputs, device), targets)
-        counted = (targets != IGNORE_INDEX).sum()  # every target of a text window; a chat window's replies
+        counted = (targets != IGNORE_INDEX).sum()  # a text window's targets, a chat window's replies; no padding row's
         total += loss.float() * counted  # on the device: one sync at the end
         count += counted
     model.train(was_training)

@@ -14,14 +14,15 @@ from gpt.model import GPTModel, ModelConfig
 from gpt.tokenizer import EOT_ID, get_tokenizer
 
 
-def test_score_counts_the_nats_and_bytes_of_exactly_the_scored_tokens():
+@pytest.mark.parametrize("batch_size", [3, 4])  # 9 windows: 3 batches of 3, or 2 of 4 and one padded to 4
+def test_score_counts_the_nats_and_bytes_of_exactly_the_scored_tokens(batch_size):
     enc = get_tokenizer()
     tokens = (enc.encode_ordinary("Naïve café, 日本語 and 🎭 masks.\n" * 3) + [EOT_ID]
               + enc.encode_ordinary("A second document, after the separator." * 2 + " The end."))
     torch.manual_seed(0)
     model = GPTModel(ModelConfig(context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0))
     windows = TokenWindows(np.array(tokens, dtype=np.uint16), max_length=8, stride=8)
-    result = evaluate.score(model, eval_loader(windows, batch_size=3, max_batches=None), torch.device("cpu"))
+    result = evaluate.score(model, eval_loader(windows, batch_size, max_batches=None), torch.device("cpu"))
 
     # Independently: window i predicts tokens 8i+1 .. 8i+8; <|endoftext|> is no text, so it counts
     # in the loss but in neither the nats nor the bytes of bits per byte.

@@ -4,6 +4,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import SavesOnly
 from gpt import optim
@@ -13,6 +14,8 @@ from gpt.model import GPTModel
 from gpt.optim import build_optimizer, learning_rate
 from gpt.precision import Precision, pick_dtype
 from gpt.training import NonFiniteLoss, TrainData, calc_loss_batch, compile_model, evaluate, train, train_step
+
+CPU = torch.device("cpu")
 
 
 def test_learning_rate_schedule():
@@ -69,6 +72,21 @@ def test_evaluate_uses_eval_mode_and_restores_it(tiny_cfg):
     x, y = next(iter(loader))
     model.eval()
     assert a == pytest.approx(sum(calc_loss_batch(model, xx.long(), yy.long()).item() * len(xx) for xx, yy in loader) / 12)
+
+
+def partial_split() -> TokenWindows:
+    """18 windows of 16 (tiny_cfg's context): 4 batches of 4, then a batch of 2."""
+    return TokenWindows((np.arange(300) * 7 % 101).astype(np.uint16), 16, 16)
+
+
+def test_a_split_ending_in_a_partial_batch_has_the_mean_of_its_windows(tiny_model):
+    ds = partial_split()
+    padded = evaluate(tiny_model, eval_loader(ds, 4, None), CPU)  # the last batch: 2 windows, 2 padding rows
+    x, y = (torch.stack(part).long() for part in zip(*(ds[i] for i in range(len(ds)))))
+    with torch.no_grad():  # unpadded: every window at once, the sum over their targets
+        nats = F.cross_entropy(tiny_model.eval()(x).flatten(0, 1), y.flatten(), reduction="sum")
+    assert len(ds) % 4 == 2
+    assert padded == pytest.approx(nats.item() / y.numel(), rel=1e-6)  # float32 on the CPU
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_model, tiny_cfg):

@@ -92,13 +92,13 @@ def score(model: nn.Module, loader: DataLoader, device: torch.device, precision:
     byte_lengths = torch.zeros(max(len(lengths), 1 << 16), dtype=torch.long)  # every uint16 id
     byte_lengths[:len(lengths)] = torch.tensor(lengths)
     byte_lengths = byte_lengths.to(device)
-    windows = 0
+    windows = sum(len(batch) for batch in loader.batch_sampler)  # this process's; padding rows are none
     per_batch = []  # each batch's (tokens, nats, text nats, text tokens, text bytes), left on the device: one sync at the end
     for inputs, targets in tqdm(loader, desc="evaluating", unit="batch", leave=False,
                                 disable=None if dist.is_main else True):
         inputs, targets = to_device(inputs, device), to_device(targets, device)
         with precision.autocast() if precision else contextlib.nullcontext():
-            # IGNORE_INDEX targets (a chat window's prompt and padding) give 0: they count nowhere
+            # IGNORE_INDEX targets (a chat window's prompt and padding, a padding row) give 0: they count nowhere
             nats = model(inputs, targets=targets, reduction="none").float()  # (B*T,), the loss inside the model
         targets = targets.flatten()
         counted = targets != IGNORE_INDEX
@@ -106,7 +106,6 @@ def score(model: nn.Module, loader: DataLoader, device: torch.device, precision:
         is_text = text_bytes > 0
         per_batch.append(torch.stack([counted.sum(), nats.sum(), (nats * is_text).sum(), is_text.sum(),
                                       text_bytes.sum()]))
-        windows += len(inputs)
     model.train(was_training)
     # Summed in float64 (on the CPU: MPS has none) over any number of batches; each batch's counts
     # are far below float32's 2**24, so they are exact.
