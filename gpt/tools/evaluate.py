@@ -49,7 +49,7 @@ from gpt.gpt2.pretrained import (DEFAULT_RUN_CONFIG, build_model, default_checkp
 from gpt.model import IGNORE_INDEX, GPTModel, ModelConfig
 from gpt.precision import DTYPES, Precision, dtype_name, scoring_dtype
 from gpt.tokenizer import token_byte_lengths
-from gpt.training import out_of_memory_named, pick_device, setup_device, to_device
+from gpt.training import out_of_memory_named, pick_device, setup_device, to_device, token_losses
 
 
 @dataclass
@@ -99,7 +99,7 @@ def score(model: nn.Module, loader: DataLoader, device: torch.device, precision:
         inputs, targets = to_device(inputs, device), to_device(targets, device)
         with precision.autocast() if precision else contextlib.nullcontext():
             # IGNORE_INDEX targets (a chat window's prompt and padding, a padding row) give 0: they count nowhere
-            nats = model(inputs, targets=targets, reduction="none").float()  # (B*T,), the loss inside the model
+            nats = token_losses(model, inputs, targets).float()  # (B*T,), the loss inside the model
         targets = targets.flatten()
         counted = targets != IGNORE_INDEX
         text_bytes = byte_lengths[targets.clamp(min=0)] * counted  # (B*T,), 0 for <|endoftext|> and ignored ones
