@@ -5,14 +5,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from torch.utils.data import DataLoader
 
 from conftest import SavesOnly
 from gpt import optim
 from gpt.config import TrainConfig
 from gpt.data import TokenWindows, TrainBatches, eval_loader
+from gpt.distributed import SINGLE
 from gpt.model import GPTModel
 from gpt.optim import build_optimizer, learning_rate
 from gpt.precision import Precision, pick_dtype
+from gpt.tools.evaluate import final_val_line
 from gpt.training import NonFiniteLoss, TrainData, calc_loss_batch, compile_model, evaluate, train, train_step
 
 CPU = torch.device("cpu")
@@ -358,3 +362,34 @@ def test_a_step_skipped_on_the_device_is_no_step_and_one_taken_is_a_plain_step(t
     assert all(torch.equal(a, b) for a, b in zip(tiny_model.parameters(), twin.parameters()))
     assert not all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
     assert not steps_unless(torch.optim.AdamW(tiny_model.parameters(), fused=False), torch.tensor(False))
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches and counters emptied before the test and after it."""
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+    counters.clear()
+
+
+@pytest.mark.slow  # two Inductor compiles (C++ on the CPU): ~15 s, ~45 s with Inductor's cache cold
+def test_an_evaluation_ending_in_a_partial_batch_compiles_nothing_more(tiny_model, fresh_dynamo):
+    """The padded last batch runs the full batches' graph; so does the final figure, compiled once
+    more. Unpadded (DataLoader's own short last batch), the same evaluation compiles another."""
+    ds = partial_split()
+    net = compile_model(tiny_model, True, CPU)  # what train() evaluates through
+
+    def graphs() -> int:
+        return counters["stats"]["unique_graphs"]
+
+    evaluate(net, eval_loader(ds, 4, 1), CPU)  # one full batch
+    assert graphs() == 1
+    padded = evaluate(net, eval_loader(ds, 4, None), CPU)  # 4 full batches and the padded one
+    assert graphs() == 1
+    final_val_line(tiny_model, eval_loader(ds, 4, None), TrainConfig(compile=True), CPU, SINGLE, False, 1)
+    assert graphs() == 1  # Dynamo's cache: the same module, call and shape
+    unpadded = evaluate(net, DataLoader(ds, batch_size=4), CPU)  # the last batch (2, 16): a new shape
+    assert graphs() == 2
+    assert padded == pytest.approx(unpadded, rel=1e-6)
