@@ -374,7 +374,7 @@ def fresh_dynamo():
     counters.clear()
 
 
-@pytest.mark.slow  # two Inductor compiles (C++ on the CPU): ~15 s, ~45 s with Inductor's cache cold
+@pytest.mark.slow  # two Inductor compiles (C++ on the CPU): ~10 s with Inductor's cache warm, ~50 s cold
 def test_an_evaluation_ending_in_a_partial_batch_compiles_nothing_more(tiny_model, fresh_dynamo):
     """The padded last batch runs the full batches' graph; so does the final figure, compiled once
     more. Unpadded (DataLoader's own short last batch), the same evaluation compiles another."""
