@@ -88,7 +88,7 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
         return 128 + (stop.signum or signal.SIGTERM)
     if cfg.train.whole_val_at_end:  # the figure to compare runs by: every window, not the periodic subset
         with checkpoints.explained_stops():
-            say(final_val_line(model, data.whole_val, cfg.train.dtype, device, dist, chat, state.step))
+            say(final_val_line(model, data.whole_val, cfg.train, device, dist, chat, state.step))
     if dist.is_main:
         print(f"saved {checkpoints.latest} (step {state.step}); best: {checkpoints.best} (step {state.best_step}, "
               f"val loss {state.best_val_loss:.4f} on the periodic subset)")

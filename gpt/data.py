@@ -24,6 +24,7 @@ The built-in corpus is Shakespeare's plays (`gpt.corpus.sources.shakespeare_docu
 """
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -43,9 +44,11 @@ from gpt.corpus.shakespeare_chat import ShakespeareChatSource
 from gpt.corpus.sources import HF_PREFIX, SHAKESPEARE, SHAKESPEARE_CHAT, FileSource, HFSource, ShakespeareSource, Source
 from gpt.distributed import SINGLE, Distributed
 from gpt.errors import UserError
+from gpt.model import IGNORE_INDEX
 
 FORMATS = ("text", "chat")
 COPY_BYTES = 1 << 20  # moving the val tail of a token file, 1 MiB at a time
+PAD_INPUT_ID = 0  # the inputs of an eval batch's padding rows (`full_batch`): an id in every vocabulary
 
 
 @dataclass
@@ -405,12 +408,31 @@ class TrainBatches:
             mine = epoch * per_epoch + positions[-1] + self.groups
 
 
-def eval_loader(dataset: TokenWindows, batch_size: int, max_batches: int | None, rank: int = 0,
+def full_batch(items: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack eval windows into a (batch_size, T) batch: a short one gets padding rows that count nowhere.
+
+    Every batch then has one shape, so a compiled model never compiles again for the last one.
+    A padding row's inputs are id 0 (in every vocabulary; rows do not see each other, so it moves
+    nothing) and its targets IGNORE_INDEX, which the loss skips. Targets come out int64 whatever
+    the windows held (the token files' uint16 cannot hold -100; a chat window's already are).
+    """
+    inputs = torch.stack([x for x, _ in items])  # (n, T), as stored
+    targets = torch.stack([y for _, y in items]).long()  # (n, T)
+    missing = batch_size - len(items)
+    if missing > 0:
+        inputs = torch.cat([inputs, inputs.new_full((missing, inputs.shape[1]), PAD_INPUT_ID)])
+        targets = torch.cat([targets, targets.new_full((missing, targets.shape[1]), IGNORE_INDEX)])
+    return inputs, targets
+
+
+def eval_loader(dataset: Dataset, batch_size: int, max_batches: int | None, rank: int = 0,
                 world_size: int = 1) -> DataLoader:
     """A fixed, evenly spread subset of at most `max_batches` batches (None: every window).
 
-    With several processes, batch i goes to process i mod `world_size` (their loss sums are
-    then added up: `gpt.distributed`).
+    Every batch is (batch_size, T): a short last one is padded with rows whose targets are
+    IGNORE_INDEX (`full_batch`), so its mean is that of its windows. `loader.batch_sampler` lists
+    the windows of each batch (padding rows are none of them). With several processes, batch i
+    goes to process i mod `world_size` (their loss sums are then added up: `gpt.distributed`).
     """
     if max_batches is None or batch_size * max_batches >= len(dataset):
         indices = list(range(len(dataset)))
@@ -420,4 +442,5 @@ def eval_loader(dataset: TokenWindows, batch_size: int, max_batches: int | None,
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     # Its own generator: a DataLoader without one draws a seed from the global RNG each time it
     # is iterated, and evaluation must not move the RNG that training's dropout uses.
-    return DataLoader(dataset, batch_sampler=batches[rank::world_size], generator=torch.Generator())
+    return DataLoader(dataset, batch_sampler=batches[rank::world_size], generator=torch.Generator(),
+                      collate_fn=functools.partial(full_batch, batch_size=batch_size))

@@ -145,10 +145,18 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return batch.to(device, non_blocking=device.type == "cuda").long()
 
 
+def token_losses(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B*T,) next-token losses of one (B, T) batch, 0 where a target is IGNORE_INDEX, computed by the model.
+
+    The one call every evaluation makes (`evaluate`, `gpt.tools.evaluate.score`), so that through a
+    compiled model they run one graph, with the loss inside it (no (B, T, V) logits leave it)."""
+    return model(inputs, targets=targets, reduction="none")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
              precision: Precision | None = None, dist: Distributed = SINGLE) -> float:
-    """Mean loss over `loader` in eval mode (dropout off); restores the previous mode.
+    """Mean loss over `loader`'s counted targets in eval mode (dropout off); restores the previous mode.
 
     With several processes, each evaluates its share of the batches and the mean is over all.
     """
@@ -158,10 +166,9 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
     for inputs, targets in loader:
         targets = to_device(targets, device)
         with precision.autocast() if precision else contextlib.nullcontext():
-            loss = calc_loss_batch(model, to_device(inputs, device), targets)
-        counted = (targets != IGNORE_INDEX).sum()  # every target of a text window; a chat window's replies
-        total += loss.float() * counted  # on the device: one sync at the end
-        count += counted
+            losses = token_losses(model, to_device(inputs, device), targets)  # (B*T,)
+        total += losses.float().sum()  # on the device: one sync at the end
+        count += (targets != IGNORE_INDEX).sum()  # a text window's targets, a chat window's replies; no padding row's
     model.train(was_training)
     total, count = dist.sum(torch.stack([total, count.float()])).tolist()
     return total / count

@@ -24,14 +24,14 @@ from gpt.chat.template import (
 )
 from gpt.checkpoint import load_checkpoint
 from gpt.corpus.shakespeare_chat import excerpt, scenes, title_of
-from gpt.data import DataConfig
+from gpt.data import DataConfig, eval_loader
 from gpt.errors import UserError
 from gpt.gpt2.pretrained import build_model, resolve_model_config
 from gpt.model import IGNORE_INDEX, GPTModel, ModelConfig
 from gpt.sampling import SampleConfig, generate
 from gpt.tokenizer import EOT_ID
 from gpt.tools import evaluate
-from gpt.training import calc_loss_batch
+from gpt.training import calc_loss_batch, evaluate as training_evaluate
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Two and three?"},
             {"role": "assistant", "content": "Five."}, {"role": "user", "content": "And four and four?"},
@@ -180,6 +180,26 @@ def test_windows_hold_one_conversation_and_count_cut_and_dropped(tmp_path):
     assert inputs[:len(ids)].tolist() == ids and (inputs[len(ids):] == EOT_ID).all()  # padding, not another one
     assert targets[:len(ids) - 1].tolist() == [t if learn else IGNORE for t, learn in zip(ids[1:], trained[1:])]
     assert (targets[len(ids) - 1:] == IGNORE).all()
+
+
+def test_a_padded_last_batch_of_conversations_leaves_the_reply_loss_as_it_is(tmp_path):
+    records = [{"messages": [{"role": "user", "content": f"Count to {n}"},
+                             {"role": "assistant", "content": " ".join(map(str, range(1, n + 1)))}]} for n in range(1, 9)]
+    prepared = prepare_chat(DataConfig(format="chat", corpus=str(write_jsonl(tmp_path / "chat.jsonl", records)),
+                                       prepared_dir=str(tmp_path / "p"), val_fraction=0.1))
+    windows = ChatWindows(prepared, "train", 24)  # 7 conversations: batches of 3, 3 and 1 (padded to 3)
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(vocab_size=CHAT_VOCAB_SIZE, context_length=24, emb_dim=16, n_heads=2, n_layers=1,
+                                 drop_rate=0.0)).eval()
+    loader = eval_loader(windows, 3, None)
+    scored = evaluate.score(model, loader, torch.device("cpu"))
+    x, y = (torch.stack(part).long() for part in zip(*(windows[i] for i in range(len(windows)))))
+    with torch.no_grad():  # unpadded: every conversation at once, the sum over its replies' targets
+        nats = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum")
+    assert len(windows) == 7 and all(inputs.shape == (3, 24) for inputs, _ in loader)
+    assert (scored.windows, scored.tokens) == (7, int((y != IGNORE).sum()))  # padding rows: no window, no target
+    assert scored.loss == pytest.approx(nats.item() / scored.tokens, rel=1e-6)  # float32 on the CPU
+    assert training_evaluate(model, loader, torch.device("cpu")) == pytest.approx(scored.loss, rel=1e-6)
 
 
 # --------------------------------------------------------------------------- runs: init_from, resume, chat, evaluate

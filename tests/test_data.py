@@ -8,12 +8,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from gpt.data import DataConfig, TokenWindows, TrainBatches, eval_loader, load_split, prepare
+from gpt.data import PAD_INPUT_ID, DataConfig, TokenWindows, TrainBatches, eval_loader, load_split, prepare
 from gpt import data
 from gpt.corpus import encode
 from gpt.corpus import sources
 from gpt.corpus.encode import Encoded, encode_documents
 from gpt.errors import UserError
+from gpt.model import IGNORE_INDEX
 from gpt.corpus.sources import Block, markdown_play_to_text
 from gpt.tokenizer import EOT_ID, get_tokenizer
 
@@ -282,6 +283,21 @@ def test_eval_loader_is_fixed_and_bounded():
     assert all(torch.equal(a, b) for a, b in zip(first, [x for x, _ in loader]))
     starts = torch.cat(first)[:, 0]
     assert starts[0] == 0 and starts[-1] == 4 * (len(ds) - 1)  # spread over the whole split
+
+
+def test_eval_batches_all_have_the_full_shape_and_padding_rows_are_no_windows():
+    ds = TokenWindows(np.arange(100, dtype=np.uint16), max_length=4, stride=4)  # 24 windows
+    loader = eval_loader(ds, batch_size=5, max_batches=None)  # 4 batches of 5, then 4 windows
+    batches = list(loader)
+    assert len(ds) == 24 and len(batches) == 5
+    assert all(x.shape == y.shape == (5, 4) for x, y in batches)  # the last too: one shape to compile
+    assert all(y.dtype == torch.int64 for _, y in batches)  # IGNORE_INDEX (-100) does not fit in uint16
+    inputs, targets = (torch.cat(part) for part in zip(*batches))
+    windows = [ds[i] for i in range(len(ds))]
+    assert torch.equal(inputs[:24], torch.stack([x for x, _ in windows]))  # every window, once, in order
+    assert torch.equal(targets[:24], torch.stack([y for _, y in windows]).long())
+    assert (inputs[24:] == PAD_INPUT_ID).all() and (targets[24:] == IGNORE_INDEX).all()  # counted nowhere
+    assert sum(len(b) for b in loader.batch_sampler) == 24  # the windows a loader scores: no padding row
 
 
 def test_preparation_streams_in_bounded_memory(tmp_path, monkeypatch):

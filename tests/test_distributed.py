@@ -28,6 +28,7 @@ from gpt.errors import UserError
 from gpt.model import GPTModel
 from gpt.optim import build_optimizer
 from gpt.precision import Precision
+from gpt.tools.evaluate import score
 from gpt.training import evaluate, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +69,19 @@ def test_evaluation_batches_are_dealt_out_without_overlap_or_gaps(world_size):
     dealt = [shares[i % world_size][i // world_size] for i in range(len(single))]
     assert sum(map(len, shares)) == len(single) == 4  # a fifth process gets none: allowed
     assert all(torch.equal(a, b) for a, b in zip(single, dealt))
+
+
+@pytest.mark.parametrize("world_size, batches_each", [(2, [3, 2]), (3, [2, 2, 1]), (6, [1, 1, 1, 1, 1, 0])])
+def test_every_process_evaluates_full_shaped_batches_and_the_sums_add_up(world_size, batches_each, tiny_model):
+    # 18 windows of 16 in batches of 4: 4 full batches and one of 2 (batch 4, padded), dealt out in turn
+    ds = TokenWindows((np.arange(300) * 7 % 101).astype(np.uint16), max_length=16, stride=16)
+    loaders = [eval_loader(ds, 4, None, rank, world_size) for rank in range(world_size)]
+    assert [len(list(loader)) for loader in loaders] == batches_each  # fewer for some, none for one of 6
+    assert all(x.shape == (4, 16) for loader in loaders for x, _ in loader)
+    whole = score(tiny_model, eval_loader(ds, 4, None), CPU)
+    shares = [score(tiny_model, loader, CPU) for loader in loaders]  # what `dist.sum` then adds up
+    assert (sum(s.windows for s in shares), sum(s.tokens for s in shares)) == (whole.windows, whole.tokens) == (18, 288)
+    assert sum(s.nats for s in shares) == pytest.approx(whole.nats, rel=TOLERANCE)
 
 
 @pytest.mark.parametrize("batch_size, accum, world_size", [

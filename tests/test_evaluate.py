@@ -7,21 +7,28 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
-from gpt.tools import evaluate
-from gpt.data import TokenWindows, eval_loader
+from gpt.checkpoint import save_checkpoint
+from gpt.config import Config, TrainConfig, config_to_dict
+from gpt.data import DataConfig, TokenWindows, eval_loader, load_split, prepare
+from gpt.distributed import SINGLE
 from gpt.model import GPTModel, ModelConfig
+from gpt.tools import evaluate
 from gpt.tokenizer import EOT_ID, get_tokenizer
 
+CPU = torch.device("cpu")
 
-def test_score_counts_the_nats_and_bytes_of_exactly_the_scored_tokens():
+
+@pytest.mark.parametrize("batch_size", [3, 4])  # 9 windows: 3 batches of 3, or 2 of 4 and one padded to 4
+def test_score_counts_the_nats_and_bytes_of_exactly_the_scored_tokens(batch_size):
     enc = get_tokenizer()
     tokens = (enc.encode_ordinary("Naïve café, 日本語 and 🎭 masks.\n" * 3) + [EOT_ID]
               + enc.encode_ordinary("A second document, after the separator." * 2 + " The end."))
     torch.manual_seed(0)
     model = GPTModel(ModelConfig(context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0))
     windows = TokenWindows(np.array(tokens, dtype=np.uint16), max_length=8, stride=8)
-    result = evaluate.score(model, eval_loader(windows, batch_size=3, max_batches=None), torch.device("cpu"))
+    result = evaluate.score(model, eval_loader(windows, batch_size, max_batches=None), torch.device("cpu"))
 
     # Independently: window i predicts tokens 8i+1 .. 8i+8; <|endoftext|> is no text, so it counts
     # in the loss but in neither the nats nor the bytes of bits per byte.
@@ -67,3 +74,36 @@ def test_gpt2_weights_without_a_corpus_is_one_clear_error(hf_small_vocab, capsys
     assert evaluate.main(["--checkpoint", str(folder)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {folder} is not a run, so it has no val split; give --corpus SOURCE to score"
+
+
+@pytest.mark.parametrize("setting, compiled", [(True, True), (False, False), ("auto", False)])  # auto: CUDA only
+def test_the_final_figure_and_the_command_compile_where_the_run_s_training_would(setting, compiled, corpus_file,
+                                                                                tmp_path, monkeypatch, capsys):
+    """Through torch.compile (eager backend: fast) where train.compile asks for it, with the same figures."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m: real_compile(m, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    cfg = Config(model=ModelConfig(context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0),
+                 data=DataConfig(corpus=str(corpus_file), prepared_dir=str(tmp_path / "prepared"), num_proc=1,
+                                 max_tokens=500, batch_size=5),  # val: 50 tokens, 6 windows of 8
+                 train=TrainConfig(compile=setting))
+    model = GPTModel(cfg.model)
+    save_checkpoint(tmp_path / "run.pt", {"model": model.state_dict(), "config": config_to_dict(cfg)})
+    assert evaluate.main(["--checkpoint", str(tmp_path / "run.pt"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert counters["stats"]["unique_graphs"] == int(compiled)
+    torch._dynamo.reset()
+    counters.clear()
+    windows = load_split(prepare(cfg.data), "val", 8, 8)
+    line = evaluate.final_val_line(model, eval_loader(windows, 5, None), cfg.train, CPU, SINGLE, False, 1)
+    assert counters["stats"]["unique_graphs"] == int(compiled)
+    torch._dynamo.reset()
+    assert len(windows) % 5 and printed["windows"] == len(windows) and printed["tokens"] == 8 * len(windows)
+    assert f"over all {len(windows):,} windows" in line and f"{printed['loss']:.4f}" in line
+    model.eval()
+    with torch.no_grad():  # uncompiled, unpadded, every window at once
+        x, y = (torch.stack(part).long() for part in zip(*(windows[i] for i in range(len(windows)))))
+        expected = F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+    assert printed["loss"] == pytest.approx(expected, rel=1e-6)

@@ -4,15 +4,22 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from torch.utils.data import DataLoader
 
 from conftest import SavesOnly
 from gpt import optim
 from gpt.config import TrainConfig
 from gpt.data import TokenWindows, TrainBatches, eval_loader
+from gpt.distributed import SINGLE
 from gpt.model import GPTModel
 from gpt.optim import build_optimizer, learning_rate
 from gpt.precision import Precision, pick_dtype
+from gpt.tools.evaluate import final_val_line
 from gpt.training import NonFiniteLoss, TrainData, calc_loss_batch, compile_model, evaluate, train, train_step
+
+CPU = torch.device("cpu")
 
 
 def test_learning_rate_schedule():
@@ -69,6 +76,21 @@ def test_evaluate_uses_eval_mode_and_restores_it(tiny_cfg):
     x, y = next(iter(loader))
     model.eval()
     assert a == pytest.approx(sum(calc_loss_batch(model, xx.long(), yy.long()).item() * len(xx) for xx, yy in loader) / 12)
+
+
+def partial_split() -> TokenWindows:
+    """18 windows of 16 (tiny_cfg's context): 4 batches of 4, then a batch of 2."""
+    return TokenWindows((np.arange(300) * 7 % 101).astype(np.uint16), 16, 16)
+
+
+def test_a_split_ending_in_a_partial_batch_has_the_mean_of_its_windows(tiny_model):
+    ds = partial_split()
+    padded = evaluate(tiny_model, eval_loader(ds, 4, None), CPU)  # the last batch: 2 windows, 2 padding rows
+    x, y = (torch.stack(part).long() for part in zip(*(ds[i] for i in range(len(ds)))))
+    with torch.no_grad():  # unpadded: every window at once, the sum over their targets
+        nats = F.cross_entropy(tiny_model.eval()(x).flatten(0, 1), y.flatten(), reduction="sum")
+    assert len(ds) % 4 == 2
+    assert padded == pytest.approx(nats.item() / y.numel(), rel=1e-6)  # float32 on the CPU
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_model, tiny_cfg):
@@ -340,3 +362,34 @@ def test_a_step_skipped_on_the_device_is_no_step_and_one_taken_is_a_plain_step(t
     assert all(torch.equal(a, b) for a, b in zip(tiny_model.parameters(), twin.parameters()))
     assert not all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
     assert not steps_unless(torch.optim.AdamW(tiny_model.parameters(), fused=False), torch.tensor(False))
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches and counters emptied before the test and after it."""
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+    counters.clear()
+
+
+@pytest.mark.slow  # two Inductor compiles (C++ on the CPU): ~10 s with Inductor's cache warm, ~50 s cold
+def test_an_evaluation_ending_in_a_partial_batch_compiles_nothing_more(tiny_model, fresh_dynamo):
+    """The padded last batch runs the full batches' graph; so does the final figure, compiled once
+    more. Unpadded (DataLoader's own short last batch), the same evaluation compiles another."""
+    ds = partial_split()
+    net = compile_model(tiny_model, True, CPU)  # what train() evaluates through
+
+    def graphs() -> int:
+        return counters["stats"]["unique_graphs"]
+
+    evaluate(net, eval_loader(ds, 4, 1), CPU)  # one full batch
+    assert graphs() == 1
+    padded = evaluate(net, eval_loader(ds, 4, None), CPU)  # 4 full batches and the padded one
+    assert graphs() == 1
+    final_val_line(tiny_model, eval_loader(ds, 4, None), TrainConfig(compile=True), CPU, SINGLE, False, 1)
+    assert graphs() == 1  # Dynamo's cache: the same module, call and shape
+    unpadded = evaluate(net, DataLoader(ds, batch_size=4), CPU)  # the last batch (2, 16): a new shape
+    assert graphs() == 2
+    assert padded == pytest.approx(unpadded, rel=1e-6)

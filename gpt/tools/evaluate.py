@@ -22,6 +22,10 @@ or, with `--corpus`, all of any corpus `data.corpus` accepts (tokenised once int
 Precision: the figure is computed in float32 on every CPU, and in the run's autocast (bf16) on a
 GPU (`gpt.precision.comparable_dtype`, which says why); `--dtype` chooses another, and the line
 says which it ran in.
+
+Compiled: wherever the run's training compiles (`train.compile`; `auto`: on CUDA; GPT-2's weights
+take the default), the model runs through `gpt.training.compile_model`, the loss inside its graph.
+Every batch has the same shape (`gpt.data.eval_loader` pads the last one), so one graph serves all.
 """
 
 import contextlib
@@ -40,7 +44,7 @@ from gpt.chat.data import load_chat_split, prepare_chat, read_meta
 from gpt.chat.scoring import REPLIES, REPLY_LIMIT, ask, held_out, majority, percent
 from gpt.chat.template import chat_model_from_state
 from gpt.checkpoint import checkpoint_path, load_checkpoint, model_from_state
-from gpt.config import build_config, parse_overrides
+from gpt.config import TrainConfig, build_config, parse_overrides
 from gpt.data import DataConfig, TokenWindows, eval_loader, load_split, prepare, prepare_whole
 from gpt.distributed import SINGLE, Distributed
 from gpt.errors import ArgumentParser, UserError, run_cli
@@ -49,7 +53,7 @@ from gpt.gpt2.pretrained import (DEFAULT_RUN_CONFIG, build_model, default_checkp
 from gpt.model import IGNORE_INDEX, GPTModel, ModelConfig
 from gpt.precision import DTYPES, Precision, dtype_name, scoring_dtype
 from gpt.tokenizer import token_byte_lengths
-from gpt.training import out_of_memory_named, pick_device, setup_device, to_device
+from gpt.training import compile_model, out_of_memory_named, pick_device, setup_device, to_device, token_losses
 
 
 @dataclass
@@ -83,7 +87,8 @@ def score(model: nn.Module, loader: DataLoader, device: torch.device, precision:
           dist: Distributed = SINGLE) -> Score:
     """Loss and bits per byte over every batch of `loader`, in eval mode; restores the mode.
 
-    With several processes, each scores its share of the batches and the sums are over all.
+    `model` runs as given: compiled (`compile_model`), the loss is computed inside its graph. With
+    several processes, each scores its share of the batches and the sums are over all.
     """
     was_training = model.training
     model.eval()
@@ -92,21 +97,20 @@ def score(model: nn.Module, loader: DataLoader, device: torch.device, precision:
     byte_lengths = torch.zeros(max(len(lengths), 1 << 16), dtype=torch.long)  # every uint16 id
     byte_lengths[:len(lengths)] = torch.tensor(lengths)
     byte_lengths = byte_lengths.to(device)
-    windows = 0
+    windows = sum(len(batch) for batch in loader.batch_sampler)  # this process's; padding rows are none
     per_batch = []  # each batch's (tokens, nats, text nats, text tokens, text bytes), left on the device: one sync at the end
     for inputs, targets in tqdm(loader, desc="evaluating", unit="batch", leave=False,
                                 disable=None if dist.is_main else True):
         inputs, targets = to_device(inputs, device), to_device(targets, device)
         with precision.autocast() if precision else contextlib.nullcontext():
-            # IGNORE_INDEX targets (a chat window's prompt and padding) give 0: they count nowhere
-            nats = model(inputs, targets=targets, reduction="none").float()  # (B*T,), the loss inside the model
+            # IGNORE_INDEX targets (a chat window's prompt and padding, a padding row) give 0: they count nowhere
+            nats = token_losses(model, inputs, targets).float()  # (B*T,), the loss inside the model
         targets = targets.flatten()
         counted = targets != IGNORE_INDEX
         text_bytes = byte_lengths[targets.clamp(min=0)] * counted  # (B*T,), 0 for <|endoftext|> and ignored ones
         is_text = text_bytes > 0
         per_batch.append(torch.stack([counted.sum(), nats.sum(), (nats * is_text).sum(), is_text.sum(),
                                       text_bytes.sum()]))
-        windows += len(inputs)
     model.train(was_training)
     # Summed in float64 (on the CPU: MPS has none) over any number of batches; each batch's counts
     # are far below float32's 2**24, so they are exact.
@@ -125,13 +129,17 @@ def describe(result: Score, label: str, what: str, dtype: torch.dtype) -> str:
             f"({result.tokens:,} tokens, {result.text_bytes:,} bytes of text, in {dtype_name(dtype)})")
 
 
-def final_val_line(model: nn.Module, loader: DataLoader, run_dtype: str, device: torch.device, dist: Distributed,
+def final_val_line(model: nn.Module, loader: DataLoader, run: TrainConfig, device: torch.device, dist: Distributed,
                    chat: bool, step: int) -> str:
     """Training's final figure, after `step`: the val loss over every window (a chat run's replies only),
-    in the precision runs are compared in (float32 on any CPU)."""
-    precision = Precision(scoring_dtype("comparable", run_dtype, device), device)
+    in the precision runs are compared in (float32 on any CPU), compiled where `run` compiled training."""
+    precision = Precision(scoring_dtype("comparable", run.dtype, device), device)
+    # Compiled again, not passed from `train`: Dynamo finds the graph the periodic evaluation
+    # compiled for this module and shape (the same `token_losses` call) and compiles nothing more
+    # (measured in one process and through DDP: docs/performance.md).
+    scored_model = compile_model(model, run.compile, device)
     with out_of_memory_named("the evaluation over the whole val split after step", step, device):
-        scored = score(model, loader, device, precision, dist)
+        scored = score(scored_model, loader, device, precision, dist)
     if chat:
         return describe(scored, "val loss (replies only)", "the val conversations", precision.dtype)
     return describe(scored, "val loss", "the val split", precision.dtype)
@@ -147,15 +155,15 @@ def data_config(base: DataConfig, overrides: list[str], source: str) -> tuple[Da
 
 
 def load_scored_model(location: str, state: dict | None, device: torch.device
-                      ) -> tuple[GPTModel, DataConfig | None, str, str]:
-    """(model in eval mode, the run's data config or None for GPT-2's weights, its train.dtype, what it is);
-    `state` is the run's checkpoint, already read, or None for GPT-2's weights."""
+                      ) -> tuple[GPTModel, DataConfig | None, TrainConfig, str]:
+    """(model in eval mode, the run's data config or None for GPT-2's weights, its train settings (the
+    defaults for GPT-2's weights), what it is); `state` is the run's checkpoint, already read, or None."""
     if state is None:
         cfg = resolve_model_config(ModelConfig(init_from=location), given=())
-        return build_model(cfg).to(device).eval(), None, "auto", location
+        return build_model(cfg).to(device).eval(), None, TrainConfig(), location
     path = checkpoint_path(location)
     model, config = model_from_state(state, path, device)
-    return model, config.data, config.train.dtype, str(path)
+    return model, config.data, config.train, str(path)
 
 
 def scored_windows(data: DataConfig, given: set[str], corpus: str | None, context: int) -> tuple[TokenWindows, str]:
@@ -197,7 +205,8 @@ def evaluate_chat(state: dict, path: Path, args, overrides: list[str], device: t
           file=sys.stderr)
     results = {}
     for name, (m, where) in models.items():
-        loss = score(m, eval_loader(windows, data.batch_size, None), device, precision)
+        loss = score(compile_model(m, config.train.compile, device), eval_loader(windows, data.batch_size, None),
+                     device, precision)
         answers = ask(m, records, args.max_new_tokens, device)
         results[name] = {"checkpoint": where, "reply_loss": loss.loss, "reply_tokens": loss.tokens,
                          "right": dict(answers.right), "questions": dict(answers.questions),
@@ -254,14 +263,16 @@ def main(argv: list[str] | None = None) -> int:
         state = None if is_pretrained_source(location) else load_checkpoint(checkpoint_path(location))
         if state is not None and state.get("chat_template"):
             return evaluate_chat(state, checkpoint_path(location), args, overrides, device)
-        model, run_data, dtype, source = load_scored_model(location, state, device)
+        model, run_data, run, source = load_scored_model(location, state, device)
         data, given = data_config(run_data or DataConfig(), overrides, source if run_data else "the defaults")
         context = model.cfg.context_length
         with contextlib.redirect_stdout(sys.stderr):  # what preparation says: stdout is for the figures
             windows, what = scored_windows(data, given, args.corpus, context)
         print(f"scoring {source} on {what}", file=sys.stderr)
-        precision = Precision(scoring_dtype(args.dtype, dtype, device), device)
-        result = score(model, eval_loader(windows, data.batch_size, None), device, precision)
+        precision = Precision(scoring_dtype(args.dtype, run.dtype, device), device)
+        # compiled where the run's training was (train.compile; auto: on CUDA; GPT-2's weights: the default)
+        result = score(compile_model(model, run.compile, device), eval_loader(windows, data.batch_size, None),
+                       device, precision)
         if args.json:
             print(json.dumps({"checkpoint": source, "data": what, **asdict(result), "loss": result.loss,
                               "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
