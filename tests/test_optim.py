@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import SavesOnly
 from gpt import optim
@@ -145,6 +146,35 @@ def test_a_muon_step_taken_on_the_skip_path_is_the_plain_step_bit_for_bit(batche
     assert all(torch.equal(a, b) for a, b in zip(bits(skip_path.state[p]["momentum_buffer"] for p in ours),
                                                  bits(plain.state[q]["momentum_buffer"] for q in theirs)))
     assert all(not torch.equal(a, b) for a, b in zip(bits(ours), start))  # every matrix moved
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops called below autograd (a foreach op once, however long its lists)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_skip_costs_a_few_ops_per_shape_not_per_matrix():
+    """What steps_unless adds to a step does not grow with the matrices of each shape (it was ~5 ops per matrix)."""
+    def added_ops(copies: int) -> int:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape)) for shape in SHAPES * copies]
+        optimizer = Muon(params, ns_dtype=torch.float32, weight_decay=0.1)
+        step_with_gradients(optimizer, params, steps=1)  # the state
+        counts = []
+        for step in (optimizer.step, lambda: steps_unless(optimizer, torch.tensor(False))):
+            with OpCounter() as counter:
+                step()
+            counts.append(counter.count)
+        return counts[1] - counts[0]
+
+    assert 0 < added_ops(2) == added_ops(8)
 
 
 def test_orthogonalise_brings_every_singular_value_near_one():
