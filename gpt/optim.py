@@ -180,8 +180,8 @@ def where_each(condition: torch.Tensor, inputs: list[torch.Tensor], others: list
         if len(same) == 1:
             chosen[same[0]] = torch.where(condition, inputs[same[0]], others[same[0]])
         else:
-            stacked = torch.where(condition, torch.stack([inputs[i] for i in same]),
-                                  torch.stack([others[i] for i in same]))  # (N, *shape)
+            stacked = torch.stack([others[i] for i in same])  # (N, *shape)
+            torch.where(condition, torch.stack([inputs[i] for i in same]), stacked, out=stacked)  # no third fresh copy
             chosen.update(zip(same, stacked.unbind(0)))
     return [chosen[i] for i in range(len(inputs))]
 
