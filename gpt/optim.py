@@ -172,8 +172,9 @@ def indices_by(keys: list) -> list[list[int]]:
 def where_each(condition: torch.Tensor, inputs: list[torch.Tensor], others: list[torch.Tensor]) -> list[torch.Tensor]:
     """`[torch.where(condition, x, y) for x, y in zip(inputs, others)]`, one stacked `where` per shape.
 
-    torch has no foreach `where`: tensors of one shape are stacked, so a skip costs a few ops per
-    shape, not two per matrix. The results are views into that stack, laid out as the inputs.
+    torch has no foreach `where`: the tensors of each shape are stacked and chosen from in one op,
+    a few ops per shape, not one per tensor. The results are views into that stack, laid out as
+    the inputs.
     """
     chosen: dict[int, torch.Tensor] = {}
     for same in indices_by([(x.shape, x.dtype) for x in inputs]):
