@@ -91,7 +91,8 @@ class Muon(torch.optim.Muon):
 
     Where `found_inf` is set on it (a 1-element float tensor on the device, as GradScaler sets it
     for fused optimizers; 1 = skip), a step with it at 1 changes neither a weight nor a momentum
-    buffer, decided on the device with no host sync.
+    buffer, decided on the device with no host sync. That costs a few ops per shape of matrix
+    (`where_each`), not per matrix: the step is otherwise `step()`'s, and at 0 gives its bits.
     """
 
     def __init__(self, params, ns_dtype: torch.dtype = torch.float32, batched: bool = True, **kwargs):
@@ -110,57 +111,80 @@ class Muon(torch.optim.Muon):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             lr = group["lr"]
+            decay = 1 - lr * group["weight_decay"]  # decoupled weight decay
+            if skip is not None:  # x 1 when skipping, one tensor on the device for the whole group
+                decay = torch.where(skip, 1.0, decay)
             for indices in self._same_shapes(params):  # one shape's updates alive at a time
                 members = [params[i] for i in indices]
-                updates = self._momentum_updates(members, group["momentum"], group["nesterov"], found_inf)
+                updates = self._momentum_updates(members, group["momentum"], group["nesterov"], skip)
                 if len(updates) == 1:
-                    ortho = [orthogonalise(updates[0], group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                           self.ns_dtype)]
+                    done = orthogonalise(updates[0], group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                         self.ns_dtype)
+                    ortho = [done]
                 else:  # (N, rows, cols), every tall matrix transposed to the group's wide shape
                     stack = torch.stack([u.mT if u.size(0) > u.size(1) else u for u in updates])
                     del updates
                     done = orthogonalise(stack, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                         self.ns_dtype).unbind(0)
-                    ortho = [o.mT if p.size(0) > p.size(1) else o for o, p in zip(done, members)]
-                for param, update in zip(members, ortho):
-                    ratio = muon_lr_ratio(param.shape, group["adjust_lr_fn"])
-                    decay = 1 - lr * group["weight_decay"]  # decoupled weight decay
-                    if skip is not None:  # when skipping: x 1 and + 0, the weight bit for bit as it was
-                        decay = torch.where(skip, 1.0, decay)
-                        update = torch.where(skip, 0.0, update)
-                    param.mul_(decay)
-                    param.add_(update, alpha=-lr * ratio)
+                                         self.ns_dtype)
+                    ortho = [o.mT if p.size(0) > p.size(1) else o for o, p in zip(done.unbind(0), members)]
+                if skip is not None:  # +0.0 when skipping: x + (-lr) * (+0.0) is x bit for bit, -0.0 included
+                    done.masked_fill_(skip, 0.0)
+                # torch's param.mul_(decay); param.add_(update, alpha=-lr * ratio), a list at a time
+                torch._foreach_mul_(members, decay)
+                for same in indices_by([p.shape for p in members]):  # the tall ones have their own ratio
+                    ratio = muon_lr_ratio(members[same[0]].shape, group["adjust_lr_fn"])
+                    torch._foreach_add_([members[i] for i in same], [ortho[i] for i in same], alpha=-lr * ratio)
         return loss
 
     def _momentum_updates(self, params: list[torch.Tensor], momentum: float, nesterov: bool,
-                          found_inf: torch.Tensor | None) -> list[torch.Tensor]:
+                          skip: torch.Tensor | None) -> list[torch.Tensor]:
         """Advance each matrix's momentum buffer by its gradient -> the updates to orthogonalise (torch's math)."""
-        grads = [p.grad for p in params]
-        if found_inf is not None:  # a skipped step moves the buffers by exactly 0 (and NaN * 0 is NaN)
-            skip = found_inf.reshape(()).bool()
-            grads = [torch.where(skip, torch.zeros_like(g), g) for g in grads]
         bufs = []
-        for p, grad in zip(params, grads):
+        for p in params:
             state = self.state[p]
             if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(grad)
+                state["momentum_buffer"] = torch.zeros_like(p.grad)
             bufs.append(state["momentum_buffer"])
-        if found_inf is None:
-            torch._foreach_lerp_(bufs, grads, 1 - momentum)
-        else:  # weight 0 when skipping: buf + 0 * (0 - buf), each buffer as it was
-            weight = (1 - found_inf.reshape(())) * (1 - momentum)
-            for buf, grad in zip(bufs, grads):
-                buf.lerp_(grad, weight)
+        grads = [p.grad for p in params]
+        # When skipping, each buffer steps towards itself: buf + w * (+0.0) is buf (a NaN gradient cannot
+        # be masked by a weight: NaN * 0 is NaN). Bit for bit: a buffer is never -0.0 (it starts at +0.0
+        # and a lerp gives -0.0 only from -0.0), except at momentum 0, where it is a copy of the gradient.
+        if skip is not None:
+            grads = where_each(skip, bufs, grads)
+        torch._foreach_lerp_(bufs, grads, 1 - momentum)
         return torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs
 
     def _same_shapes(self, params: list[torch.Tensor]) -> list[list[int]]:
         """Indices of `params` grouped by shape, a tall matrix with the wide ones of its transpose's shape."""
         if not self.batched:
             return [[i] for i in range(len(params))]
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, p in enumerate(params):
-            groups.setdefault((min(p.shape), max(p.shape)) if p.size(0) > p.size(1) else tuple(p.shape), []).append(i)
-        return list(groups.values())
+        return indices_by([(min(p.shape), max(p.shape)) for p in params])
+
+
+def indices_by(keys: list) -> list[list[int]]:
+    """The indices of equal keys, grouped, in the order each key first appears."""
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def where_each(condition: torch.Tensor, inputs: list[torch.Tensor], others: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`[torch.where(condition, x, y) for x, y in zip(inputs, others)]`, one stacked `where` per shape.
+
+    torch has no foreach `where`: the tensors of each shape are stacked and chosen from in one op,
+    a few ops per shape, not one per tensor. The results are views into that stack, laid out as
+    the inputs.
+    """
+    chosen: dict[int, torch.Tensor] = {}
+    for same in indices_by([(x.shape, x.dtype) for x in inputs]):
+        if len(same) == 1:
+            chosen[same[0]] = torch.where(condition, inputs[same[0]], others[same[0]])
+        else:
+            stacked = torch.stack([others[i] for i in same])  # (N, *shape)
+            torch.where(condition, torch.stack([inputs[i] for i in same]), stacked, out=stacked)  # no third fresh copy
+            chosen.update(zip(same, stacked.unbind(0)))
+    return [chosen[i] for i in range(len(inputs))]
 
 
 class MuonWithAdamW:

@@ -48,9 +48,15 @@ def test_bench_runs_and_reports_against_the_baseline(capsys):
     assert "MFU" in out and "%" in rows["sdpa:float32:off"]  # a measured CPU peak gives an MFU
     assert "kv cache:" in out and "recompute:" in out
     assert "DDP wrapper: the default path inside DDP runs at " in out
-    shares = [line for line in out.split("optimizer step alone")[1].splitlines() if line.endswith("%")]
-    assert [re.match(r"\s+(.+?)\s+[\d.]+ ms", line).group(1) for line in shares] == [
-        "clip_grad_norm_ (train.grad_clip)", "adamw (fused)", "muon + adamw, as train.py builds it", "its muon part alone", "torch.optim.Muon (bf16 inside)"]
+    lines = out.split("optimizer step alone")[1].split("\nsampling:")[0].splitlines()[1:]  # below its title
+    steps = {row.group(1): row.group(2) for row in map(re.compile(r"\s+(\S.+?)\s+(\d[\d.]* ms.*)").match, lines) if row}
+    assert list(steps) == ["clip_grad_norm_ (train.grad_clip)", "adamw (fused)", "muon + adamw, as train.py builds it",
+                           "its muon part alone", "torch.optim.Muon (bf16 inside)"]
+    cells = {name: re.findall(r"[\d.]+ ms +[\d.]+% +(\d+)", row) for name, row in steps.items()}  # aten ops per path
+    assert not cells["clip_grad_norm_ (train.grad_clip)"] and len(cells["torch.optim.Muon (bf16 inside)"]) == 1
+    for name in ("adamw (fused)", "muon + adamw, as train.py builds it", "its muon part alone"):
+        plain, skip_path = map(int, cells[name])  # step(), then steps_unless as train_step runs it
+        assert 0 < plain <= skip_path, steps[name]
 
 
 def test_bench_prints_the_settings_to_match_and_a_command_that_repeats_them(capsys):

@@ -7,13 +7,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import SavesOnly
 from gpt import optim
 from gpt.config import TrainConfig
 from gpt.data import TokenWindows, TrainBatches, eval_loader
 from gpt.model import GPTModel
-from gpt.optim import Muon, MuonWithAdamW, build_optimizer, learning_rate, orthogonalise, set_learning_rate
+from gpt.optim import (Muon, MuonWithAdamW, build_optimizer, learning_rate, orthogonalise, set_learning_rate,
+                       steps_unless)
 from gpt.precision import Precision
 from gpt.training import TrainData, calc_loss_batch, train, train_step
 
@@ -83,6 +85,96 @@ def test_batched_muon_is_the_per_matrix_update():
     for p, q, s in zip(batched, one_by_one, start):
         assert (p - s).abs().max() > 1e-3  # they moved
         assert torch.allclose(p, q, rtol=0, atol=1e-6)
+
+
+GROUPED = [(48, 48)] * 3 + [(64, 32), (32, 64)] * 2  # two shape groups of several, a tall matrix with its wide twins
+
+
+def bits(tensors) -> list[torch.Tensor]:
+    """float32 tensors as their bit patterns: -0.0 is not 0.0 and NaN is itself."""
+    return [t.detach().view(torch.int32).clone() for t in tensors]
+
+
+def grouped_muon(batched: bool, nesterov: bool) -> tuple[list[torch.nn.Parameter], Muon]:
+    """Matrices in shape groups of several, after two real steps (the buffers hold something), one weight -0.0."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in GROUPED]
+    optimizer = Muon(params, ns_dtype=torch.float32, batched=batched, nesterov=nesterov, weight_decay=0.1, lr=0.05)
+    step_with_gradients(optimizer, params, steps=2)
+    with torch.no_grad():
+        params[4][3, 5] = -0.0  # x * 1 + (-0.0) keeps it; a skip that adds +0.0 (x * 0 for a negative x) does not
+    return params, optimizer
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("poison", [
+    "nan in one matrix of a group", "inf in one matrix of a group", "-inf and nan everywhere"])
+def test_a_skipped_muon_step_changes_no_bit_of_a_weight_or_a_buffer(batched, nesterov, poison):
+    """The NaN guard's promise, with weight decay on: whatever the gradients hold, a skipped step is no step."""
+    params, optimizer = grouped_muon(batched, nesterov)
+    weights, buffers = bits(params), bits(optimizer.state[p]["momentum_buffer"] for p in params)
+    generator = torch.Generator().manual_seed(2)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator)
+    if poison == "nan in one matrix of a group":
+        params[1].grad[0, 0] = math.nan
+    elif poison == "inf in one matrix of a group":
+        params[5].grad[7] = math.inf  # a row of a tall one
+    else:
+        for p in params:
+            p.grad[::2] = -math.inf
+            p.grad[1::2] = math.nan
+    assert steps_unless(optimizer, torch.tensor(True))
+    assert all(torch.equal(a, b) for a, b in zip(bits(params), weights))
+    assert all(torch.equal(a, b) for a, b in zip(bits(optimizer.state[p]["momentum_buffer"] for p in params), buffers))
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_a_muon_step_taken_on_the_skip_path_is_the_plain_step_bit_for_bit(batched, nesterov):
+    """What train_step runs (steps_unless, nothing to skip) is what step() does, in shape groups of several."""
+    (ours, skip_path), (theirs, plain) = grouped_muon(batched, nesterov), grouped_muon(batched, nesterov)
+    start = bits(ours)
+    generator = torch.Generator().manual_seed(2)
+    for p, q in zip(ours, theirs):
+        p.grad = torch.randn(p.shape, generator=generator)
+        q.grad = p.grad.clone()
+    assert steps_unless(skip_path, torch.tensor(False))
+    plain.step()
+    assert all(torch.equal(a, b) for a, b in zip(bits(ours), bits(theirs)))
+    assert all(torch.equal(a, b) for a, b in zip(bits(skip_path.state[p]["momentum_buffer"] for p in ours),
+                                                 bits(plain.state[q]["momentum_buffer"] for q in theirs)))
+    assert all(not torch.equal(a, b) for a, b in zip(bits(ours), start))  # every matrix moved
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops called below autograd (a foreach op once, however long its lists)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_skip_costs_a_few_ops_per_shape_not_per_matrix():
+    """What steps_unless adds to a step does not grow with the matrices of each shape (it was ~5 ops per matrix)."""
+    def added_ops(copies: int) -> int:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape)) for shape in SHAPES * copies]
+        optimizer = Muon(params, ns_dtype=torch.float32, weight_decay=0.1)
+        step_with_gradients(optimizer, params, steps=1)  # the state
+        counts = []
+        for step in (optimizer.step, lambda: steps_unless(optimizer, torch.tensor(False))):
+            with OpCounter() as counter:
+                step()
+            counts.append(counter.count)
+        return counts[1] - counts[0]
+
+    assert 0 < added_ops(2) == added_ops(8)
 
 
 def test_orthogonalise_brings_every_singular_value_near_one():

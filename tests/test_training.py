@@ -324,23 +324,40 @@ def test_out_of_memory_on_the_current_gpu_names_its_index(monkeypatch):
 
 
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
-def test_a_non_finite_gradient_with_a_finite_loss_changes_no_weight(tiny_model, tiny_cfg, optimizer):
-    """Clipping's norm carries the check: decided on the device, where the optimizer skips its update."""
-    cfg = TrainConfig(optimizer=optimizer, grad_clip=1.0)
+@pytest.mark.parametrize("poison,message", [
+    ("nan gradient", "^the gradient norm is nan at step 7$"),  # in one matrix of Muon's group of 4 x 2 layers
+    ("inf gradient", "^the gradient norm is inf at step 7$"),
+    ("nan loss", "^loss is nan at step 7$"),  # every gradient NaN
+])
+def test_a_non_finite_loss_or_gradient_changes_no_weight_and_no_optimizer_state(tiny_model, tiny_cfg, optimizer,
+                                                                                  poison, message, monkeypatch):
+    """Clipping's norm carries the check: decided on the device, where the optimizer skips its update.
+    Weight decay on: a skipped step does not decay either. Compared bit for bit (-0.0 is not 0.0)."""
+    cfg = TrainConfig(optimizer=optimizer, grad_clip=1.0, weight_decay=0.1, muon_weight_decay=0.1)
     opt = build_optimizer(tiny_model, cfg, torch.device("cpu"))
     x, y = torch.randint(0, tiny_cfg.vocab_size, (2, 4, 12)).to(torch.uint16)
     train_step(tiny_model, iter([(x, y)]), opt, Precision(torch.float32, torch.device("cpu")), cfg,
                torch.device("cpu"))  # a real step first: the momentum buffers hold something to keep
-    weights = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
-    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
-    hook = tiny_model.trf_blocks[1].att.W_key.weight.register_hook(lambda grad: grad * math.nan)
-    with pytest.raises(NonFiniteLoss, match="^the gradient norm is nan at step 7$"):
+
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().view(torch.int32).clone()
+
+    weights = {n: bits(p) for n, p in tiny_model.named_parameters()}
+    state = {id(p): {k: bits(v) for k, v in s.items()} for p, s in opt.state.items()}
+    assert sum(len(s) for s in state.values()) >= len(weights)  # Muon's buffers; AdamW's moments and step
+    key = tiny_model.trf_blocks[1].att.W_key.weight
+    if poison == "nan gradient":
+        key.register_hook(lambda grad: grad * math.nan)
+    elif poison == "inf gradient":  # the clip then scales the others to 0 and this one to NaN (inf * 0)
+        key.register_hook(lambda grad: grad + math.inf)
+    else:
+        monkeypatch.setattr("gpt.training.calc_loss_batch", lambda *args: calc_loss_batch(*args) * math.nan)
+    with pytest.raises(NonFiniteLoss, match=message):
         train_step(tiny_model, iter([(x, y)]), opt, Precision(torch.float32, torch.device("cpu")), cfg,
                    torch.device("cpu"), step=7)
-    hook.remove()
-    assert all(torch.equal(weights[n], p) for n, p in tiny_model.named_parameters())
+    assert all(torch.equal(weights[n], bits(p)) for n, p in tiny_model.named_parameters())
     for p, s in opt.state.items():
-        assert all(torch.equal(state[id(p)][k], v) for k, v in s.items())  # momentum, Adam's moments, its step
+        assert all(torch.equal(state[id(p)][k], bits(v)) for k, v in s.items())  # momentum, Adam's moments, its step
 
 
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])

@@ -29,6 +29,7 @@ The input is random token ids: speed does not depend on the text.
 
 import copy
 import dataclasses
+import functools
 import resource
 import statistics
 import sys
@@ -41,7 +42,7 @@ from gpt.config import Config, load_config
 from gpt.distributed import SINGLE, Distributed, single_process_group
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.model import GPTModel, ModelConfig
-from gpt.optim import build_optimizer, muon_parameters
+from gpt.optim import build_optimizer, muon_parameters, steps_unless
 from gpt.precision import DTYPES, Precision, dtype_name, pick_dtype
 from gpt.sampling import decoding_dtype, for_decoding, generate
 from gpt.training import calc_loss_batch, compile_model, pick_device, setup_device, train_step
@@ -279,8 +280,10 @@ def report(cfg: Config, device: torch.device, benches: list[TrainBench]) -> None
 
 
 def bench_optimizer_steps(cfg: Config, device: torch.device, step_seconds: float, rounds: int) -> None:
-    """Time `optimizer.step()` alone for AdamW, Muon as chosen here, and torch's Muon (bf16 inside),
-    each as a share of `step_seconds` (the default path's whole training step)."""
+    """Time the optimizer step alone for AdamW, Muon as chosen here, and torch's Muon (bf16 inside), each as
+    a share of `step_seconds` (the default path's whole training step): the plain `step()`, and beside it
+    `steps_unless` as `train_step` runs it (the non-finite skip decided on the device, nothing to skip).
+    Each with its aten ops per step: the top-level calls torch.profiler records (views included)."""
     torch.manual_seed(cfg.train.seed)
     model = GPTModel(cfg.model).to(device)
     inputs = torch.randint(0, cfg.model.vocab_size, (cfg.data.batch_size, cfg.model.context_length), device=device)
@@ -293,8 +296,26 @@ def bench_optimizer_steps(cfg: Config, device: torch.device, step_seconds: float
         ("  its muon part alone", build_optimizer(model, dataclasses.replace(cfg.train, optimizer="muon"), device).muon),
         ("  torch.optim.Muon (bf16 inside)", torch.optim.Muon(muon_matrices, **options)),
     ]
+    nothing_to_skip = torch.zeros((), dtype=torch.bool, device=device)  # train_step's ~finite, all finite
+
+    def aten_ops(step) -> int:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            step()
+
+        def top_level(event) -> bool:  # not called from inside another aten op
+            parent = event.cpu_parent
+            while parent is not None and not parent.name.startswith("aten::"):
+                parent = parent.cpu_parent
+            return parent is None
+
+        return sum(event.name.startswith("aten::") and top_level(event) for event in profiler.events())
+
     print(f"\noptimizer step alone (median of {rounds}), as a share of the default path's "
-          f"{step_seconds * 1e3:.1f} ms training step:")
+          f"{step_seconds * 1e3:.1f} ms training step:\n"
+          "  step() is the plain step; steps_unless is train_step's (the non-finite skip, decided on the device);\n"
+          "  aten ops: the top-level aten calls of one step, counted with torch.profiler")
+    print(f"  {'':<38}" + "   ".join(f"{path + ' ms':>15} {'share':>7} {'aten ops':>9}"
+                                     for path in ("step()", "steps_unless")))
     if cfg.train.grad_clip > 0:  # what train_step adds to the step when clipping is on
         times = []
         for _ in range(rounds):
@@ -304,20 +325,27 @@ def bench_optimizer_steps(cfg: Config, device: torch.device, step_seconds: float
             synchronize(device)
             times.append(time.perf_counter() - started)
         seconds = statistics.median(times)
-        print(f"  {'clip_grad_norm_ (train.grad_clip)':<38} {seconds * 1e3:>8.1f} ms  {seconds / step_seconds:>6.1%}")
+        print(f"  {'clip_grad_norm_ (train.grad_clip)':<38}{seconds * 1e3:>12.1f} ms {seconds / step_seconds:>7.1%}")
     for name, optimizer in candidates:
         state = copy.deepcopy(model.state_dict())
-        optimizer.step()  # first step: creates the state
-        times = []
-        for _ in range(rounds):
-            synchronize(device)
-            started = time.perf_counter()
+        paths = {"step()": optimizer.step}
+        if steps_unless(optimizer, nothing_to_skip):  # first step: creates the state
+            paths["steps_unless"] = functools.partial(steps_unless, optimizer, nothing_to_skip)
+        else:  # it cannot skip on the device: train_step syncs, then calls step()
             optimizer.step()
-            synchronize(device)
-            times.append(time.perf_counter() - started)
+        ops = {path: aten_ops(step) for path, step in paths.items()}
+        times = {path: [] for path in paths}
+        for _ in range(rounds):  # in turns, so a slow spell on the machine hits both
+            for path, step in paths.items():
+                synchronize(device)
+                started = time.perf_counter()
+                step()
+                synchronize(device)
+                times[path].append(time.perf_counter() - started)
         model.load_state_dict(state)
-        seconds = statistics.median(times)
-        print(f"  {name:<38} {seconds * 1e3:>8.1f} ms  {seconds / step_seconds:>6.1%}")
+        cells = [f"{statistics.median(t) * 1e3:>12.1f} ms {statistics.median(t) / step_seconds:>7.1%} {ops[path]:>9}"
+                 for path, t in times.items()]
+        print(f"  {name:<38}" + "   ".join(cells))
 
 
 def matched_settings(cfg: Config, config_name: str | None) -> str:
@@ -348,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ddp", action="store_true",
                         help="also time the default path inside DistributedDataParallel (one process)")
     parser.add_argument("--optimizer-steps", action="store_true",
-                        help="also time the optimizer step alone: AdamW, Muon, and torch's Muon in bf16")
+                        help="also time the optimizer step alone (step(), and steps_unless as train_step runs it, "
+                        "with aten ops per step): AdamW, Muon, and torch's Muon in bf16")
     parser.add_argument("--sample-tokens", type=int, default=200, help="new tokens per sampling run (0: skip)")
     parser.add_argument("--prompt-tokens", type=int, default=8, help="prompt length for the sampling runs")
     parser.add_argument("--device", default="auto", help="auto, cpu, mps or cuda[:N]")
