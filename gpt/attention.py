@@ -23,8 +23,8 @@ Design choices:
   both call, so the weights one sees are the ones the explicit path uses, whichever path the
   model runs with. The sdpa path never computes them.
 - A `LayerCache` lets sampling feed one new token at a time: the keys and values of earlier
-  tokens are kept instead of recomputed. New queries at positions p..p+T-1 attend over every
-  slot of the cache, and rows p..p+T-1 of the same mask buffer hide what they may not see.
+  tokens are kept instead of recomputed. New queries at positions p..p+T-1 see keys 0..p+T-1
+  (compiled: every slot), and rows p..p+T-1 of the same mask buffer hide what they may not see.
 """
 
 import torch
@@ -38,22 +38,33 @@ ATTENTION_IMPLS = (DEFAULT_IMPL, "explicit")
 class LayerCache:
     """One attention layer's keys and values for up to `context_length` positions, at fixed addresses.
 
-    New keys and values go in at positions `pos`..`pos`+T-1, where `pos` (a 0-d long tensor on the
-    device, shared by every layer: `gpt.model.KVCache`) counts the positions filled before. Attention
-    then runs over every slot, and the causal mask's rows at the new positions hide the slots not yet
-    filled, since they lie in the future too. No Python number changes from one token to the next,
-    so a compiled step never recompiles, and a CUDA graph replays on the same memory.
+    `cache` is the `gpt.model.KVCache` of every layer, which counts the positions filled before
+    this call, as `pos` on the device and as `length` on the host. Two ways to use the same slots:
+    - compiled: new keys and values go in at positions `pos`..`pos`+T-1, and attention runs over
+      every slot, the causal mask's rows at those positions hiding the slots not yet filled (they
+      lie in the future too). No Python number changes from one token to the next, so the step
+      never recompiles, and a CUDA graph replays on the same memory;
+    - eager: they go in at `length`..`length`+T-1 and attention runs over the filled slots only,
+      with no mask for a single new token: fewer kernels, and no reads of empty slots.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor):
-        self.keys, self.values, self.pos = keys, values, pos  # keys, values: (B, H, context_length, D)
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, cache):
+        self.keys, self.values, self.cache = keys, values, cache  # keys, values: (B, H, context_length, D)
 
-    def write(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store (B, H, T, D) new keys and values -> their positions (T,), and every slot's keys and values."""
-        positions = self.pos + torch.arange(keys.shape[-2], device=keys.device)
-        self.keys.index_copy_(2, positions, keys)
-        self.values.index_copy_(2, positions, values)
-        return positions, self.keys, self.values
+    def write(self, keys: torch.Tensor, values: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store (B, H, T, D) new keys and values -> the keys and values to attend to, (B, H, slots, D),
+        and compiled, the new positions (T,); eager, None (the filled slots end at the new tokens)."""
+        num_tokens = keys.shape[-2]
+        if torch.compiler.is_compiling():
+            positions = self.cache.pos + torch.arange(num_tokens, device=keys.device)
+            self.keys.index_copy_(2, positions, keys)
+            self.values.index_copy_(2, positions, values)
+            return self.keys, self.values, positions
+        start, end = self.cache.length, self.cache.length + num_tokens
+        self.keys[:, :, start:end] = keys
+        self.values[:, :, start:end] = values
+        return self.keys[:, :, :end], self.values[:, :, :end], None
 
 
 class CausalAttention(nn.Module):
@@ -104,10 +115,11 @@ class CausalAttention(nn.Module):
                 f"{self.context_length}; crop the input to its last {self.context_length} tokens"
             )
         queries, keys, values = self._project(x)  # each (B, n_heads, T, head_dim)
-        future = None  # without a cache, the (T, T) corner of the mask, taken from the shapes
-        if cache is not None:  # keys, values: (B, n_heads, context_length, head_dim), every slot
-            positions, keys, values = cache.write(keys, values)
-            future = self.mask[positions]  # (T, context_length): the mask's rows at the new positions
+        future = None  # the rows of the mask the shapes give: the last T of the first `keys` rows
+        if cache is not None:  # keys, values: (B, n_heads, slots, head_dim)
+            keys, values, positions = cache.write(keys, values)
+            if positions is not None:  # every slot: the mask's rows at the new positions, (T, context_length)
+                future = self.mask[positions]
 
         if self.impl == "sdpa":
             context = self._attend_sdpa(queries, keys, values, future)
@@ -131,11 +143,14 @@ class CausalAttention(nn.Module):
         """(B, T, d_in) -> queries, keys, values, each (B, n_heads, T, head_dim).
 
         The fast path (sdpa) makes them with one matmul against the three weights stacked, as
-        nanoGPT's single `c_attn` does: one pass over `x` instead of three, and one larger matmul.
-        The explicit path keeps the chapter's three projections.
+        nanoGPT's single `c_attn` does: one pass over `x` instead of three, one larger matmul, and
+        in backward one for x's gradient. Stacking copies the weights at every call, which pays
+        where `x` has more rows than the stack (training, evaluation), not where a few tokens are
+        decoded at a time and reading the weights is the whole cost. The explicit path keeps the
+        chapter's three projections.
         """
         shape = (*x.shape[:2], self.num_heads, self.head_dim)  # (B, T, n_heads, head_dim)
-        if self.impl == "sdpa":
+        if self.impl == "sdpa" and x.shape[0] * x.shape[1] > 3 * self.d_out:
             weight = torch.cat([self.W_query.weight, self.W_key.weight, self.W_value.weight])  # (3 d_out, d_in)
             bias = (None if self.W_query.bias is None else
                     torch.cat([self.W_query.bias, self.W_key.bias, self.W_value.bias]))
@@ -149,11 +164,14 @@ class CausalAttention(nn.Module):
                         future: torch.Tensor | None = None) -> torch.Tensor:
         """softmax(QK^T / sqrt(head_dim)) with the causal mask: (B, H, T, D) -> (B, H, T, keys).
 
-        `future` (T, keys): the mask's rows for queries after a cache; None: its (T, T) corner."""
-        num_queries = queries.shape[-2]
+        `future` (T, keys): the mask's rows at the queries' positions; None: the queries are the
+        last T of the keys' positions, rows keys-T..keys-1 of the mask (its (T, T) corner without a cache)."""
+        num_queries, num_keys = queries.shape[-2], keys.shape[-2]
+        if future is None:
+            future = self.mask[num_keys - num_queries:num_keys, :num_keys]
         attn_scores = queries @ keys.transpose(-2, -1)  # (B, H, T, keys)
         # The future's scores become -inf, so softmax gives it weight exactly 0 (in place: no copy).
-        attn_scores.masked_fill_(self.mask[:num_queries, :num_queries] if future is None else future, -torch.inf)
+        attn_scores.masked_fill_(future, -torch.inf)
         return torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
 
     def _attend_explicit(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -167,6 +185,11 @@ class CausalAttention(nn.Module):
         """The same computation through PyTorch's fused kernel; shapes (B, H, T, D)."""
         # nn.Dropout follows train()/eval() by itself; SDPA's dropout_p does not.
         dropout_p = self.dropout.p if self.training else 0.0
-        if future is None:  # no cache: the plain causal case, the fastest kernels
+        num_queries, num_keys = queries.shape[-2], keys.shape[-2]
+        if future is None and num_queries == num_keys:  # no cache: the plain causal case, the fastest kernels
             return F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p, is_causal=True)
+        if future is None and num_queries == 1:  # one new token after the filled slots sees them all
+            return F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p)
+        if future is None:  # several new tokens after a cache; SDPA's is_causal would align the mask top-left
+            future = self.mask[num_keys - num_queries:num_keys, :num_keys]
         return F.scaled_dot_product_attention(queries, keys, values, attn_mask=~future, dropout_p=dropout_p)

@@ -115,8 +115,9 @@ class KVCache:
     """What sampling keeps between forward passes: every layer's `LayerCache`, and how full they are.
 
     `length` (on the host) and `pos` (the same number, a tensor on the device) count the positions
-    filled. The forward pass reads only `pos`, so a compiled one-token step sees no Python number
-    change; the sampler reads `length` to know when the cache is full, without waiting for the device.
+    filled. A compiled forward pass reads only `pos`, so it sees no Python number change from one
+    token to the next; the sampler reads `length` to know when the cache is full, without waiting
+    for the device.
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype):
@@ -124,7 +125,7 @@ class KVCache:
         self.context_length, self.length = cfg.context_length, 0
         self.pos = torch.zeros((), dtype=torch.long, device=device)
         self.layers = [LayerCache(torch.zeros(shape, device=device, dtype=dtype),
-                                  torch.zeros(shape, device=device, dtype=dtype), self.pos)
+                                  torch.zeros(shape, device=device, dtype=dtype), self)
                        for _ in range(cfg.n_layers)]
 
     def tensors(self) -> list[torch.Tensor]:

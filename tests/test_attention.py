@@ -1,3 +1,5 @@
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,30 +98,39 @@ def test_sdpa_dropout_only_in_training():
     assert torch.allclose(sdpa(x), sdpa.eval()(x))
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("impl", ["explicit", "sdpa"])
-def test_cached_keys_and_values_give_the_same_output(impl):
-    """Feeding the sequence in pieces through a KV cache equals one full pass, for both paths."""
+def test_cached_keys_and_values_give_the_same_output(impl, compiled):
+    """Feeding the sequence in pieces through a KV cache equals one full pass, for both paths: eager
+    over the filled slots, and traced by torch.compile (its eager backend: Dynamo, no compiler) over
+    every slot, the stale ones left in the cache hidden by the causal mask."""
     from gpt.attention import LayerCache
     torch.manual_seed(0)
     ca = CausalAttention(8, 8, context_length=10, dropout=0.0, num_heads=2, impl=impl).eval()
     x = torch.randn(2, 10, 8)
-    pos = torch.zeros((), dtype=torch.long)
-    cache = LayerCache(torch.randn(2, 2, 10, 4), torch.randn(2, 2, 10, 4), pos)  # stale slots: masked
+    counts = types.SimpleNamespace(pos=torch.zeros((), dtype=torch.long), length=0)  # what gpt.model.KVCache counts
+    cache = LayerCache(torch.randn(2, 2, 10, 4) * 100, torch.randn(2, 2, 10, 4) * 100, counts)  # stale slots
+    attend = torch.compile(ca, backend="eager", fullgraph=True) if compiled else ca
     pieces = []
     for a, b in ((0, 4), (4, 5), (5, 8), (8, 10)):
-        pieces.append(ca(x[:, a:b], cache))
-        pos.fill_(b)
-    assert torch.allclose(torch.cat(pieces, dim=1), ca(x), atol=1e-6)
+        pieces.append(attend(x[:, a:b], cache))
+        counts.length = b
+        counts.pos.fill_(b)
+    assert torch.allclose(torch.cat(pieces, dim=1), ca(x), atol=1e-5)
 
 
-def test_one_matmul_for_queries_keys_and_values_equals_the_three_projections():
-    """The fast path stacks W_query, W_key, W_value into one matmul; the same numbers (float32) and
-    gradients as the explicit path's three, with and without biases."""
+def test_one_matmul_for_queries_keys_and_values_equals_the_three_projections(monkeypatch):
+    """The fast path stacks W_query, W_key, W_value into one matmul (where x has more rows than the
+    stack); the same numbers (float32) and gradients as the explicit path's three, with and without
+    biases."""
+    stacked = []
+    real_linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: stacked.append(w.shape) or real_linear(x, w, b))
     torch.manual_seed(0)
-    x = torch.randn(3, 7, 12, requires_grad=True)
+    x = torch.randn(3, 13, 12, requires_grad=True)  # 39 rows: more than the 36 of the stacked weights
     for bias in (False, True):
-        fused = CausalAttention(12, 12, context_length=8, dropout=0.0, qkv_bias=bias, num_heads=3, impl="sdpa")
-        separate = CausalAttention(12, 12, context_length=8, dropout=0.0, qkv_bias=bias, num_heads=3, impl="explicit")
+        fused = CausalAttention(12, 12, context_length=16, dropout=0.0, qkv_bias=bias, num_heads=3, impl="sdpa")
+        separate = CausalAttention(12, 12, context_length=16, dropout=0.0, qkv_bias=bias, num_heads=3, impl="explicit")
         separate.load_state_dict(fused.state_dict())
         for a, b in zip(fused._project(x), separate._project(x)):
             assert torch.allclose(a, b, atol=1e-6)
@@ -130,6 +141,10 @@ def test_one_matmul_for_queries_keys_and_values_equals_the_three_projections():
         for a, b in zip(*grads):
             assert torch.allclose(a, b, atol=1e-5)
         assert fused.state_dict().keys() == separate.state_dict().keys()  # W_query, W_key, W_value as they were
+    assert (36, 12) in stacked  # the fused path did run its one matmul
+    stacked.clear()
+    fused(torch.randn(1, 2, 12))  # a token or two at a time (decoding): the three projections, no copy
+    assert (36, 12) not in stacked
 
 
 @pytest.mark.parametrize("impl", ["explicit", "sdpa"])

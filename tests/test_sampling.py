@@ -243,6 +243,9 @@ def test_a_second_generation_and_a_second_chat_turn_compile_nothing_new(tiny_cfg
     assert graphs >= 1 and counters["stats"]["unique_graphs"] == graphs
     assert torch.equal(compiled, again) and torch.equal(compiled, generate(model, prompt, 20, temperature=0,
                                                                            kv_cache=False))
+    short = generate(model, prompt[:, :2], 6, temperature=0, compile=True)  # over the stale slots of the last call
+    assert torch.equal(short, generate(model, prompt[:, :2], 6, temperature=0, kv_cache=False))
+    assert counters["stats"]["unique_graphs"] == graphs
     chat = GPTModel(ModelConfig(**{**tiny_cfg.__dict__, "vocab_size": CHAT_VOCAB_SIZE, "context_length": 64})).eval()
     cfg = SampleConfig(temperature=0, max_new_tokens=8, compile=True)
     history = [{"role": "user", "content": "Which play?"}]
