@@ -2,7 +2,8 @@
 # The GPU check, in one command, from a clone on a machine with an NVIDIA GPU:
 #
 #     bash scripts/gpu_check.sh [REPORT]           # default REPORT: gpu-check-report.txt
-#     bash scripts/gpu_check.sh --speed [REPORT]   # the speed figures and test_cuda.py only (~7 min)
+#     bash scripts/gpu_check.sh --speed [REPORT]   # the speed figures and test_cuda.py only (<= 8 min)
+#     bash scripts/gpu_check.sh [--speed] --plan   # the stages it would run, their limits, the budget
 #
 # In under 10 minutes (GPU_CHECK_SECONDS, default 570, is the budget; each step also has its own
 # limit) it
@@ -10,13 +11,14 @@
 #      (a CUDA build, 2.9 or later), tiktoken, yaml, tqdm, numpy and pytest already import, pip is
 #      not run at all, so a machine with no network works; otherwise pip installs
 #      requirements-dev.txt (torch 2.13.0 included) or, with a CUDA torch already there, the rest;
-#   2. prepares the Shakespeare corpus, then starts the CPU suite in the background, with CUDA
+#   2. checks for (or makes) the tokenizer files and the prepared corpus, stopping with one line on
+#      what to copy where it cannot, then starts the CPU suite in the background, with CUDA
 #      hidden so it tests what CI tests, on half of the CPU cores;
 #   3. runs tests/test_cuda.py, the tests only a GPU can run;
 #   4. runs python3 -m gpt bench --config gpt2-124m.yaml: ms per step, tokens/s, MFU against the
 #      GPU's datasheet peak and peak memory of the plain and the default path, and with --ddp
 #      the cost of the DistributedDataParallel wrapper; then sampling with and without KV cache,
-#      and with the static cache and the decoding step in CUDA graphs;
+#      and with the one-token step in CUDA graphs;
 #   5. measures peak memory with activation checkpointing off and on (python3 -m gpt bench memory);
 #   6. trains configs/small.yaml end to end (data, 315 steps, whole-val loss, sample) and times
 #      it, then samples from it with generate.py;
