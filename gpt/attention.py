@@ -160,15 +160,18 @@ class CausalAttention(nn.Module):
         queries, keys, values = (p.view(shape).transpose(1, 2) for p in projected)
         return queries, keys, values
 
+    def _last_rows(self, num_queries: int, num_keys: int) -> torch.Tensor:
+        """(T, keys): the mask's rows for queries at the last T of the keys' positions."""
+        return self.mask[num_keys - num_queries:num_keys, :num_keys]
+
     def _masked_softmax(self, queries: torch.Tensor, keys: torch.Tensor,
                         future: torch.Tensor | None = None) -> torch.Tensor:
         """softmax(QK^T / sqrt(head_dim)) with the causal mask: (B, H, T, D) -> (B, H, T, keys).
 
         `future` (T, keys): the mask's rows at the queries' positions; None: the queries are the
         last T of the keys' positions, rows keys-T..keys-1 of the mask (its (T, T) corner without a cache)."""
-        num_queries, num_keys = queries.shape[-2], keys.shape[-2]
         if future is None:
-            future = self.mask[num_keys - num_queries:num_keys, :num_keys]
+            future = self._last_rows(queries.shape[-2], keys.shape[-2])
         attn_scores = queries @ keys.transpose(-2, -1)  # (B, H, T, keys)
         # The future's scores become -inf, so softmax gives it weight exactly 0 (in place: no copy).
         attn_scores.masked_fill_(future, -torch.inf)
@@ -191,5 +194,5 @@ class CausalAttention(nn.Module):
         if future is None and num_queries == 1:  # one new token after the filled slots sees them all
             return F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p)
         if future is None:  # several new tokens after a cache; SDPA's is_causal would align the mask top-left
-            future = self.mask[num_keys - num_queries:num_keys, :num_keys]
+            future = self._last_rows(num_queries, num_keys)
         return F.scaled_dot_product_attention(queries, keys, values, attn_mask=~future, dropout_p=dropout_p)

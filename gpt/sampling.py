@@ -143,8 +143,6 @@ def compiled_decode_step(device_type: str) -> Callable:
     compiled = CompiledOrEager(decode_step, "sample.compile", mode=mode, fullgraph=True)
 
     def step(model: nn.Module, new: torch.Tensor, cache) -> torch.Tensor:
-        for tensor in cache.tensors():  # written in place inside the graph, at the same address each call
-            torch._dynamo.mark_static_address(tensor)
         torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are used up: its graph may reuse them
         return compiled(model, new, cache)
     return step
@@ -163,8 +161,11 @@ def generate_stream(model: nn.Module, idx: torch.Tensor, cfg: SampleConfig, eos_
     prompt = idx[:, -context:]
     cache = model.kv_cache(idx.shape[0]) if cfg.kv_cache else None
     ahead = min(cfg.max_new_tokens - 1, context - prompt.shape[1])  # one-token steps the cache takes
-    step = compiled_decode_step(idx.device.type) if cache and compile_pays(cfg.compile, idx.device, ahead) \
-        else decode_step
+    step = decode_step
+    if cache is not None and compile_pays(cfg.compile, idx.device, ahead):
+        step = compiled_decode_step(idx.device.type)
+        for tensor in cache.tensors():  # written in place inside the graph, at the same address each call
+            torch._dynamo.mark_static_address(tensor)
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     logits = next_logits(model, prompt, cache, decode_step)  # the prompt runs uncompiled: one shape to capture
     for made in range(1, cfg.max_new_tokens + 1):
@@ -176,7 +177,7 @@ def generate_stream(model: nn.Module, idx: torch.Tensor, cfg: SampleConfig, eos_
         if made < cfg.max_new_tokens:  # queued before the token is read: the device keeps working
             if cache is not None and cache.length == context:
                 cache = None  # full: from here on, crop and recompute
-            logits = next_logits(model, next_id[:, None] if cache else idx[:, -context:], cache, step)
+            logits = next_logits(model, idx[:, -context:] if cache is None else next_id[:, None], cache, step)
         # The one wait per token: the new ids and whether every row has finished, read together.
         read = torch.cat([next_id, finished.all()[None]]).cpu()
         yield read[:-1]

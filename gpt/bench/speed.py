@@ -16,12 +16,13 @@ timed in turns (round-robin, `--rounds` times) and the median is reported, so a 
 the machine hits all of them alike.
 
 First the settings a matched comparison needs (micro-batch, accumulation, dropout, clipping,
-optimizer, dtype, compile) and the command that repeats them. Printed per variant: milliseconds per optimizer step, training tokens/s, achieved FLOP/s, MFU
-(model FLOPs utilisation: achieved / peak) and peak memory; then sampling tokens/s in the steady
-state with and without the KV cache, and on CUDA (or with `--sample.compile=true`) with the
-one-token step compiled, CUDA graphs on CUDA, with the first two calls' time apart.
-`--optimizer-steps` adds the optimizer step (the plain `step()` and the skip path training runs,
-each with its aten ops) and clipping alone, each as a share of a training step. FLOPs per token follow the PaLM paper's estimate used by nanoGPT:
+optimizer, dtype, compile) and the command that repeats them. Printed per variant: milliseconds
+per optimizer step, training tokens/s, achieved FLOP/s, MFU (model FLOPs utilisation: achieved /
+peak) and peak memory; then sampling tokens/s in the steady state with and without the KV cache,
+and on CUDA (or with `--sample.compile=true`) with the one-token step compiled, CUDA graphs on
+CUDA, with the first two calls' time apart. `--optimizer-steps` adds the optimizer step (the
+plain `step()` and the skip path training runs, each with its aten ops) and clipping alone, each
+as a share of a training step. FLOPs per token follow the PaLM paper's estimate used by nanoGPT:
 6 * N for the matmuls (N = parameters, embedding excluded, LM head included) plus
 12 * n_layers * context_length * emb_dim for attention. The peak is measured here on a CPU (a
 large matmul in the variant's dtype); on a GPU it comes from the table of datasheet peaks below.
