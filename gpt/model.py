@@ -214,6 +214,17 @@ class GPTModel(nn.Module):
         """
         if targets is not None and cache is not None:
             raise ValueError("targets and a KV cache do not go together: the loss is for training")
+        logits = self.logits(self.hidden_states(idx, cache, checkpoint_activations))  # (B, T, V_padded)
+        if targets is None:
+            return logits
+        # In float32 (as autocast would): inside torch.compile the upcast fuses into the loss kernels.
+        # A target of IGNORE_INDEX (a chat window's prompt and padding: gpt.chat.template) counts nowhere
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction,
+                               ignore_index=IGNORE_INDEX)
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
+                      checkpoint_activations: bool = False) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, emb_dim): the last block's output, before the final LayerNorm."""
         _, num_tokens = idx.shape
         if cache is None and num_tokens > self.cfg.context_length:
             raise ValueError(
@@ -232,10 +243,11 @@ class GPTModel(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x, None if cache is None else cache.layers[i])
-        logits = F.linear(self.final_norm(x), self.out_head.weight, self.logit_bias)  # (B, T, V_padded)
-        if targets is None:
-            return logits
-        # In float32 (as autocast would): inside torch.compile the upcast fuses into the loss kernels.
-        # A target of IGNORE_INDEX (a chat window's prompt and padding: gpt.chat.template) counts nowhere
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction,
-                               ignore_index=IGNORE_INDEX)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., emb_dim) hidden states -> (..., padded_vocab_size) logits: the final LayerNorm and the tied head.
+
+        Apart from `forward` for a caller that needs the logits of a few positions only (multiple-choice
+        scoring, `gpt.tools.multiple_choice`): the head is most of a small model's compute."""
+        return F.linear(self.final_norm(x), self.out_head.weight, self.logit_bias)
