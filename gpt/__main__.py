@@ -22,14 +22,14 @@ COMMANDS = {
     "prepare": ("gpt.corpus.prepare", "--config X", "tokenise a config's corpus ahead of training, on every core",
                 "docs/data.md"),
     "evaluate": ("gpt.tools.evaluate", "--checkpoint RUN",
-                 "loss, perplexity and bits per byte over a whole split",
+                 "loss and bits per byte over a whole split; --task: HellaSwag, multiple choice",
                  "docs/evaluation.md"),
     "export": ("gpt.gpt2.export", "RUN OUT_DIR", "write a run as a Hugging Face GPT-2 model folder", "docs/gpt2.md"),
     "attention-map": ("gpt.tools.attention_map", "PROMPT --checkpoint RUN",
                       "draw every head's attention weights on a prompt", "docs/generating.md"),
     "plot": ("gpt.tools.plot", "RUN", "draw a run's train and val loss as loss.png", "docs/training.md"),
-    "bench": ("gpt.bench", "[race | memory | prep] --config X",
-              "speed against a baseline; races, memory, preparation",
+    "bench": ("gpt.bench", "[race | memory | prep | tasks] --config X",
+              "speed against a baseline; races, memory, preparation, task scoring",
               "docs/performance.md"),
 }
 

@@ -100,8 +100,8 @@ def allow_tf32_matmuls(enabled: bool = True) -> None:
         matmul.allow_tf32 = enabled
 
 
-def compile_model(model: nn.Module, setting: bool | str, device: torch.device) -> nn.Module:
-    """`torch.compile(model)` if `setting` asks for it (auto: on CUDA), else `model` itself.
+def compile_model(model: nn.Module | Callable, setting: bool | str, device: torch.device) -> nn.Module | Callable:
+    """`torch.compile(model)` (a module or a function) if `setting` asks for it (auto: on CUDA), else `model` itself.
 
     Compiled, it is a `CompiledOrEager`: if compiling fails, it warns once and runs `model` as it is."""
     if setting is False or (setting == "auto" and device.type != "cuda"):
@@ -316,6 +316,8 @@ class TrainData:
     batches: TrainBatches  # (inputs, targets) forever, resumable
     eval_loaders: dict[str, DataLoader]  # "train" and "val": evenly spread batches, for the periodic estimate
     whole_val: DataLoader | None = None  # every val window: the figure to compare runs by
+    # the multiple-choice tasks scored at each evaluation (train.eval_tasks): (model, precision) -> metrics
+    score_tasks: Callable[[nn.Module, Precision], dict[str, float]] | None = None
 
 
 def train_data(train_set: Dataset, val_set: Dataset, data: DataConfig, cfg: TrainConfig, dist: Distributed,
@@ -351,13 +353,15 @@ class Progress:
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{self.rate:,.0f}")
         self.bar.update(1)
 
-    def report(self, state: TrainState) -> None:
-        """The line of an evaluation: both losses, their perplexities and the speed."""
+    def report(self, state: TrainState, tasks: dict[str, float]) -> None:
+        """The line of an evaluation: both losses, their perplexities, the speed and each task's acc_norm."""
         if self.show:
+            scores = "".join(f", {name.removesuffix('_acc_norm')} acc_norm {value:.4f}"
+                             for name, value in tasks.items() if name.endswith("_acc_norm"))
             self.bar.write(
                 f"step {state.step}: train loss {state.train_loss:.4f} "
                 f"(ppl {math.exp(min(state.train_loss, 50)):.1f}), val loss {state.val_loss:.4f} "
-                f"(ppl {math.exp(min(state.val_loss, 50)):.1f}), {self.rate:,.0f} tokens/s"
+                f"(ppl {math.exp(min(state.val_loss, 50)):.1f}), {self.rate:,.0f} tokens/s{scores}"
             )
 
 
@@ -413,10 +417,12 @@ def train(
             evaluated = state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters
             if evaluated:
                 measure_losses(net, data.eval_loaders, state, device, precision, dist)
-                progress.report(state)
+                with out_of_memory_named("the tasks' evaluation at step", state.step, device):
+                    tasks = data.score_tasks(model, precision) if data.score_tasks else {}
+                progress.report(state, tasks)
                 if log is not None:
                     log({"step": state.step, "train_loss": state.train_loss, "val_loss": state.val_loss,
-                         "lr": lr, "tokens_per_s": progress.rate})
+                         "lr": lr, "tokens_per_s": progress.rate, **tasks})
             # Every process stops at the same step, whichever of them was asked.
             stopping = stop is not None and dist.any(stop(), device)
             if evaluated or stopping:

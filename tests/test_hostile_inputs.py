@@ -17,10 +17,10 @@ import torch
 import chat
 import generate
 import train
-from gpt.tools import attention_map
+from gpt.tools import attention_map, evaluate, multiple_choice
 from gpt.model import GPTModel
 
-TRAIN, GENERATE, ATTENTION_MAP, CHAT = train, generate, attention_map, chat
+TRAIN, GENERATE, ATTENTION_MAP, CHAT, EVALUATE = train, generate, attention_map, chat, evaluate
 
 
 class Payload:
@@ -69,6 +69,9 @@ def world(tmp_path_factory) -> SimpleNamespace:
     except ImportError:  # the case that needs it is skipped
         pass
     w.in_the_way = text("a-file", "not a folder")
+    item = {"context": "The fox ran into the", "endings": ["woods.", "sky."], "label": 0}
+    w.bad_items = text("bad-items.jsonl", json.dumps(item) + "\n" + json.dumps({**item, "label": 2}) + "\n")
+    w.long_items = text("long-items.jsonl", json.dumps({**item, "endings": ["woods.", "sky " * 40]}) + "\n")
 
     latest = (w.run / "latest.pt").read_bytes()
     w.truncated_run = text("truncated-run/latest.pt", latest[: len(latest) // 2]).parent
@@ -134,6 +137,12 @@ def out_of_memory_in(mode: str):
             return forward(self, idx, *args, **kwargs)
         monkeypatch.setattr(GPTModel, "forward", failing)
     return setup
+
+
+def hellaswag_out_of_reach(monkeypatch):
+    """No HellaSwag file and no network: the pinned URL points at nothing."""
+    monkeypatch.setattr(multiple_choice, "HELLASWAG_URL", "file:///nonexistent/hellaswag_val.jsonl")
+    monkeypatch.setattr(multiple_choice, "TASK_DIR", Path("/nonexistent-tasks"))
 
 
 def tiny(w, *more):
@@ -355,6 +364,24 @@ CASES = [
     ("nothing to generate", "prompt", GENERATE,
      lambda w: ["Hi", "--checkpoint", str(w.run), "--max-new-tokens", "0"],
      r"--max-new-tokens: sample.max_new_tokens must be at least 1, got 0"),
+    ("a bad line in a task file", "task", EVALUATE, lambda w: ["--checkpoint", str(w.run), "--task", str(w.bad_items)],
+     r'bad-items.jsonl line 2: "label" must be the index of the right ending, 0 to 1, got 2'),
+    ("a bad task file named in train.eval_tasks", "task", TRAIN, lambda w: tiny(w, f"--train.eval_tasks={w.bad_items}"),
+     r'bad-items.jsonl line 2: "label" must be the index of the right ending, 0 to 1, got 2'),
+    ("an unknown task", "task", EVALUATE, lambda w: ["--checkpoint", str(w.run), "--task", "hellaswog"],
+     r"no task 'hellaswog': give hellaswag, shakespeare-next-words or a JSONL file of "),
+    ("HellaSwag with no file and no network", "task", EVALUATE,
+     lambda w: ["--checkpoint", str(w.run), "--task", "hellaswag"],
+     r"could not download hellaswag_val.jsonl \(.*\); put it at /nonexistent-tasks/hellaswag_val.jsonl \(it is "
+     r"data/hellaswag_val.jsonl of github.com/rowanz/hellaswag\)", hellaswag_out_of_reach),
+    ("an ending longer than the model's context", "task", EVALUATE,
+     lambda w: ["--checkpoint", str(w.run), "--task", str(w.long_items)],
+     r"long-items.jsonl line 1: ending 1 is \d+ tokens, and the model's context \(32\) must hold it and a token of "
+     r"context; shorten it"),
+    ("--limit 0", "task", EVALUATE, lambda w: ["--checkpoint", str(w.run), "--task", str(w.long_items), "--limit", "0"],
+     r"--limit must be at least 1, got 0"),
+    ("train.eval_tasks not a list of names", "task", TRAIN, lambda w: tiny(w, "--train.eval_tasks=3"),
+     r"train.eval_tasks in the command line must be a list of names, got 3"),
     ("negative temperature", "prompt", GENERATE, lambda w: ["Hi", "--checkpoint", str(w.run), "--temperature", "-1"],
      r"--temperature: sample.temperature must be 0 or more, got -1.0"),
 ]
@@ -384,7 +411,7 @@ ACCEPTED = [
 def test_the_table_is_large_and_covers_every_area():
     assert len(CASES) >= 20 and len({case[0] for case in CASES}) == len(CASES)
     assert {case[1] for case in CASES} == {"config", "command line", "torchrun", "data", "run folder", "checkpoint",
-                                           "memory", "prompt", "chat"}
+                                           "memory", "prompt", "chat", "task"}
 
 
 @pytest.mark.parametrize("case,script,argv,message", [(c[0], *c[2:5]) for c in ACCEPTED], ids=[c[0] for c in ACCEPTED])

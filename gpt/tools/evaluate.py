@@ -50,6 +50,9 @@ from gpt.distributed import SINGLE, Distributed
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.gpt2.pretrained import (DEFAULT_RUN_CONFIG, build_model, default_checkpoint, is_pretrained_source,
                                  resolve_model_config)
+from gpt.resume import seed_everything
+from gpt.tools.multiple_choice import HELLASWAG, Prompts, Scoring, load_task, score_task, subset
+from gpt.tools.next_words import NEXT_WORDS
 from gpt.model import IGNORE_INDEX, GPTModel, ModelConfig
 from gpt.precision import DTYPES, Precision, dtype_name, scoring_dtype
 from gpt.tokenizer import token_byte_lengths
@@ -234,6 +237,42 @@ def evaluate_chat(state: dict, path: Path, args, overrides: list[str], device: t
         print(base_note)
 
 
+def evaluate_task(location: str, args, overrides: list[str], device: torch.device) -> None:
+    """Part of `main` with --task: acc and acc_norm of a run, its untrained model or GPT-2's weights
+    on a multiple-choice task (`gpt.tools.multiple_choice`)."""
+    if args.corpus:
+        raise UserError("--corpus and --task are two evaluations: give one of them")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
+    if is_pretrained_source(location):
+        if args.untrained:
+            raise UserError(f"--untrained takes a run, whose config says how its model started; {location} is not one")
+        model, run_data, run, source = load_scored_model(location, None, device)
+        chat = False
+    else:
+        path = checkpoint_path(location)
+        state = load_checkpoint(path)
+        chat = bool(state.get("chat_template"))
+        model, config = (chat_model_from_state if chat else model_from_state)(state, path, device)
+        run_data, run, source = config.data, config.train, str(path)
+        if args.untrained:  # as train.py builds it before step 1: seeded, then random or init_from's weights
+            seed_everything(config.train.seed)
+            model, source = build_model(config.model).to(device).eval(), f"the untrained model of {path} (step 0)"
+    data, _ = data_config(run_data or DataConfig(), overrides, source if run_data else "the defaults")
+    with contextlib.redirect_stdout(sys.stderr):  # what preparing the task says: stdout is for the figures
+        task = subset(load_task(args.task), args.limit)
+    context = model.cfg.context_length
+    precision = Precision(scoring_dtype(args.dtype, run.dtype, device), device)
+    scoring = Scoring(Prompts.for_model(chat), context, data.batch_size * context, device, precision, run.compile)
+    result = score_task(model, task, scoring, announce=(
+        f"scoring {source} on {len(task.items):,} items of {task.source}"
+        f"{' (the context as a user turn, each ending as the reply)' if chat else ''} in {dtype_name(precision.dtype)}"))
+    if args.json:
+        print(json.dumps({"checkpoint": source, **result.figures(), "dtype": dtype_name(precision.dtype)}))
+    else:
+        print(result.line())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the loss, perplexity and bits per byte of a model over a val split or a corpus."""
     parser = ArgumentParser(prog="python -m gpt evaluate", allow_abbrev=False, description=(
@@ -244,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
                         "gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 folder")
     parser.add_argument("--corpus", help="score all of this corpus instead (anything data.corpus takes: a file, "
                         "a folder, hf:NAME[:CONFIG] or shakespeare)")
+    parser.add_argument("--task", help=f"score a multiple-choice task instead: {HELLASWAG} (downloaded once), "
+                        f"{NEXT_WORDS} (made from the built-in corpus) or a JSONL file of "
+                        '{"context": ..., "endings": [...], "label": i} lines')
+    parser.add_argument("--limit", type=int, help="--task: score a fixed subset of this many items")
+    parser.add_argument("--untrained", action="store_true", help="--task: score the run's model as it was "
+                        "before its first step (its seed; random weights, or those it started from)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     parser.add_argument("--replies", type=int, default=REPLIES, help="a chat run: held-out conversations to "
                         "reply to, for accuracy and ended replies")
@@ -258,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device, option="--device")
         setup_device(device)  # on a CPU, malloc kept from returning the logits' memory every batch
         location = args.checkpoint or default_checkpoint()
+        if args.task:
+            return evaluate_task(location, args, overrides, device)
+        if args.limit is not None or args.untrained:
+            raise UserError("--limit and --untrained go with --task")
         if is_pretrained_source(location) and not args.corpus:
             raise UserError(f"{location} is not a run, so it has no val split; give --corpus SOURCE to score")
         state = None if is_pretrained_source(location) else load_checkpoint(checkpoint_path(location))

@@ -1,0 +1,400 @@
+"""Zero-shot multiple choice, scored as llm.c and build-nanogpt score HellaSwag.
+
+A task is a list of items: a context, two or more endings and the index of the right one. Each
+ending is scored after its context by the model's summed next-token loss over the ending's tokens
+only; `acc` picks the ending with the lowest sum, `acc_norm` the one with the lowest mean per
+token (which does not favour short endings). Chance is the mean of 1 / endings over the items.
+
+Tasks (`load_task`):
+- `hellaswag`: the official validation file (10,042 items), downloaded once into `data/tasks/`
+  from the authors' repository at a pinned commit and checked against its git blob id;
+- `shakespeare-next-words`: made here from the val split of the built-in corpus (`gpt.tools.next_words`);
+- a JSONL file, one item per line: `{"context": ..., "endings": [...], "label": i}`, or
+  HellaSwag's own `ctx` / `endings` / `label`.
+
+The ending follows its context with one space between them unless either side already has
+whitespace there (HellaSwag's contexts end in a word and its endings start with one). A chat-tuned
+run is asked as it is talked to: the context is a user turn, each ending the assistant's reply
+followed by `<|end|>`, so that an ending which is only the start of another scores as unfinished.
+
+Scoring (`score_task`) puts the endings of several items in one padded batch: items are sorted by
+length, and a batch holds as many whole items as fit in the token budget of an eval batch
+(`data.batch_size` x `context_length`), its rows padded to a multiple of `ALIGN` tokens. The
+output head runs only where an ending's token is predicted (`ending_nats`). A context too long
+for the model loses its first tokens. With several processes each scores every world_size-th
+item and the counts are summed.
+"""
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from gpt.corpus.downloads import DATA_DIR
+from gpt.distributed import SINGLE, Distributed
+from gpt.errors import UserError
+from gpt.model import IGNORE_INDEX
+from gpt.precision import Precision
+from gpt.tools.next_words import NEXT_WORDS, next_words_task
+from gpt.training import compile_model
+
+TASK_DIR = DATA_DIR / "tasks"
+HELLASWAG = "hellaswag"
+HELLASWAG_FILE = "hellaswag_val.jsonl"
+HELLASWAG_COMMIT = "a29ff8e9a04bba4bd6588223785ce105328adc57"  # rowanz/hellaswag, the file's last change (May 2019)
+HELLASWAG_URL = f"https://raw.githubusercontent.com/rowanz/hellaswag/{HELLASWAG_COMMIT}/data/{HELLASWAG_FILE}"
+HELLASWAG_BLOB = "0f5ee25d72216f12317d5d8a7b92deafa423d81e"  # its git blob id at that commit (git ls-tree)
+# acc_norm that GPT-2's own weights reach on HellaSwag's val split, scored this way (llm.c's dev/data/hellaswag.py)
+GPT2_HELLASWAG = {"gpt2": 0.2955, "gpt2-xl": 0.4893}
+ALIGN = 16  # a batch's rows are padded to a multiple of this many tokens: few distinct shapes to compile
+SUBSET_SEED = 0  # the fixed subset `--limit` and `train.eval_task_items` take, the same for every run
+Z95 = 1.959964  # the normal quantile of a two-sided 95% interval
+
+
+@dataclass(frozen=True)
+class Item:
+    context: str
+    endings: tuple[str, ...]
+    label: int  # the index of the right ending
+    where: str = field(default="an item", compare=False)  # what an error calls it: the file and line
+
+
+@dataclass
+class Task:
+    name: str  # what metrics.csv's columns and the printed line call it
+    items: list[Item]
+    source: str  # where the items came from
+
+    @property
+    def chance(self) -> float:
+        """The accuracy of picking an ending at random."""
+        return sum(1 / len(item.endings) for item in self.items) / len(self.items)
+
+
+# --------------------------------------------------------------------------- reading tasks
+
+def parse_item(line: str, where: str) -> Item:
+    """One JSONL line as an item; a UserError naming `where` if it is not one."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where} is not JSON ({e.msg}); write one item per line") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{where} is not a JSON object; write {{\"context\": ..., \"endings\": [...], \"label\": i}}")
+    context = record.get("context", record.get("ctx"))
+    endings, label = record.get("endings"), record.get("label")
+    if not isinstance(context, str) or not context.strip():
+        raise UserError(f"{where} has no context: give \"context\" (or HellaSwag's \"ctx\") as non-empty text")
+    if (not isinstance(endings, list) or len(endings) < 2
+            or not all(isinstance(e, str) and e.strip() for e in endings)):
+        raise UserError(f"{where}: \"endings\" must be a list of at least 2 non-empty texts")
+    if isinstance(label, str) and label.isdigit():  # HellaSwag's files give some labels as text
+        label = int(label)
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(endings):
+        raise UserError(f"{where}: \"label\" must be the index of the right ending, 0 to {len(endings) - 1}, "
+                        f"got {label!r}")
+    return Item(context, tuple(endings), label, where)
+
+
+def read_items(path: Path) -> list[Item]:
+    """Every item of a JSONL file; a UserError naming the first bad line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            items = [parse_item(line, f"{path} line {n}") for n, line in enumerate(f, 1) if line.strip()]
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}); check the path") from None
+    if not items:
+        raise UserError(f"{path} has no items; write one JSON object per line")
+    return items
+
+
+def git_blob_id(path: Path) -> str:
+    """The id git gives the file's content (`git hash-object`): SHA-1 over a header and the bytes."""
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url: str, target: Path, blob_id: str) -> Path:
+    """`target`, downloaded from `url` first unless it is there with the pinned content."""
+    if target.is_file() and git_blob_id(target) == blob_id:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as f:
+            print(f"downloading {url} ...", file=sys.stderr)  # once it answers: no line before an error
+            while block := response.read(1 << 20):
+                f.write(block)
+        actual = git_blob_id(partial)
+        if actual != blob_id:
+            raise UserError(f"{url} has git blob id {actual}, expected {blob_id}; refusing to use it")
+        os.replace(partial, target)
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+        raise UserError(f"could not download {target.name} ({reason}); put it at {target} "
+                        f"(it is data/{target.name} of github.com/rowanz/hellaswag)") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+def load_task(spec: str) -> Task:
+    """The task `spec` names: hellaswag, shakespeare-next-words, or a JSONL file of items."""
+    if spec == HELLASWAG:
+        path = download(HELLASWAG_URL, TASK_DIR / HELLASWAG_FILE, HELLASWAG_BLOB)
+        return Task(HELLASWAG, read_items(path), str(path))
+    if spec == NEXT_WORDS:
+        path = next_words_task()
+        return Task(NEXT_WORDS, read_items(path), str(path))
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise UserError(f"no task {spec!r}: give {HELLASWAG}, {NEXT_WORDS} or a JSONL file of "
+                        "{\"context\": ..., \"endings\": [...], \"label\": i} lines")
+    stem = path.name.removesuffix(".jsonl")
+    return Task(stem, read_items(path), str(path))
+
+
+def subset(task: Task, limit: int | None) -> Task:
+    """The task's fixed subset of `limit` items (a seeded draw, in file order); all of it for None."""
+    if limit is None or limit >= len(task.items):
+        return task
+    if limit < 1:
+        raise ValueError(f"a subset of at least 1 item, not {limit}")
+    chosen = sorted(random.Random(SUBSET_SEED).sample(range(len(task.items)), limit))
+    return Task(task.name, [task.items[i] for i in chosen], task.source)
+
+
+# --------------------------------------------------------------------------- tokens
+
+@dataclass(frozen=True)
+class Prompts:
+    """How items become token ids: plain text, or a chat run's user turn and assistant reply."""
+
+    encode_context: Callable[[str], list[int]]
+    encode_ending: Callable[[str, str], list[int]]  # (context, ending) -> the ending's ids
+
+    @staticmethod
+    def for_model(chat: bool) -> "Prompts":
+        from gpt.tokenizer import get_tokenizer
+        enc = get_tokenizer()
+        if not chat:
+            def ending(context: str, text: str) -> list[int]:
+                joined = text if context[-1:].isspace() or text[:1].isspace() else " " + text
+                return enc.encode_ordinary(joined)
+            return Prompts(enc.encode_ordinary, ending)
+        from gpt.chat.template import END_ID, encode_content, render_prompt
+        return Prompts(lambda context: render_prompt([{"role": "user", "content": context}]),
+                       lambda context, text: encode_content(text.strip()) + [END_ID])
+
+
+def item_rows(item: Item, prompts: Prompts, context_length: int) -> list[tuple[list[int], int]]:
+    """Each ending's row: (the context's ids then the ending's, how many are the context's)."""
+    context = prompts.encode_context(item.context)
+    rows = []
+    for k, text in enumerate(item.endings):
+        ending = prompts.encode_ending(item.context, text)
+        if len(ending) >= context_length:
+            raise UserError(f"{item.where}: ending {k} is {len(ending)} tokens, and the model's context "
+                            f"({context_length}) must hold it and a token of context; shorten it")
+        kept = context[-(context_length + 1 - len(ending)):]  # a row of n tokens predicts n - 1 of them
+        rows.append((kept + ending, len(kept)))
+    return rows
+
+
+def batches_of(rows: list[list[tuple[list[int], int]]], budget: int, context_length: int) -> list[list[int]]:
+    """The items (indices into `rows`) of each batch: longest first, as many whole items as fit `budget` tokens."""
+    def width(i: int) -> int:  # the padded length of item i's rows
+        longest = max(len(ids) - 1 for ids, _ in rows[i])
+        return min(math.ceil(longest / ALIGN) * ALIGN, context_length)
+    batches, current, current_rows, current_width = [], [], 0, 0
+    for i in sorted(range(len(rows)), key=width, reverse=True):
+        wide = max(current_width, width(i))
+        if current and (current_rows + len(rows[i])) * wide > budget:
+            batches.append(current)
+            current, current_rows, wide = [], 0, width(i)
+        current.append(i)
+        current_rows += len(rows[i])
+        current_width = wide
+    return batches + [current] if current else batches
+
+
+def padded_batch(rows: list[tuple[list[int], int]]) -> tuple[torch.Tensor, ...]:
+    """(inputs (R, T), positions (N,), targets (N,), owners (N,)) of R rows.
+
+    Position j of a row predicts its token j + 1. `positions` index the flattened inputs where an
+    ending's token is predicted, `targets` are those tokens and `owners` their rows; N is padded to
+    a multiple of `ALIGN` with targets of IGNORE_INDEX."""
+    width = math.ceil(max(len(ids) - 1 for ids, _ in rows) / ALIGN) * ALIGN
+    inputs = torch.zeros(len(rows), width, dtype=torch.long)
+    positions, targets, owners = [], [], []
+    for r, (ids, kept) in enumerate(rows):
+        inputs[r, :len(ids) - 1] = torch.tensor(ids[:-1])
+        positions += range(r * width + kept - 1, r * width + len(ids) - 1)
+        targets += ids[kept:]
+        owners += [r] * (len(ids) - kept)
+    missing = -len(targets) % ALIGN
+    return (inputs, torch.tensor(positions + [0] * missing), torch.tensor(targets + [IGNORE_INDEX] * missing),
+            torch.tensor(owners + [0] * missing))
+
+
+def ending_nats(model: nn.Module, inputs: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) next-token losses at `positions` of the flattened (R, T) inputs (0 where a target is IGNORE_INDEX).
+
+    The head runs at those positions only, not over every context token: on small.yaml's model it is
+    most of the compute. Compiled as one function where training compiles (`Scoring`)."""
+    hidden = model.hidden_states(inputs).flatten(0, 1)  # (R * T, emb_dim)
+    logits = model.logits(hidden[positions])  # (N, V)
+    return F.cross_entropy(logits.float(), targets, reduction="none", ignore_index=IGNORE_INDEX)
+
+
+@dataclass
+class Scoring:
+    """How items are scored for a model: prompts, the model's context, the batch budget, where and how."""
+
+    prompts: Prompts
+    context_length: int
+    budget: int  # tokens per batch (padded): an eval batch's, data.batch_size x context_length
+    device: torch.device
+    precision: Precision | None = None  # autocast, as training runs
+    compile: bool | str = False  # as train.compile: `ending_nats` through torch.compile where it says so
+
+    def __post_init__(self):
+        self.nats = compile_model(ending_nats, self.compile, self.device)
+
+
+# --------------------------------------------------------------------------- scoring
+
+@dataclass
+class TaskScore:
+    """Counts over a task's items; the figures are properties."""
+
+    name: str
+    items: int = 0
+    right: int = 0  # acc: the lowest summed loss was the right ending
+    right_norm: int = 0  # acc_norm: the lowest mean loss per token was
+    chance: float = 0.0  # the sum over items of 1 / endings
+    seconds: float = 0.0
+
+    @property
+    def acc(self) -> float:
+        return self.right / self.items
+
+    @property
+    def acc_norm(self) -> float:
+        return self.right_norm / self.items
+
+    def interval(self, right: int) -> tuple[float, float]:
+        """The 95% Wilson score interval of an accuracy of `right` out of the items."""
+        n, p = self.items, right / self.items
+        centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+        half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n**2)) / (1 + Z95**2 / n)
+        return centre - half, centre + half
+
+    def figures(self) -> dict:
+        """What `--json` prints."""
+        return {"task": self.name, "items": self.items, "acc": self.acc, "acc_interval": self.interval(self.right),
+                "acc_norm": self.acc_norm, "acc_norm_interval": self.interval(self.right_norm),
+                "chance": self.chance / self.items, "seconds": self.seconds,
+                "items_per_s": self.items / self.seconds if self.seconds else math.nan}
+
+    def line(self) -> str:
+        """One line with both accuracies, their intervals, chance and the speed."""
+        acc_lo, acc_hi = self.interval(self.right)
+        norm_lo, norm_hi = self.interval(self.right_norm)
+        return (f"{self.name}: acc_norm {self.acc_norm:.4f} (95% interval {norm_lo:.4f}-{norm_hi:.4f}), "
+                f"acc {self.acc:.4f} ({acc_lo:.4f}-{acc_hi:.4f}) over {self.items:,} items; chance "
+                f"{self.chance / self.items:.4f} ({self.items / self.seconds:,.1f} items/s)")
+
+
+@torch.no_grad()
+def ending_losses(model: nn.Module, rows: list[list[tuple[list[int], int]]], scoring: Scoring,
+                  progress: str | None = None) -> list[torch.Tensor]:
+    """Per item (its `item_rows`), an (endings, 2) float64 tensor: each ending's summed loss and its token
+    count, in eval mode. `progress` names the bar (None: no bar)."""
+    was_training = model.training
+    model.eval()
+    order = batches_of(rows, scoring.budget, scoring.context_length)
+    per_batch = []  # each batch's (rows, 2), left on the device: one sync at the end
+    bar = tqdm(total=len(rows), desc=progress, unit="item", leave=False, disable=None if progress else True)
+    for batch in order:
+        inputs, positions, targets, owners = (t.to(scoring.device)
+                                              for t in padded_batch([row for i in batch for row in rows[i]]))
+        with scoring.precision.autocast() if scoring.precision else contextlib.nullcontext():
+            losses = scoring.nats(model, inputs, positions, targets).float()  # (N,), 0 where ignored
+        sums = torch.zeros(len(inputs), 2, device=scoring.device)  # (rows, 2): summed loss, tokens
+        sums.index_add_(0, owners, torch.stack([losses, (targets != IGNORE_INDEX).float()], 1))
+        per_batch.append(sums)
+        bar.update(len(batch))
+    bar.close()
+    model.train(was_training)
+    sums = torch.cat(per_batch).double().cpu() if per_batch else torch.zeros(0, 2, dtype=torch.float64)
+    result: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+    start = 0
+    for i in (i for batch in order for i in batch):
+        result[i] = sums[start:start + len(rows[i])]
+        start += len(rows[i])
+    return result
+
+
+def score_task(model: nn.Module, task: Task, scoring: Scoring, dist: Distributed = SINGLE,
+               announce: str | None = None) -> TaskScore:
+    """Score every item of `task` (this process's share of them, counts summed over all).
+
+    With `announce`, the main process prints it to stderr once the items are tokenised (and checked),
+    then shows a progress bar."""
+    started = time.perf_counter()
+    items = task.items[dist.rank::dist.world_size]
+    rows = [item_rows(item, scoring.prompts, scoring.context_length) for item in items]
+    show = announce is not None and dist.is_main
+    if show:
+        print(announce, file=sys.stderr)
+    losses = ending_losses(model, rows, scoring, task.name if show else None)
+    counts = torch.zeros(4, dtype=torch.float64)  # items, right, right_norm, chance
+    for item, scored in zip(items, losses):
+        summed, tokens = scored.unbind(1)
+        counts += torch.tensor([1, int(summed.argmin()) == item.label, int((summed / tokens).argmin()) == item.label,
+                                1 / len(item.endings)], dtype=torch.float64)
+    if dist.launched:
+        counts = dist.sum(counts.to(scoring.device)).cpu()
+    total, right, right_norm, chance = counts.tolist()
+    return TaskScore(task.name, int(total), int(right), int(right_norm), chance, time.perf_counter() - started)
+
+
+class TaskScorer:
+    """What a training run scores at each evaluation (`train.eval_tasks`): a few metrics.csv columns."""
+
+    def __init__(self, names: list[str], limit: int | None, scoring: Scoring, dist: Distributed = SINGLE):
+        self.tasks = [subset(load_task(name), limit) for name in names]
+        self.scoring, self.dist = scoring, dist
+
+    @property
+    def columns(self) -> list[str]:
+        return [f"{task.name}_{figure}" for task in self.tasks for figure in ("acc", "acc_norm")]
+
+    def __call__(self, model: nn.Module, precision: Precision) -> dict[str, float]:
+        """Each task's acc and acc_norm for `model` (the plain module: not DDP's), in training's precision."""
+        self.scoring.precision = precision
+        figures = {}
+        for task in self.tasks:
+            result = score_task(model, task, self.scoring, self.dist)
+            figures |= {f"{task.name}_acc": result.acc, f"{task.name}_acc_norm": result.acc_norm}
+        return figures
