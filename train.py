@@ -28,6 +28,7 @@ from gpt.precision import precision_line
 from gpt.resume import RunCheckpoints, StopRequest, check_resumable, checkpoint_to_resume, rank_seed, seed_everything
 from gpt.sampling import print_samples
 from gpt.tools.evaluate import final_val_line
+from gpt.tools.multiple_choice import Prompts, Scoring, TaskScorer
 from gpt.tools.plot import plot_after_training
 from gpt.training import TrainData, pick_device, setup_device, train, train_data
 
@@ -75,8 +76,9 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
     checkpoints = RunCheckpoints(cfg, model, data.batches, dist, resumed, extras)
     checkpoints.make_folder(overwrite)
     tokens_per_step = cfg.data.batch_size * cfg.model.context_length * cfg.train.grad_accum_steps
-    log = (RunLog(cfg.train.out_dir, cfg.train.tensorboard, fresh=resumed is None, tokens_per_step=tokens_per_step)
-           if dist.is_main else None)
+    task_columns = data.score_tasks.columns if data.score_tasks else []
+    log = (RunLog(cfg.train.out_dir, cfg.train.tensorboard, fresh=resumed is None, tokens_per_step=tokens_per_step,
+                  task_columns=task_columns) if dist.is_main else None)
     with StopRequest(quiet=not dist.is_main) as stop, checkpoints.explained_stops():
         try:
             state = train(model, cfg.train, data, device, checkpoints, stop, log, dist)
@@ -119,7 +121,14 @@ def load_data(cfg: Config, dist: Distributed, device: torch.device, say=print) -
             say(windows.describe(split))
     else:
         splits = load_text_splits(cfg.data, context, dist)
-    return train_data(*splits, cfg.data, cfg.train, dist, device)
+    data = train_data(*splits, cfg.data, cfg.train, dist, device)
+    if cfg.train.eval_tasks:  # read (downloaded, made) by rank 0 first, then by the others
+        scoring = Scoring(Prompts.for_model(cfg.data.format == "chat"), context, cfg.data.batch_size * context, device,
+                          compile=cfg.train.compile)
+        data.score_tasks = dist.in_turn(lambda: TaskScorer(cfg.train.eval_tasks, cfg.train.eval_task_items, scoring, dist))
+        for task in data.score_tasks.tasks:
+            say(f"scoring {task.name} at each evaluation: {len(task.items):,} items of {task.source}")
+    return data
 
 
 def print_sample(model: torch.nn.Module, cfg: Config, device: torch.device) -> None:

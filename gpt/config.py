@@ -59,6 +59,8 @@ class TrainConfig:
     compile: bool | str = "auto"  # torch.compile: true, false, or auto (on for CUDA only)
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more compute
     tensorboard: bool = False  # also log each evaluation to <out_dir>/tensorboard (gpt/metrics.py)
+    eval_tasks: list[str] = field(default_factory=list)  # multiple-choice tasks scored at each evaluation: hellaswag, shakespeare-next-words or a JSONL file (gpt/tools/multiple_choice.py)
+    eval_task_items: int | None = None  # score this fixed subset of each task's items; None: all of them
 
     def __post_init__(self):
         for name in ("max_iters", "eval_interval", "eval_iters", "grad_accum_steps"):
@@ -79,6 +81,8 @@ class TrainConfig:
                              "train.muon_weight_decay 0 or more")
         if self.compile not in (True, False, "auto"):
             raise ValueError(f"train.compile must be true, false or auto, got {self.compile!r}")
+        if self.eval_task_items is not None and self.eval_task_items < 1:
+            raise ValueError(f"train.eval_task_items must be at least 1 (or null), got {self.eval_task_items}")
 
 
 @dataclass
@@ -113,7 +117,12 @@ def resolve_config_path(name: str) -> Path:
 
 
 def _coerce(value: object, annotation: object, where: str) -> object:
-    """`value` checked against a field's type (int, float, bool, str or `X | None`)."""
+    """`value` checked against a field's type (int, float, bool, str, `X | None` or a list of str)."""
+    if typing.get_origin(annotation) is list:  # a list of names; one name alone is a list of one
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise UserError(f"{where} must be a list of names, got {value!r}")
+        return list(names)
     options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
     if value is None:
         if type(None) in options:

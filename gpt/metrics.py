@@ -1,6 +1,7 @@
 """What a run records at each evaluation: `metrics.csv` in its folder, and TensorBoard if asked.
 
-One row per evaluation: step, tokens seen, train and val loss, learning rate and tokens/s.
+One row per evaluation: step, tokens seen, train and val loss, learning rate and tokens/s, then
+each multiple-choice task's acc and acc_norm (`train.eval_tasks`: `<task>_acc`, `<task>_acc_norm`).
 CSV because everything reads it (a spreadsheet, pandas, `python -m gpt plot`), and because a
 row is appended and flushed at once: a crash loses at most the row being written. A fresh run
 starts the file again; rows are only ever appended, so a resumed run can carry it on.
@@ -11,6 +12,7 @@ With `train.tensorboard: true` the same numbers also go to `<out_dir>/tensorboar
 
 import csv
 import math
+import os
 from pathlib import Path
 
 from gpt.errors import UserError
@@ -21,22 +23,43 @@ INT_COLUMNS = ("step", "tokens")
 TENSORBOARD_DIR = "tensorboard"
 
 
-def start_metrics(path: Path) -> None:
+def start_metrics(path: Path, columns: tuple[str, ...] = COLUMNS) -> None:
     """Create (or empty) the metrics file at `path`: the header and no rows."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerow(COLUMNS)
+        csv.writer(f).writerow(columns)
 
 
-def append_metrics(path: Path, row: dict) -> None:
-    """Append one evaluation's `row` (a value for each of COLUMNS); the header first if new."""
-    missing = [name for name in COLUMNS if name not in row]
+def _header(path: Path) -> tuple[str, ...]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return tuple(next(csv.reader(f), ()))
+
+
+def _widen(path: Path, columns: tuple[str, ...]) -> None:
+    """Rewrite the file under the header `columns` (a resumed run scoring other tasks); old rows keep
+    their values, and a column they lack is left empty."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    partial = path.with_name(path.name + ".tmp")
+    with open(partial, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, columns, restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(partial, path)
+
+
+def append_metrics(path: Path, row: dict, columns: tuple[str, ...] = COLUMNS) -> None:
+    """Append one evaluation's `row` (a value for each of `columns`); the header first if new."""
+    missing = [name for name in columns if name not in row]
     if missing:
         raise ValueError(f"metrics row lacks {', '.join(missing)}")
     if not path.exists() or path.stat().st_size == 0:
-        start_metrics(path)
+        start_metrics(path, columns)
+    elif (header := _header(path)) != columns:
+        _widen(path, tuple(dict.fromkeys(header + columns)))
+        columns = tuple(dict.fromkeys(header + columns))
     with open(path, "a", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerow([row[name] for name in COLUMNS])
+        csv.writer(f).writerow([row.get(name, "") for name in columns])
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
@@ -45,11 +68,12 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
         raise UserError(f"no {path.name} at {path.parent}; train.py writes it at every evaluation")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != COLUMNS:
+        columns = tuple(reader.fieldnames or ())
+        if columns[:len(COLUMNS)] != COLUMNS:
             raise UserError(f"{path} does not start with the header {','.join(COLUMNS)}; "
                             "it is not a metrics file written by train.py")
-        try:
-            return [{name: (int if name in INT_COLUMNS else float)(row[name]) for name in COLUMNS}
+        try:  # a task column a row lacks (a task added on resuming) reads as NaN
+            return [{name: (int if name in INT_COLUMNS else float)(row[name] or "nan") for name in columns}
                     for row in reader]
         except (TypeError, ValueError) as e:
             raise UserError(f"{path} line {reader.line_num} is not a row of numbers ({e})") from None
@@ -71,21 +95,23 @@ def open_tensorboard(log_dir: Path, fresh: bool):
 class RunLog:
     """Records each evaluation: a row of metrics.csv, and scalars for TensorBoard when enabled."""
 
-    def __init__(self, out_dir: Path, tensorboard: bool, fresh: bool, tokens_per_step: int):
+    def __init__(self, out_dir: Path, tensorboard: bool, fresh: bool, tokens_per_step: int,
+                 task_columns: list[str] = ()):
         self.path = Path(out_dir) / METRICS_NAME
         self.tokens_per_step = tokens_per_step
+        self.columns = (*COLUMNS, *task_columns)
         self.writer = open_tensorboard(Path(out_dir) / TENSORBOARD_DIR, fresh) if tensorboard else None
         if fresh:
-            start_metrics(self.path)
+            start_metrics(self.path, self.columns)
 
     def __call__(self, evaluation: dict) -> None:
         """Record one evaluation (every column but `tokens`, which follows from the step)."""
         # Every step is the same number of tokens, so tokens seen follow from the step count,
         # and a resumed run counts on from where it was.
         row = {**evaluation, "tokens": evaluation["step"] * self.tokens_per_step}
-        append_metrics(self.path, row)
+        append_metrics(self.path, row, self.columns)
         if self.writer is not None:
-            for name in COLUMNS[2:]:
+            for name in self.columns[2:]:
                 if math.isfinite(row[name]):
                     self.writer.add_scalar(name, row[name], global_step=row["step"])
             self.writer.flush()

@@ -6,6 +6,7 @@ position, resuming with another number of processes, stopping with a signal. The
 check the pieces: how batches are dealt out, and that DDP exchanges gradients once per step.
 """
 
+import json
 import os
 import re
 import shlex
@@ -25,6 +26,7 @@ from gpt.config import TrainConfig, load_config
 from gpt.data import TokenWindows, TrainBatches, eval_loader
 from gpt.distributed import SINGLE, Distributed
 from gpt.errors import UserError
+from gpt.metrics import read_metrics
 from gpt.model import GPTModel
 from gpt.optim import build_optimizer
 from gpt.precision import Precision
@@ -220,7 +222,12 @@ def run_args(tmp_path_factory) -> list[str]:
     corpus = folder / "lines.txt"
     corpus.write_text("\n".join(f"Line {i}: the quick brown fox, number {i * 7 % 13}, jumps over the dog."
                                 for i in range(60)), encoding="utf-8")
+    items = folder / "items.jsonl"  # 7 multiple-choice items, scored at each evaluation: 4 and 3 for two processes
+    items.write_text("".join(json.dumps({"context": f"Line {i}: the quick brown fox, number",
+                                         "endings": [f"{i * 7 % 13}, jumps", "over the dog", f"{i}"], "label": 0}) + "\n"
+                             for i in range(7)), encoding="utf-8")
     return ["--config", "tiny.yaml", f"--data.corpus={corpus}", f"--data.prepared_dir={folder / 'prepared'}",
+            f"--train.eval_tasks=[{items}]",
             "--model.context_length=16", "--model.drop_rate=0", "--data.batch_size=2",
             "--train.grad_accum_steps=4", "--train.eval_iters=2", "--train.eval_interval=1", "--train.warmup_iters=0",
             "--train.learning_rate=1e-3", "--train.min_lr=1e-3", "--sample.max_new_tokens=1", "--train.dtype=float32"]
@@ -287,6 +294,9 @@ def test_two_processes_train_exactly_like_one(run_args, one_process, tmp_path, o
     assert printed.count("step 1: train loss") == 1  # rank 0 alone reports
     two, one = losses(out), losses(single)
     assert two.shape == one.shape == (STEPS, 2)
+    # the task's items split between the processes, their counts summed: the single process's figures
+    tasks = [[(r["items_acc"], r["items_acc_norm"]) for r in read_metrics(run / "metrics.csv")] for run in (out, single)]
+    assert tasks[0] == tasks[1] and len(tasks[0]) == STEPS and all(0 <= a <= 1 for a, _ in tasks[0])
     assert np.abs(two - one).max() < TOLERANCE
     assert one[-1, 0] < one[0, 0] - 0.1  # it did learn: the comparison is not of two idle runs
     assert largest_difference(out, single) < TOLERANCE
