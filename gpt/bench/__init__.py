@@ -4,6 +4,7 @@
     python -m gpt bench race ...        settings raced for loss per second (race.py)
     python -m gpt bench memory ...      peak memory with and without activation checkpointing (memory.py)
     python -m gpt bench prep ...        corpus preparation on 1 and N processes (prep.py)
+    python -m gpt bench tasks ...       multiple-choice scoring's items/s and its share of a run (tasks.py)
 
 `python -m gpt.bench ...` is the same command. Every figure, its command and its machine: docs/performance.md.
 """
@@ -11,7 +12,7 @@
 import importlib
 import sys
 
-SUBCOMMANDS = {"race": "gpt.bench.race", "memory": "gpt.bench.memory", "prep": "gpt.bench.prep"}
+SUBCOMMANDS = {"race": "gpt.bench.race", "memory": "gpt.bench.memory", "prep": "gpt.bench.prep", "tasks": "gpt.bench.tasks"}
 
 
 def main(argv: list[str] | None = None) -> int:
