@@ -364,3 +364,25 @@ def test_a_chat_run_is_scored_through_its_template(items_file, tmp_path, capsys)
                              mc.Scoring(Prompts.for_model(chat=True), 32, 16 * 32, CPU))
     printed = json.loads(out)
     assert (printed["acc"], printed["acc_norm"]) == (expected.acc, expected.acc_norm)
+
+
+def test_compiled_scoring_traces_whole_and_gives_the_same_figures(items_file, monkeypatch):
+    """Where training compiles (`train.compile`; auto: CUDA), `ending_nats` goes through torch.compile
+    (its eager backend here: Dynamo's tracing without Inductor's compile time): no graph break, no
+    fallback warning, the same counts."""
+    import warnings
+    from torch._dynamo.utils import counters
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn: real_compile(fn, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(context_length=32, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0))
+    task = mc.load_task(str(items_file))
+    eager = mc.score_task(model, task, mc.Scoring(Prompts.for_model(False), 32, 64, CPU))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed compile would warn and fall back
+        compiled = mc.score_task(model, task, mc.Scoring(Prompts.for_model(False), 32, 64, CPU, compile=True))
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    torch._dynamo.reset()
+    assert (compiled.items, compiled.right, compiled.right_norm) == (eager.items, eager.right, eager.right_norm)
