@@ -354,9 +354,10 @@ class Progress:
         self.bar.update(1)
 
     def report(self, state: TrainState, tasks: dict[str, float]) -> None:
-        """The line of an evaluation: both losses, their perplexities, the speed and each task's acc_norm."""
+        """The line of an evaluation: both losses, their perplexities, the speed, each task's acc_norm and its time."""
         if self.show:
-            scores = "".join(f", {name.removesuffix('_acc_norm')} acc_norm {value:.4f}"
+            scores = "".join(f", {name.removesuffix('_acc_norm')} acc_norm {value:.4f} "
+                             f"({tasks[name.removesuffix('_acc_norm') + '_seconds']:.1f} s)"
                              for name, value in tasks.items() if name.endswith("_acc_norm"))
             self.bar.write(
                 f"step {state.step}: train loss {state.train_loss:.4f} "

@@ -324,7 +324,7 @@ def test_the_loop_scores_tasks_at_each_evaluation_into_metrics_and_the_plot(item
     assert train.main(args) == 0
     printed = capsys.readouterr().out
     assert f"scoring items at each evaluation: 3 items of {items_file}" in printed
-    assert re.search(r"step 10: .* tokens/s, items acc_norm [\d.]+", printed)
+    assert re.search(r"step 10: .* tokens/s, items acc_norm [\d.]+ \([\d.]+ s\)", printed)
     rows = read_metrics(out / "metrics.csv")
     assert [r["step"] for r in rows] == [5, 10] and all(0 <= r["items_acc_norm"] <= 1 for r in rows)
     assert (out / "loss.png").is_file()

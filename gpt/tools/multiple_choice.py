@@ -391,10 +391,11 @@ class TaskScorer:
         return [f"{task.name}_{figure}" for task in self.tasks for figure in ("acc", "acc_norm")]
 
     def __call__(self, model: nn.Module, precision: Precision) -> dict[str, float]:
-        """Each task's acc and acc_norm for `model` (the plain module: not DDP's), in training's precision."""
+        """Each task's acc, acc_norm and seconds taken for `model` (the plain module: not DDP's), in training's precision."""
         self.scoring.precision = precision
         figures = {}
         for task in self.tasks:
             result = score_task(model, task, self.scoring, self.dist)
-            figures |= {f"{task.name}_acc": result.acc, f"{task.name}_acc_norm": result.acc_norm}
+            figures |= {f"{task.name}_acc": result.acc, f"{task.name}_acc_norm": result.acc_norm,
+                        f"{task.name}_seconds": result.seconds}  # printed, not a column
         return figures
