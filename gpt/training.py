@@ -4,7 +4,9 @@ Each piece is a small function taking what it needs: `calc_loss_batch` (next-tok
 cross-entropy), `evaluate` (mean loss in eval mode, no grad), `train_step` (one optimizer step
 over accumulated micro-batches), `measure_losses` (the periodic evaluation) and `train`, whose
 loop reads top to bottom: learning rate, step, progress, evaluation when due, save when due,
-stop when asked. Everything a resumed run needs (model, optimizer, step, best val loss, data
+stop when asked. At each evaluation it also scores the multiple-choice tasks of `train.eval_tasks`
+through `TrainData.score_tasks` (which train.py builds from `gpt.tools.multiple_choice`: the loop
+imports no tool). Everything a resumed run needs (model, optimizer, step, best val loss, data
 position) is held in named objects rather than loop-local variables; the loop knows nothing of
 files: it restores from and saves to the `Checkpoints` it is given (`gpt.resume.RunCheckpoints`
 writes a run folder). The optimizer (AdamW, or Muon with AdamW) and the learning-rate

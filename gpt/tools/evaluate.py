@@ -1,5 +1,8 @@
 """Loss, perplexity and bits per byte over every window: `python -m gpt evaluate --checkpoint RUN`.
 
+With `--task`, the accuracy on a multiple-choice task instead (`evaluate_task`, which scores through
+`gpt.tools.multiple_choice`).
+
 `score` is the one evaluation over every window of a token file: training's final figure
 (`train.whole_val_at_end`: `final_val_line`) and this command both call it. The windows are those training
 evaluates on: `context_length` tokens side by side (stride = context), window i predicting
@@ -274,10 +277,11 @@ def evaluate_task(location: str, args, overrides: list[str], device: torch.devic
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the loss, perplexity and bits per byte of a model over a val split or a corpus."""
+    """Print the loss, perplexity and bits per byte of a model over a val split or a corpus, or its accuracy on a task."""
     parser = ArgumentParser(prog="python -m gpt evaluate", allow_abbrev=False, description=(
         "Loss, perplexity and bits per byte of a model over every window of its run's val split, or of "
-        "any corpus. --data.key=value overrides the run's data settings (e.g. --data.batch_size=4)."))
+        "any corpus; with --task, its accuracy on a multiple-choice task (HellaSwag, or yours). "
+        "--data.key=value overrides the run's data settings (e.g. --data.batch_size=4)."))
     parser.add_argument("--checkpoint", help="run folder (its best.pt, else latest.pt) or checkpoint file "
                         f"(default: the run configs/{DEFAULT_RUN_CONFIG} writes); or GPT-2's weights: gpt2, "
                         "gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 folder")
