@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = Prompts.for_model(cfg.data.format == "chat")
         scoring = Scoring(prompts, context, budget, device, precision, cfg.train.compile)
         rows = [item_rows(item, prompts, context) for item in task.items]
-        padded = sum(padded_batch([row for i in batch for row in rows[i]])[0].numel()  # the tokens scoring runs
+        padded = sum(padded_batch([row for i in batch for row in rows[i]], context)[0].numel()  # the tokens scoring runs
                      for batch in batches_of(rows, budget, context))
         optimizer = build_optimizer(model, cfg.train, device)
         shape = (cfg.data.batch_size, context)

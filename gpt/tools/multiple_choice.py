@@ -223,8 +223,7 @@ def item_rows(item: Item, prompts: Prompts, context_length: int) -> list[tuple[l
 def batches_of(rows: list[list[tuple[list[int], int]]], budget: int, context_length: int) -> list[list[int]]:
     """The items (indices into `rows`) of each batch: longest first, as many whole items as fit `budget` tokens."""
     def width(i: int) -> int:  # the padded length of item i's rows
-        longest = max(len(ids) - 1 for ids, _ in rows[i])
-        return min(math.ceil(longest / ALIGN) * ALIGN, context_length)
+        return padded_width(max(len(ids) - 1 for ids, _ in rows[i]), context_length)
     batches, current, current_rows, current_width = [], [], 0, 0
     for i in sorted(range(len(rows)), key=width, reverse=True):
         wide = max(current_width, width(i))
@@ -237,13 +236,18 @@ def batches_of(rows: list[list[tuple[list[int], int]]], budget: int, context_len
     return batches + [current] if current else batches
 
 
-def padded_batch(rows: list[tuple[list[int], int]]) -> tuple[torch.Tensor, ...]:
+def padded_width(longest: int, context_length: int) -> int:
+    """A batch's row length for rows of up to `longest` tokens: a multiple of `ALIGN`, within the context."""
+    return min(math.ceil(longest / ALIGN) * ALIGN, context_length)
+
+
+def padded_batch(rows: list[tuple[list[int], int]], context_length: int) -> tuple[torch.Tensor, ...]:
     """(inputs (R, T), positions (N,), targets (N,), owners (N,)) of R rows.
 
     Position j of a row predicts its token j + 1. `positions` index the flattened inputs where an
     ending's token is predicted, `targets` are those tokens and `owners` their rows; N is padded to
     a multiple of `ALIGN` with targets of IGNORE_INDEX."""
-    width = math.ceil(max(len(ids) - 1 for ids, _ in rows) / ALIGN) * ALIGN
+    width = padded_width(max(len(ids) - 1 for ids, _ in rows), context_length)
     inputs = torch.zeros(len(rows), width, dtype=torch.long)
     positions, targets, owners = [], [], []
     for r, (ids, kept) in enumerate(rows):
@@ -337,7 +341,7 @@ def ending_losses(model: nn.Module, rows: list[list[tuple[list[int], int]]], sco
     bar = tqdm(total=len(rows), desc=progress, unit="item", leave=False, disable=None if progress else True)
     for batch in order:
         inputs, positions, targets, owners = (t.to(scoring.device)
-                                              for t in padded_batch([row for i in batch for row in rows[i]]))
+                                              for t in padded_batch([row for i in batch for row in rows[i]], scoring.context_length))
         with scoring.precision.autocast() if scoring.precision else contextlib.nullcontext():
             losses = scoring.nats(model, inputs, positions, targets).float()  # (N,), 0 where ignored
         sums = torch.zeros(len(inputs), 2, device=scoring.device)  # (rows, 2): summed loss, tokens
