@@ -102,14 +102,16 @@ def allow_tf32_matmuls(enabled: bool = True) -> None:
         matmul.allow_tf32 = enabled
 
 
-def compile_model(model: nn.Module | Callable, setting: bool | str, device: torch.device) -> nn.Module | Callable:
-    """`torch.compile(model)` (a module or a function) if `setting` asks for it (auto: on CUDA), else `model` itself.
+def compile_model(model: nn.Module | Callable, setting: bool | str, device: torch.device,
+                  **options) -> nn.Module | Callable:
+    """`torch.compile(model, **options)` (a module or a function) if `setting` asks for it (auto: on CUDA),
+    else `model` itself.
 
     Compiled, it is a `CompiledOrEager`: if compiling fails, it warns once and runs `model` as it is."""
     if setting is False or (setting == "auto" and device.type != "cuda"):
         return model
     try:
-        return CompiledOrEager(model)
+        return CompiledOrEager(model, **options)
     except Exception as e:  # e.g. an unsupported platform or Python version
         warn_compile_failed(e)
         return model

@@ -282,7 +282,9 @@ class Scoring:
     compile: bool | str = False  # as train.compile: `ending_nats` through torch.compile where it says so
 
     def __post_init__(self):
-        self.nats = compile_model(ending_nats, self.compile, self.device)
+        # Every batch has its own rows, length and count of positions: compiled for any shape at
+        # once, rather than again as each dimension first changes
+        self.nats = compile_model(ending_nats, self.compile, self.device, dynamic=True)
 
 
 # --------------------------------------------------------------------------- scoring
