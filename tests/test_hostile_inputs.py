@@ -378,6 +378,9 @@ CASES = [
      lambda w: ["--checkpoint", str(w.run), "--task", str(w.long_items)],
      r"long-items.jsonl line 1: ending 1 is \d+ tokens, and the model's context \(32\) must hold it and a token of "
      r"context; shorten it"),
+    ("an ending longer than the model's context in train.eval_tasks", "task", TRAIN,
+     lambda w: tiny(w, f"--train.eval_tasks={w.long_items}"),
+     r"long-items.jsonl line 1: ending 1 is \d+ tokens, and the model's context \(32\) must hold it"),
     ("--limit 0", "task", EVALUATE, lambda w: ["--checkpoint", str(w.run), "--task", str(w.long_items), "--limit", "0"],
      r"--limit must be at least 1, got 0"),
     ("train.eval_tasks not a list of names", "task", TRAIN, lambda w: tiny(w, "--train.eval_tasks=3"),

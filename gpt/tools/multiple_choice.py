@@ -391,6 +391,9 @@ class TaskScorer:
     def __init__(self, names: list[str], limit: int | None, scoring: Scoring, dist: Distributed = SINGLE):
         self.tasks = [subset(load_task(name), limit) for name in names]
         self.scoring, self.dist = scoring, dist
+        for task in self.tasks:  # an ending the context cannot hold stops the run now, not at its first evaluation
+            for item in task.items:
+                item_rows(item, scoring.prompts, scoring.context_length)
 
     @property
     def columns(self) -> list[str]:
