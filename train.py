@@ -125,7 +125,8 @@ def load_data(cfg: Config, dist: Distributed, device: torch.device, say=print) -
     if cfg.train.eval_tasks:  # read (downloaded, made) by rank 0 first, then by the others
         scoring = Scoring(Prompts.for_model(cfg.data.format == "chat"), context, cfg.data.batch_size * context, device,
                           compile=cfg.train.compile)
-        data.score_tasks = dist.in_turn(lambda: TaskScorer(cfg.train.eval_tasks, cfg.train.eval_task_items, scoring, dist))
+        data.score_tasks = dist.in_turn(
+            lambda: TaskScorer(cfg.train.eval_tasks, cfg.train.eval_task_items, scoring, dist))
         for task in data.score_tasks.tasks:
             say(f"scoring {task.name} at each evaluation: {len(task.items):,} items of {task.source}")
     return data

@@ -56,8 +56,8 @@ def append_metrics(path: Path, row: dict, columns: tuple[str, ...] = COLUMNS) ->
     if not path.exists() or path.stat().st_size == 0:
         start_metrics(path, columns)
     elif (header := _header(path)) != columns:
-        _widen(path, tuple(dict.fromkeys(header + columns)))
-        columns = tuple(dict.fromkeys(header + columns))
+        columns = tuple(dict.fromkeys(header + columns))  # the file's columns, then any new ones
+        _widen(path, columns)
     with open(path, "a", newline="", encoding="utf-8") as f:
         csv.writer(f).writerow([row.get(name, "") for name in columns])
 

@@ -320,8 +320,9 @@ class TrainData:
     batches: TrainBatches  # (inputs, targets) forever, resumable
     eval_loaders: dict[str, DataLoader]  # "train" and "val": evenly spread batches, for the periodic estimate
     whole_val: DataLoader | None = None  # every val window: the figure to compare runs by
-    # the multiple-choice tasks scored at each evaluation (train.eval_tasks): (model, precision) -> metrics
-    score_tasks: Callable[[nn.Module, Precision], dict[str, float]] | None = None
+    # the multiple-choice tasks scored at each evaluation (train.eval_tasks): (model, precision) -> each
+    # task's score (`gpt.tools.multiple_choice.TaskScore`: name, acc_norm, seconds, metrics())
+    score_tasks: Callable[[nn.Module, Precision], list] | None = None
 
 
 def train_data(train_set: Dataset, val_set: Dataset, data: DataConfig, cfg: TrainConfig, dist: Distributed,
@@ -357,12 +358,10 @@ class Progress:
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{self.rate:,.0f}")
         self.bar.update(1)
 
-    def report(self, state: TrainState, tasks: dict[str, float]) -> None:
+    def report(self, state: TrainState, tasks: list) -> None:
         """The line of an evaluation: both losses, their perplexities, the speed, each task's acc_norm and its time."""
         if self.show:
-            scores = "".join(f", {name.removesuffix('_acc_norm')} acc_norm {value:.4f} "
-                             f"({tasks[name.removesuffix('_acc_norm') + '_seconds']:.1f} s)"
-                             for name, value in tasks.items() if name.endswith("_acc_norm"))
+            scores = "".join(f", {task.name} acc_norm {task.acc_norm:.4f} ({task.seconds:.1f} s)" for task in tasks)
             self.bar.write(
                 f"step {state.step}: train loss {state.train_loss:.4f} "
                 f"(ppl {math.exp(min(state.train_loss, 50)):.1f}), val loss {state.val_loss:.4f} "
@@ -423,11 +422,12 @@ def train(
             if evaluated:
                 measure_losses(net, data.eval_loaders, state, device, precision, dist)
                 with out_of_memory_named("the tasks' evaluation at step", state.step, device):
-                    tasks = data.score_tasks(model, precision) if data.score_tasks else {}
+                    tasks = data.score_tasks(model, precision) if data.score_tasks else []
                 progress.report(state, tasks)
                 if log is not None:
                     log({"step": state.step, "train_loss": state.train_loss, "val_loss": state.val_loss,
-                         "lr": lr, "tokens_per_s": progress.rate, **tasks})
+                         "lr": lr, "tokens_per_s": progress.rate,
+                         **{name: value for task in tasks for name, value in task.metrics().items()}})
             # Every process stops at the same step, whichever of them was asked.
             stopping = stop is not None and dist.any(stop(), device)
             if evaluated or stopping:

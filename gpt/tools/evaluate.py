@@ -45,9 +45,9 @@ from tqdm import tqdm
 
 from gpt.chat.data import load_chat_split, prepare_chat, read_meta
 from gpt.chat.scoring import REPLIES, REPLY_LIMIT, ask, held_out, majority, percent
-from gpt.chat.template import chat_model_from_state
+from gpt.chat.template import chat_model_from_state, check_template
 from gpt.checkpoint import checkpoint_path, load_checkpoint, model_from_state
-from gpt.config import TrainConfig, build_config, parse_overrides
+from gpt.config import TrainConfig, build_config, config_from_dict, parse_overrides
 from gpt.data import DataConfig, TokenWindows, eval_loader, load_split, prepare, prepare_whole
 from gpt.distributed import SINGLE, Distributed
 from gpt.errors import ArgumentParser, UserError, run_cli
@@ -256,11 +256,15 @@ def evaluate_task(location: str, args, overrides: list[str], device: torch.devic
         path = checkpoint_path(location)
         state = load_checkpoint(path)
         chat = bool(state.get("chat_template"))
-        model, config = (chat_model_from_state if chat else model_from_state)(state, path, device)
-        run_data, run, source = config.data, config.train, str(path)
+        if chat:
+            check_template(state["chat_template"], path)
+        config, source = config_from_dict(state["config"], source=str(path)), str(path)
         if args.untrained:  # as train.py builds it before step 1: seeded, then random or init_from's weights
             seed_everything(config.train.seed)
             model, source = build_model(config.model).to(device).eval(), f"the untrained model of {path} (step 0)"
+        else:
+            model, config = model_from_state(state, path, device)
+        run_data, run = config.data, config.train
     data, _ = data_config(run_data or DataConfig(), overrides, source if run_data else "the defaults")
     with contextlib.redirect_stdout(sys.stderr):  # what preparing the task says: stdout is for the figures
         task = subset(load_task(args.task), args.limit)

@@ -44,11 +44,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from gpt.chat.template import END_ID, encode_content, render_prompt
 from gpt.corpus.downloads import DATA_DIR
 from gpt.distributed import SINGLE, Distributed
 from gpt.errors import UserError
 from gpt.model import IGNORE_INDEX
 from gpt.precision import Precision
+from gpt.tokenizer import get_tokenizer
 from gpt.tools.next_words import NEXT_WORDS, next_words_task
 from gpt.training import compile_model
 
@@ -194,14 +196,12 @@ class Prompts:
 
     @staticmethod
     def for_model(chat: bool) -> "Prompts":
-        from gpt.tokenizer import get_tokenizer
         enc = get_tokenizer()
         if not chat:
             def ending(context: str, text: str) -> list[int]:
                 joined = text if context[-1:].isspace() or text[:1].isspace() else " " + text
                 return enc.encode_ordinary(joined)
             return Prompts(enc.encode_ordinary, ending)
-        from gpt.chat.template import END_ID, encode_content, render_prompt
         return Prompts(lambda context: render_prompt([{"role": "user", "content": context}]),
                        lambda context, text: encode_content(text.strip()) + [END_ID])
 
@@ -315,6 +315,11 @@ class TaskScore:
         half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n**2)) / (1 + Z95**2 / n)
         return centre - half, centre + half
 
+    def metrics(self) -> dict[str, float]:
+        """Its columns of metrics.csv: `<task>_acc`, `<task>_acc_norm` (NaN before any item is scored)."""
+        return {f"{self.name}_acc": self.acc if self.items else math.nan,
+                f"{self.name}_acc_norm": self.acc_norm if self.items else math.nan}
+
     def figures(self) -> dict:
         """What `--json` prints."""
         return {"task": self.name, "items": self.items, "acc": self.acc, "acc_interval": self.interval(self.right),
@@ -342,8 +347,8 @@ def ending_losses(model: nn.Module, rows: list[list[tuple[list[int], int]]], sco
     per_batch = []  # each batch's (rows, 2), left on the device: one sync at the end
     bar = tqdm(total=len(rows), desc=progress, unit="item", leave=False, disable=None if progress else True)
     for batch in order:
-        inputs, positions, targets, owners = (t.to(scoring.device)
-                                              for t in padded_batch([row for i in batch for row in rows[i]], scoring.context_length))
+        batch_rows = [row for i in batch for row in rows[i]]
+        inputs, positions, targets, owners = (t.to(scoring.device) for t in padded_batch(batch_rows, scoring.context_length))
         with scoring.precision.autocast() if scoring.precision else contextlib.nullcontext():
             losses = scoring.nats(model, inputs, positions, targets).float()  # (N,), 0 where ignored
         sums = torch.zeros(len(inputs), 2, device=scoring.device)  # (rows, 2): summed loss, tokens
@@ -362,23 +367,26 @@ def ending_losses(model: nn.Module, rows: list[list[tuple[list[int], int]]], sco
 
 
 def score_task(model: nn.Module, task: Task, scoring: Scoring, dist: Distributed = SINGLE,
-               announce: str | None = None) -> TaskScore:
+               announce: str | None = None, rows: list | None = None) -> TaskScore:
     """Score every item of `task` (this process's share of them, counts summed over all).
 
-    With `announce`, the main process prints it to stderr once the items are tokenised (and checked),
-    then shows a progress bar."""
+    `rows` are the share's `item_rows`, if already made. With `announce`, the main process prints it
+    to stderr once the items are tokenised (and checked), then shows a progress bar."""
     started = time.perf_counter()
     items = task.items[dist.rank::dist.world_size]
-    rows = [item_rows(item, scoring.prompts, scoring.context_length) for item in items]
+    if rows is None:
+        rows = [item_rows(item, scoring.prompts, scoring.context_length) for item in items]
     show = announce is not None and dist.is_main
     if show:
         print(announce, file=sys.stderr)
     losses = ending_losses(model, rows, scoring, task.name if show else None)
-    counts = torch.zeros(4, dtype=torch.float64)  # items, right, right_norm, chance
+    right = right_norm = 0
     for item, scored in zip(items, losses):
         summed, tokens = scored.unbind(1)
-        counts += torch.tensor([1, int(summed.argmin()) == item.label, int((summed / tokens).argmin()) == item.label,
-                                1 / len(item.endings)], dtype=torch.float64)
+        right += int(summed.argmin()) == item.label
+        right_norm += int((summed / tokens).argmin()) == item.label
+    counts = torch.tensor([len(items), right, right_norm, sum(1 / len(item.endings) for item in items)],
+                          dtype=torch.float64)
     if dist.launched:
         counts = dist.sum(counts.to(scoring.device)).cpu()
     total, right, right_norm, chance = counts.tolist()
@@ -391,20 +399,17 @@ class TaskScorer:
     def __init__(self, names: list[str], limit: int | None, scoring: Scoring, dist: Distributed = SINGLE):
         self.tasks = [subset(load_task(name), limit) for name in names]
         self.scoring, self.dist = scoring, dist
-        for task in self.tasks:  # an ending the context cannot hold stops the run now, not at its first evaluation
-            for item in task.items:
-                item_rows(item, scoring.prompts, scoring.context_length)
+        # Tokenised once, every item on every process: an ending the context cannot hold stops the
+        # run now (on all of them alike), not at its first evaluation. Each keeps its share's rows.
+        self.rows = [[item_rows(item, scoring.prompts, scoring.context_length)
+                      for item in task.items][dist.rank::dist.world_size] for task in self.tasks]
 
     @property
     def columns(self) -> list[str]:
-        return [f"{task.name}_{figure}" for task in self.tasks for figure in ("acc", "acc_norm")]
+        return [name for task in self.tasks for name in TaskScore(task.name).metrics()]
 
-    def __call__(self, model: nn.Module, precision: Precision) -> dict[str, float]:
-        """Each task's acc, acc_norm and seconds taken for `model` (the plain module: not DDP's), in training's precision."""
+    def __call__(self, model: nn.Module, precision: Precision) -> list[TaskScore]:
+        """Each task's score for `model` (the plain module: not DDP's), in training's precision."""
         self.scoring.precision = precision
-        figures = {}
-        for task in self.tasks:
-            result = score_task(model, task, self.scoring, self.dist)
-            figures |= {f"{task.name}_acc": result.acc, f"{task.name}_acc_norm": result.acc_norm,
-                        f"{task.name}_seconds": result.seconds}  # printed, not a column
-        return figures
+        return [score_task(model, task, self.scoring, self.dist, rows=rows)
+                for task, rows in zip(self.tasks, self.rows)]
