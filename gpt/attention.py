@@ -22,6 +22,10 @@ Design choices:
   forward pass and `attention_weights` (for looking at them: `python -m gpt attention-map`)
   both call, so the weights one sees are the ones the explicit path uses, whichever path the
   model runs with. The sdpa path never computes them.
+- Packed sequences (a chat window's conversations): `apart` marks the keys of the other
+  sequences, and both paths add it to the same buffer mask, so each sequence sees only its own
+  past. SDPA then takes the combined mask (`attn_mask`); `flex_attention`'s block masks would
+  skip the empty blocks on a GPU, but it has no backward pass on the CPU (torch 2.13).
 - A `LayerCache` lets sampling feed one new token at a time: the keys and values of earlier
   tokens are kept instead of recomputed. New queries at positions p..p+T-1 see keys 0..p+T-1
   (compiled: every slot), and rows p..p+T-1 of the same mask buffer hide what they may not see.
@@ -102,11 +106,14 @@ class CausalAttention(nn.Module):
         mask = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), diagonal=1)
         self.register_buffer("mask", mask, persistent=False)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
+                apart: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, d_in) -> (B, T, d_out); position t sees positions 0..t only.
 
         With `cache`, `x` holds the tokens after those already cached, whose keys and values
         are reused; the new keys and values are added to it (the caller keeps it within the context).
+        With `apart` (B, 1, T, T), True where query and key belong to different sequences packed in
+        one row (`gpt.model.conversations_apart`), position t sees only the positions 0..t of its own.
         """
         b, num_tokens, _ = x.shape
         if cache is None and num_tokens > self.context_length:
@@ -120,6 +127,8 @@ class CausalAttention(nn.Module):
             keys, values, positions = cache.write(keys, values)
             if positions is not None:  # every slot: the mask's rows at the new positions, (T, context_length)
                 future = self.mask[positions]
+        if apart is not None:  # packed sequences: the seed's mask, and every other sequence's keys
+            future = self._last_rows(num_tokens, num_tokens) | apart  # (B, 1, T, T)
 
         if self.impl == "sdpa":
             context = self._attend_sdpa(queries, keys, values, future)
@@ -168,7 +177,8 @@ class CausalAttention(nn.Module):
                         future: torch.Tensor | None = None) -> torch.Tensor:
         """softmax(QK^T / sqrt(head_dim)) with the causal mask: (B, H, T, D) -> (B, H, T, keys).
 
-        `future` (T, keys): the mask's rows at the queries' positions; None: the queries are the
+        `future` (T, keys), or (B, 1, T, keys) for packed sequences: True where a query may not look
+        (the mask's rows at the queries' positions, and other sequences); None: the queries are the
         last T of the keys' positions, rows keys-T..keys-1 of the mask (its (T, T) corner without a cache)."""
         if future is None:
             future = self._last_rows(queries.shape[-2], keys.shape[-2])

@@ -67,6 +67,7 @@ class DataConfig:
     stride: int | None = None  # window step in tokens; default: the context length (no overlap)
     batch_size: int = 16  # windows per micro-batch
     num_workers: int = 0  # DataLoader worker processes
+    pack: bool = True  # chat: several conversations a window, each attending only to itself (gpt/chat/data.py)
 
     def __post_init__(self):
         if not 0.0 < self.val_fraction < 1.0:
@@ -408,21 +409,24 @@ class TrainBatches:
             mine = epoch * per_epoch + positions[-1] + self.groups
 
 
-def full_batch(items: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def full_batch(items: list[tuple[torch.Tensor, ...]], batch_size: int) -> tuple[torch.Tensor, ...]:
     """Stack eval windows into a (batch_size, T) batch: a short one gets padding rows that count nowhere.
 
     Every batch then has one shape, so a compiled model never compiles again for the last one.
     A padding row's inputs are id 0 (in every vocabulary; rows do not see each other, so it moves
     nothing) and its targets IGNORE_INDEX, which the loss skips. Targets come out int64 whatever
     the windows held (the token files' uint16 cannot hold -100; a chat window's already are).
+    Packed chat windows' positions (a third tensor) get a padding row of 0..T-1: one span.
     """
-    inputs = torch.stack([x for x, _ in items])  # (n, T), as stored
-    targets = torch.stack([y for _, y in items]).long()  # (n, T)
+    inputs, targets, *positions = (torch.stack(column) for column in zip(*items))  # each (n, T), as stored
+    targets = targets.long()
     missing = batch_size - len(items)
     if missing > 0:
-        inputs = torch.cat([inputs, inputs.new_full((missing, inputs.shape[1]), PAD_INPUT_ID)])
-        targets = torch.cat([targets, targets.new_full((missing, targets.shape[1]), IGNORE_INDEX)])
-    return inputs, targets
+        width = inputs.shape[1]
+        inputs = torch.cat([inputs, inputs.new_full((missing, width), PAD_INPUT_ID)])
+        targets = torch.cat([targets, targets.new_full((missing, width), IGNORE_INDEX)])
+        positions = [torch.cat([p, torch.arange(width, dtype=p.dtype).expand(missing, width)]) for p in positions]
+    return inputs, targets, *positions
 
 
 def eval_loader(dataset: Dataset, batch_size: int, max_batches: int | None, rank: int = 0,

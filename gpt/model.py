@@ -18,6 +18,10 @@ recomputed in the backward pass (`torch.utils.checkpoint`, non-reentrant), with 
 masks: less memory for about one more forward pass of the blocks. It is an argument of the call,
 not of the model: a setting of the run, never saved, which a resumed run may change.
 
+With `positions` (packed chat windows: `gpt.chat.data.ChatWindows`), each row holds several
+sequences, each starting at position 0: the position embedding counts within each, and
+attention's mask adds "the same sequence" to the causal one (`conversations_apart`).
+
 The embedding (and so the tied head) has `padded_vocab_size` rows: `vocab_size` rounded up to
 a multiple of `vocab_pad_multiple` (50257 -> 50304), a shape GPU matrix units handle much
 faster. The extra ids are not tokens: the head adds -inf to their logits (as a fused bias),
@@ -105,8 +109,9 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg)
         self.drop_resid = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        x = x + self.drop_resid(self.att(self.norm1(x), cache))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
+                apart: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_resid(self.att(self.norm1(x), cache, apart))
         x = x + self.drop_resid(self.ff(self.norm2(x)))
         return x
 
@@ -145,6 +150,13 @@ class KVCache:
         self.length = 0
         self.pos.zero_()
         return self
+
+
+def conversations_apart(positions: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions of packed sequences, each starting at 0 -> (B, 1, T, T), True where a query's
+    token (row) and a key's (column) lie in different sequences: what attention must not see."""
+    sequence = (positions == 0).cumsum(dim=-1)  # (B, T): which sequence of its row each token is in
+    return (sequence[:, :, None] != sequence[:, None, :]).unsqueeze(1)
 
 
 class GPTModel(nn.Module):
@@ -201,7 +213,7 @@ class GPTModel(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
                 targets: torch.Tensor | None = None, reduction: str = "mean",
-                checkpoint_activations: bool = False) -> torch.Tensor:
+                checkpoint_activations: bool = False, positions: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) token ids -> (B, T, padded_vocab_size) logits for the next token at each position.
 
         With `cache` (from `kv_cache`), `idx` continues the sequences already cached; the caller
@@ -211,10 +223,12 @@ class GPTModel(nn.Module):
         `F.cross_entropy` takes it: mean, sum, or none for (B * T,) losses): a compiled model then
         computes the loss inside its graph, and the (B, T, V) logits never leave it.
         `checkpoint_activations`: recompute each block in backward instead of keeping its activations.
+        `positions` (B, T): several sequences packed in each row (a chat window's conversations):
+        each token's position in its own, which a 0 starts; each sequence sees only itself.
         """
         if targets is not None and cache is not None:
             raise ValueError("targets and a KV cache do not go together: the loss is for training")
-        logits = self.logits(self.hidden_states(idx, cache, checkpoint_activations))  # (B, T, V_padded)
+        logits = self.logits(self.hidden_states(idx, cache, checkpoint_activations, positions))  # (B, T, V_padded)
         if targets is None:
             return logits
         # In float32 (as autocast would): inside torch.compile the upcast fuses into the loss kernels.
@@ -223,15 +237,23 @@ class GPTModel(nn.Module):
                                ignore_index=IGNORE_INDEX)
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
-                      checkpoint_activations: bool = False) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, emb_dim): the last block's output, before the final LayerNorm."""
+                      checkpoint_activations: bool = False, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, emb_dim): the last block's output, before the final LayerNorm.
+
+        `positions` as `forward` takes them (packed sequences); None: 0..T-1 (after the cache's)."""
         _, num_tokens = idx.shape
         if cache is None and num_tokens > self.cfg.context_length:
             raise ValueError(
                 f"input of {num_tokens} tokens is longer than context_length "
                 f"{self.cfg.context_length}; crop it to the last {self.cfg.context_length} tokens"
             )
-        positions = torch.arange(num_tokens, device=idx.device)
+        apart = None
+        if positions is None:
+            positions = torch.arange(num_tokens, device=idx.device)
+        elif cache is None:
+            apart = conversations_apart(positions)
+        else:
+            raise ValueError("packed positions and a KV cache do not go together: sampling runs one sequence a row")
         if cache is not None:  # the position as a tensor: a compiled step does not recompile
             positions = positions + cache.pos
         x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, emb_dim)
@@ -240,9 +262,9 @@ class GPTModel(nn.Module):
             if checkpoint_activations and cache is None and torch.is_grad_enabled():
                 # Only x (B, T, emb_dim) is kept for backward; the RNG state is saved with it and
                 # replayed, so the recomputation draws the same dropout masks.
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, None, apart, use_reentrant=False)
             else:
-                x = block(x, None if cache is None else cache.layers[i])
+                x = block(x, None if cache is None else cache.layers[i], apart)
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -149,12 +149,21 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return batch.to(device, non_blocking=device.type == "cuda").long()
 
 
-def token_losses(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def batch_to_device(batch: tuple[torch.Tensor, ...], device: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A loader's (inputs, targets) or packed chat windows' (inputs, targets, positions) -> int64
+    tensors on `device`, positions None where each row holds one sequence."""
+    inputs, targets, *positions = (to_device(tensor, device) for tensor in batch)
+    return inputs, targets, positions[0] if positions else None
+
+
+def token_losses(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
     """(B*T,) next-token losses of one (B, T) batch, 0 where a target is IGNORE_INDEX, computed by the model.
 
     The one call every evaluation makes (`evaluate`, `gpt.tools.evaluate.score`), so that through a
     compiled model they run one graph, with the loss inside it (no (B, T, V) logits leave it)."""
-    return model(inputs, targets=targets, reduction="none")
+    return model(inputs, targets=targets, reduction="none", positions=positions)
 
 
 @torch.no_grad()
@@ -167,10 +176,10 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    for inputs, targets in loader:
-        targets = to_device(targets, device)
+    for batch in loader:
+        inputs, targets, positions = batch_to_device(batch, device)
         with precision.autocast() if precision else contextlib.nullcontext():
-            losses = token_losses(model, to_device(inputs, device), targets)  # (B*T,)
+            losses = token_losses(model, inputs, targets, positions)  # (B*T,)
         total += losses.float().sum()  # on the device: one sync at the end
         count += (targets != IGNORE_INDEX).sum()  # a text window's targets, a chat window's replies; no padding row's
     model.train(was_training)
@@ -247,22 +256,29 @@ def train_step(
 ) -> tuple[float, int]:
     """One optimizer step over `cfg.grad_accum_steps` micro-batches -> (mean loss, tokens seen).
 
+    The loss and its gradient are the mean over the counted targets of all the micro-batches.
+
     With several processes, each runs its share of the micro-batches (`model` is in DDP) and
     the loss and token count are those of all of them. Raises `NonFiniteLoss` (naming `step`,
     counted from 1) before updating anything if the loss is NaN or infinite.
     """
     micro_steps = dist.local_accum_steps(cfg.grad_accum_steps)
+    step_batches = [next(batches) for _ in range(micro_steps)]
+    # The loss is the mean over every target the step counts, in all its micro-batches and on every
+    # process (as nanochat's): a micro-batch of short replies weighs by its tokens, not as much as one
+    # of long replies. Counted on the host, where the batches are; DDP's mean over the processes'
+    # gradients is undone by world_size.
+    counted = torch.tensor(float(sum(int((batch[1] != IGNORE_INDEX).sum()) for batch in step_batches)), device=device)
+    scale = dist.world_size / dist.sum(counted).clamp(min=1)
     loss_sum, tokens = torch.zeros((), device=device), 0
-    for micro_step in range(micro_steps):
-        inputs, targets = next(batches)
-        inputs, targets = to_device(inputs, device), to_device(targets, device)
+    for micro_step, batch in enumerate(step_batches):
+        inputs, targets, positions = batch_to_device(batch, device)
         # Exchange gradients once, in the last micro-step's backward, not in every one.
         last = micro_step == micro_steps - 1
         with contextlib.nullcontext() if last else gradient_sync_skipped(model):
             with precision.autocast():
-                # Divide so the accumulated gradient is the mean over the micro-batches (DDP
-                # then averages over processes: the mean over all of them).
-                loss = calc_loss_batch(model, inputs, targets, cfg.activation_checkpointing) / micro_steps
+                loss = model(inputs, targets=targets, reduction="sum", positions=positions,
+                             checkpoint_activations=cfg.activation_checkpointing) * scale
             precision.scaler.scale(loss).backward()
         loss_sum += loss.detach()  # summed on the device: no GPU sync per micro-batch
         tokens += inputs.numel()

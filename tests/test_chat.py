@@ -177,7 +177,8 @@ def test_windows_hold_one_conversation_and_count_cut_and_dropped(tmp_path):
     assert (len(windows), windows.cut, windows.dropped) == (8, 4, 4)
     inputs, targets = windows[0]
     ids, trained = render(short["messages"])
-    assert inputs[:len(ids)].tolist() == ids and (inputs[len(ids):] == EOT_ID).all()  # padding, not another one
+    # its inputs are all its tokens but the last (only a target), then padding, not another conversation
+    assert inputs[:len(ids) - 1].tolist() == ids[:-1] and (inputs[len(ids) - 1:] == EOT_ID).all()
     assert targets[:len(ids) - 1].tolist() == [t if learn else IGNORE for t, learn in zip(ids[1:], trained[1:])]
     assert (targets[len(ids) - 1:] == IGNORE).all()
 
@@ -335,7 +336,7 @@ def test_conversations_come_from_parquet_and_hugging_face_datasets(kind, tmp_pat
     windows = ChatWindows(prepared, "train", 32)
     assert len(windows) == 8 and len(ChatWindows(prepared, "val", 32)) == 2
     ids, _ = render(conversation_from_record(records[0], "x"))
-    assert windows[0][0][:len(ids)].tolist() == ids
+    assert windows[0][0][:len(ids) - 1].tolist() == ids[:-1]  # its last token is only a target
 
 
 def test_a_run_with_another_template_or_none_is_refused():

@@ -107,7 +107,8 @@ def world(tmp_path_factory) -> SimpleNamespace:
     w.chat_run = root / "chat-run"
     assert train.main(["--config", "tiny.yaml", f"--train.out_dir={w.chat_run}", "--train.max_iters=2",
                        "--sample.max_new_tokens=1", "--data.format=chat", f"--data.corpus={w.chats}",
-                       f"--data.prepared_dir={root / 'prepared-chats'}", "--data.val_fraction=0.2"]) == 0
+                       f"--data.prepared_dir={root / 'prepared-chats'}", "--data.val_fraction=0.2",
+                       "--data.batch_size=4"]) == 0
     w.old_template_run = root / "old-template-run"
     w.old_template_run.mkdir()
     state = torch.load(w.chat_run / "latest.pt", weights_only=True)
@@ -344,6 +345,9 @@ CASES = [
      r"no conversation of the train split of .*prepared-long-chats has a reply within the first 32 tokens: each of "
      r"the 9 is longer than any window; shorten the conversations or use a model with a longer "
      r"model.context_length"),
+    ("fewer packed windows than a batch", "chat", TRAIN, lambda w: chat_data(w, w.chats, "--data.val_fraction=0.2"),
+     r"the train split's 16 conversations pack into 4 windows of 32, fewer than data.batch_size 8; add "
+     r"conversations, lower data.batch_size, or set data.pack: false for one conversation a window"),
     ("chat run resumed as a text run", "chat", TRAIN, lambda w: resume(w, w.chat_run, "--train.max_iters=4"),
      r"chat-run/latest.pt was trained with the chat template 'gpt-chat-1' and this run asks for none \(a text "
      r"run\) \(data.format text\); a run keeps its template"),
@@ -405,7 +409,7 @@ def exit_code(script, argv: list[str]) -> int:
 # Inputs that look wrong but are not mistakes: they train, and what happened is said (rows of docs/bad-input.md too).
 ACCEPTED = [
     ("template marker inside the content", "chat", TRAIN,
-     lambda w: chat_data(w, w.spelt, "--train.max_iters=1", "--sample.max_new_tokens=1",
+     lambda w: chat_data(w, w.spelt, "--train.max_iters=1", "--sample.max_new_tokens=1", "--data.batch_size=2",
                          f"--train.out_dir={w.root / 'spelt-run'}"),
      r"20 spell a template marker in their text, kept as plain text"),
 ]

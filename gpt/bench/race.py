@@ -8,6 +8,10 @@ Evaluation is not timed. They train for the config's `train.max_iters` steps eac
 `--seconds S`, for as many steps as fit in S seconds of its own clock: the step count is fixed
 from the time of its first steps, so the learning-rate schedule still runs its whole course.
 
+A chat config (`data.format: chat`) races from its `model.init_from`, and is evaluated on every
+held-out conversation: `--variants adamw+data.pack=false,adamw` times packing against one
+conversation a window.
+
 Printed: the periodic val loss (the subset `train.eval_iters` gives) against tokens and seconds;
 the final loss over every window of the val split; the loss of each at the point in seconds
 where the fastest finished; and the seconds each needs to reach a target val loss (default: the
@@ -23,9 +27,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gpt.chat.data import load_chat_split, prepare_chat
+from gpt.chat.template import chat_model_config
 from gpt.config import OPTIMIZERS, Config, load_config
 from gpt.data import TrainBatches, eval_loader, load_split, prepare
 from gpt.errors import ArgumentParser, UserError, run_cli
+from gpt.gpt2.pretrained import build_model, resolve_model_config
 from gpt.model import GPTModel
 from gpt.optim import build_optimizer, set_learning_rate
 from gpt.precision import Precision, pick_dtype
@@ -71,18 +78,31 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def build_racer(name: str, cfg: Config, device: torch.device) -> Racer:
+    """A variant ready to race: a text run from scratch, or a chat run from its `model.init_from`.
+
+    A chat race is evaluated on every held-out conversation, one per window, whatever `data.pack`
+    says: every variant is then scored on the same windows, as `python -m gpt evaluate` scores them."""
     seed_everything(cfg.train.seed)  # every variant of one shape starts from the same weights
-    context = cfg.model.context_length
-    prepared = prepare(cfg.data)
-    train_set = load_split(prepared, "train", context, cfg.data.stride or context)
-    val_set = load_split(prepared, "val", context, context)
-    model = GPTModel(cfg.model).to(device).train()
+    if cfg.data.format == "chat":
+        cfg.model = chat_model_config(resolve_model_config(cfg.model, cfg.given_keys.get("model", ())))
+        context = cfg.model.context_length
+        prepared = prepare_chat(cfg.data)
+        train_set = load_chat_split(prepared, "train", context, cfg.data.pack)
+        val_set = load_chat_split(prepared, "val", context)
+        model, periodic = build_model(cfg.model), None
+    else:
+        context = cfg.model.context_length
+        prepared = prepare(cfg.data)
+        train_set = load_split(prepared, "train", context, cfg.data.stride or context)
+        val_set = load_split(prepared, "val", context, context)
+        model, periodic = GPTModel(cfg.model), cfg.train.eval_iters
+    model = model.to(device).train()
     return Racer(
         name=name, cfg=cfg, model=model, net=compile_model(model, cfg.train.compile, device),
         optimizer=build_optimizer(model, cfg.train, device),
         precision=Precision(pick_dtype(cfg.train.dtype, device), device),
         batches=iter(TrainBatches(train_set, cfg.data.batch_size, cfg.train.seed, pin_memory=device.type == "cuda")),
-        eval_loader=eval_loader(val_set, cfg.data.batch_size, cfg.train.eval_iters),
+        eval_loader=eval_loader(val_set, cfg.data.batch_size, periodic),
         whole_val=eval_loader(val_set, cfg.data.batch_size, None),
         tokens_per_step=cfg.data.batch_size * context * cfg.train.grad_accum_steps,
     )

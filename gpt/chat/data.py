@@ -14,12 +14,15 @@ The held-out split is the last `data.val_fraction` of the conversations (or all 
 questions of. `meta.json` records the template, the counts, and how many answers of each
 checkable task the train split holds (the majority-answer baseline).
 
-Batches (`ChatWindows`): one conversation per window of `context_length` tokens, padded with
-`<|endoftext|>` whose targets are ignored, so no conversation ever attends to another. A
-conversation longer than the window is cut to its first `context_length + 1` tokens when a
-target the loss counts is left in them, and dropped otherwise; `describe` says how many.
+Batches (`ChatWindows`): with `data.pack` (the default), as many conversations per window of
+`context_length` tokens as fit (best-fit), each attending only to itself, its positions counted
+from 0; without, one per window. The rest of a window is `<|endoftext|>` padding whose targets
+are ignored. A conversation longer than the window is cut to its first `context_length + 1`
+tokens when a target the loss counts is left in them, and dropped otherwise; `describe` says how
+many.
 """
 
+import bisect
 import json
 import os
 from collections import Counter
@@ -129,15 +132,25 @@ def _write_split(prepared: Path, split: str, rows: list) -> dict:
 
 
 class ChatWindows(Dataset):
-    """One conversation per item: (inputs, targets) of `max_length` tokens, targets IGNORE outside
-    the assistant's tokens and in the padding."""
+    """The conversations of a split in windows of `max_length` inputs: (inputs, targets) per window,
+    and packed, (inputs, targets, positions).
 
-    def __init__(self, prepared: Path, split: str, max_length: int):
-        self.max_length = max_length
+    A conversation of n tokens takes n - 1 positions of a window (its inputs; its targets are its
+    tokens shifted by one), targets IGNORE outside the assistant's tokens. The rest of a window is
+    `<|endoftext|>` padding whose targets are ignored.
+    - `pack` False: one conversation per window, at positions 0..n-2;
+    - `pack` True: as many as fit, placed best-fit (`best_fit`), and `positions` restart at 0 at
+      each conversation (and at the padding). The model reads a 0 as the start of a conversation
+      that attends only to itself (`gpt.model.conversations_apart`), so each one is computed as it
+      would be alone in a window.
+    """
+
+    def __init__(self, prepared: Path, split: str, max_length: int, pack: bool = False):
+        self.max_length, self.pack = max_length, pack
         self.ids = np.memmap(prepared / f"{split}.bin", dtype=np.uint16, mode="r")
         self.mask = np.memmap(prepared / f"{split}.mask", dtype=np.uint8, mode="r")
         offsets = np.fromfile(prepared / f"{split}.idx", dtype=np.int64)
-        self.spans, self.cut, self.dropped = [], 0, 0
+        spans, self.cut, self.dropped = [], 0, 0
         for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
             if end - start > max_length + 1:
                 end = start + max_length + 1
@@ -145,32 +158,68 @@ class ChatWindows(Dataset):
                     self.dropped += 1
                     continue
                 self.cut += 1
-            self.spans.append((start, end))
+            spans.append((start, end))
+        self.conversations = len(spans)
+        sizes = [end - start - 1 for start, end in spans]
+        self.windows = [[spans[i] for i in window] for window in best_fit(sizes, max_length)] if pack \
+            else [[span] for span in spans]
 
     def __len__(self) -> int:
-        return len(self.spans)
+        return len(self.windows)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start, end = self.spans[i]
-        n = end - start
-        ids = np.full(self.max_length + 1, EOT_ID, dtype=np.int64)
-        ids[:n] = self.ids[start:end]
-        targets = ids[1:].copy()
-        counted = np.zeros(self.max_length, dtype=bool)
-        counted[:n - 1] = self.mask[start + 1:end].astype(bool)
-        targets[~counted] = IGNORE
-        # inputs as uint16, like TokenWindows (training widens them on the device); targets hold IGNORE
-        return torch.from_numpy(ids[:-1].astype(np.uint16)), torch.from_numpy(targets)
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        inputs = np.full(self.max_length, EOT_ID, dtype=np.uint16)  # uint16, like TokenWindows': widened on the device
+        targets = np.full(self.max_length, IGNORE, dtype=np.int64)
+        positions = np.zeros(self.max_length, dtype=np.int16)
+        at = 0  # where the next conversation starts in the window
+        for start, end in self.windows[i]:
+            n = end - start - 1  # its inputs are tokens start..end-2, its targets start+1..end-1
+            inputs[at:at + n] = self.ids[start:end - 1]
+            targets[at:at + n] = np.where(self.mask[start + 1:end], self.ids[start + 1:end].astype(np.int64), IGNORE)
+            positions[at:at + n] = np.arange(n)
+            at += n
+        positions[at:] = np.arange(self.max_length - at)  # the padding: one more span of its own
+        window = torch.from_numpy(inputs), torch.from_numpy(targets)
+        return (*window, torch.from_numpy(positions)) if self.pack else window
+
+    def targets_per_window(self) -> float:
+        """The mean count of targets the loss counts in a window (the rest is prompt or padding)."""
+        return sum(int(self.mask[start + 1:end].sum()) for window in self.windows for start, end in window) \
+            / len(self.windows)
 
     def describe(self, split: str) -> str:
-        total = len(self.spans) + self.dropped
-        return (f"{split}: {len(self.spans):,} of {total:,} conversations in windows of {self.max_length}; "
-                f"{self.cut:,} cut to fit, {self.dropped:,} dropped (no reply within the window)")
+        total = self.conversations + self.dropped
+        packed = f", packed into {len(self.windows):,} windows" if self.pack else " in windows"
+        return (f"{split}: {self.conversations:,} of {total:,} conversations{packed} of {self.max_length} "
+                f"({self.targets_per_window():.1f} reply tokens a window); {self.cut:,} cut to fit, "
+                f"{self.dropped:,} dropped (no reply within the window)")
 
 
-def load_chat_split(prepared: Path, split: str, max_length: int) -> ChatWindows:
-    """The conversations of `split`, one per window; a UserError if none fits."""
-    windows = ChatWindows(prepared, split, max_length)
+def best_fit(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Indices of `sizes` grouped into bins of `capacity`: best-fit decreasing.
+
+    Longest first, each goes to the bin it leaves least room in (a new bin when none has room),
+    which packs within a few percent of the fewest bins possible. Deterministic: the same sizes
+    give the same bins, so a resumed run reads the same windows.
+    """
+    bins: list[list[int]] = []
+    rooms: list[tuple[int, int]] = []  # (room left, bin), sorted: the open bins
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        k = bisect.bisect_left(rooms, (sizes[i], -1))  # the first bin with room enough
+        if k < len(rooms):
+            room, b = rooms.pop(k)
+        else:
+            room, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if room > sizes[i]:
+            bisect.insort(rooms, (room - sizes[i], b))
+    return bins
+
+
+def load_chat_split(prepared: Path, split: str, max_length: int, pack: bool = False) -> ChatWindows:
+    """The conversations of `split` in windows (packed or one per window); a UserError if none fits."""
+    windows = ChatWindows(prepared, split, max_length, pack)
     if len(windows) == 0:
         raise UserError(f"no conversation of the {split} split of {prepared} has a reply within the first "
                         f"{max_length} tokens: each of the {windows.dropped:,} is longer than any window; "
@@ -179,9 +228,14 @@ def load_chat_split(prepared: Path, split: str, max_length: int) -> ChatWindows:
 
 
 def load_chat_splits(cfg: DataConfig, context: int, dist: Distributed = SINGLE) -> tuple[ChatWindows, ChatWindows]:
-    """The train and val conversations, prepared first where needed (rank 0 first), one per window."""
+    """The train and val conversations, prepared first where needed (rank 0 first), packed as `cfg.pack` says."""
     prepared = dist.in_turn(lambda: prepare_chat(cfg))
-    return load_chat_split(prepared, "train", context), load_chat_split(prepared, "val", context)
+    train, val = (load_chat_split(prepared, split, context, cfg.pack) for split in SPLITS)
+    if cfg.pack and len(train) < cfg.batch_size:  # packing leaves fewer windows than conversations
+        raise UserError(f"the train split's {train.conversations:,} conversations pack into {len(train):,} windows of "
+                        f"{context}, fewer than data.batch_size {cfg.batch_size}; add conversations, lower "
+                        "data.batch_size, or set data.pack: false for one conversation a window")
+    return train, val
 
 
 def read_meta(prepared: Path) -> dict:

@@ -59,7 +59,9 @@ from gpt.tools.next_words import NEXT_WORDS
 from gpt.model import IGNORE_INDEX, GPTModel, ModelConfig
 from gpt.precision import DTYPES, Precision, dtype_name, scoring_dtype
 from gpt.tokenizer import token_byte_lengths
-from gpt.training import compile_model, out_of_memory_named, pick_device, setup_device, to_device, token_losses
+from gpt.training import (
+    batch_to_device, compile_model, out_of_memory_named, pick_device, setup_device, token_losses,
+)
 
 
 @dataclass
@@ -105,12 +107,11 @@ def score(model: nn.Module, loader: DataLoader, device: torch.device, precision:
     byte_lengths = byte_lengths.to(device)
     windows = sum(len(batch) for batch in loader.batch_sampler)  # this process's; padding rows are none
     per_batch = []  # each batch's (tokens, nats, text nats, text tokens, text bytes), left on the device: one sync at the end
-    for inputs, targets in tqdm(loader, desc="evaluating", unit="batch", leave=False,
-                                disable=None if dist.is_main else True):
-        inputs, targets = to_device(inputs, device), to_device(targets, device)
+    for batch in tqdm(loader, desc="evaluating", unit="batch", leave=False, disable=None if dist.is_main else True):
+        inputs, targets, positions = batch_to_device(batch, device)
         with precision.autocast() if precision else contextlib.nullcontext():
             # IGNORE_INDEX targets (a chat window's prompt and padding, a padding row) give 0: they count nowhere
-            nats = token_losses(model, inputs, targets).float()  # (B*T,), the loss inside the model
+            nats = token_losses(model, inputs, targets, positions).float()  # (B*T,), the loss inside the model
         targets = targets.flatten()
         counted = targets != IGNORE_INDEX
         text_bytes = byte_lengths[targets.clamp(min=0)] * counted  # (B*T,), 0 for <|endoftext|> and ignored ones
@@ -192,7 +193,7 @@ def evaluate_chat(state: dict, path: Path, args, overrides: list[str], device: t
     context = model.cfg.context_length
     with contextlib.redirect_stdout(sys.stderr):
         prepared = prepare_chat(data)
-    windows = load_chat_split(prepared, "val", context)
+    windows = load_chat_split(prepared, "val", context, data.pack)
     records = held_out(prepared, args.replies)
     train_answers = read_meta(prepared).get("train_answers", {})
     models = {"fine-tuned": (model, str(path))}
@@ -206,7 +207,7 @@ def evaluate_chat(state: dict, path: Path, args, overrides: list[str], device: t
             base_note = f"no base figures: {e}"
     precision = Precision(scoring_dtype(args.dtype, config.train.dtype, device), device)  # as for text
     print(f"scoring {', '.join(f'{name} {where}' for name, (_, where) in models.items())} on the "
-          f"{len(windows):,} held-out conversations of {data.val_corpus or data.corpus}; {len(records):,} "
+          f"{windows.conversations:,} held-out conversations of {data.val_corpus or data.corpus}; {len(records):,} "
           f"replied to (greedy, at most {args.max_new_tokens} tokens); losses in {dtype_name(precision.dtype)}",
           file=sys.stderr)
     results = {}
