@@ -9,7 +9,7 @@ import torch
 
 import chat
 import train
-from gpt.chat.data import ChatWindows, prepare_chat
+from gpt.chat.data import VAL_RECORDS, ChatWindows, prepare_chat
 from gpt.chat.template import (
     CHAT_VOCAB_SIZE,
     END_ID,
@@ -23,6 +23,7 @@ from gpt.chat.template import (
     reply,
 )
 from gpt.checkpoint import load_checkpoint
+from gpt.corpus import shakespeare_chat
 from gpt.corpus.shakespeare_chat import excerpt, scenes, title_of
 from gpt.data import DataConfig, eval_loader
 from gpt.errors import UserError
@@ -66,6 +67,35 @@ def test_three_record_shapes_give_the_same_conversation():
 def test_bad_records_are_named(record, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         conversation_from_record(record, "x line 1")
+
+
+ASKED = {"messages": [{"role": "user", "content": "Which play?"}, {"role": "assistant", "content": "Hamlet"}],
+         "answer": "Hamlet"}
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"choices": "Hamlet, Macbeth"}, "x line 1: \"choices\" must be a list of at least 2 non-empty texts, the candidate "
+                                     "answers; got 'Hamlet, Macbeth'"),
+    ({"choices": ["Hamlet"]}, "must be a list of at least 2 non-empty texts"),
+    ({"choices": ["Hamlet", 3]}, "must be a list of at least 2 non-empty texts"),
+    ({"choices": ["Hamlet", " "]}, "must be a list of at least 2 non-empty texts"),
+    ({"choices": ["Hamlet", "Macbeth", "Hamlet "]}, "x line 1: \"choices\" holds 'Hamlet' twice; give each candidate once"),
+    ({"choices": ["Macbeth", "Othello"]}, "x line 1: the answer 'Hamlet' is not among its 2 choices; add it to "
+                                          "\"choices\" or correct the answer"),
+    ({"choices": ["Hamlet", "Macbeth"], "answer": None}, "the answer None is not among its 2 choices"),
+    ({"choices": ["Hamlet", "Macbeth"], "answer": "hamlet"}, "the answer 'hamlet' is not among"),
+])
+def test_malformed_choices_are_one_line_naming_the_record(fields, message):
+    record = {**ASKED, **fields}
+    with pytest.raises(UserError) as caught:
+        conversation_from_record(record, "x line 1")
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_choices_need_an_answer_and_well_formed_ones_pass():
+    with pytest.raises(UserError, match='x line 1 has "choices" but no "answer"; give the right one'):
+        conversation_from_record({"messages": ASKED["messages"], "choices": ["Hamlet", "Macbeth"]}, "x line 1")
+    assert conversation_from_record({**ASKED, "choices": ["Macbeth", "Hamlet"]}, "x") == ASKED["messages"]
 
 
 def test_template_ids_sit_in_the_padded_rows_and_only_replies_are_targets():
@@ -159,6 +189,56 @@ def test_plays_become_scenes_of_speeches():
     assert excerpt("one two\nthree\nfour\nfive") == "one two\nthree\nfour"
 
 
+def speeches(*pairs: tuple[str, str]) -> str:
+    return "".join(f"{speaker}:\n{text}\n\n" for speaker, text in pairs)
+
+
+# Two short plays: in Macbeth, "Messenger" is no named character and MACBETH speaks once too few
+HAMLET = "Hamlet\n\nACT I\n\nSCENE I. Elsinore.\n\n" + speeches(
+    ("BERNARDO", "Who is there upon the platform this cold night?"),
+    ("FRANCISCO", "Nay, answer me: stand, and unfold yourself now."),
+    ("HAMLET", "A little more than kin, and less than kind, I think."),
+    ("BERNARDO", "Long live the king, and all his noble house."))
+MACBETH = "ACT I\n\nSCENE I. A heath.\n\n" + speeches(
+    ("LADY MACBETH", "Glamis thou art, and Cawdor, and shalt be what thou art promised."),
+    ("Messenger", "The king comes here to-night, my gracious lady."),
+    ("LADY MACBETH", "Thou'rt mad to say it: is not thy master with him?"),
+    ("MACBETH", "My dearest love, Duncan comes here to-night, they say."),
+    ("BANQUO", "What are these, so wither'd and so wild in their attire?"),
+    ("BANQUO", "Good sir, why do you start, and seem to fear things that do sound so fair?"))
+
+
+def test_play_questions_offer_every_title_and_speaker_questions_the_play_s_characters(monkeypatch):
+    monkeypatch.setattr(shakespeare_chat, "shakespeare_documents",
+                        lambda: [("plays/hamlet.md", HAMLET), ("plays/tragedies/macbeth.md", MACBETH)])
+    monkeypatch.setattr(shakespeare_chat, "MIN_SPEECHES", 2)
+    records = shakespeare_chat.conversations()
+    plays = [r for r in records if r["task"] == "play"]
+    speakers = [r for r in records if r["task"] == "speaker"]
+    assert len(plays) == 10 and all(r["choices"] == ["Hamlet", "Macbeth"] for r in plays)
+    # the characters with 2 speeches or more in their own play, in capitals; Hamlet has one, so no choice
+    assert sorted((r["answer"], tuple(r.get("choices", ()))) for r in speakers) == [
+        ("BANQUO", ("BANQUO", "LADY MACBETH")), ("BANQUO", ("BANQUO", "LADY MACBETH")),
+        ("BERNARDO", ()), ("BERNARDO", ()),
+        ("LADY MACBETH", ("BANQUO", "LADY MACBETH")), ("LADY MACBETH", ("BANQUO", "LADY MACBETH"))]
+    for record in records:  # each passes the check that preparation makes
+        conversation_from_record(record, "x")
+
+
+@pytest.mark.slow
+def test_every_checkable_shakespeare_question_has_its_answer_among_its_play_s_choices():
+    """The real corpus (~8 s): 38 titles for each play question, that play's own characters for each speaker one."""
+    speakers = {shakespeare_chat.title_of(name, text): {s for scene in scenes(text) for s, _ in scene}
+                for name, text in shakespeare_chat.shakespeare_documents()}
+    records = shakespeare_chat.conversations()
+    checked = [r for r in records if "answer" in r]
+    assert len(checked) > 40_000 and all(r["answer"] in r["choices"] for r in checked)
+    assert all(r["choices"] == sorted(speakers) for r in checked if r["task"] == "play") and len(speakers) == 38
+    for record in (r for r in checked if r["task"] == "speaker"):
+        title = record["messages"][0]["content"].split("?")[0].removeprefix("Who says this in ")
+        assert set(record["choices"]) <= speakers[title] and len(record["choices"]) >= 7
+
+
 # --------------------------------------------------------------------------- windows
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -180,6 +260,24 @@ def test_windows_hold_one_conversation_and_count_cut_and_dropped(tmp_path):
     assert inputs[:len(ids)].tolist() == ids and (inputs[len(ids):] == EOT_ID).all()  # padding, not another one
     assert targets[:len(ids) - 1].tolist() == [t if learn else IGNORE for t, learn in zip(ids[1:], trained[1:])]
     assert (targets[len(ids) - 1:] == IGNORE).all()
+
+
+def test_val_records_keep_their_choices_and_older_prepared_files_are_prepared_again(tmp_path, capsys):
+    records = [{**ASKED, "task": "play", "choices": ["Hamlet", "Macbeth"]}] * 10
+    cfg = DataConfig(format="chat", corpus=str(write_jsonl(tmp_path / "chat.jsonl", records)),
+                     prepared_dir=str(tmp_path / "p"), val_fraction=0.2)
+    prepared = prepare_chat(cfg)
+    kept = [json.loads(line) for line in (prepared / VAL_RECORDS).read_text().splitlines()]
+    assert kept == [{"messages": ASKED["messages"], "task": "play", "answer": "Hamlet",
+                     "choices": ["Hamlet", "Macbeth"]}] * 2
+    meta = json.loads((prepared / "meta.json").read_text())
+    del meta["val_fields"]  # as a version that kept no choices in val.jsonl wrote it
+    (prepared / "meta.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    prepare_chat(cfg)
+    assert "made from other data or settings; preparing again" in capsys.readouterr().out
+    prepare_chat(cfg)
+    assert "preparing again" not in capsys.readouterr().out
 
 
 def test_a_padded_last_batch_of_conversations_leaves_the_reply_loss_as_it_is(tmp_path):
