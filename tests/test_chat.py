@@ -1,6 +1,7 @@
 """Chat fine-tuning: records, the template, the loss mask, windows, init_from a run, chat.py, evaluation."""
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,6 +11,7 @@ import torch
 import chat
 import train
 from gpt.chat.data import VAL_RECORDS, ChatWindows, prepare_chat
+from gpt.chat.scoring import before_last_reply, choice_tasks, rank_choices
 from gpt.chat.template import (
     CHAT_VOCAB_SIZE,
     END_ID,
@@ -18,6 +20,7 @@ from gpt.chat.template import (
     TEMPLATE,
     conversation_from_record,
     crop_history,
+    encode_content,
     render,
     render_prompt,
     reply,
@@ -32,6 +35,7 @@ from gpt.model import IGNORE_INDEX, GPTModel, ModelConfig
 from gpt.sampling import SampleConfig, generate
 from gpt.tokenizer import EOT_ID
 from gpt.tools import evaluate
+from gpt.tools import multiple_choice as mc
 from gpt.training import calc_loss_batch, evaluate as training_evaluate
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Two and three?"},
@@ -300,6 +304,49 @@ def test_a_padded_last_batch_of_conversations_leaves_the_reply_loss_as_it_is(tmp
     assert training_evaluate(model, loader, torch.device("cpu")) == pytest.approx(scored.loss, rel=1e-6)
 
 
+# --------------------------------------------------------------------------- likelihood of the choices
+
+def reply_nats(model: GPTModel, history: list[dict], reply_text: str) -> tuple[float, int]:
+    """The summed next-token loss of `reply_text` and <|end|> as the reply to `history`, and its token count:
+    the whole rendered conversation through the model at once, in float32."""
+    prompt = render_prompt(history)
+    ids = prompt + encode_content(reply_text) + [END_ID]
+    n = len(ids) - len(prompt)
+    with torch.no_grad():
+        logprobs = model(torch.tensor([ids[:-1]])).float().log_softmax(-1)[0, -n:]  # (n, V): the reply's tokens
+    return -logprobs.gather(1, torch.tensor(ids[-n:])[:, None]).sum().item(), n
+
+
+def test_choices_are_ranked_by_their_likelihood_after_the_whole_conversation():
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(vocab_size=CHAT_VOCAB_SIZE, context_length=64, emb_dim=16, n_heads=2, n_layers=1,
+                                 drop_rate=0.0)).eval()
+    choices = ["Eight.", "Nine", "Seven and a half", "Sixteen, or so they say"]
+    conversations = [MESSAGES, MESSAGES[1:3], [MESSAGES[0], *MESSAGES[3:]]]  # with a system prompt, earlier turns
+    direct = [[reply_nats(model, before_last_reply(m), c) for c in choices] for m in conversations]
+    def argmin(values):
+        return min(range(len(values)), key=values.__getitem__)
+    best = [argmin([nats for nats, _ in d]) for d in direct]
+    best_norm = [argmin([nats / n for nats, n in d]) for d in direct]
+    worst = [max(range(len(choices)), key=lambda k, d=d: d[k][0]) for d in direct]
+    records = [{"messages": m, "task": task, "answer": choices[k], "choices": choices}
+               for task, labels in (("best", best), ("norm", best_norm), ("worst", worst))
+               for m, k in zip(conversations, labels)]
+    records.insert(1, {"messages": MESSAGES, "task": "best", "answer": "Eight."})  # no choices: not ranked
+    tasks = choice_tasks(records, "val.jsonl")
+    assert [t.name for t in tasks] == ["best", "norm", "worst"] and [len(t.items) for t in tasks] == [3, 3, 3]
+    assert tasks[0].items[1].where == "val.jsonl line 3" and tasks[0].items[0].context == tuple(MESSAGES[:4])
+
+    scoring = mc.Scoring(mc.Prompts.for_model(chat=True), 64, 3 * 64, torch.device("cpu"))  # several batches
+    rows = [mc.item_rows(item, scoring.prompts, 64) for item in tasks[0].items]
+    for summed, expected in zip(mc.ending_losses(model, rows, scoring), direct):  # float32 on the CPU
+        assert summed[:, 0].tolist() == pytest.approx([nats for nats, _ in expected], rel=1e-5)
+        assert summed[:, 1].tolist() == [n for _, n in expected]
+    scores = rank_choices(model, tasks, scoring)
+    assert (scores["best"].acc, scores["norm"].acc_norm, scores["worst"].acc) == (1.0, 1.0, 0.0)
+    assert scores["best"].chance / scores["best"].items == pytest.approx(1 / len(choices))
+
+
 # --------------------------------------------------------------------------- runs: init_from, resume, chat, evaluate
 
 # The tests below share two tiny training runs (~15 s on a shared 2-core CPU): marked slow.
@@ -308,8 +355,8 @@ def runs(tmp_path_factory) -> SimpleNamespace:
     """A tiny text run, and a chat run fine-tuned from it on a small JSONL of conversations."""
     root = tmp_path_factory.mktemp("chat")
     records = [{"messages": [{"role": "user", "content": f"Add {a} and {b}."},
-                             {"role": "assistant", "content": str(a + b)}], "task": "sum", "answer": str(a + b)}
-               for a in range(10) for b in range(10)]
+                             {"role": "assistant", "content": str(a + b)}], "task": "sum", "answer": str(a + b),
+                "choices": [str(n) for n in range(19)]} for a in range(10) for b in range(10)]
     corpus = write_jsonl(root / "sums.jsonl", records)
     base, tuned = root / "base", root / "tuned"
     common = ["--config", "tiny.yaml", "--train.max_iters=2", "--sample.max_new_tokens=2",
@@ -394,6 +441,28 @@ def test_evaluate_reports_loss_accuracy_and_ended_for_base_and_tuned(runs, capsy
         assert 0 <= report[name]["ended"] <= 5
     assert report["base"]["reply_loss"] != report["fine-tuned"]["reply_loss"]  # two models, not one twice
     assert report["majority"]["sum"]["answer"].isdigit()
+    # the likelihood: every held-out question (20 at val_fraction 0.2), not the 5 replied to
+    for name in ("base", "fine-tuned"):
+        ranked = report[name]["likelihood"]["sum"]
+        assert ranked["items"] == 20 and ranked["chance"] == pytest.approx(1 / 19)
+        assert ranked["acc_interval"][0] <= ranked["acc"] <= ranked["acc_interval"][1]
+    assert report["choice_majority"]["sum"]["questions"] == 20
+
+
+@pytest.mark.slow
+def test_evaluate_prints_the_likelihood_beside_greedy_and_majority_per_task(runs, capsys):
+    assert evaluate.main(["--checkpoint", str(runs.tuned), "--replies", "5", "--max-new-tokens", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["base", "fine-tuned", "majority", "answer"]
+    assert "sum: 20 questions, 19 choices each, chance 5.3%" in lines
+    rows = {line.split("  ")[1].strip() if line.startswith("  ") else line: line for line in lines}
+    percent = r"\d+\.\d%"
+    interval = rf"{percent} \(\d+\.\d-\d+\.\d\)"
+    assert re.fullmatch(rf"  likelihood acc \(95% interval\) +{interval} +{interval} +{percent} \(\d+\)",
+                        rows["likelihood acc (95% interval)"])
+    assert re.fullmatch(rf"  likelihood acc_norm +{interval} +{interval}", rows["likelihood acc_norm"])
+    assert re.fullmatch(rf"  greedy reply \(5 asked\) +{percent} +{percent} +{percent} \(\d+\)",
+                        rows["greedy reply (5 asked)"])
 
 
 @pytest.mark.slow
