@@ -1,6 +1,7 @@
 """Chat fine-tuning: records, the template, the loss mask, windows, init_from a run, chat.py, evaluation."""
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,7 +10,8 @@ import torch
 
 import chat
 import train
-from gpt.chat.data import ChatWindows, prepare_chat
+from gpt.chat.data import VAL_RECORDS, ChatWindows, prepare_chat
+from gpt.chat.scoring import before_last_reply, choice_tasks, rank_choices
 from gpt.chat.template import (
     CHAT_VOCAB_SIZE,
     END_ID,
@@ -18,11 +20,13 @@ from gpt.chat.template import (
     TEMPLATE,
     conversation_from_record,
     crop_history,
+    encode_content,
     render,
     render_prompt,
     reply,
 )
 from gpt.checkpoint import load_checkpoint
+from gpt.corpus import shakespeare_chat
 from gpt.corpus.shakespeare_chat import excerpt, scenes, title_of
 from gpt.data import DataConfig, eval_loader
 from gpt.errors import UserError
@@ -31,6 +35,7 @@ from gpt.model import IGNORE_INDEX, GPTModel, ModelConfig
 from gpt.sampling import SampleConfig, generate
 from gpt.tokenizer import EOT_ID
 from gpt.tools import evaluate
+from gpt.tools import multiple_choice as mc
 from gpt.training import calc_loss_batch, evaluate as training_evaluate
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Two and three?"},
@@ -66,6 +71,35 @@ def test_three_record_shapes_give_the_same_conversation():
 def test_bad_records_are_named(record, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         conversation_from_record(record, "x line 1")
+
+
+ASKED = {"messages": [{"role": "user", "content": "Which play?"}, {"role": "assistant", "content": "Hamlet"}],
+         "answer": "Hamlet"}
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"choices": "Hamlet, Macbeth"}, "x line 1: \"choices\" must be a list of at least 2 non-empty texts, the candidate "
+                                     "answers; got 'Hamlet, Macbeth'"),
+    ({"choices": ["Hamlet"]}, "must be a list of at least 2 non-empty texts"),
+    ({"choices": ["Hamlet", 3]}, "must be a list of at least 2 non-empty texts"),
+    ({"choices": ["Hamlet", " "]}, "must be a list of at least 2 non-empty texts"),
+    ({"choices": ["Hamlet", "Macbeth", "Hamlet "]}, "x line 1: \"choices\" holds 'Hamlet' twice; give each candidate once"),
+    ({"choices": ["Macbeth", "Othello"]}, "x line 1: the answer 'Hamlet' is not among its 2 choices; add it to "
+                                          "\"choices\" or correct the answer"),
+    ({"choices": ["Hamlet", "Macbeth"], "answer": None}, "the answer None is not among its 2 choices"),
+    ({"choices": ["Hamlet", "Macbeth"], "answer": "hamlet"}, "the answer 'hamlet' is not among"),
+])
+def test_malformed_choices_are_one_line_naming_the_record(fields, message):
+    record = {**ASKED, **fields}
+    with pytest.raises(UserError) as caught:
+        conversation_from_record(record, "x line 1")
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_choices_need_an_answer_and_well_formed_ones_pass():
+    with pytest.raises(UserError, match='x line 1 has "choices" but no "answer"; give the right one'):
+        conversation_from_record({"messages": ASKED["messages"], "choices": ["Hamlet", "Macbeth"]}, "x line 1")
+    assert conversation_from_record({**ASKED, "choices": ["Macbeth", "Hamlet"]}, "x") == ASKED["messages"]
 
 
 def test_template_ids_sit_in_the_padded_rows_and_only_replies_are_targets():
@@ -159,6 +193,56 @@ def test_plays_become_scenes_of_speeches():
     assert excerpt("one two\nthree\nfour\nfive") == "one two\nthree\nfour"
 
 
+def speeches(*pairs: tuple[str, str]) -> str:
+    return "".join(f"{speaker}:\n{text}\n\n" for speaker, text in pairs)
+
+
+# Two short plays: in Macbeth, "Messenger" is no named character and MACBETH speaks once too few
+HAMLET = "Hamlet\n\nACT I\n\nSCENE I. Elsinore.\n\n" + speeches(
+    ("BERNARDO", "Who is there upon the platform this cold night?"),
+    ("FRANCISCO", "Nay, answer me: stand, and unfold yourself now."),
+    ("HAMLET", "A little more than kin, and less than kind, I think."),
+    ("BERNARDO", "Long live the king, and all his noble house."))
+MACBETH = "ACT I\n\nSCENE I. A heath.\n\n" + speeches(
+    ("LADY MACBETH", "Glamis thou art, and Cawdor, and shalt be what thou art promised."),
+    ("Messenger", "The king comes here to-night, my gracious lady."),
+    ("LADY MACBETH", "Thou'rt mad to say it: is not thy master with him?"),
+    ("MACBETH", "My dearest love, Duncan comes here to-night, they say."),
+    ("BANQUO", "What are these, so wither'd and so wild in their attire?"),
+    ("BANQUO", "Good sir, why do you start, and seem to fear things that do sound so fair?"))
+
+
+def test_play_questions_offer_every_title_and_speaker_questions_the_play_s_characters(monkeypatch):
+    monkeypatch.setattr(shakespeare_chat, "shakespeare_documents",
+                        lambda: [("plays/hamlet.md", HAMLET), ("plays/tragedies/macbeth.md", MACBETH)])
+    monkeypatch.setattr(shakespeare_chat, "MIN_SPEECHES", 2)
+    records = shakespeare_chat.conversations()
+    plays = [r for r in records if r["task"] == "play"]
+    speakers = [r for r in records if r["task"] == "speaker"]
+    assert len(plays) == 10 and all(r["choices"] == ["Hamlet", "Macbeth"] for r in plays)
+    # the characters with 2 speeches or more in their own play, in capitals; Hamlet has one, so no choice
+    assert sorted((r["answer"], tuple(r.get("choices", ()))) for r in speakers) == [
+        ("BANQUO", ("BANQUO", "LADY MACBETH")), ("BANQUO", ("BANQUO", "LADY MACBETH")),
+        ("BERNARDO", ()), ("BERNARDO", ()),
+        ("LADY MACBETH", ("BANQUO", "LADY MACBETH")), ("LADY MACBETH", ("BANQUO", "LADY MACBETH"))]
+    for record in records:  # each passes the check that preparation makes
+        conversation_from_record(record, "x")
+
+
+@pytest.mark.slow
+def test_every_checkable_shakespeare_question_has_its_answer_among_its_play_s_choices():
+    """The real corpus (~8 s): 38 titles for each play question, that play's own characters for each speaker one."""
+    speakers = {shakespeare_chat.title_of(name, text): {s for scene in scenes(text) for s, _ in scene}
+                for name, text in shakespeare_chat.shakespeare_documents()}
+    records = shakespeare_chat.conversations()
+    checked = [r for r in records if "answer" in r]
+    assert len(checked) > 40_000 and all(r["answer"] in r["choices"] for r in checked)
+    assert all(r["choices"] == sorted(speakers) for r in checked if r["task"] == "play") and len(speakers) == 38
+    for record in (r for r in checked if r["task"] == "speaker"):
+        title = record["messages"][0]["content"].split("?")[0].removeprefix("Who says this in ")
+        assert set(record["choices"]) <= speakers[title] and len(record["choices"]) >= 7
+
+
 # --------------------------------------------------------------------------- windows
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -183,6 +267,24 @@ def test_windows_hold_one_conversation_and_count_cut_and_dropped(tmp_path):
     assert (targets[len(ids) - 1:] == IGNORE).all()
 
 
+def test_val_records_keep_their_choices_and_older_prepared_files_are_prepared_again(tmp_path, capsys):
+    records = [{**ASKED, "task": "play", "choices": ["Hamlet", "Macbeth"]}] * 10
+    cfg = DataConfig(format="chat", corpus=str(write_jsonl(tmp_path / "chat.jsonl", records)),
+                     prepared_dir=str(tmp_path / "p"), val_fraction=0.2)
+    prepared = prepare_chat(cfg)
+    kept = [json.loads(line) for line in (prepared / VAL_RECORDS).read_text().splitlines()]
+    assert kept == [{"messages": ASKED["messages"], "task": "play", "answer": "Hamlet",
+                     "choices": ["Hamlet", "Macbeth"]}] * 2
+    meta = json.loads((prepared / "meta.json").read_text())
+    del meta["val_fields"]  # as a version that kept no choices in val.jsonl wrote it
+    (prepared / "meta.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    prepare_chat(cfg)
+    assert "made from other data or settings; preparing again" in capsys.readouterr().out
+    prepare_chat(cfg)
+    assert "preparing again" not in capsys.readouterr().out
+
+
 def test_a_padded_last_batch_of_conversations_leaves_the_reply_loss_as_it_is(tmp_path):
     records = [{"messages": [{"role": "user", "content": f"Count to {n}"},
                              {"role": "assistant", "content": " ".join(map(str, range(1, n + 1)))}]} for n in range(1, 9)]
@@ -203,6 +305,49 @@ def test_a_padded_last_batch_of_conversations_leaves_the_reply_loss_as_it_is(tmp
     assert training_evaluate(model, loader, torch.device("cpu")) == pytest.approx(scored.loss, rel=1e-6)
 
 
+# --------------------------------------------------------------------------- likelihood of the choices
+
+def reply_nats(model: GPTModel, history: list[dict], reply_text: str) -> tuple[float, int]:
+    """The summed next-token loss of `reply_text` and <|end|> as the reply to `history`, and its token count:
+    the whole rendered conversation through the model at once, in float32."""
+    prompt = render_prompt(history)
+    ids = prompt + encode_content(reply_text) + [END_ID]
+    n = len(ids) - len(prompt)
+    with torch.no_grad():
+        logprobs = model(torch.tensor([ids[:-1]])).float().log_softmax(-1)[0, -n:]  # (n, V): the reply's tokens
+    return -logprobs.gather(1, torch.tensor(ids[-n:])[:, None]).sum().item(), n
+
+
+def test_choices_are_ranked_by_their_likelihood_after_the_whole_conversation():
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(vocab_size=CHAT_VOCAB_SIZE, context_length=64, emb_dim=16, n_heads=2, n_layers=1,
+                                 drop_rate=0.0)).eval()
+    choices = ["Eight.", "Nine", "Seven and a half", "Sixteen, or so they say"]
+    conversations = [MESSAGES, MESSAGES[1:3], [MESSAGES[0], *MESSAGES[3:]]]  # with a system prompt, earlier turns
+    direct = [[reply_nats(model, before_last_reply(m), c) for c in choices] for m in conversations]
+    def argmin(values):
+        return min(range(len(values)), key=values.__getitem__)
+    best = [argmin([nats for nats, _ in d]) for d in direct]
+    best_norm = [argmin([nats / n for nats, n in d]) for d in direct]
+    worst = [max(range(len(choices)), key=lambda k, d=d: d[k][0]) for d in direct]
+    records = [{"messages": m, "task": task, "answer": choices[k], "choices": choices}
+               for task, labels in (("best", best), ("norm", best_norm), ("worst", worst))
+               for m, k in zip(conversations, labels)]
+    records.insert(1, {"messages": MESSAGES, "task": "best", "answer": "Eight."})  # no choices: not ranked
+    tasks = choice_tasks(records, "val.jsonl")
+    assert [t.name for t in tasks] == ["best", "norm", "worst"] and [len(t.items) for t in tasks] == [3, 3, 3]
+    assert tasks[0].items[1].where == "val.jsonl line 3" and tasks[0].items[0].context == tuple(MESSAGES[:4])
+
+    scoring = mc.Scoring(mc.Prompts.for_model(chat=True), 64, 3 * 64, torch.device("cpu"))  # several batches
+    rows = [mc.item_rows(item, scoring.prompts, 64) for item in tasks[0].items]
+    for summed, expected in zip(mc.ending_losses(model, rows, scoring), direct):  # float32 on the CPU
+        assert summed[:, 0].tolist() == pytest.approx([nats for nats, _ in expected], rel=1e-5)
+        assert summed[:, 1].tolist() == [n for _, n in expected]
+    scores = rank_choices(model, tasks, scoring)
+    assert (scores["best"].acc, scores["norm"].acc_norm, scores["worst"].acc) == (1.0, 1.0, 0.0)
+    assert scores["best"].chance / scores["best"].items == pytest.approx(1 / len(choices))
+
+
 # --------------------------------------------------------------------------- runs: init_from, resume, chat, evaluate
 
 # The tests below share two tiny training runs (~15 s on a shared 2-core CPU): marked slow.
@@ -211,8 +356,8 @@ def runs(tmp_path_factory) -> SimpleNamespace:
     """A tiny text run, and a chat run fine-tuned from it on a small JSONL of conversations."""
     root = tmp_path_factory.mktemp("chat")
     records = [{"messages": [{"role": "user", "content": f"Add {a} and {b}."},
-                             {"role": "assistant", "content": str(a + b)}], "task": "sum", "answer": str(a + b)}
-               for a in range(10) for b in range(10)]
+                             {"role": "assistant", "content": str(a + b)}], "task": "sum", "answer": str(a + b),
+                "choices": [str(n) for n in range(19)]} for a in range(10) for b in range(10)]
     corpus = write_jsonl(root / "sums.jsonl", records)
     base, tuned = root / "base", root / "tuned"
     common = ["--config", "tiny.yaml", "--train.max_iters=2", "--sample.max_new_tokens=2",
@@ -297,6 +442,28 @@ def test_evaluate_reports_loss_accuracy_and_ended_for_base_and_tuned(runs, capsy
         assert 0 <= report[name]["ended"] <= 5
     assert report["base"]["reply_loss"] != report["fine-tuned"]["reply_loss"]  # two models, not one twice
     assert report["majority"]["sum"]["answer"].isdigit()
+    # the likelihood: every held-out question (20 at val_fraction 0.2), not the 5 replied to
+    for name in ("base", "fine-tuned"):
+        ranked = report[name]["likelihood"]["sum"]
+        assert ranked["items"] == 20 and ranked["chance"] == pytest.approx(1 / 19)
+        assert ranked["acc_interval"][0] <= ranked["acc"] <= ranked["acc_interval"][1]
+    assert report["choice_majority"]["sum"]["questions"] == 20
+
+
+@pytest.mark.slow
+def test_evaluate_prints_the_likelihood_beside_greedy_and_majority_per_task(runs, capsys):
+    assert evaluate.main(["--checkpoint", str(runs.tuned), "--replies", "5", "--max-new-tokens", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["base", "fine-tuned", "majority", "answer"]
+    assert "sum: 20 questions, 19 choices each, chance 5.3%" in lines
+    rows = {line.split("  ")[1].strip() if line.startswith("  ") else line: line for line in lines}
+    percent = r"\d+\.\d%"
+    interval = rf"{percent} \(\d+\.\d-\d+\.\d\)"
+    assert re.fullmatch(rf"  likelihood acc \(95% interval\) +{interval} +{interval} +{percent} \(\d+\)",
+                        rows["likelihood acc (95% interval)"])
+    assert re.fullmatch(rf"  likelihood acc_norm +{interval} +{interval}", rows["likelihood acc_norm"])
+    assert re.fullmatch(rf"  greedy reply \(5 asked\) +{percent} +{percent} +{percent} \(\d+\)",
+                        rows["greedy reply (5 asked)"])
 
 
 @pytest.mark.slow

@@ -100,6 +100,8 @@ def world(tmp_path_factory) -> SimpleNamespace:
     w.unknown_role = chat("unknown-role.jsonl", {"conversations": [{"from": "narrator", "value": "Once"}]})
     w.no_reply = chat("no-reply.jsonl", {"messages": [{"role": "user", "content": "Anyone?"}]})
     w.no_shape = chat("no-shape.jsonl", {"prompt": "Hi", "completion": "Hello."})
+    w.bad_choices = chat("bad-choices.jsonl", {**hello, "answer": "Hello.", "choices": ["Hello.", "Go away."]},
+                         {**hello, "answer": "Hello.", "choices": ["Hi.", "Go away."]})
     w.long_chats = chat("long-chats.jsonl", *[{"messages": [{"role": "user", "content": "word " * 40},
                                                              {"role": "assistant", "content": "Yes."}]}] * 10)
     w.spelt = chat("spelt.jsonl", *[{"messages": [{"role": "user", "content": "Say <|end|><|assistant|>"},
@@ -339,6 +341,9 @@ CASES = [
     ("record in no conversation shape", "chat", TRAIN, lambda w: chat_data(w, w.no_shape),
      r"no-shape.jsonl line 1 is not a conversation \(its fields: prompt, completion\); a chat record holds "
      r"messages \(OpenAI\), conversations \(ShareGPT\) or instruction/input/output \(Alpaca\)"),
+    ("an answer not among its choices", "chat", TRAIN, lambda w: chat_data(w, w.bad_choices),
+     r"bad-choices.jsonl line 2: the answer 'Hello.' is not among its 2 choices; add it to \"choices\" or correct "
+     r"the answer"),
     ("a chat corpus of plain text", "chat", TRAIN, lambda w: chat_data(w, w.short),
      r"short.txt is plain text; a chat corpus \(data.format: chat\) is JSONL, Parquet or hf: records"),
     ("conversations longer than any window", "chat", TRAIN, lambda w: chat_data(w, w.long_chats),

@@ -101,6 +101,12 @@ def test_a_chat_run_is_asked_the_context_and_answers_with_each_ending_and_its_en
     rows = mc.item_rows(Item("Which play?", ("Hamlet", "Henry IV"), 0), Prompts.for_model(chat=True), 64)
     prompt = render_prompt([{"role": "user", "content": "Which play?"}])
     assert rows[1] == (prompt + encode_content("Henry IV") + [END_ID], len(prompt))
+    # a whole conversation as the context: the system prompt and earlier turns rendered before the reply
+    history = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+               {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Which play?"})
+    rows = mc.item_rows(Item(history, ("Hamlet", "Henry IV"), 0), Prompts.for_model(chat=True), 64)
+    prompt = render_prompt(list(history))
+    assert rows[0] == (prompt + encode_content("Hamlet") + [END_ID], len(prompt))
 
 
 def reference_losses(logits_of, items: list[Item], prompts: Prompts, context: int) -> list[list[float]]:

@@ -10,9 +10,9 @@ line or row) and renders it with the chat template into three files per split:
 - `<split>.idx`: int64 offsets, conversation i being tokens [idx[i], idx[i+1]).
 
 The held-out split is the last `data.val_fraction` of the conversations (or all of
-`data.val_corpus`); its records are also kept in `val.jsonl`, which `gpt.tools.evaluate` asks the
-questions of. `meta.json` records the template, the counts, and how many answers of each
-checkable task the train split holds (the majority-answer baseline).
+`data.val_corpus`); its records are also kept in `val.jsonl` (the messages and `VAL_FIELDS`),
+which `gpt.tools.evaluate` asks the questions of. `meta.json` records the template, the counts,
+and how many answers of each checkable task the train split holds (the majority-answer baseline).
 
 Batches (`ChatWindows`): with `data.pack` (the default), as many conversations per window of
 `context_length` tokens as fit (best-fit), each attending only to itself, its positions counted
@@ -41,6 +41,8 @@ from gpt.tokenizer import EOT_ID
 
 SPLITS = ("train", "val")
 VAL_RECORDS = "val.jsonl"
+VAL_FIELDS = ("task", "answer", "choices")  # what val.jsonl keeps beside the messages; in meta.json, so that
+# files prepared before a field was kept are prepared again
 
 
 def chat_dir(cfg: DataConfig, source_name: str) -> Path:
@@ -54,7 +56,8 @@ def prepare_chat(cfg: DataConfig) -> Path:
     prepared = chat_dir(cfg, source.name)
     wanted = {"corpus": source.name, "source": source.fingerprint(), "tokenizer": "gpt2", "format": "chat",
               "template": TEMPLATE, "val_fraction": None if val_source else cfg.val_fraction,
-              "val_corpus": val_source.fingerprint() if val_source else None, "max_tokens": cfg.max_tokens}
+              "val_corpus": val_source.fingerprint() if val_source else None, "max_tokens": cfg.max_tokens,
+              "val_fields": list(VAL_FIELDS)}
     meta_path = prepared / "meta.json"
     if meta_path.is_file():
         try:
@@ -79,7 +82,7 @@ def prepare_chat(cfg: DataConfig) -> Path:
         counts = {split: _write_split(prepared, split, rows) for split, rows in (("train", train), ("val", val))}
         with open(prepared / f"{VAL_RECORDS}.tmp", "w", encoding="utf-8") as f:
             for messages, record in val:
-                extra = {k: record[k] for k in ("task", "answer") if k in record}
+                extra = {k: record[k] for k in VAL_FIELDS if k in record}
                 f.write(json.dumps({"messages": messages, **extra}) + "\n")
         os.replace(prepared / f"{VAL_RECORDS}.tmp", prepared / VAL_RECORDS)
         answers: dict[str, Counter] = {}

@@ -8,6 +8,15 @@
   answered greedily; a reply is right when it equals the answer (case, spaces and a final
   full stop aside). Beside it, the majority-answer baseline: the accuracy of always giving the
   answer the train split gives most often for that task;
+- likelihood: every held-out question that has `choices` (all of them, not the `--replies`
+  sample), as a multiple-choice item (`choice_tasks`): the conversation up to its last reply
+  (system prompt and earlier turns included) is the context and each choice a candidate reply
+  followed by `<|end|>`, ranked by the model's summed loss over the reply (acc) and its mean per
+  token (acc_norm), as `gpt.tools.multiple_choice` scores any task. Chance is the mean of
+  1 / choices. It credits what the model prefers among the candidates even where its greedy reply
+  is none of them (or not yet an answer at all, as the base model's). A conversation too long for
+  the context loses its first tokens, as any task's context does. The majority answer's accuracy
+  is given on these questions too;
 - ended: the share of greedy replies (to every asked conversation, checkable or not) that end
   with `<|end|>` within `limit` tokens.
 
@@ -28,6 +37,7 @@ from gpt.chat.template import reply
 from gpt.chat.data import VAL_RECORDS
 from gpt.errors import UserError
 from gpt.sampling import SampleConfig
+from gpt.tools.multiple_choice import Item, Scoring, Task, TaskScore, score_task
 
 REPLIES = 100  # held-out conversations replied to (--replies)
 REPLY_LIMIT = 64  # tokens a reply may take (--max-new-tokens): the longest shakespeare-chat reply fits
@@ -48,11 +58,55 @@ def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().rstrip(".!").strip().lower()
 
 
-def held_out(prepared: Path, count: int) -> list[dict]:
-    """The first `count` held-out records (their order is already shuffled)."""
+def held_out(prepared: Path, count: int | None = None) -> list[dict]:
+    """The first `count` held-out records (their order is already shuffled); all of them for None."""
     with open(prepared / VAL_RECORDS, encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     return records[:count]
+
+
+def task_of(record: dict) -> str:
+    """The task a record's question counts under ("answer" when it names none)."""
+    return str(record.get("task", "answer"))
+
+
+def before_last_reply(messages: list[dict]) -> list[dict]:
+    """The conversation up to its last assistant turn: what that reply answers."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last]
+
+
+def choice_tasks(records: list[dict], source: str) -> list[Task]:
+    """Per task, in the order tasks first appear, its records that have `choices` as a multiple-choice task.
+
+    An item's context is the conversation before the record's last reply, its endings the choices
+    and its label the answer's place among them (checked when the records were prepared:
+    `gpt.chat.template.check_choices`). `records` are `source`'s lines in order (an item's `where`)."""
+    items: dict[str, list[Item]] = {}
+    for number, record in enumerate(records, start=1):
+        if "choices" in record:
+            choices = tuple(record["choices"])
+            items.setdefault(task_of(record), []).append(Item(
+                tuple(before_last_reply(record["messages"])), choices, choices.index(record["answer"]),
+                f"{source} line {number}"))
+    return [Task(task, task_items, source) for task, task_items in items.items()]
+
+
+def rank_choices(model: nn.Module, tasks: list[Task], scoring: Scoring, label: str | None = None
+                 ) -> dict[str, TaskScore]:
+    """Each task's acc and acc_norm for `model`: its choices ranked by their likelihood as the reply.
+
+    `scoring.prompts` must be the chat run's (`Prompts.for_model(chat=True)`). With `label` (the
+    model's name), a line on stderr and a progress bar per task."""
+    return {task.name: score_task(model, task, scoring, announce=None if label is None else
+                                  f"{label}: ranking the choices of {len(task.items):,} {task.name} questions")
+            for task in tasks}
+
+
+def choice_counts(task: Task) -> str:
+    """How many choices the task's questions have: "38", or a range such as "7-22"."""
+    counts = {len(item.endings) for item in task.items}
+    return f"{min(counts)}" if len(counts) == 1 else f"{min(counts)}-{max(counts)}"
 
 
 @torch.no_grad()
@@ -61,17 +115,15 @@ def ask(model: nn.Module, records: list[dict], limit: int, device: torch.device)
     greedy = replace(SampleConfig(), temperature=0.0, max_new_tokens=limit)
     answers = Answers()
     for record in records:
-        messages = record["messages"]
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         try:
-            text, ended, _ = reply(model, messages[:last], greedy, device)
+            text, ended, _ = reply(model, before_last_reply(record["messages"]), greedy, device)
         except UserError:  # its system prompt alone leaves no room for a reply in this context
             answers.skipped += 1
             continue
         answers.asked += 1
         answers.ended += ended
         if "answer" in record:
-            task = str(record.get("task", "answer"))
+            task = task_of(record)
             answers.questions[task] += 1
             answers.right[task] += normalise(text) == normalise(str(record["answer"]))
     return answers
@@ -82,7 +134,7 @@ def majority(records: list[dict], train_answers: dict[str, dict[str, int]]) -> d
     result = {}
     for task, counts in train_answers.items():
         top = max(counts, key=counts.get)
-        hits = sum(1 for r in records if str(r.get("task", "answer")) == task and "answer" in r
+        hits = sum(1 for r in records if task_of(r) == task and "answer" in r
                    and normalise(str(r["answer"])) == normalise(top))
         result[task] = (top, hits)
     return result

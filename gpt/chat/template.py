@@ -4,7 +4,9 @@ A conversation is a list of messages `{"role": ..., "content": ...}`: an optiona
 message first, then `user` and `assistant` turns in alternation, at least one of them the
 assistant's. Three record shapes are read (`conversation_from_record`): OpenAI's `messages`,
 ShareGPT's `conversations` (`from`/`value`, `human`/`gpt`) and Alpaca's
-`instruction`/`input`/`output`.
+`instruction`/`input`/`output`. A record may also carry a `task`, an `answer` (the one right
+reply, for accuracy) and `choices` (the candidate answers, the right one among them, for
+likelihood scoring: `gpt.chat.scoring`); `check_choices` checks the last.
 
 The template (`TEMPLATE`, named `gpt-chat-1`) keeps GPT-2's BPE exact: its markers are token ids
 of their own in the padded rows of the vocabulary (50257..50260; the model's vocab_size becomes
@@ -80,6 +82,7 @@ def conversation_from_record(record: object, where: str) -> list[dict]:
         fields = ", ".join(list(record)[:10]) or "none"
         raise UserError(f"{where} is not a conversation (its fields: {fields}); a chat record holds {SHAPES}")
     check_conversation(messages, where)
+    check_choices(record, where)
     return messages
 
 
@@ -118,6 +121,33 @@ def check_conversation(messages: list[dict], where: str) -> None:
                             "conversation is [system], then user and assistant turns in alternation")
     if not any(m["role"] == "assistant" for m in turns):
         raise UserError(f"{where} has no assistant turn, so nothing to learn; give each conversation a reply")
+
+
+def check_choices(record: dict, where: str) -> None:
+    """A UserError unless a record's `choices`, if it has any, are 2 or more different texts, `answer` among them."""
+    if "choices" not in record:
+        return
+    choices = record["choices"]
+    if (not isinstance(choices, list) or len(choices) < 2
+            or not all(isinstance(c, str) and c.strip() for c in choices)):
+        raise UserError(f"{where}: \"choices\" must be a list of at least 2 non-empty texts, the candidate answers; "
+                        f"got {_short(choices)}")
+    seen = set()
+    for choice in choices:  # scored stripped (a reply's text): choices that differ in spaces only are one
+        if choice.strip() in seen:
+            raise UserError(f"{where}: \"choices\" holds {choice.strip()!r} twice; give each candidate once")
+        seen.add(choice.strip())
+    if "answer" not in record:
+        raise UserError(f"{where} has \"choices\" but no \"answer\"; give the right one of them as \"answer\"")
+    if record["answer"] not in choices:
+        raise UserError(f"{where}: the answer {_short(record['answer'])} is not among its {len(choices)} choices; "
+                        "add it to \"choices\" or correct the answer")
+
+
+def _short(value: object) -> str:
+    """`value` for an error line: its repr, cut at 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def spells_marker(messages: list[dict]) -> bool:

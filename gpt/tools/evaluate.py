@@ -1,7 +1,8 @@
 """Loss, perplexity and bits per byte over every window: `python -m gpt evaluate --checkpoint RUN`.
 
 With `--task`, the accuracy on a multiple-choice task instead (`evaluate_task`, which scores through
-`gpt.tools.multiple_choice`).
+`gpt.tools.multiple_choice`). On a chat run, its held-out conversations instead, for it and its
+base (`chat_figures`: what `gpt.chat.scoring` says; `chat_table` prints them).
 
 `score` is the one evaluation over every window of a token file: training's final figure
 (`train.whole_val_at_end`: `final_val_line`) and this command both call it. The windows are those training
@@ -35,6 +36,7 @@ import contextlib
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,8 +45,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from gpt.chat.data import load_chat_split, prepare_chat, read_meta
-from gpt.chat.scoring import REPLIES, REPLY_LIMIT, ask, held_out, majority, percent
+from gpt.chat.data import VAL_RECORDS, load_chat_split, prepare_chat, read_meta
+from gpt.chat.scoring import (REPLIES, REPLY_LIMIT, Answers, ask, choice_counts, choice_tasks, held_out, majority,
+                              percent, rank_choices)
 from gpt.chat.template import chat_model_from_state, check_template
 from gpt.checkpoint import checkpoint_path, load_checkpoint, model_from_state
 from gpt.config import TrainConfig, build_config, config_from_dict, parse_overrides
@@ -54,7 +57,7 @@ from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.gpt2.pretrained import (DEFAULT_RUN_CONFIG, build_model, default_checkpoint, is_pretrained_source,
                                  resolve_model_config)
 from gpt.resume import seed_everything
-from gpt.tools.multiple_choice import HELLASWAG, Prompts, Scoring, load_task, score_task, subset
+from gpt.tools.multiple_choice import HELLASWAG, Prompts, Scoring, TaskScore, load_task, score_task, subset
 from gpt.tools.next_words import NEXT_WORDS
 from gpt.model import IGNORE_INDEX, GPTModel, ModelConfig
 from gpt.precision import DTYPES, Precision, dtype_name, scoring_dtype
@@ -183,62 +186,147 @@ def scored_windows(data: DataConfig, given: set[str], corpus: str | None, contex
     return windows, f"the val split of {data.val_corpus or data.corpus}"
 
 
-def evaluate_chat(state: dict, path: Path, args, overrides: list[str], device: torch.device) -> None:
-    """Part of `main` for a chat run (its checkpoint `state`, read from `path`): loss on held-out replies,
-    accuracy and ended replies, for the run and for its base (`gpt.chat.scoring`)."""
-    if args.corpus:
-        raise UserError("--corpus scores text; a chat run is scored on its held-out conversations: leave it out")
+@dataclass
+class ChatFigures:
+    """What `chat_figures` measures on a chat run, per model: "base" (when there is one), then "fine-tuned"."""
+
+    data: str  # the corpus of the held-out conversations
+    conversations: int  # held-out conversations the loss is over
+    dtype: torch.dtype  # of the losses and the likelihoods
+    context: int  # the model's context_length
+    max_new_tokens: int  # the length limit of a greedy reply
+    checkpoints: dict[str, str]  # per model: where its weights came from
+    loss: dict[str, Score]  # per model: the loss on the held-out replies
+    answers: dict[str, Answers]  # per model: its greedy replies to the first `--replies` held-out conversations
+    likelihood: dict[str, dict[str, TaskScore]]  # per model and task: every question with choices, ranked
+    choices: dict[str, str]  # per task with choices: how many its questions have ("38", "7-22")
+    majority: dict[str, tuple[str, int]]  # per task: the train split's commonest answer, right on how many
+    # of the replied-to questions
+    choice_majority: dict[str, tuple[str, int]]  # the same on the questions with choices
+    note: str | None = None  # why there are no base figures, when there are none
+
+
+def chat_figures(path: Path, device: torch.device, overrides: Sequence[str] = (), replies: int = REPLIES,
+                 max_new_tokens: int = REPLY_LIMIT, dtype: str = "comparable", state: dict | None = None
+                 ) -> ChatFigures:
+    """Loss on the held-out replies, greedy accuracy, ended replies and likelihood accuracy on the questions
+    with choices, for the chat run at `path` (a checkpoint file) and for its base (`gpt.chat.scoring`).
+
+    `overrides` are `--data.key=value` settings, `dtype` as `--dtype`; `state` is the checkpoint if it is
+    already read. Progress goes to stderr."""
+    state = load_checkpoint(path) if state is None else state
     model, config = chat_model_from_state(state, path, device)
-    data, _ = data_config(config.data, overrides, str(path))
+    data, _ = data_config(config.data, list(overrides), str(path))
     context = model.cfg.context_length
     with contextlib.redirect_stdout(sys.stderr):
         prepared = prepare_chat(data)
     windows = load_chat_split(prepared, "val", context, data.pack)
-    records = held_out(prepared, args.replies)
+    records = held_out(prepared)
+    asked = records[:replies]
+    tasks = choice_tasks(records, str(prepared / VAL_RECORDS))
     train_answers = read_meta(prepared).get("train_answers", {})
     models = {"fine-tuned": (model, str(path))}
-    base_note = None
+    note = None
     if config.model.init_from == "scratch":
-        base_note = "no base: the run started from scratch"
+        note = "no base: the run started from scratch"
     else:
         try:
             models = {"base": (build_model(config.model).to(device).eval(), config.model.init_from), **models}
         except UserError as e:
-            base_note = f"no base figures: {e}"
-    precision = Precision(scoring_dtype(args.dtype, config.train.dtype, device), device)  # as for text
+            note = f"no base figures: {e}"
+    precision = Precision(scoring_dtype(dtype, config.train.dtype, device), device)  # as for text
+    # the likelihoods as any task's are scored: an eval batch's tokens a batch, compiled where training is
+    scoring = Scoring(Prompts.for_model(chat=True), context, data.batch_size * context, device, precision,
+                      config.train.compile)
+    ranked = sum(len(task.items) for task in tasks)
     print(f"scoring {', '.join(f'{name} {where}' for name, (_, where) in models.items())} on the "
-          f"{windows.conversations:,} held-out conversations of {data.val_corpus or data.corpus}; {len(records):,} "
-          f"replied to (greedy, at most {args.max_new_tokens} tokens); losses in {dtype_name(precision.dtype)}",
-          file=sys.stderr)
-    results = {}
-    for name, (m, where) in models.items():
-        loss = score(compile_model(m, config.train.compile, device), eval_loader(windows, data.batch_size, None),
-                     device, precision)
-        answers = ask(m, records, args.max_new_tokens, device)
-        results[name] = {"checkpoint": where, "reply_loss": loss.loss, "reply_tokens": loss.tokens,
-                         "right": dict(answers.right), "questions": dict(answers.questions),
-                         "ended": answers.ended, "replies": answers.asked, "skipped": answers.skipped}
-    questions, replies, skipped = (results["fine-tuned"][k] for k in ("questions", "replies", "skipped"))
-    baseline = majority(records, train_answers)
+          f"{windows.conversations:,} held-out conversations of {data.val_corpus or data.corpus}; {len(asked):,} "
+          f"replied to (greedy, at most {max_new_tokens} tokens); {ranked:,} questions' choices ranked by "
+          f"likelihood; in {dtype_name(precision.dtype)}", file=sys.stderr)
+    loss, answers, likelihood = {}, {}, {}
+    for name, (m, _) in models.items():
+        loss[name] = score(compile_model(m, config.train.compile, device), eval_loader(windows, data.batch_size, None),
+                           device, precision)
+        answers[name] = ask(m, asked, max_new_tokens, device)
+        likelihood[name] = rank_choices(m, tasks, scoring, name)
+    with_choices = [r for r in records if "choices" in r]
+    return ChatFigures(data.val_corpus or data.corpus, windows.conversations, precision.dtype, context, max_new_tokens,
+                       {name: where for name, (_, where) in models.items()}, loss, answers, likelihood,
+                       {task.name: choice_counts(task) for task in tasks}, majority(asked, train_answers),
+                       majority(with_choices, train_answers), note)
+
+
+def chat_json(figures: ChatFigures) -> dict:
+    """What `--json` prints for a chat run."""
+    models = {name: {"checkpoint": figures.checkpoints[name], "reply_loss": figures.loss[name].loss,
+                     "reply_tokens": figures.loss[name].tokens, "right": dict(answers.right),
+                     "questions": dict(answers.questions), "ended": answers.ended, "replies": answers.asked,
+                     "skipped": answers.skipped,
+                     "likelihood": {task: scored.figures() for task, scored in figures.likelihood[name].items()}}
+              for name, answers in figures.answers.items()}
+    tuned = figures.likelihood["fine-tuned"]
+    return {"data": figures.data, "conversations": figures.conversations, "max_new_tokens": figures.max_new_tokens,
+            "dtype": dtype_name(figures.dtype), **models,
+            "majority": {t: {"answer": a, "right": hits} for t, (a, hits) in figures.majority.items()},
+            "choice_majority": {t: {"answer": a, "right": hits, "questions": tuned[t].items}
+                                for t, (a, hits) in figures.choice_majority.items() if t in tuned}}
+
+
+def chat_table(figures: ChatFigures) -> list[str]:
+    """The lines `python -m gpt evaluate` prints for a chat run: a column per model, then the majority answer.
+
+    Per task: its questions with choices (how many, how many choices, chance), their likelihood acc
+    and acc_norm with 95% intervals, then the greedy replies' accuracy on the asked ones."""
+    names = list(figures.loss)
+    label_width, width = 36, 20
+
+    def row(label: str, cells: list[str], majority: tuple[str, int] | None = None, count: int = 0) -> str:
+        line = f"{label:{label_width}}" + "".join(f"{cell:>{width}}" for cell in cells)
+        if majority is not None:
+            line += f"   {percent(majority[1], count)} ({majority[0]})"
+        return line
+
+    def interval(scored: TaskScore, right: int) -> str:
+        low, high = scored.interval(right)
+        return f"{100 * right / scored.items:.1f}% ({100 * low:.1f}-{100 * high:.1f})"
+
+    tuned = figures.answers["fine-tuned"]
+    lines = [row("", names) + "   majority answer",
+             row("loss on held-out replies (nats)", [f"{figures.loss[n].loss:.4f}" for n in names]),
+             row(f"ended with <|end|> ({tuned.asked} replies)", [percent(figures.answers[n].ended, tuned.asked)
+                                                                 for n in names])]
+    ranked = figures.likelihood["fine-tuned"]
+    for task in [*ranked, *(t for t in tuned.questions if t not in ranked)]:
+        if task in ranked:
+            first = ranked[task]
+            lines.append(f"{task}: {first.items:,} questions, {figures.choices[task]} choices each, chance "
+                         f"{100 * first.chance / first.items:.1f}%")
+            scores = [figures.likelihood[n][task] for n in names]
+            lines.append(row("  likelihood acc (95% interval)", [interval(s, s.right) for s in scores],
+                             figures.choice_majority.get(task, ("-", 0)), first.items))
+            lines.append(row("  likelihood acc_norm", [interval(s, s.right_norm) for s in scores]))
+        else:
+            lines.append(f"{task}: no choices")
+        asked = tuned.questions.get(task, 0)
+        lines.append(row(f"  greedy reply ({asked} asked)", [percent(figures.answers[n].right.get(task, 0), asked)
+                                                             for n in names], figures.majority.get(task, ("-", 0)), asked))
+    if tuned.skipped:
+        lines.append(f"{tuned.skipped} held-out conversation(s) not asked: the system prompt leaves no room for a "
+                     f"reply in a context of {figures.context}")
+    if figures.note:
+        lines.append(figures.note)
+    return lines
+
+
+def evaluate_chat(state: dict, path: Path, args, overrides: list[str], device: torch.device) -> None:
+    """Part of `main` for a chat run (its checkpoint `state`, read from `path`): `chat_figures`, printed."""
+    if args.corpus:
+        raise UserError("--corpus scores text; a chat run is scored on its held-out conversations: leave it out")
+    figures = chat_figures(path, device, overrides, args.replies, args.max_new_tokens, args.dtype, state)
     if args.json:
-        print(json.dumps({"data": data.val_corpus or data.corpus, "max_new_tokens": args.max_new_tokens,
-                          **results, "majority": {t: {"answer": a, "right": hits} for t, (a, hits) in baseline.items()}}))
-        return
-    names = list(results)
-    print(f"{'':34}" + "".join(f"{n:>12}" for n in names) + "   majority answer")
-    print(f"{'loss on held-out replies (nats)':34}" + "".join(f"{results[n]['reply_loss']:>12.4f}" for n in names))
-    for task, count in questions.items():
-        answer, hits = baseline.get(task, ("-", 0))
-        label = f"{task} accuracy ({count} questions)"
-        print(f"{label:34}" + "".join(f"{percent(results[n]['right'].get(task, 0), count):>12}" for n in names)
-              + f"   {percent(hits, count)} ({answer})")
-    label = f"ended with <|end|> ({replies} replies)"
-    print(f"{label:34}" + "".join(f"{percent(results[n]['ended'], replies):>12}" for n in names))
-    if skipped:
-        print(f"{skipped} held-out conversation(s) not asked: the system prompt leaves no room for a reply "
-              f"in a context of {context}")
-    if base_note:
-        print(base_note)
+        print(json.dumps(chat_json(figures)))
+    else:
+        print("\n".join(chat_table(figures)))
 
 
 def evaluate_task(location: str, args, overrides: list[str], device: torch.device) -> None:
@@ -300,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                         "before its first step (its seed; random weights, or those it started from)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     parser.add_argument("--replies", type=int, default=REPLIES, help="a chat run: held-out conversations to "
-                        "reply to, for accuracy and ended replies")
+                        "reply to greedily, for accuracy and ended replies (the likelihood ranks every question "
+                        "with choices)")
     parser.add_argument("--max-new-tokens", type=int, default=REPLY_LIMIT, help="a chat run: the length limit "
                         "of a reply")
     parser.add_argument("--device", default="auto", help="auto, cpu, mps or cuda[:N]")

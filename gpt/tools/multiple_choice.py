@@ -16,6 +16,9 @@ The ending follows its context with one space between them unless either side al
 whitespace there (HellaSwag's contexts end in a word and its endings start with one). A chat-tuned
 run is asked as it is talked to: the context is a user turn, each ending the assistant's reply
 followed by `<|end|>`, so that an ending which is only the start of another scores as unfinished.
+An item's context may also be a whole conversation (its messages, a system prompt and earlier
+turns included), rendered with the chat template up to the reply: `gpt.chat.scoring` asks a chat
+run's held-out questions this way.
 
 Scoring (`score_task`) puts the endings of several items in one padded batch: items are sorted by
 length, and a batch holds as many whole items as fit in the token budget of an eval batch
@@ -69,7 +72,7 @@ Z95 = 1.959964  # the normal quantile of a two-sided 95% interval
 
 @dataclass(frozen=True)
 class Item:
-    context: str
+    context: str | tuple[dict, ...]  # a text; for a chat run, also a conversation's messages before the reply
     endings: tuple[str, ...]
     label: int  # the index of the right ending
     where: str = field(default="an item", compare=False)  # what an error calls it: the file and line
@@ -189,7 +192,7 @@ def subset(task: Task, limit: int | None) -> Task:
 
 @dataclass(frozen=True)
 class Prompts:
-    """How items become token ids: plain text, or a chat run's user turn and assistant reply."""
+    """How items become token ids: plain text, or a chat run's user turn (or conversation) and assistant reply."""
 
     encode_context: Callable[[str], list[int]]
     encode_ending: Callable[[str, str], list[int]]  # (context, ending) -> the ending's ids
@@ -202,7 +205,9 @@ class Prompts:
                 joined = text if context[-1:].isspace() or text[:1].isspace() else " " + text
                 return enc.encode_ordinary(joined)
             return Prompts(enc.encode_ordinary, ending)
-        return Prompts(lambda context: render_prompt([{"role": "user", "content": context}]),
+        def conversation(context: str | tuple[dict, ...]) -> list[dict]:  # a text is one user turn
+            return [{"role": "user", "content": context}] if isinstance(context, str) else list(context)
+        return Prompts(lambda context: render_prompt(conversation(context)),
                        lambda context, text: encode_content(text.strip()) + [END_ID])
 
 
