@@ -57,7 +57,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_a_trained_run_round_trips(tiny_run, tmp_path, capsys):
-    from gpt.checkpoint import load_model
+    from gpt.gpt2.pretrained import load_model
     out = tmp_path / "hf"
     assert export.main([str(tiny_run), str(out)]) == 0
     assert f"to {out}" in capsys.readouterr().out

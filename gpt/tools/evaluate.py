@@ -46,13 +46,13 @@ from tqdm import tqdm
 from gpt.chat.data import load_chat_split, prepare_chat, read_meta
 from gpt.chat.scoring import REPLIES, REPLY_LIMIT, ask, held_out, majority, percent
 from gpt.chat.template import chat_model_from_state, check_template
-from gpt.checkpoint import checkpoint_path, load_checkpoint, model_from_state
+from gpt.checkpoint import checkpoint_path, load_checkpoint
 from gpt.config import TrainConfig, build_config, config_from_dict, parse_overrides
 from gpt.data import DataConfig, TokenWindows, eval_loader, load_split, prepare, prepare_whole
 from gpt.distributed import SINGLE, Distributed
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.gpt2.pretrained import (DEFAULT_RUN_CONFIG, build_model, default_checkpoint, is_pretrained_source,
-                                 resolve_model_config)
+                                 model_from_state, resolve_model_config)
 from gpt.resume import seed_everything
 from gpt.tools.multiple_choice import HELLASWAG, Prompts, Scoring, load_task, score_task, subset
 from gpt.tools.next_words import NEXT_WORDS
