@@ -169,7 +169,8 @@ def _apply(section: object, section_name: str, values: dict, source: str) -> Non
     hints = typing.get_type_hints(type(section))
     for key, value in values.items():
         if key not in hints:
-            close = difflib.get_close_matches(str(key), hints, n=1)
+            # A near miss only (n_layer, max_iter): at difflib's default 0.6, lr would suggest lora.
+            close = difflib.get_close_matches(str(key), hints, n=1, cutoff=0.7)
             hint = f"; did you mean {section_name}.{close[0]}?" if close else (
                 f"; known keys: {', '.join(hints)}")
             raise UserError(f"unknown key {section_name}.{key} in {source}{hint}")

@@ -4,7 +4,7 @@
 `LoRALinear`: y = W x + b + (alpha / rank) * B A dropout(x), with W and b frozen, A (rank, in)
 random as nn.Linear's own (Kaiming-uniform) initialisation, as the paper, litgpt and peft start it,
 and B (out, rank) zero, so that before the first step the model is its base exactly. Only A and B
-train: for GPT-2 medium at rank 8 on every linear, 6.3M parameters of 355M.
+train: for GPT-2 medium at rank 8 on every linear, 3.5M parameters of 357M.
 
 A chat fine-tune (`gpt.chat.template`) adds its marker tokens to the vocabulary; a base that lacks
 them has no rows to freeze for them. Those rows are a small trainable parameter (`NewTokenRows`),

@@ -22,6 +22,10 @@ checkpoint taken after it or not makes no difference. On a CPU, a run killed wit
 way and resumed ends with weights bit-identical to one that never stopped
 (`tests/test_resume.py` checks it with real kills).
 
+A LoRA run (`gpt.lora`) stores its adapters as the weights (`gpt.checkpoint.model_weights`) and
+rebuilds its base from `model.init_from`, checked against the checkpoint's record of it; a resume
+with other `train.lora` settings is refused (`check_resumable`).
+
 Everything is stored as tensors, numbers, strings, lists and dicts, so
 `torch.load(..., weights_only=True)` reads it back. `RunCheckpoints` is what the loop saves to
 and restores from: a run folder's latest.pt and best.pt; it also turns a stop the loop raises (a
