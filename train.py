@@ -21,7 +21,8 @@ from gpt.distributed import (
     Distributed, batch_line, environment_place, environment_rank, launched_by_torchrun, plural, start,
 )
 from gpt.errors import ArgumentParser, UserError, run_cli
-from gpt.gpt2.pretrained import build_model, resolve_model_config
+from gpt.gpt2.pretrained import build_model, lora_model, refuse_random_base, resolve_model_config
+from gpt.lora import LORA_BASE, adapters_line
 from gpt.metrics import RunLog
 from gpt.model import GPTModel
 from gpt.precision import precision_line
@@ -56,14 +57,17 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
     # A pretrained init_from brings its architecture (context_length included) with its weights;
     # resolved first, so a resume compares the architecture it will really build.
     cfg.model = resolve_model_config(cfg.model, cfg.given_keys.get("model", ()))
+    base_vocab = cfg.model.vocab_size  # the weights' own; a chat run's new token rows come after
     if chat:  # the template's markers are token ids of their own (gpt.chat.template)
         cfg.model = chat_model_config(cfg.model)
+    if cfg.train.lora is not None:
+        refuse_random_base(cfg.model)
     resumed = open_checkpoint(cfg, resume, overwrite, say)
     setup_device(device)
     seed_everything(cfg.train.seed)
     data = load_data(cfg, dist, device, say)
-    # Resuming loads the run's own weights: no need to read GPT-2's again first.
-    model = (GPTModel(cfg.model) if resumed is not None else build_model(cfg.model)).to(device)
+    model, extras = run_model(cfg, resumed, range(base_vocab, cfg.model.vocab_size))
+    model = model.to(device)
     if dist.rank:  # the same weights everywhere (DDP also copies rank 0's), other dropout masks
         seed_everything(rank_seed(cfg.train.seed, dist.rank))
     processes = f" x {plural(dist.world_size, 'process', 'processes')}" if dist.launched else ""
@@ -71,8 +75,11 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
         f"{len(data.batches.dataset):,} train windows")
     say(batch_line(cfg.data.batch_size, cfg.train.grad_accum_steps, cfg.model.context_length, dist))
     say(f"precision: {precision_line(cfg.train.dtype, device)}")
+    if cfg.train.lora is not None:
+        say(adapters_line(model, cfg.train.lora))
 
-    extras = {"chat_template": TEMPLATE} if chat else {}  # what the checkpoints record beside the run
+    if chat:  # what the checkpoints record beside the run (with a LoRA run's base)
+        extras["chat_template"] = TEMPLATE
     checkpoints = RunCheckpoints(cfg, model, data.batches, dist, resumed, extras)
     checkpoints.make_folder(overwrite)
     tokens_per_step = cfg.data.batch_size * cfg.model.context_length * cfg.train.grad_accum_steps
@@ -97,6 +104,19 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
         print(plot_after_training(cfg.train.out_dir))
         print_sample(model, cfg, device)
     return 0
+
+
+def run_model(cfg: Config, resumed: tuple[Path, dict] | None, new_rows: range) -> tuple[GPTModel, dict]:
+    """The model to train, on the CPU, and what its checkpoints record of it beyond the weights.
+
+    Full training: init_from's weights (or random ones); resumed, an empty model that the checkpoint
+    fills, with no need to read GPT-2's first. With train.lora: the frozen base and fresh adapters (and
+    trainable `new_rows`), the base checked against a resumed run's record of it (`lora_model`).
+    """
+    if cfg.train.lora is None:
+        return (GPTModel(cfg.model) if resumed is not None else build_model(cfg.model)), {}
+    model, base = lora_model(cfg, new_rows, resumed)
+    return model, {LORA_BASE: base}
 
 
 def open_checkpoint(cfg: Config, resume: bool, overwrite: bool, say=print) -> tuple[Path, dict] | None:

@@ -156,10 +156,12 @@ class CausalAttention(nn.Module):
         in backward one for x's gradient. Stacking copies the weights at every call, which pays
         where `x` has more rows than the stack (training, evaluation), not where a few tokens are
         decoded at a time and reading the weights is the whole cost. The explicit path keeps the
-        chapter's three projections.
+        chapter's three projections, and so does a projection that is not a plain nn.Linear (a LoRA
+        adapter, `gpt.lora`), whose own forward stacking its weight would bypass.
         """
         shape = (*x.shape[:2], self.num_heads, self.head_dim)  # (B, T, n_heads, head_dim)
-        if self.impl == "sdpa" and x.shape[0] * x.shape[1] > 3 * self.d_out:
+        plain = all(type(w) is nn.Linear for w in (self.W_query, self.W_key, self.W_value))
+        if self.impl == "sdpa" and plain and x.shape[0] * x.shape[1] > 3 * self.d_out:
             weight = torch.cat([self.W_query.weight, self.W_key.weight, self.W_value.weight])  # (3 d_out, d_in)
             bias = (None if self.W_query.bias is None else
                     torch.cat([self.W_query.bias, self.W_key.bias, self.W_value.bias]))

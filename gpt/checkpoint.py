@@ -12,6 +12,9 @@ Both are plain dicts. The model's `state_dict` always comes from the un-compiled
 file beside it, flushed and fsynced, then moved into place with `os.replace`, so a crash or a
 kill at any moment leaves the previous checkpoint whole. Files are read with
 `torch.load(..., weights_only=True)`, which refuses to run code hidden in a pickle.
+
+A LoRA run's checkpoints hold its adapters, not its base (`model_weights`); the model a run's
+checkpoint describes is therefore built where base weights are read, `gpt.gpt2.pretrained.load_model`.
 """
 
 import os
@@ -22,9 +25,8 @@ from pathlib import Path
 
 import torch
 
-from gpt.config import Config, config_from_dict
 from gpt.errors import UserError
-from gpt.model import GPTModel
+from gpt.lora import is_adapted, load_trainable_state, trainable_state
 
 LATEST_NAME = "latest.pt"
 BEST_NAME = "best.pt"
@@ -115,30 +117,24 @@ def _unreadable(path: Path, e: Exception) -> UserError:
                      "another checkpoint or train again")
 
 
+def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint holds: the model's whole `state_dict`, or for a LoRA model (`gpt.lora`)
+    only what trains, its adapters and new token rows (the base is named beside them, not copied)."""
+    return trainable_state(model) if is_adapted(model) else model.state_dict()
+
+
 def load_weights(model: torch.nn.Module, weights: dict, path: Path) -> None:
-    """Copy a checkpoint's weights into `model`; a UserError if they do not fit it."""
+    """Copy a checkpoint's weights (`model_weights`) into `model`; a UserError if they do not fit it."""
     try:
-        model.load_state_dict(weights)
+        if is_adapted(model):
+            load_trainable_state(model, weights)
+        else:
+            model.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as e:
         lines = [line.strip() for line in str(e).strip().splitlines()] or [type(e).__name__]
         detail = lines[1] if len(lines) > 1 else lines[0]  # the first specific mismatch
         raise UserError(f"the weights in {path} do not fit the model its config describes ({detail[:200]}); "
                         "the file was damaged or edited: use another checkpoint") from None
-
-
-def load_model(location: str | Path, device: str | torch.device = "cpu") -> tuple[GPTModel, Config]:
-    """The trained model (in eval mode, on `device`) and its config, from a run dir or file."""
-    path = checkpoint_path(location)
-    # read on the CPU: the optimizer state need not reach the device
-    return model_from_state(load_checkpoint(path), path, device)
-
-
-def model_from_state(state: dict, path: Path, device: str | torch.device = "cpu") -> tuple[GPTModel, Config]:
-    """The model (in eval mode, on `device`) and config of a checkpoint already read from `path`."""
-    config = config_from_dict(state["config"], source=str(path))
-    model = GPTModel(config.model)
-    load_weights(model, state["model"], path)
-    return model.to(device).eval(), config
 
 
 def config_differences(saved: dict, requested: dict, prefix: str) -> list[str]:

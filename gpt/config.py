@@ -11,6 +11,11 @@ Defaults live only in those dataclasses. A YAML file (read with `yaml.safe_load`
 differs from them, and the command line overrides single fields as `--section.field=value`.
 Loading is strict: an unknown section or key, or a value of the wrong type, is an error that
 names the key and where it came from, never silently ignored.
+
+A field may itself be a small dataclass, off when null (`train.lora`, a `gpt.lora.LoRAConfig`):
+YAML gives it as a mapping (`lora: {rank: 8}`), the command line one key at a time
+(`--train.lora.rank=8`), each layer setting its keys on what the layers before set, with the
+same checks; `--train.lora=null` turns it off.
 """
 
 import dataclasses
@@ -24,6 +29,7 @@ import yaml
 
 from gpt.data import DataConfig
 from gpt.errors import UserError
+from gpt.lora import LoRAConfig
 from gpt.model import ModelConfig
 from gpt.precision import DTYPES
 from gpt.sampling import SampleConfig
@@ -61,6 +67,7 @@ class TrainConfig:
     tensorboard: bool = False  # also log each evaluation to <out_dir>/tensorboard (gpt/metrics.py)
     eval_tasks: list[str] = field(default_factory=list)  # multiple-choice tasks scored at each evaluation: hellaswag, shakespeare-next-words or a JSONL file (gpt/tools/multiple_choice.py)
     eval_task_items: int | None = None  # score this fixed subset of each task's items; None: all of them
+    lora: LoRAConfig | None = None  # low-rank adapters on a frozen init_from model instead of full fine-tuning: gpt/lora.py
 
     def __post_init__(self):
         for name in ("max_iters", "eval_interval", "eval_iters", "grad_accum_steps"):
@@ -83,6 +90,11 @@ class TrainConfig:
             raise ValueError(f"train.compile must be true, false or auto, got {self.compile!r}")
         if self.eval_task_items is not None and self.eval_task_items < 1:
             raise ValueError(f"train.eval_task_items must be at least 1 (or null), got {self.eval_task_items}")
+        if self.lora is not None:
+            self.lora.__post_init__()
+            if self.optimizer == "muon":  # why not: gpt/lora.py
+                raise ValueError("train.lora trains its adapters with AdamW, and train.optimizer is muon (for "
+                                 "whole matrices); set train.optimizer: adamw")
 
 
 @dataclass
@@ -146,16 +158,33 @@ def _coerce(value: object, annotation: object, where: str) -> object:
     raise UserError(f"{where} must be {names}, got {value!r}")
 
 
+def _nested(annotation: object) -> type | None:
+    """The dataclass of a field typed `SomeConfig | None` (a section within the section), else None."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    return next((kind for kind in options if dataclasses.is_dataclass(kind)), None)
+
+
 def _apply(section: object, section_name: str, values: dict, source: str) -> None:
     """Set `values` on one section dataclass, checking each key and type."""
     hints = typing.get_type_hints(type(section))
     for key, value in values.items():
         if key not in hints:
-            close = difflib.get_close_matches(str(key), hints, n=1)
+            # A near miss only (n_layer, max_iter): at difflib's default 0.6, lr would suggest lora.
+            close = difflib.get_close_matches(str(key), hints, n=1, cutoff=0.7)
             hint = f"; did you mean {section_name}.{close[0]}?" if close else (
                 f"; known keys: {', '.join(hints)}")
             raise UserError(f"unknown key {section_name}.{key} in {source}{hint}")
-        setattr(section, key, _coerce(value, hints[key], f"{section_name}.{key} in {source}"))
+        nested = _nested(hints[key])
+        if nested is not None and value is not None:
+            if not isinstance(value, dict):
+                raise UserError(f"{section_name}.{key} in {source} must be a mapping of "
+                                f"{', '.join(typing.get_type_hints(nested))} (or null to turn it off), got {value!r}")
+            inner = getattr(section, key) or nested()  # on what earlier layers set, else the defaults
+            _apply(inner, f"{section_name}.{key}", value, source)
+            value = inner
+        else:
+            value = _coerce(value, hints[key], f"{section_name}.{key} in {source}")
+        setattr(section, key, value)
 
 
 def _check_sections(raw: object, source: str) -> dict:
@@ -196,15 +225,24 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise UserError(f"cannot read override {item!r}; write it as --section.key=value")
         if section not in SECTIONS:
             raise UserError(f"unknown section in override {item!r}; sections are {', '.join(SECTIONS)}")
-        hints = typing.get_type_hints(SECTIONS[section])
-        if hints.get(name) in (str, str | None) and text not in ("null", "~"):
+        *outer, field_name = name.split(".")  # --train.lora.rank: field rank of train's field lora
+        owner: object = SECTIONS[section]
+        for part in outer:
+            owner = _nested(typing.get_type_hints(owner).get(part)) if owner is not None else None
+        hints = typing.get_type_hints(owner) if owner is not None else {}
+        if hints.get(field_name) in (str, str | None) and text not in ("null", "~"):
             value: object = text  # strings stay as typed: --data.corpus=2024 is a path
         else:
             try:
                 value = yaml.safe_load(text)
             except yaml.YAMLError:
                 value = text
-        result.setdefault(section, {})[name] = value
+        values = result.setdefault(section, {})
+        for part in outer:
+            if not isinstance(values.get(part), dict):  # --train.lora.rank=8 after --train.lora=null: on again
+                values[part] = {}
+            values = values[part]
+        values[field_name] = value
     return result
 
 

@@ -22,6 +22,10 @@ checkpoint taken after it or not makes no difference. On a CPU, a run killed wit
 way and resumed ends with weights bit-identical to one that never stopped
 (`tests/test_resume.py` checks it with real kills).
 
+A LoRA run (`gpt.lora`) stores its adapters as the weights (`gpt.checkpoint.model_weights`) and
+rebuilds its base from `model.init_from`, checked against the checkpoint's record of it; a resume
+with other `train.lora` settings is refused (`check_resumable`).
+
 Everything is stored as tensors, numbers, strings, lists and dicts, so
 `torch.load(..., weights_only=True)` reads it back. `RunCheckpoints` is what the loop saves to
 and restores from: a run folder's latest.pt and best.pt; it also turns a stop the loop raises (a
@@ -42,7 +46,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt.checkpoint import BEST_NAME, LATEST_NAME, config_differences, load_weights, run_checkpoints, save_checkpoint
+from gpt.checkpoint import (BEST_NAME, LATEST_NAME, config_differences, load_weights, model_weights, run_checkpoints,
+                            save_checkpoint)
 from gpt.config import Config, config_from_dict, config_to_dict
 from gpt.data import TrainBatches
 from gpt.distributed import SINGLE, Distributed, plural
@@ -110,7 +115,7 @@ def training_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     """
     rank_rngs = rank_rngs or [rng_state()]
     return {
-        "model": model.state_dict(),
+        "model": model_weights(model),  # a LoRA run's: its adapters only
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "config": config_to_dict(cfg),
@@ -124,7 +129,7 @@ def training_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer
 
 def best_checkpoint(model: torch.nn.Module, state: TrainState, cfg: Config) -> dict:
     """What best.pt holds: the weights, the config and the losses, for sampling."""
-    return {"model": model.state_dict(), "config": config_to_dict(cfg), **dataclasses.asdict(state)}
+    return {"model": model_weights(model), "config": config_to_dict(cfg), **dataclasses.asdict(state)}
 
 
 def checkpoint_to_resume(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:
@@ -158,6 +163,12 @@ def check_resumable(checkpoint: dict, path: Path, cfg: Config) -> list[str]:
         raise UserError(f"{path} holds another model than the config asks for "
                         f"({'; '.join(model_changes)}); resume with the checkpoint's model settings, "
                         "or start a new run with --overwrite or another train.out_dir")
+    if saved["train"]["lora"] != requested["train"]["lora"]:  # other adapters: the saved ones fit no longer
+        def lora(values: dict | None) -> str:
+            return "none (full fine-tuning)" if values is None else ", ".join(f"{k} {v}" for k, v in values.items())
+        raise UserError(f"{path} was trained with train.lora {lora(saved['train']['lora'])} and the config asks for "
+                        f"{lora(requested['train']['lora'])}; resume with the run's train.lora, or start a new run "
+                        "with --overwrite or another train.out_dir")
     saved_optimizer = saved_optimizer_name(checkpoint)
     if saved_optimizer != cfg.train.optimizer:
         raise UserError(f"{path} was trained with train.optimizer {saved_optimizer} and the config asks for "

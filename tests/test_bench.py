@@ -79,10 +79,34 @@ def test_memory_bench_measures_less_with_activation_checkpointing(capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     # off|on, peak, before training, training (GiB)
-    rows = dict(re.findall(r"^(off|on) +[\d.]+ G +[\d.]+ G +([\d.]+) G$", out, re.MULTILINE))
+    rows = dict(re.findall(r"^(off|on) +[\d.]+ G +[\d.]+ G +([\d.]+) G ", out, re.MULTILINE))
     assert set(rows) == {"off", "on"}, out
     assert 0 < float(rows["on"]) < 0.8 * float(rows["off"]), out  # training's own peak memory
     assert "peak resident (RSS)" in out and re.search(r"^on / off +[\d.]+x", out, re.MULTILINE)
+
+
+@pytest.mark.slow
+def test_memory_bench_compares_full_fine_tuning_with_lora(capsys):
+    """On random weights of the config's shape: LoRA trains a small fraction of the parameters, and its
+    optimizer state and gradients are as small, so training's own peak memory is lower."""
+    code = bench.main(["memory", "--config", "tiny.yaml", "--compare", "lora", "--train.optimizer=adamw",
+                       "--model.emb_dim=256", "--model.n_heads=4", "--model.n_layers=4", "--steps", "2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    # full|lora, peak, before training, training (GiB), trainable (M), step (s)
+    rows = {name: (float(training), float(trainable)) for name, training, trainable in re.findall(
+        r"^(full|lora) +[\d.]+ G +[\d.]+ G +([\d.]+) G +([\d.]+)M +[\d.]+s$", out, re.MULTILINE)}
+    assert set(rows) == {"full", "lora"}, out
+    assert rows["lora"][1] < 0.05 * rows["full"][1], out  # rank 8 on every linear of 4 blocks 256 wide: ~1%
+    assert rows["lora"][0] < rows["full"][0], out
+    assert "LoRA rank 8, alpha 16 on attention, mlp" in out and re.search(r"^lora / full +[\d.]+x", out, re.MULTILINE)
+
+
+def test_memory_bench_of_lora_with_muon_is_one_line(capsys):
+    assert bench.main(["memory", "--config", "tiny.yaml", "--compare", "lora"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --compare lora: LoRA trains with AdamW and train.optimizer is muon; add "
+                   "--train.optimizer=adamw so that both settings use it")
 
 
 def test_bench_bad_variant_is_one_line_error(capsys):

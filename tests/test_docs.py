@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDES = ["install.md", "training.md", "data.md", "gpus.md", "generating.md", "chat.md",
-          "evaluation.md", "gpt2.md", "performance.md", "bad-input.md"]
+          "evaluation.md", "gpt2.md", "lora.md", "performance.md", "bad-input.md"]
 README_MAX_LINES = 260
 
 FENCE = re.compile(r"^\s*(```|~~~)")

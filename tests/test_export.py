@@ -57,7 +57,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_a_trained_run_round_trips(tiny_run, tmp_path, capsys):
-    from gpt.checkpoint import load_model
+    from gpt.gpt2.pretrained import load_model
     out = tmp_path / "hf"
     assert export.main([str(tiny_run), str(out)]) == 0
     assert f"to {out}" in capsys.readouterr().out
@@ -71,6 +71,24 @@ def test_a_trained_run_round_trips(tiny_run, tmp_path, capsys):
     from gpt.tokenizer import get_tokenizer
     text = "To be, or not to be: that is the question.<|endoftext|>"
     assert tokenizer(text)["input_ids"] == get_tokenizer().encode(text, allowed_special="all")
+
+
+@pytest.mark.slow
+def test_a_lora_run_exports_with_its_adapters_merged(tiny_run, tmp_path):
+    """A LoRA run's checkpoint holds adapters only; its export is a whole GPT-2: the base with them merged."""
+    from gpt.gpt2.pretrained import load_model
+    from gpt.lora import is_adapted
+    lora = tmp_path / "lora"
+    assert train.main(["--config", "tiny.yaml", f"--model.init_from={tiny_run}", f"--train.out_dir={lora}",
+                       "--train.max_iters=2", "--train.optimizer=adamw", "--train.learning_rate=3e-2",
+                       "--train.lora.rank=2", "--sample.max_new_tokens=1"]) == 0
+    assert export.main([str(lora), str(tmp_path / "hf")]) == 0
+    ours, base = load_model(lora)[0], load_model(tiny_run)[0]
+    assert not is_adapted(ours)
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(3))
+    assert max_difference(ours, theirs, idx) < 1e-5
+    assert max_difference(base, theirs, idx) > 1e-3  # the adapters are in it, not the bare base
 
 
 def test_export_refuses_to_overwrite_without_being_asked(tiny_run, tmp_path, capsys):

@@ -17,10 +17,11 @@ import torch
 import chat
 import generate
 import train
+from gpt.gpt2 import export
 from gpt.tools import attention_map, evaluate, multiple_choice
 from gpt.model import GPTModel
 
-TRAIN, GENERATE, ATTENTION_MAP, CHAT, EVALUATE = train, generate, attention_map, chat, evaluate
+TRAIN, GENERATE, ATTENTION_MAP, CHAT, EVALUATE, EXPORT = train, generate, attention_map, chat, evaluate, export
 
 
 class Payload:
@@ -116,7 +117,27 @@ def world(tmp_path_factory) -> SimpleNamespace:
     state = torch.load(w.chat_run / "latest.pt", weights_only=True)
     state["chat_template"] = {**state["chat_template"], "name": "gpt-chat-0"}
     torch.save(state, w.old_template_run / "latest.pt")
+
+    # LoRA runs tuned on copies of run/'s best.pt; then one base is changed and the other removed.
+    w.changed_base, w.gone_base = root / "changed-base", root / "gone-base"
+    for base in (w.changed_base, w.gone_base):
+        base.mkdir()
+        shutil.copy(w.run / "best.pt", base / "best.pt")
+    w.lora_run, w.lora_chat_run = root / "lora-run", root / "lora-chat-run"
+    assert train.main(lora(w, w.changed_base, w.lora_run)) == 0
+    assert train.main(lora(w, w.gone_base, w.lora_chat_run, "--data.format=chat", f"--data.corpus={w.chats}",
+                           f"--data.prepared_dir={root / 'prepared-chats'}", "--data.val_fraction=0.2")) == 0
+    state = torch.load(w.changed_base / "best.pt", weights_only=True)
+    state["model"]["final_norm.weight"][0] += 0.5
+    torch.save(state, w.changed_base / "best.pt")
+    shutil.rmtree(w.gone_base)
     return w
+
+
+def lora(w, base: Path, out: Path, *more) -> list[str]:
+    """A LoRA run of rank 2 tuned on the run in `base` (2 steps, unless `more` says otherwise)."""
+    return ["--config", "tiny.yaml", f"--model.init_from={base}", f"--train.out_dir={out}", "--train.max_iters=2",
+            "--train.optimizer=adamw", "--train.lora.rank=2", "--sample.max_new_tokens=1", *more]
 
 
 def torchrun_processes(count: int):
@@ -362,6 +383,38 @@ CASES = [
      r"'gpt-chat-1' \(data.format chat\); a run keeps its template"),
     ("chat with a run never chat-tuned", "chat", CHAT, lambda w: ["--checkpoint", str(w.run), "--prompt", "Hi"],
      r"run/best.pt was never chat-tuned \(its checkpoint has no chat template\); fine-tune it first"),
+    ("LoRA on a linear the model lacks", "lora", TRAIN,
+     lambda w: tiny(w, f"--model.init_from={w.run}", "--train.optimizer=adamw", "--train.lora.targets=[W_qry]"),
+     r"train.lora.targets names 'W_qry', which is not a linear of the model; give attention, mlp \(groups\) or "
+     r"W_query, W_key, W_value, out_proj, ff.fc, ff.proj"),
+    ("LoRA of rank 0", "lora", TRAIN,
+     lambda w: tiny(w, f"--model.init_from={w.run}", "--train.optimizer=adamw", "--train.lora.rank=0"),
+     r"train.lora.rank must be at least 1, got 0 \(in .*tiny.yaml and the command line\)"),
+    ("LoRA with Muon", "lora", TRAIN, lambda w: tiny(w, f"--model.init_from={w.run}", "--train.lora.rank=2"),
+     r"train.lora trains its adapters with AdamW, and train.optimizer is muon \(for whole matrices\); set "
+     r"train.optimizer: adamw"),
+    ("LoRA on random weights", "lora", TRAIN, lambda w: tiny(w, "--train.optimizer=adamw", "--train.lora.rank=2"),
+     r"train.lora tunes adapters on pretrained weights, and model.init_from is scratch \(random weights, which "
+     r"adapters cannot teach\); set model.init_from to gpt2, gpt2-medium, gpt2-large, gpt2-xl, a run folder or "
+     r"Hugging Face weights, or leave train.lora out to train every weight"),
+    ("--resume a LoRA run whose base changed", "lora", TRAIN,
+     lambda w: lora(w, w.changed_base, w.lora_run, "--resume", "--train.max_iters=4"),
+     r"lora-run/latest.pt holds LoRA adapters for model.init_from '.*changed-base' with weights of sha256 "
+     r"[0-9a-f]{12}\.\.\., and '.*changed-base' now has other weights \(sha256 [0-9a-f]{12}\.\.\.\); put back "
+     r"the weights the adapters were tuned on, or fine-tune again on these"),
+    ("--resume a LoRA run without train.lora", "lora", TRAIN,
+     lambda w: resume(w, w.lora_run, f"--model.init_from={w.changed_base}", "--train.max_iters=4"),
+     r"lora-run/latest.pt was trained with train.lora rank 2, alpha 16.0, dropout 0.05, targets \['attention', "
+     r"'mlp'\] and the config asks for none \(full fine-tuning\); resume with the run's train.lora"),
+    ("generate from a LoRA run whose base changed", "lora", GENERATE, lambda w: ["Hi", "--checkpoint", str(w.lora_run)],
+     r"lora-run/best.pt holds LoRA adapters for model.init_from '.*changed-base' with weights of sha256 "
+     r"[0-9a-f]{12}\.\.\., and '.*changed-base' now has other weights"),
+    ("chat with a LoRA run whose base is gone", "lora", CHAT,
+     lambda w: ["--checkpoint", str(w.lora_chat_run), "--prompt", "Hi"],
+     r"lora-chat-run/best.pt holds LoRA adapters, not a whole model, and their base cannot be loaded: "
+     r"model.init_from '.*gone-base' is not scratch, a GPT-2 size"),
+    ("export a LoRA run whose base is gone", "lora", EXPORT, lambda w: [str(w.lora_chat_run), str(w.root / "hf")],
+     r"lora-chat-run/best.pt holds LoRA adapters, not a whole model, and their base cannot be loaded"),
     ("empty prompt", "prompt", GENERATE, lambda w: ["", "--checkpoint", str(w.run)],
      r'the prompt is empty; give some text to continue, e.g. "Your journey"'),
     ("empty prompt for the attention map", "prompt", ATTENTION_MAP, lambda w: ["", "--checkpoint", str(w.run)],
@@ -423,7 +476,7 @@ ACCEPTED = [
 def test_the_table_is_large_and_covers_every_area():
     assert len(CASES) >= 20 and len({case[0] for case in CASES}) == len(CASES)
     assert {case[1] for case in CASES} == {"config", "command line", "torchrun", "data", "run folder", "checkpoint",
-                                           "memory", "prompt", "chat", "task"}
+                                           "memory", "prompt", "chat", "task", "lora"}
 
 
 @pytest.mark.parametrize("case,script,argv,message", [(c[0], *c[2:5]) for c in ACCEPTED], ids=[c[0] for c in ACCEPTED])

@@ -12,12 +12,11 @@ import torch
 import generate
 import train
 from gpt.gpt2 import pretrained
-from gpt.checkpoint import load_model
 from gpt.config import load_config
 from gpt.errors import UserError
 from gpt.gpt2.hf_format import architecture_from_weights
 from gpt.model import ModelConfig
-from gpt.gpt2.pretrained import build_model, resolve_model_config
+from gpt.gpt2.pretrained import build_model, load_model, resolve_model_config
 
 
 def load(init_from: str | Path, given=(), **fields):

@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gpt.checkpoint import checkpoint_path, load_checkpoint, model_from_state
+from gpt.checkpoint import checkpoint_path, load_checkpoint
 from gpt.config import Config
 from gpt.errors import UserError
-from gpt.gpt2.pretrained import is_pretrained_source
+from gpt.gpt2.pretrained import is_pretrained_source, model_from_state
 from gpt.model import IGNORE_INDEX, GPTModel, ModelConfig
 from gpt.sampling import SampleConfig, generate_stream
 from gpt.tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer

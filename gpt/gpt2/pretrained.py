@@ -7,6 +7,8 @@
   `huggingface_hub` (which reuses its own cache, so a second run downloads nothing).
 - a run trained here: its folder (best.pt, else latest.pt) or a `.pt` checkpoint file; the
   architecture is the run's (a chat fine-tune starts this way: configs/shakespeare-chat.yaml).
+  A LoRA run's weights are its base's with its adapters merged in (`load_model`), so a run can
+  start from one, full or LoRA again, as long as that run's own base is still there, unchanged.
 - a path: a folder holding `config.json` and `model.safetensors` or `pytorch_model.bin`
   (what `save_pretrained` and `python -m gpt export` write), or one of those weight files.
   A bare weights file with no `config.json` beside it is sized from its tensor shapes, with the
@@ -22,6 +24,14 @@ context are never looked up). `drop_rate`, `vocab_pad_multiple` and `attn_impl` 
 
 Reading the weights only needs the config's name and path, so loading a config never touches
 the network or the weights; `resolve_model_config` and `build_model` do, when a run starts.
+
+`load_model` (and `model_from_state`, for a checkpoint already read) is how everything that reads
+a run gets its model: generate.py, chat.py, `python -m gpt evaluate`, `export` and
+`attention-map`. It lives here, not in gpt/checkpoint.py, because a LoRA run (`gpt.lora`) is a
+base read by `build_model` plus the adapters of its checkpoint: `lora_model` builds the base,
+checks it is the one the run was tuned on (its `fingerprint`), adds the adapters, and
+`model_from_state` merges them, so every reader gets a plain `GPTModel`. train.py builds a LoRA
+run's model with `lora_model` too, fresh or resumed.
 """
 
 import dataclasses
@@ -32,12 +42,13 @@ from pathlib import Path
 
 import torch
 
-from gpt.checkpoint import BEST_NAME, LATEST_NAME, checkpoint_path, load_checkpoint, load_model
-from gpt.config import config_from_dict, load_config
+from gpt.checkpoint import BEST_NAME, LATEST_NAME, checkpoint_path, load_checkpoint, load_weights
+from gpt.config import Config, config_from_dict, load_config
 from gpt.corpus.downloads import DATA_DIR
 from gpt.errors import UserError
 from gpt.gpt2.hf_format import (ARCHITECTURE_FIELDS, architecture_from_config, architecture_from_weights,
                          from_hf_state_dict)
+from gpt.lora import LORA_BASE, add_adapters, base_record, merge
 from gpt.model import GPTModel, ModelConfig
 from gpt.sampling import SampleConfig
 
@@ -151,9 +162,12 @@ def run_checkpoint(init_from: str) -> Path | None:
 
 
 def run_weights(checkpoint: Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    """The weights of a run's checkpoint and the model config they were trained with."""
+    """The weights of a run's checkpoint (a LoRA run's merged into its base) and their model config."""
     state = load_checkpoint(checkpoint)
-    return state["model"], config_from_dict(state["config"], source=str(checkpoint)).model
+    config = config_from_dict(state["config"], source=str(checkpoint))
+    if config.train.lora is not None:  # adapters only: the weights are its base's with them merged in
+        return model_from_state(state, checkpoint)[0].state_dict(), config.model
+    return state["model"], config.model
 
 
 def resolve_model_config(cfg: ModelConfig, given: Collection[str]) -> ModelConfig:
@@ -165,7 +179,7 @@ def resolve_model_config(cfg: ModelConfig, given: Collection[str]) -> ModelConfi
         return cfg
     run = run_checkpoint(cfg.init_from)
     if run is not None:
-        run_cfg = run_weights(run)[1]
+        run_cfg = config_from_dict(load_checkpoint(run)["config"], source=str(run)).model
         wanted = {name: getattr(run_cfg, name) for name in ARCHITECTURE_FIELDS}
     else:
         wanted = weights_architecture(locate_weights(cfg.init_from))
@@ -230,6 +244,65 @@ def add_token_rows(state: dict[str, torch.Tensor], vocab: int, cfg: ModelConfig)
     if "out_head.weight" in state:
         state["out_head.weight"] = grown  # tied
     return state
+
+
+def refuse_random_base(cfg: ModelConfig) -> None:
+    """A UserError unless `cfg.init_from` brings weights for LoRA to freeze (not scratch)."""
+    if cfg.init_from == SCRATCH:
+        raise UserError("train.lora tunes adapters on pretrained weights, and model.init_from is scratch (random "
+                        f"weights, which adapters cannot teach); set model.init_from to {', '.join(GPT2_SIZES)}, a "
+                        "run folder or Hugging Face weights, or leave train.lora out to train every weight")
+
+
+def lora_model(cfg: Config, new_rows: range, resumed: tuple[Path, dict] | None = None) -> tuple[GPTModel, dict]:
+    """A LoRA run's model (`cfg.model.init_from`'s weights, frozen, with fresh adapters and trainable token
+    rows `new_rows`) and the record of its base that its checkpoints keep (`gpt.lora.base_record`).
+
+    With `resumed`, a checkpoint read from a path, the base must be the one it records: a UserError if
+    it cannot be loaded or its weights changed (the adapters only mean something on their own base).
+    """
+    saved = resumed[1].get(LORA_BASE) if resumed is not None else None
+    if resumed is not None and not (isinstance(saved, dict) and {"init_from", "sha256"} <= set(saved)):
+        raise UserError(f"{resumed[0]} is a LoRA run's checkpoint without the record of its base ({LORA_BASE}); "
+                        "the file was damaged or edited: use another checkpoint")
+    try:
+        base = build_model(cfg.model)
+    except UserError as e:
+        if resumed is None:
+            raise
+        raise UserError(f"{resumed[0]} holds LoRA adapters, not a whole model, and their base cannot be loaded: "
+                        f"{e}") from None
+    record = base_record(cfg.model.init_from, base, new_rows)
+    if saved is not None and saved["sha256"] != record["sha256"]:
+        raise UserError(f"{resumed[0]} holds LoRA adapters for model.init_from {saved['init_from']!r} with weights of "
+                        f"sha256 {saved['sha256'][:12]}..., and {cfg.model.init_from!r} now has other weights "
+                        f"(sha256 {record['sha256'][:12]}...); put back the weights the adapters were tuned on, or "
+                        "fine-tune again on these")
+    return add_adapters(base, cfg.train.lora, new_rows), record
+
+
+def load_model(location: str | Path, device: str | torch.device = "cpu") -> tuple[GPTModel, Config]:
+    """The trained model (in eval mode, on `device`) and its config, from a run dir or file."""
+    path = checkpoint_path(location)
+    # read on the CPU: the optimizer state need not reach the device
+    return model_from_state(load_checkpoint(path), path, device)
+
+
+def model_from_state(state: dict, path: Path, device: str | torch.device = "cpu") -> tuple[GPTModel, Config]:
+    """The model (in eval mode, on `device`) and config of a checkpoint already read from `path`; a
+    LoRA run's is its base with the adapters merged in, a plain GPTModel."""
+    config = config_from_dict(state["config"], source=str(path))
+    if config.train.lora is None:
+        model = GPTModel(config.model)
+        load_weights(model, state["model"], path)
+    else:
+        saved = state.get(LORA_BASE)
+        rows = saved.get("new_token_rows") if isinstance(saved, dict) else None
+        rows = range(*rows) if isinstance(rows, list) and len(rows) == 2 else range(0)
+        model, _ = lora_model(config, rows, (path, state))
+        load_weights(model, state["model"], path)
+        merge(model)
+    return model.to(device).eval(), config
 
 
 def is_pretrained_source(location: str) -> bool:

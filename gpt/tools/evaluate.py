@@ -49,13 +49,13 @@ from gpt.chat.data import VAL_RECORDS, load_chat_split, prepare_chat, read_meta
 from gpt.chat.scoring import (REPLIES, REPLY_LIMIT, Answers, ask, choice_counts, choice_tasks, held_out, majority,
                               percent, rank_choices)
 from gpt.chat.template import chat_model_from_state, check_template
-from gpt.checkpoint import checkpoint_path, load_checkpoint, model_from_state
+from gpt.checkpoint import checkpoint_path, load_checkpoint
 from gpt.config import TrainConfig, build_config, config_from_dict, parse_overrides
 from gpt.data import DataConfig, TokenWindows, eval_loader, load_split, prepare, prepare_whole
 from gpt.distributed import SINGLE, Distributed
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.gpt2.pretrained import (DEFAULT_RUN_CONFIG, build_model, default_checkpoint, is_pretrained_source,
-                                 resolve_model_config)
+                                 model_from_state, resolve_model_config)
 from gpt.resume import seed_everything
 from gpt.tools.multiple_choice import HELLASWAG, Prompts, Scoring, TaskScore, load_task, score_task, subset
 from gpt.tools.next_words import NEXT_WORDS

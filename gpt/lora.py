@@ -1,0 +1,197 @@
+"""LoRA: fine-tune a pretrained GPT through small low-rank adapters, its own weights frozen.
+
+`train.lora` (a `LoRAConfig`; null or absent: off) wraps the chosen linears of every block in a
+`LoRALinear`: y = W x + b + (alpha / rank) * B A dropout(x), with W and b frozen, A (rank, in)
+random as nn.Linear's own (Kaiming-uniform) initialisation, as the paper, litgpt and peft start it,
+and B (out, rank) zero, so that before the first step the model is its base exactly. Only A and B
+train: for GPT-2 medium at rank 8 on every linear, 3.5M parameters of 357M.
+
+A chat fine-tune (`gpt.chat.template`) adds its marker tokens to the vocabulary; a base that lacks
+them has no rows to freeze for them. Those rows are a small trainable parameter (`NewTokenRows`),
+spliced into the frozen embedding by a parametrization (`torch.nn.utils.parametrize`) on both the
+embedding and the tied head, so the two stay one matrix: every other row is the base's, bit for
+bit, and gets no update.
+
+A LoRA run's checkpoints hold only what trains (`trainable_state`): the adapters and any new
+rows, a few MB where GPT-2 medium's weights are 1.4 GB, plus a record of its base
+(`LORA_BASE`: `model.init_from` and `fingerprint`, a sha256 over the base's weights as they
+were loaded), so a missing or changed base is refused rather than silently adapted.
+`gpt.gpt2.pretrained` builds the base, checks it and loads the adapters; everything that reads
+a run (sampling, chat, evaluation, export) gets a plain `GPTModel` with the adapters folded in
+(`merge`: W + (alpha / rank) B A).
+
+Muon is not offered for the adapters: it orthogonalises each matrix's update, and a rank-8
+factor's update orthogonalised is not the low-rank step LoRA is tuned for; the config refuses it.
+"""
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from gpt.model import GPTModel
+
+# The linears of a block that may take adapters, by the names `train.lora.targets` uses: each name's
+# path in a block (`TransformerBlock`), and the two groups of them.
+LINEARS = {"W_query": "att.W_query", "W_key": "att.W_key", "W_value": "att.W_value", "out_proj": "att.out_proj",
+           "ff.fc": "ff.fc", "ff.proj": "ff.proj"}
+GROUPS = {"attention": ("W_query", "W_key", "W_value", "out_proj"), "mlp": ("ff.fc", "ff.proj")}
+LORA_BASE = "lora_base"  # the checkpoint key of the base's record (`base_record`)
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters instead of full fine-tuning (`train.lora`)."""
+
+    rank: int = 8  # the adapters' inner dimension r
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.05  # on the adapters' input only
+    targets: list[str] = field(default_factory=lambda: ["attention", "mlp"])  # groups or names of LINEARS
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"train.lora.rank must be at least 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"train.lora.alpha must be more than 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"train.lora.dropout must be in [0, 1), got {self.dropout}")
+        unknown = [name for name in self.targets if name not in GROUPS and name not in LINEARS]
+        if unknown or not self.targets:
+            what = f"names {unknown[0]!r}, which is not a linear of the model" if unknown else "is empty"
+            raise ValueError(f"train.lora.targets {what}; give {', '.join(GROUPS)} (groups) or "
+                             f"{', '.join(LINEARS)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def paths(self) -> list[str]:
+        """The targets as paths in a block (`att.W_query`, ...), each once, in the block's order."""
+        names = {n for target in self.targets for n in GROUPS.get(target, (target,))}
+        return [path for name, path in LINEARS.items() if name in names]
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` plus a trainable low-rank update: base(x) + scale * B(A(dropout(x)))."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        kind = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_a = nn.Linear(base.in_features, rank, bias=False, **kind)  # (rank, in): nn.Linear's init
+        self.lora_b = nn.Linear(rank, base.out_features, bias=False, **kind)  # (out, rank)
+        nn.init.zeros_(self.lora_b.weight)  # B A = 0: the adapted model starts as its base
+        self.dropout = nn.Dropout(dropout)
+        self.scale = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_b(self.lora_a(self.dropout(x))) * self.scale
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear computing the same: weight W + scale * B A, the base's bias."""
+        linear = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
+                           device=self.base.weight.device, dtype=self.base.weight.dtype)
+        linear.weight.copy_(self.base.weight + (self.lora_b.weight @ self.lora_a.weight) * self.scale)
+        if self.base.bias is not None:
+            linear.bias.copy_(self.base.bias)
+        return linear
+
+
+class NewTokenRows(nn.Module):
+    """A parametrization: the frozen (padded_vocab, emb_dim) embedding with rows `start`..`start + n`
+    replaced by this module's trainable `rows` (n, emb_dim); the other rows are the frozen ones."""
+
+    def __init__(self, start: int, rows: torch.Tensor):
+        super().__init__()
+        self.start = start
+        self.rows = nn.Parameter(rows.detach().clone())
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.cat([weight[:self.start], self.rows, weight[self.start + len(self.rows):]])
+
+
+def add_adapters(model: GPTModel, cfg: LoRAConfig, new_rows: range = range(0)) -> GPTModel:
+    """Freeze every weight of `model` and give it trainable adapters, in place: a `LoRALinear` for each
+    of `cfg`'s linears in every block, and trainable token rows `new_rows` (ids the base lacks).
+
+    A and B are drawn from torch's RNG, so a seeded run gets the same adapters every time.
+    """
+    model.requires_grad_(False)
+    for block in model.trf_blocks:
+        for path in cfg.paths():
+            parent_path, _, name = path.rpartition(".")
+            parent = block.get_submodule(parent_path)
+            setattr(parent, name, LoRALinear(getattr(parent, name), cfg.rank, cfg.alpha, cfg.dropout))
+    if len(new_rows):
+        rows = NewTokenRows(new_rows.start, model.tok_emb.weight[new_rows.start:new_rows.stop])
+        # One module on both: the embedding and the tied head keep sharing every row, the new ones included.
+        parametrize.register_parametrization(model.tok_emb, "weight", rows)
+        parametrize.register_parametrization(model.out_head, "weight", rows)
+    return model
+
+
+def is_adapted(model: nn.Module) -> bool:
+    """True for a model `add_adapters` gave adapters (and not yet merged)."""
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train, by name: a LoRA model's adapters and new token rows, no base weight."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `trainable_state`'s tensors back into `model`; a RuntimeError naming the first that does not fit."""
+    wanted = set(trainable_state(model))
+    missing, unexpected = sorted(wanted - set(state)), sorted(set(state) - wanted)
+    if missing or unexpected:
+        raise RuntimeError("the adapters differ:\n" + (f'missing "{missing[0]}"' if missing
+                                                        else f'unexpected "{unexpected[0]}"'))
+    model.load_state_dict(state, strict=False)  # the frozen base is not in `state`; a wrong shape still raises
+
+
+@torch.no_grad()
+def merge(model: GPTModel) -> GPTModel:
+    """`model` with its adapters folded in, in place: a plain GPTModel again (every LoRALinear an
+    nn.Linear of W + scale B A, the new token rows part of the tied embedding), every weight trainable."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent_path, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_path), child, module.merged())
+    if parametrize.is_parametrized(model.tok_emb):
+        weight = model.tok_emb.weight.clone()  # (padded_vocab, emb_dim): the frozen rows and the new ones
+        parametrize.remove_parametrizations(model.tok_emb, "weight", leave_parametrized=False)
+        parametrize.remove_parametrizations(model.out_head, "weight", leave_parametrized=False)
+        model.tok_emb.weight = nn.Parameter(weight)
+        model.out_head.weight = model.tok_emb.weight  # tied again
+    return model.requires_grad_(True)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 over every parameter of `model` (name, dtype, shape and bytes, tied ones once): the
+    identity of a LoRA run's base, taken as it was loaded, before adapters."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        digest.update(f"{name} {p.dtype} {tuple(p.shape)}\n".encode())
+        digest.update(p.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def base_record(init_from: str, base: nn.Module, new_rows: range) -> dict:
+    """What a LoRA run's checkpoints record of its base (under `LORA_BASE`)."""
+    return {"init_from": init_from, "sha256": fingerprint(base), "new_token_rows": [new_rows.start, new_rows.stop]}
+
+
+def adapters_line(model: nn.Module, cfg: LoRAConfig) -> str:
+    """One line: where the adapters are and how many parameters train, of how many."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    rows = sum(p.numel() for name, p in model.named_parameters() if name.endswith(".rows"))
+    new_rows = f" and {rows // model.cfg.emb_dim} new token rows" if rows else ""
+    return (f"LoRA: rank {cfg.rank}, alpha {cfg.alpha:g} on {', '.join(cfg.paths())} of {model.cfg.n_layers} blocks"
+            f"{new_rows}: {trainable:,} trainable parameters ({100 * trainable / total:.2f}% of {total:,}), "
+            "the rest frozen")
+
