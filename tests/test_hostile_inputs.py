@@ -126,7 +126,8 @@ def world(tmp_path_factory) -> SimpleNamespace:
     w.lora_run, w.lora_chat_run = root / "lora-run", root / "lora-chat-run"
     assert train.main(lora(w, w.changed_base, w.lora_run)) == 0
     assert train.main(lora(w, w.gone_base, w.lora_chat_run, "--data.format=chat", f"--data.corpus={w.chats}",
-                           f"--data.prepared_dir={root / 'prepared-chats'}", "--data.val_fraction=0.2")) == 0
+                           f"--data.prepared_dir={root / 'prepared-chats'}", "--data.val_fraction=0.2",
+                           "--data.batch_size=4")) == 0
     state = torch.load(w.changed_base / "best.pt", weights_only=True)
     state["model"]["final_norm.weight"][0] += 0.5
     torch.save(state, w.changed_base / "best.pt")

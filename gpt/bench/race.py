@@ -10,7 +10,7 @@ from the time of its first steps, so the learning-rate schedule still runs its w
 
 A chat config (`data.format: chat`) races from its `model.init_from`, and is evaluated on every
 held-out conversation: `--variants adamw+data.pack=false,adamw` times packing against one
-conversation a window.
+conversation a window, and `adamw,adamw+train.lora.rank=8` full fine-tuning against LoRA.
 
 Printed: the periodic val loss (the subset `train.eval_iters` gives) against tokens and seconds;
 the final loss over every window of the val split; the loss of each at the point in seconds
@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 import torch
 
 from gpt.chat.data import load_chat_split, prepare_chat
-from gpt.chat.template import chat_model_config
+from gpt.chat.template import CHAT_VOCAB_SIZE, chat_model_config
 from gpt.config import OPTIMIZERS, Config, load_config
 from gpt.data import TrainBatches, eval_loader, load_split, prepare
 from gpt.errors import ArgumentParser, UserError, run_cli
-from gpt.gpt2.pretrained import build_model, resolve_model_config
+from gpt.gpt2.pretrained import build_model, lora_model, resolve_model_config
 from gpt.model import GPTModel
 from gpt.optim import build_optimizer, set_learning_rate
 from gpt.precision import Precision, pick_dtype
@@ -84,12 +84,15 @@ def build_racer(name: str, cfg: Config, device: torch.device) -> Racer:
     says: every variant is then scored on the same windows, as `python -m gpt evaluate` scores them."""
     seed_everything(cfg.train.seed)  # every variant of one shape starts from the same weights
     if cfg.data.format == "chat":
-        cfg.model = chat_model_config(resolve_model_config(cfg.model, cfg.given_keys.get("model", ())))
+        cfg.model = resolve_model_config(cfg.model, cfg.given_keys.get("model", ()))
+        new_rows = range(cfg.model.vocab_size, CHAT_VOCAB_SIZE)  # the template's, where the base lacks them
+        cfg.model = chat_model_config(cfg.model)
         context = cfg.model.context_length
         prepared = prepare_chat(cfg.data)
         train_set = load_chat_split(prepared, "train", context, cfg.data.pack)
         val_set = load_chat_split(prepared, "val", context)
-        model, periodic = build_model(cfg.model), None
+        model = build_model(cfg.model) if cfg.train.lora is None else lora_model(cfg, new_rows)[0]
+        periodic = None
     else:
         context = cfg.model.context_length
         prepared = prepare(cfg.data)
