@@ -35,6 +35,7 @@ def test_gpu_peak_table(name, dtype, peak, monkeypatch):
     assert name in source and (peak is not None or "unknown" in source)
 
 
+@pytest.mark.slow  # a benchmark's whole flow: several training or preparation runs
 def test_bench_runs_and_reports_against_the_baseline(capsys):
     code = bench.main(["--config", "tiny.yaml", "--steps", "1", "--warmup", "0", "--rounds", "2",
                        "--sample-tokens", "5", "--variants", "sdpa:float32:off,sdpa:float32:off:ckpt", "--ddp",
@@ -118,6 +119,7 @@ def test_bench_bad_variant_is_one_line_error(capsys):
     assert bench.main(["--config", "tiny.yaml", "--variants", "sdpa:auto:auto:fast"]) == 2
 
 
+@pytest.mark.slow  # a benchmark's whole flow: several training or preparation runs
 def test_race_trains_each_variant_in_turn_and_reports_loss_per_second(corpus_file, tmp_path, capsys):
     code = bench.main(["race", "--config", "tiny.yaml", "--variants", "adamw,muon+train.muon_lr=0.05",
                        f"--data.corpus={corpus_file}", f"--data.prepared_dir={tmp_path / 'prepared'}",
@@ -167,6 +169,7 @@ def test_every_row_of_the_small_yaml_sweep_is_a_config_that_loads():
     assert sweep.main(["--rows", "no-such-row"]) == 2
 
 
+@pytest.mark.slow  # a benchmark's whole flow: several training or preparation runs
 def test_prep_bench_compares_process_counts_and_checks_the_token_files(capsys):
     # 2.5 MB of text: three tasks of ~1M characters, so 2 processes do start their workers.
     assert bench.main(["prep", "--megabytes", "2.5", "--num-proc", "1,2", "--rounds", "1"]) == 0

@@ -110,6 +110,7 @@ def test_overwrite_replaces_the_run_in_the_folder(tmp_path):
         assert state["step"] == 1 and state["config"]["model"]["n_layers"] == 1
 
 
+@pytest.mark.slow  # two training runs and a whole-split evaluation in this process
 def test_the_final_val_loss_covers_every_window_of_the_val_split(tmp_path, corpus_file, capsys):
     """The figure printed at the end is the mean loss over every val window, computed independently here."""
     import re
