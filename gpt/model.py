@@ -5,7 +5,7 @@ token ids -> token + learned position embeddings -> dropout -> N pre-LayerNorm b
 LM head (tied to the token embedding) -> logits.
 
 The model computes logits, or with `targets` the next-token cross-entropy, so that a compiled
-model fuses the loss into its graph (as nanoGPT does; `gpt.training.calc_loss_batch` asks for
+model fuses the loss into its graph (as nanoGPT does; `gpt.training.train_step` asks for
 it); generation lives in `gpt.sampling`. The loss takes all the logits at once: made and consumed
 a slice at a time, at gpt2-124m.yaml on a CPU, they cost a 9% slower step for 6% less peak
 memory. Initialisation follows GPT-2: N(0, 0.02) for weights, zero biases, and the

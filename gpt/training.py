@@ -1,8 +1,8 @@
 """The training loop and the pieces it is made of.
 
-Each piece is a small function taking what it needs: `calc_loss_batch` (next-token
-cross-entropy), `evaluate` (mean loss in eval mode, no grad), `train_step` (one optimizer step
-over accumulated micro-batches), `measure_losses` (the periodic evaluation) and `train`, whose
+Each piece is a small function taking what it needs: `evaluate` (mean loss in eval mode, no
+grad), `train_step` (one optimizer step over accumulated micro-batches, its loss the mean over
+their counted targets, computed by the model), `measure_losses` (the periodic evaluation) and `train`, whose
 loop reads top to bottom: learning rate, step, progress, evaluation when due, save when due,
 stop when asked. At each evaluation it also scores the multiple-choice tasks of `train.eval_tasks`
 through `TrainData.score_tasks` (which train.py builds from `gpt.tools.multiple_choice`: the loop
@@ -133,13 +133,6 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
-
-
-def calc_loss_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                    checkpoint_activations: bool = False) -> torch.Tensor:
-    """Mean next-token cross-entropy of one (B, T) batch, computed by the model (inside its compiled graph),
-    over the targets that are not IGNORE_INDEX; `checkpoint_activations` as `GPTModel.forward` takes it."""
-    return model(inputs, targets=targets, checkpoint_activations=checkpoint_activations)
 
 
 def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:

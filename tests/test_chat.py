@@ -36,7 +36,7 @@ from gpt.sampling import SampleConfig, generate
 from gpt.tokenizer import EOT_ID
 from gpt.tools import evaluate
 from gpt.tools import multiple_choice as mc
-from gpt.training import calc_loss_batch, evaluate as training_evaluate
+from gpt.training import evaluate as training_evaluate
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Two and three?"},
             {"role": "assistant", "content": "Five."}, {"role": "user", "content": "And four and four?"},
@@ -144,7 +144,7 @@ def test_loss_ignores_the_ignored_targets():
     masked[:, :5] = IGNORE_INDEX
     logits = model(inputs)
     expected = torch.nn.functional.cross_entropy(logits[:, 5:].flatten(0, 1), targets[:, 5:].flatten())
-    assert torch.allclose(calc_loss_batch(model, inputs, masked), expected)
+    assert torch.allclose(model(inputs, targets=masked), expected)
 
 
 def test_crop_history_keeps_the_system_prompt_and_drops_the_oldest_turns():

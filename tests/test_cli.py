@@ -118,7 +118,6 @@ def test_the_final_val_loss_covers_every_window_of_the_val_split(tmp_path, corpu
     import numpy as np
 
     from gpt.gpt2.pretrained import load_model
-    from gpt.training import calc_loss_batch
     out = tmp_path / "run"
     assert train.main(["--config", "tiny.yaml", f"--data.corpus={corpus_file}", "--train.whole_val_at_end=true",
                        f"--data.prepared_dir={tmp_path / 'prepared'}", "--model.context_length=8",
@@ -132,7 +131,7 @@ def test_the_final_val_loss_covers_every_window_of_the_val_split(tmp_path, corpu
     x = torch.from_numpy(tokens[:windows * 8].reshape(windows, 8))
     y = torch.from_numpy(tokens[1:windows * 8 + 1].reshape(windows, 8))
     with torch.no_grad():
-        expected = calc_loss_batch(model.eval(), x, y).item()
+        expected = model.eval()(x, targets=y).item()
     assert float(printed.group(3)) == pytest.approx(expected, abs=1e-4)
     # python -m gpt evaluate on the same run prints the same figures: one code path for both.
     from gpt.tools import evaluate

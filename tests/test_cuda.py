@@ -33,7 +33,7 @@ from gpt.model import GPTModel, ModelConfig
 from gpt.optim import Muon, bf16_is_fast, build_optimizer
 from gpt.precision import Precision
 from gpt.sampling import generate
-from gpt.training import TrainData, allow_tf32_matmuls, calc_loss_batch, setup_device, to_device, train, train_step
+from gpt.training import TrainData, allow_tf32_matmuls, setup_device, to_device, train, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)")
 
@@ -154,7 +154,7 @@ def test_fused_adamw_on_cuda_matches_the_per_tensor_version(tiny_cfg):
     x = torch.randint(0, tiny_cfg.vocab_size, (2, 12), device=CUDA)
     for _ in range(3):
         for m, opt in ((model, fused), (reference, plain)):
-            calc_loss_batch(m, x, x.roll(1)).backward()
+            m(x, targets=x.roll(1)).backward()
             opt.step()
             opt.zero_grad()
     for p, q in zip(model.parameters(), reference.parameters()):
@@ -372,7 +372,7 @@ def test_activation_checkpointing_on_cuda_same_gradients_less_memory():
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
         torch.manual_seed(1)  # the same dropout masks
-        loss = calc_loss_batch(model, x, x.roll(-1, 1), checkpoint_activations=on)
+        loss = model(x, targets=x.roll(-1, 1), checkpoint_activations=on)
         loss.backward()
         torch.cuda.synchronize()
         results[on] = (loss.item(), [p.grad.clone() for p in model.parameters()],

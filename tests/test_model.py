@@ -6,7 +6,6 @@ import torch
 from gpt import GPTModel, ModelConfig
 from gpt.config import TrainConfig
 from gpt.optim import build_optimizer
-from gpt.training import calc_loss_batch
 
 
 def test_logits_shape_and_padded_vocabulary(tiny_model, tiny_cfg):
@@ -33,7 +32,7 @@ def test_padding_changes_nothing_but_the_shape(tiny_cfg):
     x, y = torch.randint(0, tiny_cfg.vocab_size, (2, 2, 12))
     losses = []
     for model in (padded, unpadded):
-        loss = calc_loss_batch(model, x, y)
+        loss = model(x, targets=y)
         loss.backward()
         losses.append(loss)
     assert torch.allclose(losses[0], losses[1], atol=1e-6)
@@ -96,7 +95,7 @@ def test_gpt2_initialisation():
 
 def test_initial_loss_is_near_uniform(tiny_model, tiny_cfg):
     idx = torch.randint(0, tiny_cfg.vocab_size, (4, 16))
-    loss = calc_loss_batch(tiny_model, idx[:, :-1], idx[:, 1:]).item()
+    loss = tiny_model(idx[:, :-1], targets=idx[:, 1:]).item()
     assert abs(loss - math.log(tiny_cfg.vocab_size)) < 0.3
 
 
@@ -106,9 +105,9 @@ def test_tiny_model_overfits_one_batch(tiny_model, tiny_cfg):
     y = torch.randint(0, tiny_cfg.vocab_size, (4, 16))
     opt = build_optimizer(tiny_model, TrainConfig(learning_rate=3e-3, weight_decay=0.0), torch.device("cpu"))
     tiny_model.train()
-    first = calc_loss_batch(tiny_model, x, y).item()
+    first = tiny_model(x, targets=y).item()
     for _ in range(150):
-        loss = calc_loss_batch(tiny_model, x, y)
+        loss = tiny_model(x, targets=y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -151,7 +150,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients_dropout_incl
         model.zero_grad()
         block_calls.clear()
         torch.manual_seed(1)
-        loss = calc_loss_batch(model, x, y, checkpoint_activations=on)
+        loss = model(x, targets=y, checkpoint_activations=on)
         loss.backward()
         # The RNG moves on as it would without checkpointing: the next draw (the next step's masks) is the same.
         results[on] = (loss.detach(), [p.grad.clone() for p in model.parameters()], torch.rand(4), len(block_calls))
@@ -160,7 +159,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients_dropout_incl
     assert torch.equal(loss, ckpt_loss) and torch.equal(draw, ckpt_draw)
     assert all(torch.equal(a, b) for a, b in zip(grads, ckpt_grads))
     torch.manual_seed(2)  # dropout really acts: other masks, another loss
-    assert not torch.equal(calc_loss_batch(model, x, y).detach(), loss)
+    assert not torch.equal(model(x, targets=y).detach(), loss)
 
 
 def test_activation_checkpointing_keeps_only_the_blocks_inputs_for_backward(tiny_cfg):
@@ -178,7 +177,7 @@ def test_activation_checkpointing_keeps_only_the_blocks_inputs_for_backward(tiny
                 saved[(t.data_ptr(), t.dtype, t.shape)] = t.numel() * t.element_size()
             return t
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            calc_loss_batch(model, x, x, checkpoint_activations)
+            model(x, targets=x, checkpoint_activations=checkpoint_activations)
         return sum(saved.values())
 
     stored = saved_activation_bytes(False)
@@ -198,7 +197,7 @@ def test_the_loss_inside_the_model_is_the_cross_entropy_of_its_logits(tiny_model
     x, y = torch.randint(0, tiny_cfg.vocab_size, (2, 3, 12))
     eager, eager_grads = loss_and_gradients(
         tiny_model, lambda: torch.nn.functional.cross_entropy(tiny_model(x).flatten(0, 1), y.flatten()))
-    inside, inside_grads = loss_and_gradients(tiny_model, lambda: calc_loss_batch(tiny_model, x, y))
+    inside, inside_grads = loss_and_gradients(tiny_model, lambda: tiny_model(x, targets=y))
     assert torch.equal(inside, eager)
     assert all(torch.equal(a, b) for a, b in zip(inside_grads, eager_grads))
     per_token = tiny_model(x, targets=y, reduction="none")
@@ -215,8 +214,8 @@ def test_inductor_compiles_the_loss_with_the_model_and_matches_eager(tiny_cfg):
     model = GPTModel(tiny_cfg)
     compiled = torch.compile(model, fullgraph=True)  # inductor, C++ kernels on the CPU
     x, y = torch.randint(0, tiny_cfg.vocab_size, (2, 3, 12))
-    eager, eager_grads = loss_and_gradients(model, lambda: calc_loss_batch(model, x, y))
-    fused, fused_grads = loss_and_gradients(model, lambda: calc_loss_batch(compiled, x, y))
+    eager, eager_grads = loss_and_gradients(model, lambda: model(x, targets=y))
+    fused, fused_grads = loss_and_gradients(model, lambda: compiled(x, targets=y))
     assert torch.allclose(fused, eager, atol=1e-5)
     for a, b in zip(fused_grads, eager_grads):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)

@@ -17,7 +17,7 @@ from gpt.model import GPTModel
 from gpt.optim import (Muon, MuonWithAdamW, build_optimizer, learning_rate, orthogonalise, set_learning_rate,
                        steps_unless)
 from gpt.precision import Precision
-from gpt.training import TrainData, calc_loss_batch, train, train_step
+from gpt.training import TrainData, train, train_step
 
 CPU = torch.device("cpu")
 SHAPES = [(64, 32), (32, 64), (48, 48)]  # tall, wide, square: the iteration transposes the tall one
@@ -237,7 +237,7 @@ def test_unknown_optimizer_and_bad_muon_settings_are_refused():
 
 def by_hand(model, opt, x, y, clip):
     """One step the plain way: mean loss over the whole batch, clip, step."""
-    calc_loss_batch(model, x.long(), y.long()).backward()
+    model(x.long(), targets=y.long()).backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
     opt.zero_grad(set_to_none=True)

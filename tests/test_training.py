@@ -17,7 +17,7 @@ from gpt.model import GPTModel
 from gpt.optim import build_optimizer, learning_rate
 from gpt.precision import Precision, pick_dtype
 from gpt.tools.evaluate import final_val_line
-from gpt.training import NonFiniteLoss, TrainData, calc_loss_batch, compile_model, evaluate, train, train_step
+from gpt.training import NonFiniteLoss, TrainData, compile_model, evaluate, train, train_step
 
 CPU = torch.device("cpu")
 
@@ -55,7 +55,7 @@ def test_fused_adamw_on_cpu_matches_the_per_tensor_version(tiny_model, tiny_cfg)
     x = torch.randint(0, tiny_cfg.vocab_size, (2, 12))
     for _ in range(3):
         for model, opt in ((tiny_model, fused), (reference, plain)):
-            calc_loss_batch(model, x, x.roll(1)).backward()
+            model(x, targets=x.roll(1)).backward()
             opt.step()
             opt.zero_grad()
     for p, q in zip(tiny_model.parameters(), reference.parameters()):
@@ -75,7 +75,7 @@ def test_evaluate_uses_eval_mode_and_restores_it(tiny_cfg):
     assert model.training
     x, y = next(iter(loader))
     model.eval()
-    assert a == pytest.approx(sum(calc_loss_batch(model, xx.long(), yy.long()).item() * len(xx) for xx, yy in loader) / 12)
+    assert a == pytest.approx(sum(model(xx.long(), targets=yy.long()).item() * len(xx) for xx, yy in loader) / 12)
 
 
 def partial_split() -> TokenWindows:
@@ -97,11 +97,11 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_model, tiny_cfg):
     torch.manual_seed(0)
     x = torch.randint(0, tiny_cfg.vocab_size, (8, 12))
     y = torch.randint(0, tiny_cfg.vocab_size, (8, 12))
-    calc_loss_batch(tiny_model, x, y).backward()
+    tiny_model(x, targets=y).backward()
     full = [p.grad.clone() for p in tiny_model.parameters()]
     tiny_model.zero_grad()
     for part in (slice(0, 4), slice(4, 8)):
-        (calc_loss_batch(tiny_model, x[part], y[part]) / 2).backward()
+        (tiny_model(x[part], targets=y[part]) / 2).backward()
     for g, p in zip(full, tiny_model.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-6)
 
@@ -243,7 +243,7 @@ def test_fp16_scaler_unscales_before_clipping(tiny_model, tiny_cfg):
     # By hand: the same fp16 loss, unscaled gradients clipped to norm 0.01, one SGD step.
     ref_opt = torch.optim.SGD(reference.parameters(), lr=1.0)
     with precision.autocast():
-        ref_loss = calc_loss_batch(reference, x.long(), y.long())
+        ref_loss = reference(x.long(), targets=y.long())
     ref_loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.01)
     assert norm > 0.01  # the clip really acts
@@ -371,7 +371,7 @@ def test_a_step_skipped_on_the_device_is_no_step_and_one_taken_is_a_plain_step(t
     x, y = torch.randint(0, tiny_cfg.vocab_size, (2, 4, 12))
     before = copy.deepcopy(tiny_model.state_dict())
     for model in (tiny_model, twin):
-        calc_loss_batch(model, x, y).backward()
+        model(x, targets=y).backward()
     assert steps_unless(opt, torch.tensor(True))  # skipped
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
     assert steps_unless(opt, torch.tensor(False))  # taken: the same as an ordinary step

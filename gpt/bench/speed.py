@@ -47,7 +47,7 @@ from gpt.model import GPTModel, ModelConfig
 from gpt.optim import build_optimizer, muon_parameters, steps_unless
 from gpt.precision import DTYPES, Precision, dtype_name, pick_dtype
 from gpt.sampling import decoding_dtype, for_decoding, generate
-from gpt.training import calc_loss_batch, compile_model, pick_device, setup_device, train_step
+from gpt.training import compile_model, pick_device, setup_device, train_step
 
 # Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, in TFLOP/s: bf16/fp16, and
 # tf32 (what float32 matmuls run as here). Matched against the device name, first match wins.
@@ -289,7 +289,7 @@ def bench_optimizer_steps(cfg: Config, device: torch.device, step_seconds: float
     torch.manual_seed(cfg.train.seed)
     model = GPTModel(cfg.model).to(device)
     inputs = torch.randint(0, cfg.model.vocab_size, (cfg.data.batch_size, cfg.model.context_length), device=device)
-    calc_loss_batch(model, inputs, inputs.roll(-1, 1)).backward()  # gradients to step with
+    model(inputs, targets=inputs.roll(-1, 1)).backward()  # gradients to step with
     muon_matrices = muon_parameters(model)
     options = {"lr": cfg.train.muon_lr, "momentum": cfg.train.muon_momentum, "weight_decay": 0.0}
     candidates = [
