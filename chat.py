@@ -16,8 +16,8 @@ import torch
 
 from gpt.chat.template import load_chat_model, reply
 from gpt.config import load_config
-from gpt.errors import ArgumentParser, UserError, run_cli
-from gpt.sampling import add_sample_options, compile_pays, for_decoding, sample_config
+from gpt.errors import ArgumentParser, run_cli
+from gpt.sampling import add_sample_options, check_prompt, compile_pays, for_decoding, sample_config
 from gpt.training import pick_device, setup_device
 
 DEFAULT_CHAT_CONFIG = "shakespeare-chat.yaml"  # with no --checkpoint, talk to the run this config writes
@@ -46,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def work() -> int:
-        if args.prompt is not None and not args.prompt.strip():
-            raise UserError('--prompt is empty; give a message, e.g. --prompt "Which play is this from? ..."')
+        check_prompt(args.prompt, "--prompt", 'a message, e.g. --prompt "Which play is this from? ..."')
         device = pick_device(args.device, option="--device")
         setup_device(device)
         location = args.checkpoint or load_config(DEFAULT_CHAT_CONFIG).train.out_dir

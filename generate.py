@@ -3,9 +3,9 @@
 import argparse
 import sys
 
-from gpt.errors import ArgumentParser, UserError, run_cli
+from gpt.errors import ArgumentParser, run_cli
 from gpt.gpt2.pretrained import DEFAULT_RUN_CONFIG, default_checkpoint, load_for_sampling
-from gpt.sampling import add_sample_options, for_decoding, print_samples, sample_config
+from gpt.sampling import add_sample_options, check_prompt, for_decoding, print_samples, sample_config
 from gpt.training import pick_device, setup_device
 
 
@@ -28,8 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def work() -> None:
-        if not args.prompt:
-            raise UserError('the prompt is empty; give some text to continue, e.g. "Your journey"')
+        check_prompt(args.prompt, "the prompt", 'some text to continue, e.g. "Your journey"')
         device = pick_device(args.device, option="--device")
         setup_device(device)
         location = args.checkpoint or default_checkpoint()

@@ -39,6 +39,13 @@ DEFAULT_IMPL = "sdpa"  # the fused kernel: faster, and no (T, T) scores in memor
 ATTENTION_IMPLS = (DEFAULT_IMPL, "explicit")
 
 
+def check_fits(num_tokens: int, context_length: int) -> None:
+    """A ValueError if `num_tokens` are more than the mask (and the position table) cover."""
+    if num_tokens > context_length:
+        raise ValueError(f"a sequence of {num_tokens} tokens is longer than context_length {context_length}; "
+                         f"crop it to its last {context_length} tokens")
+
+
 class LayerCache:
     """One attention layer's keys and values for up to `context_length` positions, at fixed addresses.
 
@@ -116,11 +123,8 @@ class CausalAttention(nn.Module):
         one row (`gpt.model.conversations_apart`), position t sees only the positions 0..t of its own.
         """
         b, num_tokens, _ = x.shape
-        if cache is None and num_tokens > self.context_length:
-            raise ValueError(
-                f"sequence of {num_tokens} tokens is longer than context_length "
-                f"{self.context_length}; crop the input to its last {self.context_length} tokens"
-            )
+        if cache is None:
+            check_fits(num_tokens, self.context_length)
         queries, keys, values = self._project(x)  # each (B, n_heads, T, head_dim)
         future = None  # the rows of the mask the shapes give: the last T of the first `keys` rows
         if cache is not None:  # keys, values: (B, n_heads, slots, head_dim)

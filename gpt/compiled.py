@@ -10,6 +10,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from gpt.errors import first_line
+
 
 class CompiledOrEager(nn.Module):
     """`torch.compile(eager, **options)`, which falls back to `eager` itself if the first call fails.
@@ -45,6 +47,5 @@ class CompiledOrEager(nn.Module):
 
 def warn_compile_failed(error: Exception, setting: str = "train.compile") -> None:
     """One warning that torch.compile failed and the work goes on without it (`setting`: false skips it)."""
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    warnings.warn(f"torch.compile failed ({first_line[:200]}); continuing uncompiled "
+    warnings.warn(f"torch.compile failed ({first_line(error)}); continuing uncompiled "
                   f"(set {setting}: false to skip it)", stacklevel=2)

@@ -282,11 +282,6 @@ def load_config(name: str | None, overrides: list[str] = ()) -> Config:
     return build_config(layers)
 
 
-def config_to_dict(cfg: Config) -> dict:
-    """Plain nested dict (what checkpoints store)."""
-    return dataclasses.asdict(cfg)
-
-
 def config_from_dict(values: dict, source: str = "checkpoint") -> Config:
-    """Inverse of `config_to_dict`, with the same strict checks."""
+    """The `Config` a checkpoint stores as plain data (`dataclasses.asdict`), with the same strict checks."""
     return build_config([(values, source)])

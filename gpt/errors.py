@@ -13,6 +13,12 @@ class UserError(Exception):
     """A problem with the user's input; the message says what is wrong and what to do."""
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of `error`'s message (its type's name if it has none), at most `limit` characters:
+    what a one-line error quotes of a library's exception."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 def run_cli(action: Callable[[], int | None], rank: int = 0) -> int:
     """Run a script's work: its own exit code (None is 0), or 2 and one `error:` line, or 130 on Ctrl-C.
 

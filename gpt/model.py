@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gpt.attention import ATTENTION_IMPLS, DEFAULT_IMPL, CausalAttention, LayerCache
+from gpt.attention import ATTENTION_IMPLS, DEFAULT_IMPL, CausalAttention, LayerCache, check_fits
 
 IGNORE_INDEX = -100  # a target the loss skips: F.cross_entropy's default ignore_index, written out
 
@@ -242,11 +242,8 @@ class GPTModel(nn.Module):
 
         `positions` as `forward` takes them (packed sequences); None: 0..T-1 (after the cache's)."""
         _, num_tokens = idx.shape
-        if cache is None and num_tokens > self.cfg.context_length:
-            raise ValueError(
-                f"input of {num_tokens} tokens is longer than context_length "
-                f"{self.cfg.context_length}; crop it to the last {self.cfg.context_length} tokens"
-            )
+        if cache is None:  # before the position table is indexed past its end
+            check_fits(num_tokens, self.cfg.context_length)
         apart = None
         if positions is None:
             positions = torch.arange(num_tokens, device=idx.device)

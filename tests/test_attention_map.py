@@ -1,5 +1,6 @@
 """`python -m gpt attention-map`: the weights it shows are the model's, and it draws and prints them."""
 
+from dataclasses import asdict
 import re
 import struct
 import sys
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from gpt.tools import attention_map
 from gpt.tools.attention_map import attention_weights, prompt_ids
 from gpt.checkpoint import BEST_NAME, save_checkpoint
-from gpt.config import Config, config_to_dict
+from gpt.config import Config
 from gpt.model import GPTModel, ModelConfig
 from gpt.gpt2.pretrained import load_for_sampling
 from gpt.tokenizer import get_tokenizer
@@ -31,7 +32,7 @@ def save_run(folder, attn_impl: str):
     with torch.no_grad():  # N(0, 0.02) gives near-uniform weights; these give peaked ones
         for name, p in model.named_parameters():
             p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.3)
-    save_checkpoint(folder / BEST_NAME, {"model": model.state_dict(), "config": config_to_dict(Config(model=cfg))})
+    save_checkpoint(folder / BEST_NAME, {"model": model.state_dict(), "config": asdict(Config(model=cfg))})
     return folder
 
 

@@ -1,7 +1,8 @@
 
+from dataclasses import asdict
 import pytest
 
-from gpt.config import CONFIG_DIR, config_from_dict, config_to_dict, load_config, parse_overrides
+from gpt.config import CONFIG_DIR, config_from_dict, load_config, parse_overrides
 from gpt.errors import UserError
 from gpt.model import GPTModel
 
@@ -96,6 +97,6 @@ def test_parse_overrides_shape():
 
 def test_round_trip_through_plain_data():
     cfg = load_config("small.yaml")
-    assert config_from_dict(config_to_dict(cfg)) == cfg
+    assert config_from_dict(asdict(cfg)) == cfg
     with pytest.raises(UserError, match="unknown key model.extra in checkpoint"):
         config_from_dict({"model": {"extra": 1}})

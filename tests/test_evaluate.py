@@ -1,5 +1,6 @@
 """Loss and bits per byte over every window (gpt.tools.evaluate), checked against independent computations."""
 
+from dataclasses import asdict
 import json
 import math
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from gpt.checkpoint import save_checkpoint
-from gpt.config import Config, TrainConfig, config_to_dict
+from gpt.config import Config, TrainConfig
 from gpt.data import DataConfig, TokenWindows, eval_loader, load_split, prepare
 from gpt.distributed import SINGLE
 from gpt.model import GPTModel, ModelConfig
@@ -90,7 +91,7 @@ def test_the_final_figure_and_the_command_compile_where_the_run_s_training_would
                                  max_tokens=500, batch_size=5),  # val: 50 tokens, 6 windows of 8
                  train=TrainConfig(compile=setting))
     model = GPTModel(cfg.model)
-    save_checkpoint(tmp_path / "run.pt", {"model": model.state_dict(), "config": config_to_dict(cfg)})
+    save_checkpoint(tmp_path / "run.pt", {"model": model.state_dict(), "config": asdict(cfg)})
     assert evaluate.main(["--checkpoint", str(tmp_path / "run.pt"), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert counters["stats"]["unique_graphs"] == int(compiled)

@@ -1,5 +1,6 @@
 """Multiple-choice tasks (gpt.tools.multiple_choice, gpt.tools.next_words): reading, scoring, the command, the loop."""
 
+from dataclasses import asdict
 import json
 import re
 import subprocess
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 import train
 from gpt.checkpoint import save_checkpoint
-from gpt.config import Config, TrainConfig, config_to_dict, load_config
+from gpt.config import Config, TrainConfig, load_config
 from gpt.data import DataConfig
 from gpt.errors import UserError
 from gpt.gpt2.pretrained import build_model, resolve_model_config
@@ -63,7 +64,7 @@ def test_a_bad_line_is_one_error_naming_it_and_nothing_is_written(tmp_path, line
     path.write_text(json.dumps(ITEMS[0]) + "\n" + line + "\n", encoding="utf-8")
     torch.manual_seed(0)
     cfg = Config(model=ModelConfig(context_length=32, emb_dim=16, n_heads=2, n_layers=1))
-    save_checkpoint(tmp_path / "run.pt", {"model": GPTModel(cfg.model).state_dict(), "config": config_to_dict(cfg)})
+    save_checkpoint(tmp_path / "run.pt", {"model": GPTModel(cfg.model).state_dict(), "config": asdict(cfg)})
     before = sorted(tmp_path.iterdir())
     assert evaluate.main(["--checkpoint", str(tmp_path / "run.pt"), "--task", str(path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -296,7 +297,7 @@ def test_the_command_prints_acc_acc_norm_their_intervals_and_chance(items_file, 
     cfg = Config(model=ModelConfig(context_length=32, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0),
                  train=TrainConfig(seed=7))
     model = GPTModel(cfg.model)
-    save_checkpoint(tmp_path / "run.pt", {"model": model.state_dict(), "config": config_to_dict(cfg)})
+    save_checkpoint(tmp_path / "run.pt", {"model": model.state_dict(), "config": asdict(cfg)})
     args = ["--checkpoint", str(tmp_path / "run.pt"), "--task", str(items_file)]
     assert evaluate.main(args) == 0
     line = capsys.readouterr().out.strip()
@@ -361,7 +362,7 @@ def test_a_chat_run_is_scored_through_its_template(items_file, tmp_path, capsys)
     cfg = Config(model=chat_model_config(ModelConfig(context_length=32, emb_dim=16, n_heads=2, n_layers=1)),
                  data=DataConfig(format="chat", corpus="shakespeare-chat"))
     model = GPTModel(cfg.model)
-    save_checkpoint(tmp_path / "chat.pt", {"model": model.state_dict(), "config": config_to_dict(cfg),
+    save_checkpoint(tmp_path / "chat.pt", {"model": model.state_dict(), "config": asdict(cfg),
                                            "chat_template": TEMPLATE})
     assert evaluate.main(["--checkpoint", str(tmp_path / "chat.pt"), "--task", str(items_file), "--json"]) == 0
     out, err = capsys.readouterr()

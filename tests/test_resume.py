@@ -184,11 +184,11 @@ def test_resume_allows_another_attention_path_but_not_another_model(tmp_path):
     """model.attn_impl changes how attention is computed, not the weights: a resume may switch it."""
     import dataclasses
 
-    from gpt.config import Config, config_to_dict
+    from gpt.config import Config
     from gpt.errors import UserError
     from gpt.resume import RESUME_KEYS, check_resumable
     saved = Config()
-    checkpoint = {key: None for key in RESUME_KEYS} | {"config": config_to_dict(saved), "step": 10,
+    checkpoint = {key: None for key in RESUME_KEYS} | {"config": dataclasses.asdict(saved), "step": 10,
                                                        "optimizer": {"muon": {}, "adamw": {}}}
     switched = dataclasses.replace(saved, model=dataclasses.replace(saved.model, attn_impl="explicit"))
     notes = check_resumable(checkpoint, tmp_path / "latest.pt", switched)
@@ -202,12 +202,12 @@ def test_resume_refuses_another_optimizer_whatever_the_config_says(tmp_path):
     """Which optimizer wrote a checkpoint is read from its state (older configs do not name it)."""
     import dataclasses
 
-    from gpt.config import Config, config_to_dict
+    from gpt.config import Config
     from gpt.errors import UserError
     from gpt.resume import RESUME_KEYS, check_resumable
     muon = Config()
     adamw = dataclasses.replace(muon, train=dataclasses.replace(muon.train, optimizer="adamw"))
-    old_config = config_to_dict(muon)
+    old_config = dataclasses.asdict(muon)
     del old_config["train"]["optimizer"]  # as written before train.optimizer existed (AdamW only)
     written_by_adamw = {key: None for key in RESUME_KEYS} | {"config": old_config, "step": 10,
                                                             "optimizer": {"state": {}, "param_groups": []}}

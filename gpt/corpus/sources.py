@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt.corpus.downloads import fetch_wheel
-from gpt.errors import UserError
+from gpt.errors import UserError, first_line
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -187,7 +187,7 @@ class HFSource(Source):
         try:
             stream = datasets.load_dataset(self.dataset, self.config, split=self.split, streaming=True)
         except Exception as e:  # offline, unknown name, config or split: datasets raises many types
-            raise UserError(f"cannot open {what}, split {self.split!r} ({_first_line(e)}); check the name, "
+            raise UserError(f"cannot open {what}, split {self.split!r} ({first_line(e)}); check the name, "
                             "config and split, and the connection, or download its files and set "
                             "data.corpus to their folder") from None
         number = 0
@@ -202,7 +202,7 @@ class HFSource(Source):
         except UserError:
             raise
         except Exception as e:  # the connection dropped, a shard is damaged, ...
-            raise UserError(f"reading {what} failed after record {number} ({_first_line(e)}); "
+            raise UserError(f"reading {what} failed after record {number} ({first_line(e)}); "
                             "check the connection and run again") from None
 
     def records(self) -> Iterator[tuple[dict, str]]:
@@ -211,7 +211,7 @@ class HFSource(Source):
         try:
             stream = datasets.load_dataset(self.dataset, self.config, split=self.split, streaming=True)
         except Exception as e:
-            raise UserError(f"cannot open {what}, split {self.split!r} ({_first_line(e)}); check the name, "
+            raise UserError(f"cannot open {what}, split {self.split!r} ({first_line(e)}); check the name, "
                             "config and split, and the connection") from None
         number = 0
         try:
@@ -221,7 +221,7 @@ class HFSource(Source):
         except UserError:
             raise
         except Exception as e:
-            raise UserError(f"reading {what} failed after record {number} ({_first_line(e)}); "
+            raise UserError(f"reading {what} failed after record {number} ({first_line(e)}); "
                             "check the connection and run again") from None
 
 
@@ -302,10 +302,6 @@ class ShakespeareSource(Source):
 
 # --------------------------------------------------------------------------- readers
 
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-
-
 def _checked_text(value: object, field: str, where: str) -> str:
     """`value` if it is a string, else a UserError naming `where` and what the field holds."""
     if isinstance(value, str):
@@ -316,7 +312,7 @@ def _checked_text(value: object, field: str, where: str) -> str:
 
 
 def _cannot_read(path: Path, e: Exception) -> UserError:
-    return UserError(f"cannot read {path} ({getattr(e, 'strerror', None) or _first_line(e)}); check the file")
+    return UserError(f"cannot read {path} ({getattr(e, 'strerror', None) or first_line(e)}); check the file")
 
 
 def read_text_blocks(path: Path) -> Iterator[str]:
@@ -362,7 +358,7 @@ def _record(line: bytes, where: str, field: str = "text") -> dict:
     except UnicodeDecodeError:
         raise UserError(f"{where} is not UTF-8 text; convert the file to UTF-8") from None
     except ValueError as e:
-        detail = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else _first_line(e)
+        detail = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else first_line(e)
         raise UserError(f"{where} is not JSON ({detail}); each line must be one JSON object, e.g. "
                         f'{{"{field}": "..."}}') from None
     if not isinstance(record, dict):
@@ -431,7 +427,7 @@ def parquet_records(path: Path) -> Iterator[tuple[dict, str]]:
                     yield record, f"{path} row {row}"
                     row += 1
     except (OSError, pa.ArrowException) as e:
-        raise UserError(f"cannot read {path} as Parquet ({_first_line(e)}); check the file") from None
+        raise UserError(f"cannot read {path} as Parquet ({first_line(e)}); check the file") from None
 
 
 def import_pyarrow(path: Path):
@@ -467,7 +463,7 @@ def parquet_blocks(path: Path, field: str) -> Iterator[Block]:
     try:
         parquet = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as e:
-        raise UserError(f"cannot read {path} as Parquet ({_first_line(e)}); check the file") from None
+        raise UserError(f"cannot read {path} as Parquet ({first_line(e)}); check the file") from None
     with parquet:
         schema = parquet.schema_arrow
         if field not in schema.names:
@@ -487,4 +483,4 @@ def parquet_blocks(path: Path, field: str) -> Iterator[Block]:
                     yield Block(_checked_text(text, field, where), True, advance if i == len(texts) - 1 else 0)
                 row += len(texts)
         except (OSError, pa.ArrowException) as e:
-            raise UserError(f"cannot read {path} as Parquet ({_first_line(e)}); check the file") from None
+            raise UserError(f"cannot read {path} as Parquet ({first_line(e)}); check the file") from None

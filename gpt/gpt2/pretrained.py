@@ -45,7 +45,7 @@ import torch
 from gpt.checkpoint import BEST_NAME, LATEST_NAME, checkpoint_path, load_checkpoint, load_weights
 from gpt.config import Config, config_from_dict, load_config
 from gpt.corpus.downloads import DATA_DIR
-from gpt.errors import UserError
+from gpt.errors import UserError, first_line
 from gpt.gpt2.hf_format import (ARCHITECTURE_FIELDS, architecture_from_config, architecture_from_weights,
                          from_hf_state_dict)
 from gpt.lora import LORA_BASE, add_adapters, base_record, merge
@@ -85,7 +85,7 @@ def download_gpt2(name: str) -> Path:
     try:
         paths = [huggingface_hub.hf_hub_download(repo, file) for file in files]
     except Exception as e:  # offline, proxy, rate limit, missing file: the remedy is the same
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        reason = first_line(e, 160)
         raise UserError(f"could not download {name} from huggingface.co ({reason}); check the "
                         f"connection, {by_hand}") from None
     return Path(paths[1])
@@ -127,7 +127,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = reader(str(path))
     except Exception as e:  # truncated, foreign or unsafe files raise many types
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        reason = first_line(e)
         raise UserError(f"cannot read weights {path} ({reason}); it is damaged or not a weights file") from None
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise UserError(f"{path} is not a state dict of tensors")

@@ -32,6 +32,7 @@ from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.model import GPTModel
 from gpt.tools.plot import INSTALL_HINT
 from gpt.gpt2.pretrained import DEFAULT_RUN_CONFIG, default_checkpoint, is_pretrained_source, load_for_sampling
+from gpt.sampling import check_prompt
 from gpt.tokenizer import get_tokenizer
 
 PLOT_NAME = "attention.png"
@@ -165,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def work() -> None:
-        if not args.prompt:
-            raise UserError(f'the prompt is empty; give some text to look at, e.g. "{EXAMPLE_PROMPT}"')
+        check_prompt(args.prompt, "the prompt", f'some text to look at, e.g. "{EXAMPLE_PROMPT}"')
         location = args.checkpoint or default_checkpoint()
         model, _, source = load_for_sampling(location, torch.device("cpu"))
         layers = _pick("--layer", args.layer, model.cfg.n_layers, "layers", source)
