@@ -26,12 +26,12 @@ from gpt.lora import LORA_BASE, adapters_line
 from gpt.metrics import RunLog
 from gpt.model import GPTModel
 from gpt.precision import precision_line
-from gpt.resume import RunCheckpoints, StopRequest, check_resumable, checkpoint_to_resume, rank_seed, seed_everything
+from gpt.resume import RunCheckpoints, StopRequest, check_resumable, checkpoint_to_resume, restore_run, seed_run
 from gpt.sampling import print_samples
 from gpt.tools.evaluate import final_val_line
 from gpt.tools.multiple_choice import Prompts, Scoring, TaskScorer
 from gpt.tools.plot import plot_after_training
-from gpt.training import TrainData, pick_device, setup_device, train, train_data
+from gpt.training import Run, TrainData, new_run, pick_device, setup_device, train, train_data
 
 
 def run(cfg: Config, resume: bool, overwrite: bool, resume_command: str) -> int:
@@ -53,42 +53,24 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
               device: torch.device) -> int:
     """`run`'s work, as process `dist.rank` of `dist.world_size` (rank 0 of 1 without torchrun)."""
     say = print if dist.is_main else lambda *args, **kwargs: None  # rank 0 speaks for all
-    chat = cfg.data.format == "chat"
-    # A pretrained init_from brings its architecture (context_length included) with its weights;
-    # resolved first, so a resume compares the architecture it will really build.
-    cfg.model = resolve_model_config(cfg.model, cfg.given_keys.get("model", ()))
-    base_vocab = cfg.model.vocab_size  # the weights' own; a chat run's new token rows come after
-    if chat:  # the template's markers are token ids of their own (gpt.chat.template)
-        cfg.model = chat_model_config(cfg.model)
-    if cfg.train.lora is not None:
-        refuse_random_base(cfg.model)
+    new_rows = settle_model_config(cfg)
     resumed = open_checkpoint(cfg, resume, overwrite, say)
     setup_device(device)
-    seed_everything(cfg.train.seed)
+    seed_run(cfg.train.seed, dist.rank, resumed[1]["step"] if resumed else 0)  # before the weights are drawn
     data = load_data(cfg, dist, device, say)
-    model, extras = run_model(cfg, resumed, range(base_vocab, cfg.model.vocab_size))
-    model = model.to(device)
-    if dist.rank:  # the same weights everywhere (DDP also copies rank 0's), other dropout masks
-        seed_everything(rank_seed(cfg.train.seed, dist.rank))
-    processes = f" x {plural(dist.world_size, 'process', 'processes')}" if dist.launched else ""
-    say(f"model: {model.num_parameters() / 1e6:.2f}M parameters; device: {device}{processes}; "
-        f"{len(data.batches.dataset):,} train windows")
-    say(batch_line(cfg.data.batch_size, cfg.train.grad_accum_steps, cfg.model.context_length, dist))
-    say(f"precision: {precision_line(cfg.train.dtype, device)}")
-    if cfg.train.lora is not None:
-        say(adapters_line(model, cfg.train.lora))
-
-    if chat:  # what the checkpoints record beside the run (with a LoRA run's base)
-        extras["chat_template"] = TEMPLATE
-    checkpoints = RunCheckpoints(cfg, model, data.batches, dist, resumed, extras)
+    model, extras = run_model(cfg, resumed, new_rows)
+    run = new_run(model.to(device), cfg.train, device, dist)
+    fresh = resumed is None
+    if not fresh:
+        restore_run(run, data.batches, *resumed)
+    del resumed  # its tensors are in the run now
+    describe_run(run, cfg, data, say)
+    checkpoints = RunCheckpoints(cfg, data.batches, dist, extras, last_saved=None if fresh else run.state.step)
     checkpoints.make_folder(overwrite)
-    tokens_per_step = cfg.data.batch_size * cfg.model.context_length * cfg.train.grad_accum_steps
-    task_columns = data.score_tasks.columns if data.score_tasks else []
-    log = (RunLog(cfg.train.out_dir, cfg.train.tensorboard, fresh=resumed is None, tokens_per_step=tokens_per_step,
-                  task_columns=task_columns) if dist.is_main else None)
+    log = run_log(cfg, fresh, data) if dist.is_main else None
     with StopRequest(quiet=not dist.is_main) as stop, checkpoints.explained_stops():
         try:
-            state = train(model, cfg.train, data, device, checkpoints, stop, log, dist)
+            state = train(run, cfg.train, data, checkpoints, stop, log)
         finally:
             if log is not None:
                 log.close()
@@ -97,13 +79,47 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
         return 128 + (stop.signum or signal.SIGTERM)
     if cfg.train.whole_val_at_end:  # the figure to compare runs by: every window, not the periodic subset
         with checkpoints.explained_stops():
-            say(final_val_line(model, data.whole_val, cfg.train, device, dist, chat, state.step))
+            say(final_val_line(model, data.whole_val, cfg.train, device, dist, cfg.data.format == "chat", state.step))
     if dist.is_main:
         print(f"saved {checkpoints.latest} (step {state.step}); best: {checkpoints.best} (step {state.best_step}, "
               f"val loss {state.best_val_loss:.4f} on the periodic subset)")
         print(plot_after_training(cfg.train.out_dir))
         print_sample(model, cfg, device)
     return 0
+
+
+def settle_model_config(cfg: Config) -> range:
+    """Settle `cfg.model` before anything is built -> the ids of the token rows the run adds (a chat run's).
+
+    A pretrained init_from brings its architecture (context_length included) with its weights; resolved
+    first, so a resume compares the architecture it will really build.
+    """
+    cfg.model = resolve_model_config(cfg.model, cfg.given_keys.get("model", ()))
+    base_vocab = cfg.model.vocab_size  # the weights' own; a chat run's new token rows come after
+    if cfg.data.format == "chat":  # the template's markers are token ids of their own (gpt.chat.template)
+        cfg.model = chat_model_config(cfg.model)
+    if cfg.train.lora is not None:
+        refuse_random_base(cfg.model)
+    return range(base_vocab, cfg.model.vocab_size)
+
+
+def describe_run(run: Run, cfg: Config, data: TrainData, say) -> None:
+    """The lines that open a run: the model, the device, the batch, the precision (and a LoRA run's adapters)."""
+    dist = run.dist
+    processes = f" x {plural(dist.world_size, 'process', 'processes')}" if dist.launched else ""
+    say(f"model: {run.model.num_parameters() / 1e6:.2f}M parameters; device: {run.precision.device}{processes}; "
+        f"{len(data.batches.dataset):,} train windows")
+    say(batch_line(cfg.data.batch_size, cfg.train.grad_accum_steps, cfg.model.context_length, dist))
+    say(f"precision: {precision_line(cfg.train.dtype, run.precision.device)}")
+    if cfg.train.lora is not None:
+        say(adapters_line(run.model, cfg.train.lora))
+
+
+def run_log(cfg: Config, fresh: bool, data: TrainData) -> RunLog:
+    """The run folder's metrics log (a fresh run's starts anew; a resumed one's continues)."""
+    tokens_per_step = cfg.data.batch_size * cfg.model.context_length * cfg.train.grad_accum_steps
+    return RunLog(cfg.train.out_dir, cfg.train.tensorboard, fresh=fresh, tokens_per_step=tokens_per_step,
+                  task_columns=data.score_tasks.columns if data.score_tasks else [])
 
 
 def run_model(cfg: Config, resumed: tuple[Path, dict] | None, new_rows: range) -> tuple[GPTModel, dict]:
@@ -113,10 +129,11 @@ def run_model(cfg: Config, resumed: tuple[Path, dict] | None, new_rows: range) -
     fills, with no need to read GPT-2's first. With train.lora: the frozen base and fresh adapters (and
     trainable `new_rows`), the base checked against a resumed run's record of it (`lora_model`).
     """
+    extras = {"chat_template": TEMPLATE} if cfg.data.format == "chat" else {}  # what the checkpoints record beside the run
     if cfg.train.lora is None:
-        return (GPTModel(cfg.model) if resumed is not None else build_model(cfg.model)), {}
+        return (GPTModel(cfg.model) if resumed is not None else build_model(cfg.model)), extras
     model, base = lora_model(cfg, new_rows, resumed)
-    return model, {LORA_BASE: base}
+    return model, {**extras, LORA_BASE: base}
 
 
 def open_checkpoint(cfg: Config, resume: bool, overwrite: bool, say=print) -> tuple[Path, dict] | None:

@@ -113,9 +113,13 @@ class Precision:
     """
 
     def __init__(self, dtype: torch.dtype, device: torch.device):
-        self.dtype = dtype
-        self.device_type = device.type
+        self.dtype, self.device = dtype, device
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        """Forward passes inside run in `dtype` (nothing changes for float32)."""
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss.backward()`, the loss scaled first for fp16."""
+        self.scaler.scale(loss).backward()

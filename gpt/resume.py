@@ -48,15 +48,15 @@ import torch
 
 from gpt.checkpoint import (BEST_NAME, LATEST_NAME, config_differences, load_weights, model_weights, run_checkpoints,
                             save_checkpoint)
-from gpt.config import Config, config_from_dict, config_to_dict
+from gpt.config import Config, config_from_dict
 from gpt.data import TrainBatches
 from gpt.distributed import SINGLE, Distributed, plural
-from gpt.errors import UserError
-from gpt.training import NonFiniteLoss, OutOfMemory, TrainState
+from gpt.errors import UserError, first_line
+from gpt.training import NonFiniteLoss, OutOfMemory, Run, TrainState
 
 # What latest.pt holds beyond the weights and config; best.pt (weights only) lacks these.
 RESUME_KEYS = ("optimizer", "scaler", "data", "rng", *(f.name for f in dataclasses.fields(TrainState)))
-RANK_SEED_STRIDE = 1_000_003  # rank r > 0 of a run seeds dropout with seed + r * this (`rank_seed`)
+RANK_SEED_STRIDE = 1_000_003  # rank r > 0 of a run seeds with seed + r * this (`seed_run`)
 
 
 # --------------------------------------------------------------------------- RNG states
@@ -68,10 +68,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rank_seed(seed: int, rank: int, step: int = 0) -> int:
-    """The seed of process `rank`'s RNGs (dropout masks) when a run starts, or resumes at `step`
-    with another number of processes; rank 0's is the run's own, so one process is unaffected."""
-    return seed + rank * RANK_SEED_STRIDE + step if rank else seed
+def seed_run(seed: int, rank: int = 0, step: int = 0) -> None:
+    """Seed every RNG of process `rank` of a run that starts (or resumes) at `step`: the one place a run
+    seeds them. Rank 0's seed is `seed` itself, so one process is unaffected; the others draw other
+    dropout masks. A resumed process then gets its saved RNG states back where it has them (`restore_run`)."""
+    seed_everything(seed + rank * RANK_SEED_STRIDE + step if rank else seed)
 
 
 def rng_state() -> dict:
@@ -106,20 +107,19 @@ def set_rng_state(state: dict) -> None:
 
 # --------------------------------------------------------------------------- checkpoints
 
-def training_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        scaler: torch.amp.GradScaler | None, state: TrainState, batches: TrainBatches,
-                        cfg: Config, rank_rngs: list[dict] | None = None) -> dict:
+def training_checkpoint(run: Run, batches: TrainBatches, cfg: Config, rank_rngs: list[dict] | None = None) -> dict:
     """What latest.pt holds: everything an exact resume needs.
 
     `rank_rngs` holds every process's `rng_state()` in rank order (default: this process's).
     """
     rank_rngs = rank_rngs or [rng_state()]
+    scaler = run.precision.scaler
     return {
-        "model": model_weights(model),  # a LoRA run's: its adapters only
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "config": config_to_dict(cfg),
-        **dataclasses.asdict(state),
+        "model": model_weights(run.model),  # a LoRA run's: its adapters only
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "config": dataclasses.asdict(cfg),
+        **dataclasses.asdict(run.state),
         "data": batches.state_dict(),
         "rng": rank_rngs[0],
         "rank_rng": rank_rngs[1:],  # ranks 1, 2, ... of a run with several processes
@@ -127,9 +127,9 @@ def training_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     }
 
 
-def best_checkpoint(model: torch.nn.Module, state: TrainState, cfg: Config) -> dict:
+def best_checkpoint(run: Run, cfg: Config) -> dict:
     """What best.pt holds: the weights, the config and the losses, for sampling."""
-    return {"model": model_weights(model), "config": config_to_dict(cfg), **dataclasses.asdict(state)}
+    return {"model": model_weights(run.model), "config": dataclasses.asdict(cfg), **dataclasses.asdict(run.state)}
 
 
 def checkpoint_to_resume(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:
@@ -154,8 +154,8 @@ def check_resumable(checkpoint: dict, path: Path, cfg: Config) -> list[str]:
     if missing:
         raise UserError(f"{path} cannot be resumed: it has no {', '.join(missing)} "
                         f"(only {LATEST_NAME} files written by train.py can); start again with --overwrite")
-    saved = config_to_dict(config_from_dict(checkpoint["config"], source=str(path)))
-    requested = config_to_dict(cfg)
+    saved = dataclasses.asdict(config_from_dict(checkpoint["config"], source=str(path)))
+    requested = dataclasses.asdict(cfg)
     # model.attn_impl says how attention is computed, not what: the weights are the same.
     model_changes = [change for change in config_differences(saved["model"], requested["model"], "model")
                      if not change.startswith("model.attn_impl")]
@@ -194,52 +194,52 @@ def saved_optimizer_name(checkpoint: dict) -> str:
     return "muon" if isinstance(state, dict) and set(state) == {"muon", "adamw"} else "adamw"
 
 
-def restore_training(checkpoint: dict, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler | None, batches: TrainBatches, seed: int = 0,
-                     rank: int = 0, world_size: int = 1) -> TrainState:
-    """Load a latest.pt into the run's objects (RNGs last) and return the loop state to continue.
+def restore_run(run: Run, batches: TrainBatches, path: Path, checkpoint: dict) -> None:
+    """Fill a new run's objects from the latest.pt at `path`: weights, optimizer, GradScaler, loop state, data
+    position and RNGs. It builds nothing: `run` and `batches` are the ones the run would start with.
 
-    Process `rank` of `world_size` gets its own saved RNGs when the checkpoint was written by as
-    many processes; otherwise (rank > 0 only) new ones, seeded by `rank_seed`.
+    A process gets its saved RNGs when the checkpoint was written by as many processes (rank 0 always);
+    otherwise it keeps those `seed_run` gave it.
     """
-    load_weights(model, checkpoint["model"], path)
+    load_weights(run.model, checkpoint["model"], path)
+    rank, world_size = run.dist.rank, run.dist.world_size
+    saved_by = checkpoint.get("world_size", 1)
     try:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scaler is not None and checkpoint["scaler"] is not None:
-            scaler.load_state_dict(checkpoint["scaler"])
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        if run.precision.scaler.is_enabled() and checkpoint["scaler"] is not None:
+            run.precision.scaler.load_state_dict(checkpoint["scaler"])
         batches.load_state_dict(checkpoint["data"])
-        state = TrainState(**{f.name: checkpoint[f.name] for f in dataclasses.fields(TrainState)})
-        if rank == 0:
-            set_rng_state(checkpoint["rng"])
-        elif checkpoint.get("world_size", 1) == world_size:
-            set_rng_state(checkpoint["rank_rng"][rank - 1])
-        else:
-            seed_everything(rank_seed(seed, rank, state.step))
+        run.state = TrainState(**{f.name: checkpoint[f.name] for f in dataclasses.fields(TrainState)})
+        if rank == 0 or saved_by == world_size:
+            set_rng_state(checkpoint["rng"] if rank == 0 else checkpoint["rank_rng"][rank - 1])
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{path} is damaged: its training state cannot be restored ({reason[:200]}); "
+        raise UserError(f"{path} is damaged: its training state cannot be restored ({first_line(e)}); "
                         "start again with --overwrite") from None
-    return state
+    if run.dist.is_main:
+        if saved_by != world_size:
+            print(f"note: {path} was written by {plural(saved_by, 'process', 'processes')} and continues with "
+                  f"{world_size}: the batches and the schedule continue exactly, the dropout masks "
+                  "differ from an unbroken run's")
+        print(f"resuming {path} at step {run.state.step}")
 
 
 # --------------------------------------------------------------------------- a run's folder
 
 class RunCheckpoints:
-    """A run folder's latest.pt and best.pt: where `train` saves the run and, resuming, restores it from.
+    """A run folder's latest.pt and best.pt, where `train` saves the run.
 
-    `resumed` is the (path, checkpoint) to continue from, None for a fresh run. `extras` go into
-    both files beside the run's state (a chat run's template). Every process calls `save` (their
-    RNG states are gathered) and rank 0 writes.
+    `extras` go into both files beside the run's state (a chat run's template). `last_saved` is the step
+    of the last good checkpoint (a resumed run's). Every process calls `save` (their RNG states are
+    gathered) and rank 0 writes.
     """
 
-    def __init__(self, cfg: Config, model: torch.nn.Module, batches: TrainBatches, dist: Distributed = SINGLE,
-                 resumed: tuple[Path, dict] | None = None, extras: dict | None = None):
+    def __init__(self, cfg: Config, batches: TrainBatches, dist: Distributed = SINGLE, extras: dict | None = None,
+                 last_saved: int | None = None):
         out_dir = Path(cfg.train.out_dir)
         self.latest, self.best = out_dir / LATEST_NAME, out_dir / BEST_NAME
-        self.cfg, self.model, self.batches, self.dist = cfg, model, batches, dist
-        self.resumed = resumed
+        self.cfg, self.batches, self.dist = cfg, batches, dist
         self.extras = extras or {}
-        self.last_saved = resumed[1]["step"] if resumed is not None else None  # the last good checkpoint's step
+        self.last_saved = last_saved
 
     def make_folder(self, overwrite: bool) -> None:
         """Create the run folder now, not at the first save; with `overwrite`, remove the old run's checkpoints."""
@@ -255,31 +255,14 @@ class RunCheckpoints:
             for old in run_checkpoints(out_dir):
                 old.unlink()
 
-    def restore(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> TrainState:
-        """The state to continue from, the resumed checkpoint loaded into the run's objects; a new one if fresh."""
-        if self.resumed is None:
-            return TrainState()
-        path, checkpoint = self.resumed
-        self.resumed = None  # its tensors go into the model and optimizer: free the copy after
-        state = restore_training(checkpoint, path, self.model, optimizer, scaler, self.batches, self.cfg.train.seed,
-                                 self.dist.rank, self.dist.world_size)
-        saved_by = checkpoint.get("world_size", 1)
-        if self.dist.is_main:
-            if saved_by != self.dist.world_size:
-                print(f"note: {path} was written by {plural(saved_by, 'process', 'processes')} and continues with "
-                      f"{self.dist.world_size}: the batches and the schedule continue exactly, the dropout masks "
-                      "differ from an unbroken run's")
-            print(f"resuming {path} at step {state.step}")
-        return state
-
-    def save(self, state: TrainState, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
-        """Write latest.pt, and best.pt when `state` holds the best val loss so far, measured just now."""
+    def save(self, run: Run) -> None:
+        """Write latest.pt, and best.pt when `run.state` holds the best val loss so far, measured just now."""
         rank_rngs = self.dist.gather(rng_state())  # every process takes part; rank 0 writes
+        state = run.state
         if self.dist.is_main:
-            save_checkpoint(self.latest, {**training_checkpoint(self.model, optimizer, scaler, state, self.batches,
-                                                                self.cfg, rank_rngs), **self.extras})
+            save_checkpoint(self.latest, {**training_checkpoint(run, self.batches, self.cfg, rank_rngs), **self.extras})
             if state.best_step == state.step:  # evaluated just now, and the best so far
-                save_checkpoint(self.best, {**best_checkpoint(self.model, state, self.cfg), **self.extras})
+                save_checkpoint(self.best, {**best_checkpoint(run, self.cfg), **self.extras})
         self.last_saved = state.step
 
     @contextlib.contextmanager

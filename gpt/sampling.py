@@ -75,6 +75,12 @@ class SampleConfig:
             raise ValueError(f"sample.compile must be true, false or auto, got {self.compile!r}")
 
 
+def check_prompt(prompt: str | None, name: str, give: str) -> None:
+    """A UserError if a prompt given on the command line holds no text: `<name> is empty; give <give>`."""
+    if prompt is not None and not prompt.strip():
+        raise UserError(f"{name} is empty; give {give}")
+
+
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """(B, V) logits with everything outside top-k / top-p set to -inf, row by row."""
     if top_k is not None and top_k < logits.shape[-1]:

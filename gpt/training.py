@@ -42,8 +42,8 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -59,6 +59,9 @@ from gpt.errors import UserError
 from gpt.model import IGNORE_INDEX
 from gpt.optim import build_optimizer, set_learning_rate, steps_unless
 from gpt.precision import Precision, pick_dtype
+
+if TYPE_CHECKING:  # for the annotations only: gpt.resume imports this module
+    from gpt.resume import RunCheckpoints
 
 
 def pick_device(name: str, option: str = "train.device") -> torch.device:
@@ -192,11 +195,17 @@ class TrainState:
 
 
 class NonFiniteLoss(Exception):
-    """The loss or the weights stopped being finite at `step`; nothing from then on is saved."""
+    """The loss or the weights stopped being finite at `step`; nothing from then on is saved.
 
-    def __init__(self, what: str, value: float, step: int):
-        super().__init__(f"{what} is {value} at step {step}")
-        self.step = step
+    Raised without a step by what does not know it (`train_step`); `out_of_memory_named` names it.
+    """
+
+    def __init__(self, what: str, value: float, step: int | None = None):
+        super().__init__(what, value, step)
+        self.what, self.value, self.step = what, value, step
+
+    def __str__(self) -> str:
+        return f"{self.what} is {self.value} at step {self.step}"
 
 
 class OutOfMemory(Exception):
@@ -219,11 +228,15 @@ class OutOfMemory(Exception):
 
 @contextlib.contextmanager
 def out_of_memory_named(phase: str, step: int, device: torch.device) -> Iterator[None]:
-    """Inside, `torch.OutOfMemoryError` becomes `OutOfMemory(phase, step, ...)`."""
+    """Inside, `torch.OutOfMemoryError` becomes `OutOfMemory(phase, step, ...)`, and a `NonFiniteLoss`
+    raised without a step is given `step`."""
     try:
         yield
     except torch.OutOfMemoryError as e:
         raise OutOfMemory(phase, step, device, e) from None  # from None: the failed step's tensors can go
+    except NonFiniteLoss as e:
+        e.step = step if e.step is None else e.step
+        raise
 
 
 def weights_are_finite(model: nn.Module) -> bool:
@@ -231,95 +244,105 @@ def weights_are_finite(model: nn.Module) -> bool:
     return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
 
 
-def gradient_sync_skipped(model: nn.Module) -> contextlib.AbstractContextManager:
-    """DDP's `no_sync()` (gradients accumulate locally, not exchanged), or nothing without DDP."""
+def gradient_sync(model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
+    """Nothing, or with `enabled` False under DDP its `no_sync()`: gradients accumulate locally, not exchanged."""
     ddp = model.eager if isinstance(model, CompiledOrEager) else model
-    return ddp.no_sync() if isinstance(ddp, DistributedDataParallel) else contextlib.nullcontext()
+    if enabled or not isinstance(ddp, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return ddp.no_sync()
 
 
-def train_step(
-    model: nn.Module,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
-    precision: Precision,
-    cfg: TrainConfig,
-    device: torch.device,
-    step: int = 0,
-    dist: Distributed = SINGLE,
-) -> tuple[float, int]:
-    """One optimizer step over `cfg.grad_accum_steps` micro-batches -> (mean loss, tokens seen).
+def counted_targets(batches: list[tuple[torch.Tensor, ...]], device: torch.device) -> torch.Tensor:
+    """The targets the loss counts in `batches` (not IGNORE_INDEX), counted on the host, where they are."""
+    return torch.tensor(float(sum(int((batch[1] != IGNORE_INDEX).sum()) for batch in batches)), device=device)
 
-    The loss and its gradient are the mean over the counted targets of all the micro-batches.
 
-    With several processes, each runs its share of the micro-batches (`model` is in DDP) and
-    the loss and token count are those of all of them. Raises `NonFiniteLoss` (naming `step`,
-    counted from 1) before updating anything if the loss is NaN or infinite.
+def train_step(model: nn.Module, batches: Iterator[tuple[torch.Tensor, ...]], optimizer: torch.optim.Optimizer,
+               precision: Precision, cfg: TrainConfig, dist: Distributed = SINGLE) -> tuple[float, int]:
+    """One optimizer step over `cfg.grad_accum_steps` micro-batches -> (loss, tokens seen by every process).
+
+    The loss and its gradient are the mean over every target the step counts, in all its micro-batches
+    and on every process (as nanochat's): a micro-batch of short replies weighs by its tokens. With several
+    processes, each runs its share of the micro-batches (`model` is in DDP). Raises `NonFiniteLoss` before
+    updating anything if the loss or the gradient norm is NaN or infinite.
     """
-    micro_steps = dist.local_accum_steps(cfg.grad_accum_steps)
-    step_batches = [next(batches) for _ in range(micro_steps)]
-    # The loss is the mean over every target the step counts, in all its micro-batches and on every
-    # process (as nanochat's): a micro-batch of short replies weighs by its tokens, not as much as one
-    # of long replies. Counted on the host, where the batches are; DDP's mean over the processes'
-    # gradients is undone by world_size.
-    counted = torch.tensor(float(sum(int((batch[1] != IGNORE_INDEX).sum()) for batch in step_batches)), device=device)
-    scale = dist.world_size / dist.sum(counted).clamp(min=1)
-    loss_sum, tokens = torch.zeros((), device=device), 0
-    for micro_step, batch in enumerate(step_batches):
+    device = precision.device
+    micro_batches = [next(batches) for _ in range(dist.local_accum_steps(cfg.grad_accum_steps))]
+    # 1 / the step's count, times world_size to undo DDP's mean over the processes' gradients
+    scale = dist.world_size / dist.sum(counted_targets(micro_batches, device)).clamp(min=1)
+    loss_sum = torch.zeros((), device=device)  # the step's summed loss, scaled: its mean
+    for i, batch in enumerate(micro_batches):
         inputs, targets, positions = batch_to_device(batch, device)
-        # Exchange gradients once, in the last micro-step's backward, not in every one.
-        last = micro_step == micro_steps - 1
-        with contextlib.nullcontext() if last else gradient_sync_skipped(model):
+        with gradient_sync(model, enabled=i == len(micro_batches) - 1):  # exchanged once, in the last backward
             with precision.autocast():
                 loss = model(inputs, targets=targets, reduction="sum", positions=positions,
                              checkpoint_activations=cfg.activation_checkpointing) * scale
-            precision.scaler.scale(loss).backward()
-        loss_sum += loss.detach()  # summed on the device: no GPU sync per micro-batch
-        tokens += inputs.numel()
-    loss_sum = dist.sum(loss_sum) / dist.world_size
-    tokens *= dist.world_size
+            precision.backward(loss)
+        loss_sum += loss.detach()  # on the device: no sync per micro-batch
+    loss = optimizer_step(model, optimizer, dist.sum(loss_sum) / dist.world_size, precision, cfg.grad_clip)
+    return loss, sum(batch[0].numel() for batch in micro_batches) * dist.world_size
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, precision: Precision,
+                   grad_clip: float) -> float:
+    """Clip the gradients to `grad_clip` (0: no clipping) and step, unless the loss or the gradient norm is not
+    finite (then `NonFiniteLoss`) -> the loss. The gradients are zeroed either way.
+
+    The update is queued before the host reads the loss: whether to skip it is decided on the device
+    (`step_unless_on_device`), so the step's one sync comes after, while the GPU works through it.
+    """
     if precision.scaler.is_enabled():  # fp16: the scaler skips steps whose gradients overflowed
-        return _scaled_step(model, loss_sum, optimizer, precision.scaler, cfg, step), tokens
-    # Clip and step without waiting for the GPU: whether the loss and the gradient norm are finite
-    # is decided on the device, where the optimizer skips its update if not; the step's one sync
-    # (reading the loss) comes after, while the GPU works through the update.
-    norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
-            else torch.zeros((), device=device))  # clip_grad_norm_ uses foreach kernels where the device has them
-    finite = torch.isfinite(loss_sum) & torch.isfinite(norm)
-    stepped_blind = steps_unless(optimizer, ~finite)
-    loss_value, norm_value, ok = torch.stack([loss_sum, norm.float(), finite.float()]).tolist()
-    if ok and not stepped_blind:  # an optimizer that cannot skip on the device steps after the check
-        optimizer.step()
+        return _scaled_step(model, optimizer, loss, precision.scaler, grad_clip)
+    norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0
+            else torch.zeros((), device=loss.device))
+    step_unless_on_device(optimizer, ~(torch.isfinite(loss) & torch.isfinite(norm)))
     optimizer.zero_grad(set_to_none=True)
-    if not ok:
-        raise NonFiniteLoss("loss" if not math.isfinite(loss_value) else "the gradient norm",
-                            loss_value if not math.isfinite(loss_value) else norm_value, step)
-    return loss_value, tokens
+    loss_value, norm_value = torch.stack([loss, norm.float()]).tolist()
+    for what, value in (("loss", loss_value), ("the gradient norm", norm_value)):
+        if not math.isfinite(value):
+            raise NonFiniteLoss(what, value)
+    return loss_value
 
 
-def _scaled_step(model: nn.Module, loss_sum: torch.Tensor, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, cfg: TrainConfig, step: int) -> float:
+def step_unless_on_device(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """Step `optimizer` unless `skip` (a bool tensor): decided on the device by fused AdamW and our Muon
+    (`steps_unless`); any other optimizer waits for the device to say."""
+    if not steps_unless(optimizer, skip) and not skip.item():
+        optimizer.step()
+
+
+def _scaled_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                 scaler: torch.amp.GradScaler, grad_clip: float) -> float:
     """fp16's step: stop on a non-finite loss, unscale, clip, and let the scaler step (or skip) -> the loss."""
-    loss_value = loss_sum.item()
+    loss_value = loss.item()
     if not math.isfinite(loss_value):
         optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLoss("loss", loss_value, step)
-    if cfg.grad_clip > 0:
+        raise NonFiniteLoss("loss", loss_value)
+    if grad_clip > 0:
         scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)  # skipped if fp16 gradients overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss_value
 
 
-class Checkpoints(Protocol):
-    """Where `train` resumes from and saves to (`gpt.resume.RunCheckpoints`: a run folder)."""
+@dataclass
+class Run:
+    """What training changes and a checkpoint records: the model (as built, not wrapped or compiled),
+    its optimizer, the precision (with fp16's GradScaler) and the loop's state; `dist` is this process's
+    place among the run's."""
 
-    def restore(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> TrainState:
-        """The state to continue from, loaded into the run's objects; a new `TrainState` for a fresh run."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    precision: Precision
+    state: TrainState = field(default_factory=TrainState)
+    dist: Distributed = SINGLE
 
-    def save(self, state: TrainState, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
-        """Record the run at `state` (every process calls it)."""
+
+def new_run(model: nn.Module, cfg: TrainConfig, device: torch.device, dist: Distributed = SINGLE) -> Run:
+    """A run of `model` at step 0: the optimizer `cfg.optimizer` names, the precision `cfg.dtype` picks on `device`."""
+    return Run(model, build_optimizer(model, cfg, device), Precision(pick_dtype(cfg.dtype, device), device), dist=dist)
 
 
 @dataclass
@@ -347,13 +370,16 @@ def train_data(train_set: Dataset, val_set: Dataset, data: DataConfig, cfg: Trai
 
 
 class Progress:
-    """The progress bar and the smoothed tokens/s; only the main process shows and prints them."""
+    """The progress bar, the smoothed tokens/s and each evaluation's line and log; only the main process
+    shows and prints them. `log`, if given, gets each evaluation's metrics as a dict."""
 
-    def __init__(self, cfg: TrainConfig, step: int, dist: Distributed):
+    def __init__(self, cfg: TrainConfig, step: int, dist: Distributed, log: Callable[[dict], None] | None = None):
         self.show = dist.is_main
         self.bar = tqdm(total=cfg.max_iters, initial=step, desc="training", unit="step",
                         disable=None if self.show else True, dynamic_ncols=True)
         self.rate: float | None = None  # tokens/s, smoothed
+        self.lr = math.nan  # the last step's
+        self.log = log
 
     def __enter__(self) -> "Progress":
         return self
@@ -364,11 +390,13 @@ class Progress:
     def update(self, loss: float, lr: float, tokens_per_s: float) -> None:
         """Count one more step, which ran at `tokens_per_s`."""
         self.rate = tokens_per_s if self.rate is None else 0.9 * self.rate + 0.1 * tokens_per_s
+        self.lr = lr
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{self.rate:,.0f}")
         self.bar.update(1)
 
     def report(self, state: TrainState, tasks: list) -> None:
-        """The line of an evaluation: both losses, their perplexities, the speed, each task's acc_norm and its time."""
+        """An evaluation's line (both losses, their perplexities, the speed, each task's acc_norm and its time)
+        and its metrics to the log."""
         if self.show:
             scores = "".join(f", {task.name} acc_norm {task.acc_norm:.4f} ({task.seconds:.1f} s)" for task in tasks)
             self.bar.write(
@@ -376,73 +404,62 @@ class Progress:
                 f"(ppl {math.exp(min(state.train_loss, 50)):.1f}), val loss {state.val_loss:.4f} "
                 f"(ppl {math.exp(min(state.val_loss, 50)):.1f}), {self.rate:,.0f} tokens/s{scores}"
             )
+        if self.log is not None:
+            self.log({"step": state.step, "train_loss": state.train_loss, "val_loss": state.val_loss,
+                      "lr": self.lr, "tokens_per_s": self.rate,
+                      **{name: value for task in tasks for name, value in task.metrics().items()}})
 
 
-def measure_losses(model: nn.Module, loaders: dict[str, DataLoader], state: TrainState, device: torch.device,
-                   precision: Precision, dist: Distributed = SINGLE) -> None:
-    """Evaluate the train and val loss into `state` (and the best val loss); NonFiniteLoss if one is not finite."""
+def measure(net: nn.Module, data: TrainData, run: Run) -> list:
+    """Evaluate the train and val loss into `run.state` (and the best val loss) through `net`, and score
+    `data`'s tasks -> their scores; NonFiniteLoss if a loss is not finite."""
+    state, device = run.state, run.precision.device
     with out_of_memory_named("the evaluation at step", state.step, device):
-        state.train_loss = evaluate(model, loaders["train"], device, precision, dist)
-        state.val_loss = evaluate(model, loaders["val"], device, precision, dist)
+        state.train_loss = evaluate(net, data.eval_loaders["train"], device, run.precision, run.dist)
+        state.val_loss = evaluate(net, data.eval_loaders["val"], device, run.precision, run.dist)
     for what, value in (("train loss", state.train_loss), ("val loss", state.val_loss)):
         if not math.isfinite(value):
             raise NonFiniteLoss(what, value, state.step)
     if state.val_loss < state.best_val_loss:
         state.best_val_loss, state.best_step = state.val_loss, state.step
+    with out_of_memory_named("the tasks' evaluation at step", state.step, device):
+        return data.score_tasks(run.model, run.precision) if data.score_tasks else []
 
 
-def train(
-    model: nn.Module,
-    cfg: TrainConfig,
-    data: TrainData,
-    device: torch.device,
-    checkpoints: Checkpoints,
-    stop: Callable[[], bool] | None = None,
-    log: Callable[[dict], None] | None = None,
-    dist: Distributed = SINGLE,
-) -> TrainState:
-    """Train up to step `cfg.max_iters`, evaluating and saving to `checkpoints` every `cfg.eval_interval` steps.
+def save(run: Run, checkpoints: "RunCheckpoints") -> None:
+    """`checkpoints.save(run)`, unless a weight is not finite: a NaN model never replaces a good checkpoint."""
+    if not weights_are_finite(run.model):
+        raise NonFiniteLoss("a weight", math.nan, run.state.step)
+    checkpoints.save(run)
 
-    `checkpoints.restore` gives the state to start from. `stop()` is asked after every step: when
-    true, the run saves and returns early (`state.step < cfg.max_iters`). `model` is trained in
-    place (through DistributedDataParallel when `dist` has several processes, and a compiled
-    wrapper if `cfg.compile` says so), in the precision `cfg.dtype` picks. `log`, if given, gets
-    each evaluation's metrics as a dict. Only `dist`'s main process prints; every process calls
-    `checkpoints.save` (rank 0 writes).
+
+def train(run: Run, cfg: TrainConfig, data: TrainData, checkpoints: "RunCheckpoints",
+          stop: Callable[[], bool] | None = None, log: Callable[[dict], None] | None = None) -> TrainState:
+    """Train `run` up to step `cfg.max_iters`, evaluating and saving to `checkpoints` every `cfg.eval_interval` steps.
+
+    `stop()` is asked after every step: when true, the run saves and returns early (`state.step <
+    cfg.max_iters`). The model trains in place, through DistributedDataParallel when `run.dist` has several
+    processes and compiled if `cfg.compile` says so. Every process calls `checkpoints.save` (rank 0 writes).
     """
-    optimizer = build_optimizer(model, cfg, device)
-    precision = Precision(pick_dtype(cfg.dtype, device), device)
-    scaler = precision.scaler if precision.scaler.is_enabled() else None
-    state = checkpoints.restore(optimizer, scaler)
-    batches = iter(data.batches)  # after restore: it continues from the restored position
-    # DDP first, then compile (PyTorch's advice); both share their parameters with `model`.
-    net = compile_model(dist.wrap(model, device), cfg.compile, device)
-    model.train()  # dropout active for the steps
-    with Progress(cfg, state.step, dist) as progress:
+    state, device = run.state, run.precision.device
+    batches = iter(data.batches)  # from its position: a restored run's continues
+    net = compile_model(run.dist.wrap(run.model, device), cfg.compile, device)  # DDP first, then compile (PyTorch's advice)
+    run.model.train()  # dropout active for the steps
+    with Progress(cfg, state.step, run.dist, log) as progress:
         while state.step < cfg.max_iters:
             started = time.perf_counter()
-            lr = set_learning_rate(optimizer, state.step, cfg)
+            lr = set_learning_rate(run.optimizer, state.step, cfg)
             with out_of_memory_named("training step", state.step + 1, device):
-                loss, tokens = train_step(net, batches, optimizer, precision, cfg, device, state.step + 1, dist)
+                loss, tokens = train_step(net, batches, run.optimizer, run.precision, cfg, run.dist)
             state.step += 1
             progress.update(loss, lr, tokens / (time.perf_counter() - started))
 
             evaluated = state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters
             if evaluated:
-                measure_losses(net, data.eval_loaders, state, device, precision, dist)
-                with out_of_memory_named("the tasks' evaluation at step", state.step, device):
-                    tasks = data.score_tasks(model, precision) if data.score_tasks else []
-                progress.report(state, tasks)
-                if log is not None:
-                    log({"step": state.step, "train_loss": state.train_loss, "val_loss": state.val_loss,
-                         "lr": lr, "tokens_per_s": progress.rate,
-                         **{name: value for task in tasks for name, value in task.metrics().items()}})
-            # Every process stops at the same step, whichever of them was asked.
-            stopping = stop is not None and dist.any(stop(), device)
+                progress.report(state, measure(net, data, run))
+            stopping = stop is not None and run.dist.any(stop(), device)  # every process stops at the same step
             if evaluated or stopping:
-                if not weights_are_finite(model):  # a NaN model never replaces a good checkpoint
-                    raise NonFiniteLoss("a weight", math.nan, state.step)
-                checkpoints.save(state, optimizer, scaler)
+                save(run, checkpoints)
             if stopping:
                 break
     return state

@@ -13,20 +13,17 @@ sys.path.insert(0, str(ROOT))
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from gpt.model import GPTModel, ModelConfig  # noqa: E402
-from gpt.training import TrainState  # noqa: E402
+from gpt.training import Run, TrainState  # noqa: E402
 
 
 class SavesOnly:
-    """`train()`'s checkpoints in a test: a fresh start, and `record(state)` at every save (no file)."""
+    """`train()`'s checkpoints in a test: `record(state)` at every save (no file)."""
 
     def __init__(self, record: Callable[[TrainState], object]):
         self.record = record
 
-    def restore(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> TrainState:
-        return TrainState()
-
-    def save(self, state: TrainState, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
-        self.record(state)
+    def save(self, run: Run) -> None:
+        self.record(run.state)
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from gpt.model import GPTModel
 from gpt.optim import Muon, build_optimizer
 from gpt.precision import Precision, cpu_bf16, pick_dtype
 from gpt.tools import evaluate
-from gpt.training import TrainData, train, train_step
+from gpt.training import TrainData, train, train_step, new_run
 
 pytestmark = [pytest.mark.precision,
               pytest.mark.skipif(not cpu_bf16(), reason="train.dtype auto is float32 on this CPU (no native "
@@ -52,8 +52,8 @@ def test_auto_trains_in_bf16_and_the_loss_falls(tiny_cfg):
     saves = []
     cfg = TrainConfig(max_iters=20, eval_interval=10, eval_iters=2, warmup_iters=3, learning_rate=3e-3, min_lr=3e-4)
     loaders = {"train": eval_loader(ds, 4, 2), "val": eval_loader(ds, 4, 2)}
-    train(model, cfg, TrainData(TrainBatches(ds, 4, seed=1), loaders),
-          CPU, SavesOnly(lambda s: saves.append(s.val_loss)))
+    train(new_run(model, cfg, CPU), cfg, TrainData(TrainBatches(ds, 4, seed=1), loaders),
+          SavesOnly(lambda s: saves.append(s.val_loss)))
     assert output_dtypes == {torch.bfloat16}  # the matmuls ran in bf16
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights stay float32
     assert saves[-1] < saves[0] < math.log(101)
@@ -92,7 +92,7 @@ def accumulated(model, cfg_overrides: dict, x, y, micro_batches: int):
     size = len(x) // micro_batches
     for _ in range(3):
         batches = [(x[i * size:(i + 1) * size], y[i * size:(i + 1) * size]) for i in range(micro_batches)]
-        train_step(model, iter(batches), opt, Precision(torch.bfloat16, CPU), cfg, CPU)
+        train_step(model, iter(batches), opt, Precision(torch.bfloat16, CPU), cfg)
     return model
 
 

@@ -33,7 +33,7 @@ from gpt.model import GPTModel, ModelConfig
 from gpt.optim import Muon, bf16_is_fast, build_optimizer
 from gpt.precision import Precision
 from gpt.sampling import generate
-from gpt.training import TrainData, allow_tf32_matmuls, setup_device, to_device, train, train_step
+from gpt.training import TrainData, allow_tf32_matmuls, setup_device, to_device, train, train_step, new_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)")
 
@@ -73,9 +73,8 @@ def trained_on_cuda(cfg: ModelConfig, steps: int = 20, **train_overrides) -> tup
     train_cfg = TrainConfig(max_iters=steps, eval_interval=steps // 2, eval_iters=2, warmup_iters=2,
                             learning_rate=3e-3, min_lr=3e-4, **train_overrides)
     saves = []
-    train(model, train_cfg, TrainData(TrainBatches(ds, 4, seed=1, pin_memory=True),
-                                      {"train": eval_loader(ds, 4, 2), "val": eval_loader(ds, 4, 2)}), CUDA,
-          SavesOnly(lambda state: saves.append((state.step, state.val_loss))))
+    train(new_run(model, train_cfg, CUDA), train_cfg, TrainData(TrainBatches(ds, 4, seed=1, pin_memory=True),
+          {"train": eval_loader(ds, 4, 2), "val": eval_loader(ds, 4, 2)}), SavesOnly(lambda state: saves.append((state.step, state.val_loss))))
     return model, saves
 
 
@@ -104,20 +103,20 @@ def test_fp16_grad_scaler_skips_a_step_that_overflowed_and_halves_its_scale(tiny
     assert precision.scaler.is_enabled() and scale == 2.0**16
 
     before = [p.detach().clone() for p in model.parameters()]
-    train_step(model, iter([(x, y)]), optimizer, precision, cfg, CUDA)
+    train_step(model, iter([(x, y)]), optimizer, precision, cfg)
     assert precision.scaler.get_scale() == scale  # no overflow: the same scale (it grows after 2,000 steps)
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # and the step was taken
 
     # An overflowing gradient (what fp16's range makes of a too-large scaled loss): step skipped, scale halved.
     hook = model.trf_blocks[0].ff.fc.weight.register_hook(lambda grad: grad * math.inf)
     before = [p.detach().clone() for p in model.parameters()]
-    loss, _ = train_step(model, iter([(x, y)]), optimizer, precision, cfg, CUDA)
+    loss, _ = train_step(model, iter([(x, y)]), optimizer, precision, cfg)
     hook.remove()
     assert math.isfinite(loss)  # the loss itself is fine: only the gradients overflowed
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert precision.scaler.get_scale() == scale / 2
 
-    train_step(model, iter([(x, y)]), optimizer, precision, cfg, CUDA)  # and then it carries on
+    train_step(model, iter([(x, y)]), optimizer, precision, cfg)  # and then it carries on
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 

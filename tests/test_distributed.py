@@ -192,10 +192,10 @@ def test_gradients_are_exchanged_once_per_step_however_many_micro_steps(process_
     optimizer = build_optimizer(model, TrainConfig(), CPU)
     precision = Precision(torch.float32, CPU)
 
-    train_step(ddp, batches, optimizer, precision, TrainConfig(grad_accum_steps=1), CPU, dist=process_group)
+    train_step(ddp, batches, optimizer, precision, TrainConfig(grad_accum_steps=1), dist=process_group)
     per_step = len(exchanges)
     assert per_step >= 1
-    train_step(ddp, batches, optimizer, precision, TrainConfig(grad_accum_steps=4), CPU, dist=process_group)
+    train_step(ddp, batches, optimizer, precision, TrainConfig(grad_accum_steps=4), dist=process_group)
     assert len(exchanges) == 2 * per_step  # not 5x: the first three micro-steps skip the exchange
 
 

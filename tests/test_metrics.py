@@ -15,7 +15,7 @@ from gpt.metrics import COLUMNS, RunLog, append_metrics, read_metrics, start_met
 from gpt.model import GPTModel
 from gpt.optim import learning_rate
 from gpt.config import TrainConfig
-from gpt.training import TrainData, train as train_loop
+from gpt.training import TrainData, train as train_loop, new_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -59,8 +59,8 @@ def test_the_loop_logs_every_evaluation(tiny_cfg):
     torch.manual_seed(0)
     rows, saves = [], []
     loaders = {"train": eval_loader(ds, 3, 1), "val": eval_loader(ds, 3, 1)}
-    state = train_loop(GPTModel(tiny_cfg), cfg, TrainData(TrainBatches(ds, 3, seed=1), loaders), torch.device("cpu"),
-                       SavesOnly(lambda s: saves.append(s.val_loss)), log=rows.append)
+    state = train_loop(new_run(GPTModel(tiny_cfg), cfg, torch.device("cpu")), cfg,
+                       TrainData(TrainBatches(ds, 3, seed=1), loaders), SavesOnly(lambda s: saves.append(s.val_loss)), log=rows.append)
     assert [r["step"] for r in rows] == [4, 8, 9]
     assert [r["val_loss"] for r in rows] == saves
     assert rows[-1]["train_loss"] == state.train_loss

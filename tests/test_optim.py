@@ -17,7 +17,7 @@ from gpt.model import GPTModel
 from gpt.optim import (Muon, MuonWithAdamW, build_optimizer, learning_rate, orthogonalise, set_learning_rate,
                        steps_unless)
 from gpt.precision import Precision
-from gpt.training import TrainData, train, train_step
+from gpt.training import TrainData, train, train_step, new_run
 
 CPU = torch.device("cpu")
 SHAPES = [(64, 32), (32, 64), (48, 48)]  # tall, wide, square: the iteration transposes the tall one
@@ -257,7 +257,7 @@ def test_muon_step_accumulates_and_clips_like_one_big_batch(tiny_model, tiny_cfg
     precision = Precision(torch.float32, CPU)
     opt, ref_opt = build_optimizer(tiny_model, cfg, CPU), build_optimizer(reference, cfg, CPU)
     for _ in range(3):
-        train_step(tiny_model, iter([(x[:4], y[:4]), (x[4:], y[4:])]), opt, precision, cfg, CPU)
+        train_step(tiny_model, iter([(x[:4], y[:4]), (x[4:], y[4:])]), opt, precision, cfg)
         norm = by_hand(reference, ref_opt, x, y, cfg.grad_clip)
     assert norm > cfg.grad_clip  # the clip acted
     for p, q in zip(tiny_model.parameters(), reference.parameters()):
@@ -272,11 +272,11 @@ def test_fp16_scaler_skips_both_optimizers_on_overflow_and_steps_them_otherwise(
     x, y = torch.randint(0, tiny_cfg.vocab_size, (2, 4, 12)).to(torch.uint16)
     before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
     precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)  # the fp16 gradients overflow
-    train_step(tiny_model, iter([(x, y)]), opt, precision, cfg, CPU)
+    train_step(tiny_model, iter([(x, y)]), opt, precision, cfg)
     assert all(torch.equal(before[n], p) for n, p in tiny_model.named_parameters())  # skipped
     assert precision.scaler.get_scale() < 2.0**60  # and the scale came down
     precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    train_step(tiny_model, iter([(x, y)]), opt, precision, cfg, CPU)
+    train_step(tiny_model, iter([(x, y)]), opt, precision, cfg)
     moved = {n for n, p in tiny_model.named_parameters() if not torch.equal(before[n], p)}
     assert "trf_blocks.0.att.W_query.weight" in moved and "tok_emb.weight" in moved  # both stepped
 
@@ -313,8 +313,8 @@ def trained(tiny_cfg, optimizer="muon", steps=30, **train_overrides):
                       min_lr=3e-4, optimizer=optimizer, **train_overrides)
     saves = []
     loaders = {"train": eval_loader(ds, 4, 2), "val": eval_loader(ds, 4, 2)}
-    train(model, cfg, TrainData(TrainBatches(ds, 4, seed=1), loaders),
-          CPU, SavesOnly(lambda s: saves.append((s.step, s.val_loss))))
+    train(new_run(model, cfg, CPU), cfg, TrainData(TrainBatches(ds, 4, seed=1), loaders),
+          SavesOnly(lambda s: saves.append((s.step, s.val_loss))))
     return model, saves
 
 

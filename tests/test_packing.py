@@ -156,7 +156,7 @@ def test_the_step_loss_is_the_mean_over_its_counted_targets_one_micro_batch_of_8
         trained = copy.deepcopy(model)
         sgd = torch.optim.SGD(trained.parameters(), lr=1.0)  # the update is the gradient itself
         cfg = TrainConfig(optimizer="adamw", grad_clip=0.0, grad_accum_steps=accum)
-        loss, tokens = train_step(trained, iter(batch), sgd, Precision(torch.float32, CPU), cfg, CPU)
+        loss, tokens = train_step(trained, iter(batch), sgd, Precision(torch.float32, CPU), cfg)
         results.append((loss, tokens, [p.detach() for p in trained.parameters()]))
     (loss_1, tokens_1, params_1), (loss_8, tokens_8, params_8) = results
     assert loss_1 == pytest.approx(loss_8, rel=1e-6) and tokens_1 == tokens_8 == 8 * WINDOW

@@ -17,7 +17,7 @@ from gpt.model import GPTModel
 from gpt.optim import build_optimizer, learning_rate
 from gpt.precision import Precision, pick_dtype
 from gpt.tools.evaluate import final_val_line
-from gpt.training import NonFiniteLoss, TrainData, compile_model, evaluate, train, train_step
+from gpt.training import NonFiniteLoss, TrainData, compile_model, evaluate, new_run, out_of_memory_named, train, train_step
 
 CPU = torch.device("cpu")
 
@@ -118,9 +118,8 @@ def test_train_loop_lowers_loss_saves_and_repeats_exactly(tiny_cfg):
         cfg = TrainConfig(max_iters=30, eval_interval=10, eval_iters=2, warmup_iters=3,
                           learning_rate=3e-3, min_lr=3e-4, grad_accum_steps=2)
         saves = []
-        state = train(model, cfg, TrainData(TrainBatches(ds, 4, seed=1),
-                                            {"train": eval_loader(ds, 4, 2), "val": eval_loader(ds, 4, 2)}),
-                      torch.device("cpu"), SavesOnly(lambda s: saves.append((s.step, s.val_loss))))
+        state = train(new_run(model, cfg, torch.device("cpu")), cfg, TrainData(TrainBatches(ds, 4, seed=1),
+                      {"train": eval_loader(ds, 4, 2), "val": eval_loader(ds, 4, 2)}), SavesOnly(lambda s: saves.append((s.step, s.val_loss))))
         return model, state, saves
 
     model_a, state_a, saves_a = run()
@@ -144,9 +143,8 @@ def tiny_run(tiny_cfg, optimizer="muon"):
     def run(max_iters, eval_interval, stop=None):
         cfg = TrainConfig(max_iters=max_iters, eval_interval=eval_interval, eval_iters=1, warmup_iters=0,
                           optimizer=optimizer)
-        return train(model, cfg, TrainData(TrainBatches(ds, 4, seed=1),
-                                           {"train": eval_loader(ds, 4, 1), "val": eval_loader(ds, 4, 1)}),
-                     torch.device("cpu"), SavesOnly(lambda state: saves.append(state.step)), stop=stop)
+        return train(new_run(model, cfg, torch.device("cpu")), cfg, TrainData(TrainBatches(ds, 4, seed=1),
+                     {"train": eval_loader(ds, 4, 1), "val": eval_loader(ds, 4, 1)}), SavesOnly(lambda state: saves.append(state.step)), stop=stop)
     return model, saves, run
 
 
@@ -199,8 +197,8 @@ def trained(tiny_cfg, steps=30, **train_overrides):
                       learning_rate=3e-3, min_lr=3e-4, **train_overrides)
     saves = []
     loaders = {"train": eval_loader(ds, 4, 2), "val": eval_loader(ds, 4, 2)}
-    train(model, cfg, TrainData(TrainBatches(ds, 4, seed=1), loaders),
-          torch.device("cpu"), SavesOnly(lambda s: saves.append((s.step, s.val_loss))))
+    train(new_run(model, cfg, torch.device("cpu")), cfg, TrainData(TrainBatches(ds, 4, seed=1), loaders),
+          SavesOnly(lambda s: saves.append((s.step, s.val_loss))))
     return model, saves
 
 
@@ -238,7 +236,7 @@ def test_fp16_scaler_unscales_before_clipping(tiny_model, tiny_cfg):
     reference.load_state_dict(tiny_model.state_dict())
     # Plain SGD, so the update is the clipped gradient itself (Adam's first step hides scale).
     opt = torch.optim.SGD(tiny_model.parameters(), lr=1.0)
-    loss, tokens = train_step(tiny_model, iter([(x, y)]), opt, precision, cfg, torch.device("cpu"))
+    loss, tokens = train_step(tiny_model, iter([(x, y)]), opt, precision, cfg)
     assert tokens == 48
     # By hand: the same fp16 loss, unscaled gradients clipped to norm 0.01, one SGD step.
     ref_opt = torch.optim.SGD(reference.parameters(), lr=1.0)
@@ -336,8 +334,8 @@ def test_a_non_finite_loss_or_gradient_changes_no_weight_and_no_optimizer_state(
     cfg = TrainConfig(optimizer=optimizer, grad_clip=1.0, weight_decay=0.1, muon_weight_decay=0.1)
     opt = build_optimizer(tiny_model, cfg, torch.device("cpu"))
     x, y = torch.randint(0, tiny_cfg.vocab_size, (2, 4, 12)).to(torch.uint16)
-    train_step(tiny_model, iter([(x, y)]), opt, Precision(torch.float32, torch.device("cpu")), cfg,
-               torch.device("cpu"))  # a real step first: the momentum buffers hold something to keep
+    train_step(tiny_model, iter([(x, y)]), opt, Precision(torch.float32, torch.device("cpu")), cfg)
+    # a real step first: the momentum buffers hold something to keep
 
     def bits(t: torch.Tensor) -> torch.Tensor:
         return t.detach().view(torch.int32).clone()
@@ -352,9 +350,8 @@ def test_a_non_finite_loss_or_gradient_changes_no_weight_and_no_optimizer_state(
         key.register_hook(lambda grad: grad + math.inf)
     else:
         tiny_model.final_norm.register_forward_hook(lambda module, args, out: out * math.nan)
-    with pytest.raises(NonFiniteLoss, match=message):
-        train_step(tiny_model, iter([(x, y)]), opt, Precision(torch.float32, torch.device("cpu")), cfg,
-                   torch.device("cpu"), step=7)
+    with pytest.raises(NonFiniteLoss, match=message), out_of_memory_named("training step", 7, torch.device("cpu")):
+        train_step(tiny_model, iter([(x, y)]), opt, Precision(torch.float32, torch.device("cpu")), cfg)
     assert all(torch.equal(weights[n], bits(p)) for n, p in tiny_model.named_parameters())
     for p, s in opt.state.items():
         assert all(torch.equal(state[id(p)][k], bits(v)) for k, v in s.items())  # momentum, Adam's moments, its step

@@ -110,7 +110,7 @@ def measure(cfg: Config, device: torch.device, steps: int) -> dict:
     seconds = []
     for _ in range(steps):
         started = time.perf_counter()
-        train_step(net, batches, optimizer, precision, cfg.train, device)  # syncs: it reads the loss
+        train_step(net, batches, optimizer, precision, cfg.train)  # syncs: it reads the loss
         seconds.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated(device) if cuda else resident_peak()
     timed = seconds[1:] or seconds

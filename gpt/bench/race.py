@@ -117,7 +117,7 @@ def take_step(racer: Racer, device: torch.device) -> None:
         torch.cuda.synchronize(device)
     started = time.perf_counter()
     set_learning_rate(racer.optimizer, racer.step, racer.cfg.train)
-    train_step(racer.net, racer.batches, racer.optimizer, racer.precision, racer.cfg.train, device, racer.step + 1)
+    train_step(racer.net, racer.batches, racer.optimizer, racer.precision, racer.cfg.train)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - started

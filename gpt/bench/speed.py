@@ -163,8 +163,7 @@ class TrainBench:
         synchronize(self.device)
         started = time.perf_counter()
         for _ in range(count):
-            train_step(self.net, batches, self.optimizer, self.precision, self.train_cfg, self.device,
-                       dist=self.dist)
+            train_step(self.net, batches, self.optimizer, self.precision, self.train_cfg, dist=self.dist)
         synchronize(self.device)
         return (time.perf_counter() - started) / count
 

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             model.train()
             started = time.perf_counter()
             for _ in range(args.steps):
-                train_step(net, batches, optimizer, precision, cfg.train, device)  # syncs: it reads the loss
+                train_step(net, batches, optimizer, precision, cfg.train)  # syncs: it reads the loss
             stepping.append((time.perf_counter() - started) / args.steps)
         score_s = statistics.median(scored[1:] or scored)
         m = cfg.model
