@@ -69,36 +69,33 @@ def orthogonalise(matrix: torch.Tensor, coefficients: tuple[float, float, float]
     return x.mT if tall else x
 
 
-def muon_lr_ratio(shape: torch.Size, adjust_lr_fn: str | None) -> float:
-    """torch.optim.Muon's per-matrix learning-rate factor (`adjust_lr_fn`)."""
+def muon_lr_ratio(shape: torch.Size) -> float:
+    """torch.optim.Muon's per-matrix learning-rate factor (its `adjust_lr_fn` "original"): the update's
+    RMS then does not depend on the matrix's shape."""
     rows, cols = shape[:2]
-    if adjust_lr_fn in (None, "original"):
-        return math.sqrt(max(1.0, rows / cols))  # the update's RMS then does not depend on the shape
-    if adjust_lr_fn == "match_rms_adamw":
-        return 0.2 * math.sqrt(max(rows, cols))
-    return 1.0
+    return math.sqrt(max(1.0, rows / cols))
 
 
 class Muon(torch.optim.Muon):
     """`torch.optim.Muon` with its Newton-Schulz iteration in `ns_dtype`, over same-shaped matrices at once.
 
-    Same settings, same state (`momentum_buffer` per matrix), same update: with
-    `ns_dtype=torch.bfloat16` and `batched=False` it gives torch's results bit for bit
-    (tests/test_optim.py). torch's step orthogonalises one matrix at a time, ~15 small kernels
-    each; with `batched` (the default) the matrices of one shape (a tall one counted as its
-    transpose) go through the iteration as one (N, rows, cols) stack, as modded-nanogpt and
-    nanochat do: GPT-2 small's 72 matrices are then two batches, not 72 launches of everything.
+    Same settings, same state (`momentum_buffer` per matrix), same update: run one matrix at a time in
+    bf16, it gives torch's results bit for bit (tests/test_optim.py). torch's step orthogonalises one
+    matrix at a time, ~15 small kernels each; here the matrices of one shape (a tall one counted as its
+    transpose) go through the iteration as one (N, rows, cols) stack, as modded-nanogpt and nanochat do:
+    GPT-2 small's 72 matrices are then two batches, not 72 launches of everything.
 
     Where `found_inf` is set on it (a 1-element float tensor on the device, as GradScaler sets it
     for fused optimizers; 1 = skip), a step with it at 1 changes neither a weight nor a momentum
-    buffer, decided on the device with no host sync. That costs a few ops per shape of matrix
-    (`where_each`), not per matrix: the step is otherwise `step()`'s, and at 0 gives its bits.
+    buffer, decided on the device with no host sync (`where_each`: a few ops per shape, not per matrix).
     """
 
-    def __init__(self, params, ns_dtype: torch.dtype = torch.float32, batched: bool = True, **kwargs):
+    def __init__(self, params, ns_dtype: torch.dtype = torch.float32, **kwargs):
         super().__init__(params, **kwargs)
+        if self.defaults["adjust_lr_fn"] not in (None, "original"):
+            raise ValueError(f"Muon: adjust_lr_fn {self.defaults['adjust_lr_fn']!r} is not supported here; "
+                             "the learning rate is scaled by torch's original rule")
         self.ns_dtype = ns_dtype
-        self.batched = batched
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -132,7 +129,7 @@ class Muon(torch.optim.Muon):
                 # torch's param.mul_(decay); param.add_(update, alpha=-lr * ratio), a list at a time
                 torch._foreach_mul_(members, decay)
                 for same in indices_by([p.shape for p in members]):  # the tall ones have their own ratio
-                    ratio = muon_lr_ratio(members[same[0]].shape, group["adjust_lr_fn"])
+                    ratio = muon_lr_ratio(members[same[0]].shape)
                     torch._foreach_add_([members[i] for i in same], [ortho[i] for i in same], alpha=-lr * ratio)
         return loss
 
@@ -156,8 +153,6 @@ class Muon(torch.optim.Muon):
 
     def _same_shapes(self, params: list[torch.Tensor]) -> list[list[int]]:
         """Indices of `params` grouped by shape, a tall matrix with the wide ones of its transpose's shape."""
-        if not self.batched:
-            return [[i] for i in range(len(params))]
         return indices_by([(min(p.shape), max(p.shape)) for p in params])
 
 

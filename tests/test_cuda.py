@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SavesOnly
+from conftest import MuonOneByOne, SavesOnly
 from gpt.checkpoint import load_checkpoint
 from gpt.config import TrainConfig
 from gpt.data import TokenWindows, TrainBatches, eval_loader
@@ -176,7 +176,7 @@ def test_our_muon_in_bf16_is_torch_muon_on_cuda_too():
     shapes = [(64, 32), (32, 64), (48, 48)]
     ours = [torch.nn.Parameter(torch.randn(s, device=CUDA)) for s in shapes]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    a, b = Muon(ours, ns_dtype=torch.bfloat16, batched=False, lr=0.02), torch.optim.Muon(theirs, lr=0.02)
+    a, b = MuonOneByOne(ours, ns_dtype=torch.bfloat16, lr=0.02), torch.optim.Muon(theirs, lr=0.02)
     generator = torch.Generator(device=CUDA).manual_seed(1)
     for _ in range(3):
         for p, q in zip(ours, theirs):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import SavesOnly
+from conftest import MuonOneByOne, SavesOnly
 from gpt import optim
 from gpt.config import TrainConfig
 from gpt.data import TokenWindows, TrainBatches, eval_loader
@@ -39,16 +39,22 @@ def step_with_gradients(optimizer, params: list[torch.nn.Parameter], steps: int,
 @pytest.mark.parametrize("options", [
     {},
     {"lr": 0.05, "weight_decay": 0.1, "momentum": 0.9},
-    {"nesterov": False, "adjust_lr_fn": "match_rms_adamw"},
+    {"nesterov": False, "adjust_lr_fn": "original"},
 ])
 def test_muon_in_bfloat16_is_torch_muon_bit_for_bit(options):
     """Our update, run in torch's dtype one matrix at a time, is torch's update: the same algorithm, step for step."""
     ours, theirs = matrices(), matrices()
-    step_with_gradients(Muon(ours, ns_dtype=torch.bfloat16, batched=False, **options), ours, steps=4)
+    step_with_gradients(MuonOneByOne(ours, ns_dtype=torch.bfloat16, **options), ours, steps=4)
     step_with_gradients(torch.optim.Muon(theirs, **options), theirs, steps=4)
     for p, q in zip(ours, theirs):
         assert torch.equal(p, q)
     assert not torch.equal(ours[0], matrices()[0])  # they did move
+
+
+def test_muon_refuses_a_learning_rate_rule_it_does_not_apply():
+    """torch's Muon takes adjust_lr_fn "match_rms_adamw"; ours scales by the original rule only, so it says so."""
+    with pytest.raises(ValueError, match="adjust_lr_fn 'match_rms_adamw' is not supported"):
+        Muon(matrices(), adjust_lr_fn="match_rms_adamw")
 
 
 def test_muon_in_float32_is_torch_muon_without_the_bfloat16_rounding():
@@ -81,7 +87,7 @@ def test_batched_muon_is_the_per_matrix_update():
     optimizer = Muon(batched, ns_dtype=torch.float32, weight_decay=0.1)
     assert sorted(len(g) for g in optimizer._same_shapes(batched)) == [4, 6]  # two batches
     step_with_gradients(optimizer, batched, steps=3)
-    step_with_gradients(Muon(one_by_one, ns_dtype=torch.float32, weight_decay=0.1, batched=False), one_by_one, steps=3)
+    step_with_gradients(MuonOneByOne(one_by_one, ns_dtype=torch.float32, weight_decay=0.1), one_by_one, steps=3)
     for p, q, s in zip(batched, one_by_one, start):
         assert (p - s).abs().max() > 1e-3  # they moved
         assert torch.allclose(p, q, rtol=0, atol=1e-6)
@@ -99,7 +105,8 @@ def grouped_muon(batched: bool, nesterov: bool) -> tuple[list[torch.nn.Parameter
     """Matrices in shape groups of several, after two real steps (the buffers hold something), one weight -0.0."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape)) for shape in GROUPED]
-    optimizer = Muon(params, ns_dtype=torch.float32, batched=batched, nesterov=nesterov, weight_decay=0.1, lr=0.05)
+    optimizer = (Muon if batched else MuonOneByOne)(params, ns_dtype=torch.float32, nesterov=nesterov, weight_decay=0.1,
+                                                    lr=0.05)
     step_with_gradients(optimizer, params, steps=2)
     with torch.no_grad():
         params[4][3, 5] = -0.0  # x * 1 + (-0.0) keeps it; a skip that adds +0.0 (x * 0 for a negative x) does not
