@@ -42,7 +42,7 @@ from gpt.corpus.downloads import DATA_DIR
 from gpt.corpus.encode import encode_documents
 from gpt.corpus.shakespeare_chat import ShakespeareChatSource
 from gpt.corpus.sources import HF_PREFIX, SHAKESPEARE, SHAKESPEARE_CHAT, FileSource, HFSource, ShakespeareSource, Source
-from gpt.distributed import SINGLE, Distributed
+from gpt.distributed import SINGLE, BatchShare, Distributed
 from gpt.errors import UserError
 from gpt.model import IGNORE_INDEX
 
@@ -334,32 +334,29 @@ class TrainBatches:
     `epoch` and `batch_in_epoch` say where the stream is; they are all the state it has, so
     `state_dict` / `load_state_dict` put a resumed run on the very next batch.
 
-    With several training processes (`gpt.distributed`), each one is given `rank` and
-    `world_size`: they all follow the same stream, and batch i of it (counted from where they
-    start) goes to process i mod `world_size`. Together they read what one process would have
-    read, in the same steps, and the position a checkpoint records (that of the whole group)
-    means the same for any number of processes. With `shares` > 1, `shares` consecutive ranks
-    take each batch together: batch i goes to the i mod (world_size / shares)-th of them, and
-    each process yields its 1/shares slice of the batch's windows (in rank order).
+    With several training processes (`gpt.distributed`), each one is given its `share`: they all follow
+    the same stream, and batch i of it (counted from where they start) goes to process i mod
+    `world_size`. Together they read what one process would have read, in the same steps, and the
+    position a checkpoint records (that of the whole group) means the same for any number of
+    processes. With `shares` > 1, `shares` consecutive ranks take each batch together: batch i goes to
+    the i mod (world_size / shares)-th of them, and each process yields its 1/shares slice of the
+    batch's windows (in rank order).
     """
 
     def __init__(self, dataset: TokenWindows, batch_size: int, seed: int, num_workers: int = 0,
-                 pin_memory: bool = False, rank: int = 0, world_size: int = 1, shares: int = 1):
+                 pin_memory: bool = False, share: BatchShare = BatchShare()):
         if len(dataset) < batch_size:
             raise UserError(
                 f"the train split has {len(dataset)} windows, fewer than data.batch_size "
                 f"{batch_size}; use more text, a smaller batch_size or a smaller stride"
             )
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.seed = seed
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        if world_size % shares or batch_size % shares:
-            raise ValueError(f"{shares} processes cannot share batches of {batch_size} among {world_size}")
-        self.group, self.part = divmod(rank, shares)  # which ranks take a batch together; our slice of it
-        self.groups = world_size // shares
-        self.shares = shares
+        if share.world_size % share.shares or batch_size % share.shares:
+            raise ValueError(f"{share.shares} processes cannot share batches of {batch_size} among {share.world_size}")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.group, self.part = divmod(share.rank, share.shares)  # which ranks take a batch together; our slice of it
+        self.groups = share.world_size // share.shares
+        self.shares = share.shares
         self.epoch = 0
         self.batch_in_epoch = 0
 
@@ -376,37 +373,35 @@ class TrainBatches:
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
 
-    def epoch_order(self, epoch: int) -> torch.Tensor:
-        """The window indices of `epoch`, shuffled by seed + epoch."""
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        # The order DataLoader(shuffle=True, generator=generator) gives: it draws a seed for its
-        # workers first, then the permutation.
-        torch.empty((), dtype=torch.int64).random_(generator=generator)
-        return torch.randperm(len(self.dataset), generator=generator)
-
     def __iter__(self):
-        per_epoch, size = self.batches_per_epoch, self.batch_size
-        start = self.epoch * per_epoch + self.batch_in_epoch  # batches of the stream already read
-        mine = start + self.group  # the stream position of this process's next batch
-        piece = size // self.shares  # windows of each batch this process takes
+        per_epoch = self.batches_per_epoch
+        mine = self.epoch * per_epoch + self.batch_in_epoch + self.group  # the stream position of our next batch
         while True:
             epoch, first = divmod(mine, per_epoch)
-            order = self.epoch_order(epoch)
             positions = range(first, per_epoch, self.groups)
-            slices = [(j * size + self.part * piece, j * size + (self.part + 1) * piece) for j in positions]
-            # Its own generator also seeds the loader's workers, so the global RNG (dropout's) is
-            # never drawn from here and a resumed run's dropout masks match an unbroken one's.
-            loader = DataLoader(
-                self.dataset, batch_sampler=[order[a:b].tolist() for a, b in slices],
-                generator=torch.Generator().manual_seed(self.seed + epoch),
-                num_workers=self.num_workers, pin_memory=self.pin_memory,
-            )
+            # The epoch's own generator, never the global RNG (dropout's): a resumed run's masks match an
+            # unbroken one's. The loader draws its workers' seed from it, then the shuffle is drawn.
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            loader = DataLoader(self.dataset, batch_sampler=self._our_batches(positions, generator), generator=generator,
+                                num_workers=self.num_workers, pin_memory=self.pin_memory)
             for position, batch in zip(positions, loader):
                 # Once every process has taken its batch of this round, the stream is past it.
                 done = epoch * per_epoch + position - self.group + self.groups
                 self.epoch, self.batch_in_epoch = divmod(done, per_epoch)
                 yield batch
             mine = epoch * per_epoch + positions[-1] + self.groups
+
+    def _our_batches(self, positions: range, generator: torch.Generator) -> Iterator[list[int]]:
+        """The window indices of this process's slice of the epoch's batches at `positions`.
+
+        Shuffled at the first batch, when the loader starts, after it has drawn its workers' seed from
+        `generator`: the order a shuffling DataLoader seeded with it gives.
+        """
+        order = torch.randperm(len(self.dataset), generator=generator)
+        piece = self.batch_size // self.shares  # windows of each batch this process takes
+        for j in positions:
+            start = j * self.batch_size + self.part * piece
+            yield order[start:start + piece].tolist()
 
 
 def full_batch(items: list[tuple[torch.Tensor, ...]], batch_size: int) -> tuple[torch.Tensor, ...]:

@@ -15,7 +15,7 @@ How the work is split, so that N processes train exactly as one process would:
   same windows for any N and a checkpoint's data position means the same thing for any N.
 - The processes form g = gcd(A, N) groups of N / g consecutive ranks. Micro-batch i of a step
   goes to group i mod g, and each process of that group takes its slice of it, B * g / N
-  windows (`TrainBatches(rank=, world_size=, shares=)`). When N divides A that is N groups of
+  windows (`TrainBatches(share=BatchShare(rank, world_size, shares))`). When N divides A that is N groups of
   one: whole micro-batches, A / N each. When A is 1 (tiny.yaml, small.yaml) it is one group:
   every process takes 1/N of the one micro-batch. Only a global batch B x A that N does not
   divide cannot be shared (`check_batch`). Every process's share of a step is the same size,
@@ -53,6 +53,16 @@ SYNC_BUFFERS_OPTION = ("forward_sync_buffers"
 
 
 @dataclass(frozen=True)
+class BatchShare:
+    """Which part of the one batch stream a process reads (`gpt.data.TrainBatches`): `rank` of `world_size`,
+    with `shares` consecutive ranks taking each batch together (1: whole batches)."""
+
+    rank: int = 0
+    world_size: int = 1
+    shares: int = 1
+
+
+@dataclass(frozen=True)
 class Distributed:
     """This process's place among the training processes (one process: rank 0 of 1)."""
 
@@ -74,6 +84,10 @@ class Distributed:
     def batch_shares(self, grad_accum_steps: int) -> int:
         """How many processes share each micro-batch (1: each takes whole micro-batches)."""
         return self.world_size // self.accum_groups(grad_accum_steps)
+
+    def batch_share(self, grad_accum_steps: int) -> BatchShare:
+        """This process's part of the batch stream at `grad_accum_steps` micro-batches a step."""
+        return BatchShare(self.rank, self.world_size, self.batch_shares(grad_accum_steps))
 
     def local_accum_steps(self, grad_accum_steps: int) -> int:
         """Micro-steps per optimizer step for this process (its group's share of the micro-batches)."""

@@ -361,8 +361,7 @@ def train_data(train_set: Dataset, val_set: Dataset, data: DataConfig, cfg: Trai
                device: torch.device) -> TrainData:
     """The batches and loaders of a run over `train_set` and `val_set`: this process's share of each."""
     batches = TrainBatches(train_set, data.batch_size, cfg.seed, data.num_workers, pin_memory=device.type == "cuda",
-                           rank=dist.rank, world_size=dist.world_size,
-                           shares=dist.batch_shares(cfg.grad_accum_steps))
+                           share=dist.batch_share(cfg.grad_accum_steps))
     eval_loaders = {split: eval_loader(windows, data.batch_size, cfg.eval_iters, dist.rank, dist.world_size)
                     for split, windows in (("train", train_set), ("val", val_set))}
     whole_val = eval_loader(val_set, data.batch_size, None, dist.rank, dist.world_size)

@@ -24,7 +24,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from gpt import distributed
 from gpt.config import TrainConfig, load_config
 from gpt.data import TokenWindows, TrainBatches, eval_loader
-from gpt.distributed import SINGLE, Distributed
+from gpt.distributed import SINGLE, BatchShare, Distributed
 from gpt.errors import UserError
 from gpt.metrics import read_metrics
 from gpt.model import GPTModel
@@ -51,7 +51,7 @@ def test_processes_read_the_single_process_stream_between_them(world_size, round
     for _ in range((rounds_before + 6) * world_size):
         expected.append(next(stream)[0])
         states.append(single.state_dict())
-    ranks = [TrainBatches(ds, 7, seed=3, rank=rank, world_size=world_size) for rank in range(world_size)]
+    ranks = [TrainBatches(ds, 7, seed=3, share=BatchShare(rank, world_size)) for rank in range(world_size)]
     for batches in ranks:  # all start where the single process was after rounds_before rounds
         if rounds_before:
             batches.load_state_dict(states[rounds_before * world_size - 1])
@@ -97,7 +97,7 @@ def test_processes_share_each_step_s_windows_whatever_divides_the_global_batch(b
     stream = iter(single)
     places = [Distributed(rank=rank, world_size=world_size) for rank in range(world_size)]
     shares = places[0].batch_shares(accum)
-    ranks = [TrainBatches(ds, batch_size, seed=3, rank=p.rank, world_size=world_size, shares=shares) for p in places]
+    ranks = [TrainBatches(ds, batch_size, seed=3, share=BatchShare(p.rank, world_size, shares)) for p in places]
     iterators = [iter(batches) for batches in ranks]
     for step in range(8):  # several epochs
         expected = torch.cat([next(stream)[0] for _ in range(accum)])  # the step's windows in one process
