@@ -70,7 +70,7 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
     log = run_log(cfg, fresh, data) if dist.is_main else None
     with StopRequest(quiet=not dist.is_main) as stop, checkpoints.explained_stops():
         try:
-            state = train(run, cfg.train, data, checkpoints, stop, log)
+            state = train(run, cfg.train, data, checkpoints.save, stop, log)
         finally:
             if log is not None:
                 log.close()

@@ -1,34 +1,12 @@
 """Causal self-attention: the block the rest of the model is built around.
 
-`CausalAttention(d_in, d_out, context_length, dropout, qkv_bias=False)` is the module of chapter 3
-of "Build a Large Language Model from Scratch": its weights are created in the chapter's order, so
-a seeded module has the chapter's weights and gives its outputs (`tests/test_attention.py` checks
-the mask against the seed notebook's worked example, and that no position sees the future).
-
-Design choices:
-- The mask is a `context_length`-square boolean buffer, True above the diagonal (the future).
-  It is a buffer so it follows the module across devices, and non-persistent so it is not
-  written into checkpoints (it is derived from `context_length`, not learned).
-- One head and no output projection by default: the chapter's module. With `num_heads > 1` the
-  same math runs per head on `d_out // num_heads` channels; `out_proj` adds the linear layer
-  that mixes the heads, as GPT-2's blocks have.
-- Two ways to compute the same thing, chosen by `impl`: "explicit" is the chapter's math
-  (scores, mask, softmax, dropout, weighted sum), kept as the reference; "sdpa" (`DEFAULT_IMPL`,
-  for this module and for `ModelConfig.attn_impl`) hands the same computation to
-  `torch.nn.functional.scaled_dot_product_attention`, which picks a fused kernel (flash /
-  memory-efficient attention) and never materialises the (T, T) score matrix. Tests check the
-  two agree in outputs and gradients.
-- The explicit weights are computed in one place, `_masked_softmax`, which the explicit
-  forward pass and `attention_weights` (for looking at them: `python -m gpt attention-map`)
-  both call, so the weights one sees are the ones the explicit path uses, whichever path the
-  model runs with. The sdpa path never computes them.
-- Packed sequences (a chat window's conversations): `apart` marks the keys of the other
-  sequences, and both paths add it to the same buffer mask, so each sequence sees only its own
-  past. SDPA then takes the combined mask (`attn_mask`); `flex_attention`'s block masks would
-  skip the empty blocks on a GPU, but it has no backward pass on the CPU (torch 2.13).
-- A `LayerCache` lets sampling feed one new token at a time: the keys and values of earlier
-  tokens are kept instead of recomputed. New queries at positions p..p+T-1 see keys 0..p+T-1
-  (compiled: every slot), and rows p..p+T-1 of the same mask buffer hide what they may not see.
+`CausalAttention(d_in, d_out, context_length, dropout, qkv_bias=False)` is the module of chapter 3 of
+"Build a Large Language Model from Scratch", its weights created in the chapter's order. The causal
+mask is a non-persistent buffer: it follows the module across devices and is derived from
+`context_length`, so it is never saved. `impl` picks how the same math runs: "explicit" (scores,
+mask, softmax, dropout: the reference) or "sdpa" (PyTorch's fused kernel, which never holds the
+(T, T) scores); tests check that the two agree. Packed sequences and the KV cache add rows and
+columns to the same mask.
 """
 
 import torch

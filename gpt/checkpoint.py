@@ -1,20 +1,10 @@
-"""Saving and loading runs.
+"""Saving and loading checkpoints: a run folder's `latest.pt` (everything an exact resume needs,
+`gpt.resume`) and `best.pt` (weights, config and losses, for sampling).
 
-A run folder (`train.out_dir`) holds two checkpoints:
-
-- `latest.pt`, written at every evaluation and when a run is stopped: everything an exact
-  resume needs (model, optimizer, loop state, RNG states, data position; see `gpt.resume`).
-- `best.pt`, written when the validation loss reaches a new low: the weights, the config and
-  the losses only, for sampling. `generate.py` reads it when it exists, else `latest.pt`.
-
-Both are plain dicts. The model's `state_dict` always comes from the un-compiled module (no
-`_orig_mod.` prefixes) and the config is stored as plain data. A file is written to a temporary
-file beside it, flushed and fsynced, then moved into place with `os.replace`, so a crash or a
-kill at any moment leaves the previous checkpoint whole. Files are read with
-`torch.load(..., weights_only=True)`, which refuses to run code hidden in a pickle.
-
-A LoRA run's checkpoints hold its adapters, not its base (`model_weights`); the model a run's
-checkpoint describes is therefore built where base weights are read, `gpt.gpt2.pretrained.load_model`.
+Both are plain dicts: the un-compiled model's `state_dict` (a LoRA run's adapters only) and the config
+as plain data. A file is written to a temporary file, fsynced and moved into place, so a crash at
+any moment leaves the previous checkpoint whole; it is read with `torch.load(..., weights_only=True)`,
+which refuses to run code hidden in a pickle.
 """
 
 import os

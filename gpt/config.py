@@ -3,19 +3,10 @@
     model:  gpt.model.ModelConfig       data:   gpt.data.DataConfig
     train:  TrainConfig (below)         sample: gpt.sampling.SampleConfig
 
-`TrainConfig` lives here rather than in gpt/training.py because two modules read it, the loop
-(gpt.training) and the optimizers and their schedule (gpt.optim), and the loop imports the
-optimizers: kept in either, it would make them import each other.
-
-Defaults live only in those dataclasses. A YAML file (read with `yaml.safe_load`) sets what
-differs from them, and the command line overrides single fields as `--section.field=value`.
-Loading is strict: an unknown section or key, or a value of the wrong type, is an error that
-names the key and where it came from, never silently ignored.
-
-A field may itself be a small dataclass, off when null (`train.lora`, a `gpt.lora.LoRAConfig`):
-YAML gives it as a mapping (`lora: {rank: 8}`), the command line one key at a time
-(`--train.lora.rank=8`), each layer setting its keys on what the layers before set, with the
-same checks; `--train.lora=null` turns it off.
+Defaults live only in those dataclasses; a YAML file (`yaml.safe_load`) sets what differs, and the
+command line overrides fields as `--section.field=value` (`--train.lora.rank=8` for a nested one).
+Loading is strict: an unknown key or a wrong type is an error naming the key and where it came from.
+`TrainConfig` lives here because both the loop and the optimizers read it.
 """
 
 import dataclasses

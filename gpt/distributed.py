@@ -1,31 +1,11 @@
 """Data-parallel training across GPUs and machines: torchrun + DistributedDataParallel.
 
-`torchrun --nproc_per_node=N train.py --config X` starts N copies of train.py and gives each
-its place in the environment (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR,
-MASTER_PORT). `start` reads them, joins the process group (NCCL between GPUs, gloo between CPU
-processes) and picks this process's device (`cuda:LOCAL_RANK`). A plain `python train.py` has
-none of these variables: it gets `SINGLE`, whose methods all do nothing, and no process group.
-
-How the work is split, so that N processes train exactly as one process would:
-
-- Every process holds the whole model; `wrap` puts it in PyTorch's DistributedDataParallel,
-  which averages the gradients across processes during backward.
-- The global batch is `data.batch_size x train.grad_accum_steps` windows (B x A), whatever N
-  is, and it comes from the one shuffled stream a single process would read, so a step sees the
-  same windows for any N and a checkpoint's data position means the same thing for any N.
-- The processes form g = gcd(A, N) groups of N / g consecutive ranks. Micro-batch i of a step
-  goes to group i mod g, and each process of that group takes its slice of it, B * g / N
-  windows (`TrainBatches(share=BatchShare(rank, world_size, shares))`). When N divides A that is N groups of
-  one: whole micro-batches, A / N each. When A is 1 (tiny.yaml, small.yaml) it is one group:
-  every process takes 1/N of the one micro-batch. Only a global batch B x A that N does not
-  divide cannot be shared (`check_batch`). Every process's share of a step is the same size,
-  so the mean of their mean losses is the mean over the whole batch, as in one process.
-- Each process runs A / g micro-steps (`local_accum_steps`); DDP's `no_sync` skips the
-  gradient exchange on all but the last of them.
-- Evaluation batches are dealt out whole, batch i to process i mod N, and the loss sums are
-  added up across processes (`sum`), so every process gets the mean over all of them.
-- Only rank 0 prints, shows progress bars, writes metrics and writes checkpoints; a stop asked
-  of any process (Ctrl-C, SIGTERM) is agreed on by all (`any`) so they stop at the same step.
+`start` reads torchrun's environment, joins the process group and picks this process's device; a
+plain `python train.py` gets `SINGLE`, whose methods do nothing. N processes train exactly as one:
+the global batch (data.batch_size x train.grad_accum_steps windows) comes from the one shuffled
+stream whatever N is, split into equal shares (`batch_share`), so a step sees the same windows and a
+checkpoint's data position means the same for any N. DDP averages the gradients; evaluation sums
+the processes' losses; only rank 0 prints and writes.
 """
 
 import inspect

@@ -1,32 +1,11 @@
 """A GPT-2 style decoder-only transformer built on `CausalAttention`.
 
-token ids -> token + learned position embeddings -> dropout -> N pre-LayerNorm blocks
-(attention and a GELU MLP, each added back to the residual stream) -> final LayerNorm ->
-LM head (tied to the token embedding) -> logits.
-
-The model computes logits, or with `targets` the next-token cross-entropy, so that a compiled
-model fuses the loss into its graph (as nanoGPT does; `gpt.training.train_step` asks for
-it); generation lives in `gpt.sampling`. The loss takes all the logits at once: made and consumed
-a slice at a time, at gpt2-124m.yaml on a CPU, they cost a 9% slower step for 6% less peak
-memory. Initialisation follows GPT-2: N(0, 0.02) for weights, zero biases, and the
-projections that write into the residual stream scaled down by 1/sqrt(2 * n_layers) so the
-stream's variance does not grow with depth.
-
-With `checkpoint_activations=True` (the training step passes `train.activation_checkpointing`), a
-forward pass that records gradients keeps only each block's input; the block's activations are
-recomputed in the backward pass (`torch.utils.checkpoint`, non-reentrant), with the same dropout
-masks: less memory for about one more forward pass of the blocks. It is an argument of the call,
-not of the model: a setting of the run, never saved, which a resumed run may change.
-
-With `positions` (packed chat windows: `gpt.chat.data.ChatWindows`), each row holds several
-sequences, each starting at position 0: the position embedding counts within each, and
-attention's mask adds "the same sequence" to the causal one (`conversations_apart`).
-
-The embedding (and so the tied head) has `padded_vocab_size` rows: `vocab_size` rounded up to
-a multiple of `vocab_pad_multiple` (50257 -> 50304), a shape GPU matrix units handle much
-faster. The extra ids are not tokens: the head adds -inf to their logits (as a fused bias),
-so their probability is exactly 0, the loss is exactly that of the real vocabulary, they get
-no gradient and sampling can never produce them.
+token ids -> token + position embeddings -> dropout -> N pre-LayerNorm blocks (attention and a GELU
+MLP, each added back to the residual stream) -> final LayerNorm -> LM head tied to the token
+embedding -> logits. With `targets` the model returns the next-token cross-entropy instead, so a
+compiled model fuses the loss into its graph; generation lives in `gpt.sampling`. Initialisation
+follows GPT-2. The vocabulary is padded to a multiple of 64 rows for the GPU's matrix units; the
+padding ids get -inf logits, so they are never predicted and the loss is the real vocabulary's.
 """
 
 import math

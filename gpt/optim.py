@@ -1,34 +1,11 @@
 """Optimizers and the learning-rate schedule.
 
-`build_optimizer` gives what `train.optimizer` names:
-
-- `adamw`: AdamW over every parameter, weight decay on matrices and embeddings only (fused:
-  one kernel for the whole update wherever torch has one).
-- `muon`: Muon (`torch.optim.Muon`) for the 2-D weight matrices inside the transformer blocks
-  (query, key, value, attention output, both MLP matrices) and AdamW for the rest: the token
-  embedding (and so the tied head), the position embedding, the biases and the LayerNorms.
-  Muon replaces each matrix's momentum by the nearest semi-orthogonal matrix (a Newton-Schulz
-  iteration), so every direction of the update moves at the same rate; the GPT-2 speedrun
-  (modded-nanogpt) and nanochat train their blocks this way. It is meant for hidden-layer
-  matrices only: embeddings and the output layer stay on AdamW. The two run as one optimizer
-  (`MuonWithAdamW`), so the loop, the GradScaler and checkpoints see a single object.
-
-torch's Muon runs the Newton-Schulz iteration in bfloat16, one matrix at a time. `Muon` below
-is a `torch.optim.Muon` with the same algorithm and state (tested against torch's on the same
-inputs) that runs the iteration over each group of same-shaped matrices as one batched call, as
-modded-nanogpt and nanochat do, in the dtype of the training precision (`train.dtype`, as
-`gpt.precision.pick_dtype` resolves it): bf16, torch's choice, where training autocasts and bf16
-is native (a GPU, a CPU with native bf16 instructions); float32 where training runs in float32
-or bf16 would be emulated. Emulated, bf16 matmuls are ~100x slower than fp32: one Muon step over
-small.yaml's 24 matrices took twice as long as the whole rest of a training step. And a run asked
-to be float32 is float32 throughout: Newton-Schulz scales a matrix's small singular directions
-up to 1, bf16's rounding included (docs/precision.md measures what that does). `Muon` also skips
-its update on the device when told to (`steps_unless`), which is how the training step's NaN
-guard avoids a host sync.
-
-`learning_rate` is the schedule (linear warmup, then cosine decay to `min_lr`);
-`set_learning_rate` applies it to every group, Muon's scaled by `muon_lr / learning_rate` so
-both follow the same curve.
+`build_optimizer` gives what `train.optimizer` names: fused AdamW over every parameter (weight decay
+on matrices and embeddings only), or Muon for the 2-D matrices inside the transformer blocks with
+AdamW for the rest, used as one optimizer (`MuonWithAdamW`). `Muon` is `torch.optim.Muon` with its
+Newton-Schulz iteration batched over same-shaped matrices and run in the training's precision, and
+able to skip its update on the device (`steps_unless`), which is how the training step's NaN guard
+avoids a host sync. `learning_rate` is the schedule: linear warmup, then cosine decay to `min_lr`.
 """
 
 import math

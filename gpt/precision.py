@@ -1,24 +1,11 @@
-"""Numeric precision: what `train.dtype: auto` picks, autocast with its GradScaler, and the
-precision the figure to compare runs by is computed in.
+"""Numeric precision: what `train.dtype: auto` picks, autocast with its GradScaler, and the precision
+runs are compared in.
 
-`auto` takes the fastest precision the hardware runs well:
-- CUDA: bf16 autocast where the GPU supports it (Ampere and later), else fp16 with a GradScaler;
-- CPU: bf16 autocast where the CPU has native bf16 instructions (AVX512-BF16 or AMX), else
-  float32: elsewhere bf16 matmuls are emulated, ~100x slower than float32;
-- MPS: float32.
-Muon's Newton-Schulz iteration follows the training precision (`gpt.optim`): bf16 (torch's own
-Muon) where training autocasts and bf16 is native, float32 otherwise.
-
-The environment variable `GPT_CPU_BF16` overrides the CPU's detection: `1` has `auto` treat the
-CPU as if it had native bf16, `0` as if it had not. The test suite uses it to run both of
-`auto`'s choices on any machine (`.ci/run` runs the precision tests again under the other one).
-
-The comparable figure: the same weights score 12.0992 in bf16 and 12.0972 in float32, a
-difference larger than many a real improvement. So `gpt.tools.evaluate` and the final whole-val loss of
-`train.py` run in float32 on every CPU, native bf16 or not (`comparable_dtype`), and say which
-precision they ran in. On a GPU they keep the training's autocast (bf16): GPU runs are compared
-with GPU runs, and a GPU-size val split is large. `python -m gpt evaluate --dtype float32` gives the float32
-figure on any device.
+`auto` takes the fastest precision the hardware runs natively: bf16 on a GPU that has it (else fp16
+with a GradScaler), bf16 on a CPU with native bf16 instructions, float32 elsewhere (emulated bf16
+is far slower than float32). `GPT_CPU_BF16=1` or `0` overrides the CPU's detection, so the tests
+can run both choices on any machine. The whole-val figure is computed in float32 on every CPU
+(`comparable_dtype`): bf16 rounding moves a loss by more than many real improvements.
 """
 
 import os

@@ -1,36 +1,12 @@
 """Stopping a run at any moment and continuing it exactly.
 
-nanoGPT's checkpoint holds the model, the optimizer and the step, so a resumed run draws other
-dropout masks and other batches than a run that never stopped. Here `latest.pt` also holds
-everything else that decides what happens next:
-
-- the loop's `TrainState` (the step, and with it the learning-rate schedule's position; the
-  best validation loss and its step) and the GradScaler's state when mixed precision has one;
-- every RNG: Python's `random`, NumPy's, torch's CPU generator, and each CUDA device's (MPS's
-  on a Mac);
-- the data position (`TrainBatches.state_dict`: the epoch and the batch within it).
-
-With several processes (`gpt.distributed`), rank 0 writes the checkpoint: the weights and the
-optimizer are the same on every process, the data position is the group's, and each process's
-RNG states are gathered (`rng` is rank 0's, `rank_rng` the others'). It resumes with any number
-of processes: with the same number every process gets its own RNGs back (exact), with another
-the batches and the schedule continue exactly but processes other than rank 0 draw new dropout
-masks (`restore_training` says so).
-
-Evaluation draws from no RNG (dropout is off and its loaders have their own generator), so a
-checkpoint taken after it or not makes no difference. On a CPU, a run killed with SIGKILL part
-way and resumed ends with weights bit-identical to one that never stopped
-(`tests/test_resume.py` checks it with real kills).
-
-A LoRA run (`gpt.lora`) stores its adapters as the weights (`gpt.checkpoint.model_weights`) and
-rebuilds its base from `model.init_from`, checked against the checkpoint's record of it; a resume
-with other `train.lora` settings is refused (`check_resumable`).
-
-Everything is stored as tensors, numbers, strings, lists and dicts, so
-`torch.load(..., weights_only=True)` reads it back. `RunCheckpoints` is what the loop saves to
-and restores from: a run folder's latest.pt and best.pt; it also turns a stop the loop raises (a
-NaN, running out of memory) into one line naming the last good checkpoint. `StopRequest` turns
-SIGINT and SIGTERM into a request the loop honours after its current step: save, then stop.
+`latest.pt` holds everything that decides what happens next: the weights, the optimizer, the
+loop's `TrainState`, the GradScaler, the data position and every RNG's state (each process's, under
+torchrun), all as tensors and plain data that `torch.load(..., weights_only=True)` reads. Restoring
+is load, then apply: train.py builds the run as a fresh one would, then `restore_run` fills it.
+`RunCheckpoints` is where the loop saves, and turns a stop the loop raises (a NaN, running out of
+memory) into one line naming the last good checkpoint; `StopRequest` turns SIGINT and SIGTERM into
+a request the loop honours after its step.
 """
 
 import contextlib

@@ -43,7 +43,6 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -59,9 +58,6 @@ from gpt.errors import UserError
 from gpt.model import IGNORE_INDEX
 from gpt.optim import build_optimizer, set_learning_rate, steps_unless
 from gpt.precision import Precision, pick_dtype
-
-if TYPE_CHECKING:  # for the annotations only: gpt.resume imports this module
-    from gpt.resume import RunCheckpoints
 
 
 def pick_device(name: str, option: str = "train.device") -> torch.device:
@@ -425,20 +421,21 @@ def measure(net: nn.Module, data: TrainData, run: Run) -> list:
         return data.score_tasks(run.model, run.precision) if data.score_tasks else []
 
 
-def save(run: Run, checkpoints: "RunCheckpoints") -> None:
-    """`checkpoints.save(run)`, unless a weight is not finite: a NaN model never replaces a good checkpoint."""
+def save_if_finite(run: Run, save: Callable[[Run], None]) -> None:
+    """`save(run)`, unless a weight is not finite: a NaN model never replaces a good checkpoint."""
     if not weights_are_finite(run.model):
         raise NonFiniteLoss("a weight", math.nan, run.state.step)
-    checkpoints.save(run)
+    save(run)
 
 
-def train(run: Run, cfg: TrainConfig, data: TrainData, checkpoints: "RunCheckpoints",
+def train(run: Run, cfg: TrainConfig, data: TrainData, save: Callable[[Run], None],
           stop: Callable[[], bool] | None = None, log: Callable[[dict], None] | None = None) -> TrainState:
-    """Train `run` up to step `cfg.max_iters`, evaluating and saving to `checkpoints` every `cfg.eval_interval` steps.
+    """Train `run` up to step `cfg.max_iters`, evaluating and calling `save(run)` every `cfg.eval_interval` steps.
 
-    `stop()` is asked after every step: when true, the run saves and returns early (`state.step <
-    cfg.max_iters`). The model trains in place, through DistributedDataParallel when `run.dist` has several
-    processes and compiled if `cfg.compile` says so. Every process calls `checkpoints.save` (rank 0 writes).
+    `save` is a run folder's `gpt.resume.RunCheckpoints.save`; every process calls it. `stop()` is asked
+    after every step: when true, the run saves and returns early (`state.step < cfg.max_iters`). The
+    model trains in place, through DistributedDataParallel when `run.dist` has several processes and
+    compiled if `cfg.compile` says so.
     """
     state, device = run.state, run.precision.device
     batches = iter(data.batches)  # from its position: a restored run's continues
@@ -458,7 +455,7 @@ def train(run: Run, cfg: TrainConfig, data: TrainData, checkpoints: "RunCheckpoi
                 progress.report(state, measure(net, data, run))
             stopping = stop is not None and run.dist.any(stop(), device)  # every process stops at the same step
             if evaluated or stopping:
-                save(run, checkpoints)
+                save_if_finite(run, save)
             if stopping:
                 break
     return state

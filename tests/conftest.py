@@ -26,12 +26,12 @@ class MuonOneByOne(Muon):
 
 
 class SavesOnly:
-    """`train()`'s checkpoints in a test: `record(state)` at every save (no file)."""
+    """`train()`'s `save` in a test: `record(state)` at every save (no file)."""
 
     def __init__(self, record: Callable[[TrainState], object]):
         self.record = record
 
-    def save(self, run: Run) -> None:
+    def __call__(self, run: Run) -> None:
         self.record(run.state)
 
 
