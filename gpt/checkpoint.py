@@ -78,12 +78,14 @@ def checkpoint_path(location: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
-    """The checkpoint dict at `path`, read safely; clear errors for files that are not one."""
+def load_checkpoint(path: Path, device: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """The checkpoint dict at `path`, read safely; clear errors for files that are not one.
+
+    `mmap`: the tensors are mapped from the file, read only where used (to read a checkpoint's config)."""
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickles on stderr: say it once
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location=device, weights_only=True)
+            state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for truncated, foreign or unsafe files
         raise _unreadable(path, e) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:

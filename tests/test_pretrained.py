@@ -14,6 +14,7 @@ import train
 from gpt.gpt2 import pretrained
 from gpt.config import load_config
 from gpt.errors import UserError
+from gpt.gpt2 import hf_format
 from gpt.gpt2.hf_format import architecture_from_weights
 from gpt.model import ModelConfig
 from gpt.gpt2.pretrained import build_model, load_model, resolve_model_config
@@ -267,3 +268,27 @@ def test_training_reports_a_conflicting_architecture(hf_gpt2_vocab, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: model.init_from") and "n_layers 4 (the weights need 2)" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
+def test_the_weights_are_read_once_when_a_run_starts(hf_small_vocab, tmp_path, monkeypatch, weights_file):
+    """Sizing the model (no config.json: from the tensors' shapes) reads none of the weights; building it
+    reads them once, and gives the same model as reading them whole."""
+    hf_model, folder = hf_small_vocab
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    if weights_file == "model.safetensors":
+        shutil.copy(folder / weights_file, bare / weights_file)
+    else:
+        torch.save({k: v for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}, bare / weights_file)
+    monkeypatch.setitem(hf_format.GPT2_HEADS, 32, 2)  # the head count of a 32-wide GPT-2, as if released
+    reads = []
+    real = pretrained.read_weights
+    monkeypatch.setattr(pretrained, "read_weights",
+                        lambda path, shapes_only=False: reads.append(shapes_only) or real(path, shapes_only))
+    cfg = resolve_model_config(ModelConfig(init_from=str(bare / weights_file)), ())
+    assert reads == [True] and cfg.vocab_size == 1000 and cfg.n_layers == 2
+    model = build_model(cfg).eval()
+    assert reads == [True, False]  # one read of the weights themselves
+    idx = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert max_logit_difference(model, hf_model, idx) < 1e-5

@@ -22,8 +22,9 @@ the list of differences; `context_length` may be smaller than the weights' `n_po
 then only the first `context_length` rows of the position table are kept (positions past the
 context are never looked up). `drop_rate`, `vocab_pad_multiple` and `attn_impl` are free.
 
-Reading the weights only needs the config's name and path, so loading a config never touches
-the network or the weights; `resolve_model_config` and `build_model` do, when a run starts.
+Loading a config never touches the network or the weights. When a run starts,
+`resolve_model_config` sizes the model from config.json or the tensors' shapes (none of the weights
+read), and `build_model` reads them, once.
 
 `load_model` (and `model_from_state`, for a checkpoint already read) is how everything that reads
 a run gets its model: generate.py, chat.py, `python -m gpt evaluate`, `export` and
@@ -47,7 +48,7 @@ from gpt.config import Config, config_from_dict, load_config
 from gpt.corpus.downloads import DATA_DIR
 from gpt.errors import UserError, first_line
 from gpt.gpt2.hf_format import (ARCHITECTURE_FIELDS, architecture_from_config, architecture_from_weights,
-                         from_hf_state_dict)
+                                from_hf_state_dict, normalise_keys)
 from gpt.lora import LORA_BASE, add_adapters, base_record, merge
 from gpt.model import GPTModel, ModelConfig
 from gpt.sampling import SampleConfig
@@ -112,23 +113,32 @@ def locate_weights(init_from: str) -> Path:
                     "existing path to Hugging Face GPT-2 weights")
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a `.safetensors` or `pytorch_model.bin` file, read without running code."""
+def read_weights(path: Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a `.safetensors` or `pytorch_model.bin` file, read without running code.
+
+    `shapes_only`: the tensors as their shapes (mapped from the file or meta tensors), none of the
+    weights read: what sizing a model needs, before `build_model` reads them once.
+    """
     if path.name.endswith(".safetensors"):
         try:
+            from safetensors import safe_open
             from safetensors.torch import load_file
         except ImportError:
             raise UserError(f"reading {path} needs safetensors: pip install safetensors "
                             "(the [hf] extra)") from None
-        reader = load_file
+
+        def reader(p):
+            if not shapes_only:
+                return load_file(p)
+            with safe_open(p, "pt") as f:
+                return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
     else:
         def reader(p):  # weights_only: a .bin is a pickle, and must not run code
-            return torch.load(p, map_location="cpu", weights_only=True)
+            return torch.load(p, map_location="cpu", weights_only=True, mmap=shapes_only)
     try:
         state = reader(str(path))
     except Exception as e:  # truncated, foreign or unsafe files raise many types
-        reason = first_line(e)
-        raise UserError(f"cannot read weights {path} ({reason}); it is damaged or not a weights file") from None
+        raise UserError(f"cannot read weights {path} ({first_line(e)}); it is damaged or not a weights file") from None
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise UserError(f"{path} is not a state dict of tensors")
     return state
@@ -145,7 +155,7 @@ def weights_architecture(weights: Path) -> dict:
         if not isinstance(hf_config, dict):
             raise UserError(f"{config_path} is not a GPT-2 config.json")
         return architecture_from_config(hf_config, str(config_path))
-    return architecture_from_weights(read_weights(weights), str(weights))
+    return architecture_from_weights(read_weights(weights, shapes_only=True), str(weights))
 
 
 def run_checkpoint(init_from: str) -> Path | None:
@@ -179,7 +189,7 @@ def resolve_model_config(cfg: ModelConfig, given: Collection[str]) -> ModelConfi
         return cfg
     run = run_checkpoint(cfg.init_from)
     if run is not None:
-        run_cfg = config_from_dict(load_checkpoint(run)["config"], source=str(run)).model
+        run_cfg = config_from_dict(load_checkpoint(run, mmap=True)["config"], source=str(run)).model  # the weights stay unread
         wanted = {name: getattr(run_cfg, name) for name in ARCHITECTURE_FIELDS}
     else:
         wanted = weights_architecture(locate_weights(cfg.init_from))
@@ -216,8 +226,11 @@ def build_model(cfg: ModelConfig) -> GPTModel:
         state = {**state, "pos_emb.weight": state["pos_emb.weight"][:cfg.context_length]}
     else:
         weights = locate_weights(cfg.init_from)
-        vocab = weights_architecture(weights)["vocab_size"]
-        state = from_hf_state_dict(read_weights(weights), dataclasses.replace(cfg, vocab_size=vocab), str(weights))
+        hf_state = normalise_keys(read_weights(weights))  # the one read of the weights
+        if "wte.weight" not in hf_state:
+            raise UserError(f"{weights} holds no wte tensor; it is not GPT-2 weights")
+        vocab = hf_state["wte.weight"].shape[0]
+        state = from_hf_state_dict(hf_state, dataclasses.replace(cfg, vocab_size=vocab), str(weights))
     if vocab > cfg.vocab_size:
         raise UserError(f"model.init_from {cfg.init_from!r} has {vocab} token ids and the model {cfg.vocab_size}; "
                         "a vocabulary can grow (new tokens), not shrink")
