@@ -59,6 +59,7 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
     seed_run(cfg.train.seed, dist.rank, resumed[1]["step"] if resumed else 0)  # before the weights are drawn
     data = load_data(cfg, dist, device, say)
     model, extras = run_model(cfg, resumed, new_rows)
+    model.use_attention(cfg.train.attn_impl)
     run = new_run(model.to(device), cfg.train, device, dist)
     fresh = resumed is None
     if not fresh:
@@ -94,12 +95,12 @@ def settle_model_config(cfg: Config) -> range:
     A pretrained init_from brings its architecture (context_length included) with its weights; resolved
     first, so a resume compares the architecture it will really build.
     """
-    cfg.model = resolve_model_config(cfg.model, cfg.given_keys.get("model", ()))
+    cfg.model = resolve_model_config(cfg.model, cfg.train.init_from, cfg.given_keys.get("model", ()))
     base_vocab = cfg.model.vocab_size  # the weights' own; a chat run's new token rows come after
     if cfg.data.format == "chat":  # the template's markers are token ids of their own (gpt.chat.template)
         cfg.model = chat_model_config(cfg.model)
     if cfg.train.lora is not None:
-        refuse_random_base(cfg.model)
+        refuse_random_base(cfg.train.init_from)
     return range(base_vocab, cfg.model.vocab_size)
 
 
@@ -131,7 +132,7 @@ def run_model(cfg: Config, resumed: tuple[Path, dict] | None, new_rows: range) -
     """
     extras = {"chat_template": TEMPLATE} if cfg.data.format == "chat" else {}  # what the checkpoints record beside the run
     if cfg.train.lora is None:
-        return (GPTModel(cfg.model) if resumed is not None else build_model(cfg.model)), extras
+        return (GPTModel(cfg.model) if resumed is not None else build_model(cfg.model, cfg.train.init_from)), extras
     model, base = lora_model(cfg, new_rows, resumed)
     return model, {**extras, LORA_BASE: base}
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from gpt.attention import ATTENTION_IMPLS, DEFAULT_IMPL
 from gpt.data import DataConfig
 from gpt.errors import UserError
 from gpt.lora import LoRAConfig
@@ -26,6 +27,7 @@ from gpt.precision import DTYPES
 from gpt.sampling import SampleConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+MOVED_TO_TRAIN = ("init_from", "attn_impl")  # once model settings: a run's, not the architecture's
 OPTIMIZERS = ("adamw", "muon")  # what train.optimizer can name: gpt/optim.py builds them
 
 
@@ -35,6 +37,8 @@ class TrainConfig:
 
     out_dir: str = "runs/default"  # checkpoints go to <out_dir>/latest.pt and best.pt
     max_iters: int = 2000  # optimizer steps
+    init_from: str = "scratch"  # the starting weights: scratch, gpt2[-medium/-large/-xl], a run, or HF weights: gpt/gpt2/pretrained.py
+    attn_impl: str = DEFAULT_IMPL  # attention through sdpa (the fused kernel) or explicit (the reference math): same weights, same results
     eval_interval: int = 200  # evaluate (and save) every this many steps, and at the end
     eval_iters: int = 20  # batches per periodic loss estimate
     whole_val_at_end: bool = True  # at the end, the val loss over every window: the figure to compare runs by
@@ -61,6 +65,10 @@ class TrainConfig:
     lora: LoRAConfig | None = None  # low-rank adapters on a frozen init_from model instead of full fine-tuning: gpt/lora.py
 
     def __post_init__(self):
+        if not self.init_from:
+            raise ValueError("train.init_from is empty; use scratch, a GPT-2 size or a path")
+        if self.attn_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"train.attn_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attn_impl!r}")
         for name in ("max_iters", "eval_interval", "eval_iters", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1, got {getattr(self, name)}")
@@ -159,6 +167,9 @@ def _apply(section: object, section_name: str, values: dict, source: str) -> Non
     """Set `values` on one section dataclass, checking each key and type."""
     hints = typing.get_type_hints(type(section))
     for key, value in values.items():
+        if section_name == "model" and key in MOVED_TO_TRAIN:
+            raise UserError(f"model.{key} in {source} is a setting of the run, not of the architecture: "
+                            f"write it as train.{key}")
         if key not in hints:
             # A near miss only (n_layer, max_iter): at difflib's default 0.6, lr would suggest lora.
             close = difflib.get_close_matches(str(key), hints, n=1, cutoff=0.7)
@@ -274,5 +285,11 @@ def load_config(name: str | None, overrides: list[str] = ()) -> Config:
 
 
 def config_from_dict(values: dict, source: str = "checkpoint") -> Config:
-    """The `Config` a checkpoint stores as plain data (`dataclasses.asdict`), with the same strict checks."""
+    """The `Config` a checkpoint stores as plain data (`dataclasses.asdict`), with the same strict checks.
+
+    A checkpoint written before `init_from` and `attn_impl` moved to the train section has them in model."""
+    if isinstance(values, dict) and isinstance(values.get("model"), dict) and isinstance(values.get("train"), dict):
+        moved = {key: values["model"][key] for key in MOVED_TO_TRAIN if key in values["model"]}
+        values = {**values, "model": {k: v for k, v in values["model"].items() if k not in moved},
+                  "train": {**moved, **values["train"]}}
     return build_config([(values, source)])

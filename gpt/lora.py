@@ -14,7 +14,7 @@ bit, and gets no update.
 
 A LoRA run's checkpoints hold only what trains (`trainable_state`): the adapters and any new
 rows, a few MB where GPT-2 medium's weights are 1.4 GB, plus a record of its base
-(`LORA_BASE`: `model.init_from` and `fingerprint`, a sha256 over the base's weights as they
+(`LORA_BASE`: `train.init_from` and `fingerprint`, a sha256 over the base's weights as they
 were loaded), so a missing or changed base is refused rather than silently adapted.
 `gpt.gpt2.pretrained` builds the base, checks it and loads the adapters; everything that reads
 a run (sampling, chat, evaluation, export) gets a plain `GPTModel` with the adapters folded in

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gpt.attention import ATTENTION_IMPLS, DEFAULT_IMPL, CausalAttention, LayerCache, check_fits
+from gpt.attention import ATTENTION_IMPLS, CausalAttention, LayerCache, check_fits
 
 IGNORE_INDEX = -100  # a target the loss skips: F.cross_entropy's default ignore_index, written out
 
@@ -32,8 +32,6 @@ class ModelConfig:
     drop_rate: float = 0.1  # embedding, attention-weight and residual dropout
     qkv_bias: bool = False
     vocab_pad_multiple: int = 64  # embedding rows rounded up to a multiple of this; 1 = none
-    attn_impl: str = DEFAULT_IMPL  # sdpa (fused kernel) or explicit (the reference math); same weights
-    init_from: str = "scratch"  # or gpt2[-medium/-large/-xl], or a path to HF weights: gpt/gpt2/pretrained.py
 
     @property
     def padded_vocab_size(self) -> int:
@@ -49,10 +47,6 @@ class ModelConfig:
             )
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"model.drop_rate must be in [0, 1), got {self.drop_rate}")
-        if not self.init_from:
-            raise ValueError("model.init_from is empty; use scratch, a GPT-2 size or a path")
-        if self.attn_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"model.attn_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attn_impl!r}")
 
 
 class FeedForward(nn.Module):
@@ -82,7 +76,6 @@ class TransformerBlock(nn.Module):
             qkv_bias=cfg.qkv_bias,
             num_heads=cfg.n_heads,
             out_proj=True,  # as GPT-2, whatever n_heads is
-            impl=cfg.attn_impl,
         )
         self.norm2 = nn.LayerNorm(cfg.emb_dim)
         self.ff = FeedForward(cfg)
@@ -176,6 +169,15 @@ class GPTModel(nn.Module):
     def num_parameters(self) -> int:
         """Number of trainable parameters, the tied embedding (padding rows included) counted once."""
         return sum(p.numel() for p in self.parameters())
+
+    def use_attention(self, impl: str) -> "GPTModel":
+        """Compute attention with `impl` from now on: sdpa (the fused kernel) or explicit (the reference
+        math); the same weights and the same results (`train.attn_impl`)."""
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention impl must be one of {', '.join(ATTENTION_IMPLS)}, got {impl!r}")
+        for block in self.trf_blocks:
+            block.att.impl = impl
+        return self
 
     def kv_cache(self, batch: int) -> KVCache:
         """An empty KV cache for `batch` sequences of up to `context_length` tokens.

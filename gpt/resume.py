@@ -132,9 +132,7 @@ def check_resumable(checkpoint: dict, path: Path, cfg: Config) -> list[str]:
                         f"(only {LATEST_NAME} files written by train.py can); start again with --overwrite")
     saved = dataclasses.asdict(config_from_dict(checkpoint["config"], source=str(path)))
     requested = dataclasses.asdict(cfg)
-    # model.attn_impl says how attention is computed, not what: the weights are the same.
-    model_changes = [change for change in config_differences(saved["model"], requested["model"], "model")
-                     if not change.startswith("model.attn_impl")]
+    model_changes = config_differences(saved["model"], requested["model"], "model")
     if model_changes:
         raise UserError(f"{path} holds another model than the config asks for "
                         f"({'; '.join(model_changes)}); resume with the checkpoint's model settings, "

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from gpt.tools import attention_map
 from gpt.tools.attention_map import attention_weights, prompt_ids
 from gpt.checkpoint import BEST_NAME, save_checkpoint
-from gpt.config import Config
+from gpt.config import Config, TrainConfig
 from gpt.model import GPTModel, ModelConfig
 from gpt.gpt2.pretrained import load_for_sampling
 from gpt.tokenizer import get_tokenizer
@@ -26,13 +26,13 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def save_run(folder, attn_impl: str):
     """A run folder holding a best.pt of a tiny model whose weights make sharp attention."""
-    cfg = ModelConfig(**CFG, attn_impl=attn_impl)
+    cfg = ModelConfig(**CFG)
     torch.manual_seed(0)
-    model = GPTModel(cfg)
+    model = GPTModel(cfg).use_attention(attn_impl)
     with torch.no_grad():  # N(0, 0.02) gives near-uniform weights; these give peaked ones
         for name, p in model.named_parameters():
             p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.3)
-    save_checkpoint(folder / BEST_NAME, {"model": model.state_dict(), "config": asdict(Config(model=cfg))})
+    save_checkpoint(folder / BEST_NAME, {"model": model.state_dict(), "config": asdict(Config(model=cfg, train=TrainConfig(attn_impl=attn_impl)))})
     return folder
 
 

@@ -363,7 +363,7 @@ def runs(tmp_path_factory) -> SimpleNamespace:
     common = ["--config", "tiny.yaml", "--train.max_iters=2", "--sample.max_new_tokens=2",
               "--train.dtype=float32"]  # float32: the tests compare numbers
     assert train.main([*common, f"--train.out_dir={base}"]) == 0
-    chat_args = [*common, f"--model.init_from={base}", "--data.format=chat", f"--data.corpus={corpus}",
+    chat_args = [*common, f"--train.init_from={base}", "--data.format=chat", f"--data.corpus={corpus}",
                  f"--data.prepared_dir={root / 'prepared'}", "--data.val_fraction=0.2"]
     assert train.main([*chat_args, f"--train.out_dir={tuned}"]) == 0
     return SimpleNamespace(root=root, base=base, tuned=tuned, corpus=corpus, chat_args=chat_args)
@@ -372,9 +372,9 @@ def runs(tmp_path_factory) -> SimpleNamespace:
 @pytest.mark.slow
 def test_init_from_a_run_keeps_its_weights_and_adds_the_template_rows(runs):
     base_state = load_checkpoint(runs.base / "best.pt")["model"]
-    cfg = resolve_model_config(ModelConfig(init_from=str(runs.base)), given=())
+    cfg = resolve_model_config(ModelConfig(), str(runs.base), given=())
     assert cfg.emb_dim == 32 and cfg.vocab_size == EOT_ID + 1
-    start = build_model(ModelConfig(**{**cfg.__dict__, "vocab_size": CHAT_VOCAB_SIZE})).state_dict()
+    start = build_model(ModelConfig(**{**cfg.__dict__, "vocab_size": CHAT_VOCAB_SIZE}), str(runs.base)).state_dict()
     old = base_state["tok_emb.weight"]
     assert torch.equal(start["tok_emb.weight"][:EOT_ID + 1], old[:EOT_ID + 1])
     assert torch.allclose(start["tok_emb.weight"][EOT_ID + 1:CHAT_VOCAB_SIZE], old[:EOT_ID + 1].mean(0).expand(4, -1))

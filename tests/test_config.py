@@ -2,7 +2,7 @@
 from dataclasses import asdict
 import pytest
 
-from gpt.config import CONFIG_DIR, config_from_dict, load_config, parse_overrides
+from gpt.config import CONFIG_DIR, Config, config_from_dict, load_config, parse_overrides
 from gpt.errors import UserError
 from gpt.model import GPTModel
 
@@ -100,3 +100,14 @@ def test_round_trip_through_plain_data():
     assert config_from_dict(asdict(cfg)) == cfg
     with pytest.raises(UserError, match="unknown key model.extra in checkpoint"):
         config_from_dict({"model": {"extra": 1}})
+
+
+def test_a_checkpoint_written_with_the_run_settings_in_model_still_loads():
+    """Before init_from and attn_impl moved to the train section, checkpoints stored them in model."""
+    old = asdict(Config())
+    old["model"] |= {"init_from": "runs/small", "attn_impl": "explicit"}
+    del old["train"]["init_from"], old["train"]["attn_impl"]
+    cfg = config_from_dict(old)
+    assert (cfg.train.init_from, cfg.train.attn_impl) == ("runs/small", "explicit")
+    with pytest.raises(UserError, match="model.attn_impl in the command line is a setting of the run"):
+        load_config("tiny.yaml", ["--model.attn_impl=explicit"])

@@ -192,7 +192,7 @@ def test_our_muon_in_bf16_is_torch_muon_on_cuda_too():
 @pytest.mark.parametrize("attn_impl", ["sdpa", "explicit"])
 def test_kv_cache_sampling_on_cuda_equals_recomputation(tiny_cfg, attn_impl):
     torch.manual_seed(0)
-    model = GPTModel(ModelConfig(**{**tiny_cfg.__dict__, "attn_impl": attn_impl})).to(CUDA).eval()
+    model = GPTModel(tiny_cfg).use_attention(attn_impl).to(CUDA).eval()
     prompt = torch.randint(0, tiny_cfg.vocab_size, (3, 5), device=CUDA)
     with torch.no_grad():
         # Logits of the last position, cached step by step against the whole window recomputed.

@@ -65,7 +65,7 @@ def test_a_trained_run_round_trips(tiny_run, tmp_path, capsys):
     theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(2))
     assert max_difference(ours, theirs, idx) < 1e-5
-    back = build_model(resolve_model_config(ModelConfig(init_from=str(out)), ())).eval()
+    back = build_model(resolve_model_config(ModelConfig(), str(out), ()), str(out)).eval()
     assert max_difference(back, theirs, idx) < 1e-5  # our own loader reads the export
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)  # GPT-2's BPE ships with it
     from gpt.tokenizer import get_tokenizer
@@ -79,7 +79,7 @@ def test_a_lora_run_exports_with_its_adapters_merged(tiny_run, tmp_path):
     from gpt.gpt2.pretrained import load_model
     from gpt.lora import is_adapted
     lora = tmp_path / "lora"
-    assert train.main(["--config", "tiny.yaml", f"--model.init_from={tiny_run}", f"--train.out_dir={lora}",
+    assert train.main(["--config", "tiny.yaml", f"--train.init_from={tiny_run}", f"--train.out_dir={lora}",
                        "--train.max_iters=2", "--train.optimizer=adamw", "--train.learning_rate=3e-2",
                        "--train.lora.rank=2", "--sample.max_new_tokens=1"]) == 0
     assert export.main([str(lora), str(tmp_path / "hf")]) == 0

@@ -137,7 +137,7 @@ def world(tmp_path_factory) -> SimpleNamespace:
 
 def lora(w, base: Path, out: Path, *more) -> list[str]:
     """A LoRA run of rank 2 tuned on the run in `base` (2 steps, unless `more` says otherwise)."""
-    return ["--config", "tiny.yaml", f"--model.init_from={base}", f"--train.out_dir={out}", "--train.max_iters=2",
+    return ["--config", "tiny.yaml", f"--train.init_from={base}", f"--train.out_dir={out}", "--train.max_iters=2",
             "--train.optimizer=adamw", "--train.lora.rank=2", "--sample.max_new_tokens=1", *more]
 
 
@@ -202,6 +202,9 @@ CASES = [
      r"unknown key model.n_layer in .*typo.yaml; did you mean model.n_layers\?"),
     ("value of the wrong type", "config", TRAIN, lambda w: ["--config", str(w.typed)],
      r"train.max_iters in .*typed.yaml must be int, got 'many'"),
+    ("a run setting in the model section", "config", TRAIN, lambda w: ["--config", "tiny.yaml", "--model.init_from=gpt2"],
+     r"model.init_from in the command line is a setting of the run, not of the architecture: write it as "
+     r"train.init_from"),
     ("broken YAML", "config", TRAIN, lambda w: ["--config", str(w.broken)],
      r"broken.yaml is not valid YAML at line 3; fix the syntax"),
     ("unknown section", "config", TRAIN, lambda w: ["--config", str(w.section)],
@@ -385,35 +388,35 @@ CASES = [
     ("chat with a run never chat-tuned", "chat", CHAT, lambda w: ["--checkpoint", str(w.run), "--prompt", "Hi"],
      r"run/best.pt was never chat-tuned \(its checkpoint has no chat template\); fine-tune it first"),
     ("LoRA on a linear the model lacks", "lora", TRAIN,
-     lambda w: tiny(w, f"--model.init_from={w.run}", "--train.optimizer=adamw", "--train.lora.targets=[W_qry]"),
+     lambda w: tiny(w, f"--train.init_from={w.run}", "--train.optimizer=adamw", "--train.lora.targets=[W_qry]"),
      r"train.lora.targets names 'W_qry', which is not a linear of the model; give attention, mlp \(groups\) or "
      r"W_query, W_key, W_value, out_proj, ff.fc, ff.proj"),
     ("LoRA of rank 0", "lora", TRAIN,
-     lambda w: tiny(w, f"--model.init_from={w.run}", "--train.optimizer=adamw", "--train.lora.rank=0"),
+     lambda w: tiny(w, f"--train.init_from={w.run}", "--train.optimizer=adamw", "--train.lora.rank=0"),
      r"train.lora.rank must be at least 1, got 0 \(in .*tiny.yaml and the command line\)"),
-    ("LoRA with Muon", "lora", TRAIN, lambda w: tiny(w, f"--model.init_from={w.run}", "--train.lora.rank=2"),
+    ("LoRA with Muon", "lora", TRAIN, lambda w: tiny(w, f"--train.init_from={w.run}", "--train.lora.rank=2"),
      r"train.lora trains its adapters with AdamW, and train.optimizer is muon \(for whole matrices\); set "
      r"train.optimizer: adamw"),
     ("LoRA on random weights", "lora", TRAIN, lambda w: tiny(w, "--train.optimizer=adamw", "--train.lora.rank=2"),
-     r"train.lora tunes adapters on pretrained weights, and model.init_from is scratch \(random weights, which "
-     r"adapters cannot teach\); set model.init_from to gpt2, gpt2-medium, gpt2-large, gpt2-xl, a run folder or "
+     r"train.lora tunes adapters on pretrained weights, and train.init_from is scratch \(random weights, which "
+     r"adapters cannot teach\); set train.init_from to gpt2, gpt2-medium, gpt2-large, gpt2-xl, a run folder or "
      r"Hugging Face weights, or leave train.lora out to train every weight"),
     ("--resume a LoRA run whose base changed", "lora", TRAIN,
      lambda w: lora(w, w.changed_base, w.lora_run, "--resume", "--train.max_iters=4"),
-     r"lora-run/latest.pt holds LoRA adapters for model.init_from '.*changed-base' with weights of sha256 "
+     r"lora-run/latest.pt holds LoRA adapters for train.init_from '.*changed-base' with weights of sha256 "
      r"[0-9a-f]{12}\.\.\., and '.*changed-base' now has other weights \(sha256 [0-9a-f]{12}\.\.\.\); put back "
      r"the weights the adapters were tuned on, or fine-tune again on these"),
     ("--resume a LoRA run without train.lora", "lora", TRAIN,
-     lambda w: resume(w, w.lora_run, f"--model.init_from={w.changed_base}", "--train.max_iters=4"),
+     lambda w: resume(w, w.lora_run, f"--train.init_from={w.changed_base}", "--train.max_iters=4"),
      r"lora-run/latest.pt was trained with train.lora rank 2, alpha 16.0, dropout 0.05, targets \['attention', "
      r"'mlp'\] and the config asks for none \(full fine-tuning\); resume with the run's train.lora"),
     ("generate from a LoRA run whose base changed", "lora", GENERATE, lambda w: ["Hi", "--checkpoint", str(w.lora_run)],
-     r"lora-run/best.pt holds LoRA adapters for model.init_from '.*changed-base' with weights of sha256 "
+     r"lora-run/best.pt holds LoRA adapters for train.init_from '.*changed-base' with weights of sha256 "
      r"[0-9a-f]{12}\.\.\., and '.*changed-base' now has other weights"),
     ("chat with a LoRA run whose base is gone", "lora", CHAT,
      lambda w: ["--checkpoint", str(w.lora_chat_run), "--prompt", "Hi"],
      r"lora-chat-run/best.pt holds LoRA adapters, not a whole model, and their base cannot be loaded: "
-     r"model.init_from '.*gone-base' is not scratch, a GPT-2 size"),
+     r"train.init_from '.*gone-base' is not scratch, a GPT-2 size"),
     ("export a LoRA run whose base is gone", "lora", EXPORT, lambda w: [str(w.lora_chat_run), str(w.root / "hf")],
      r"lora-chat-run/best.pt holds LoRA adapters, not a whole model, and their base cannot be loaded"),
     ("empty prompt", "prompt", GENERATE, lambda w: ["", "--checkpoint", str(w.run)],

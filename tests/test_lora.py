@@ -172,7 +172,7 @@ def runs(tmp_path_factory):
 
 
 def lora_args(base, out, *more) -> list[str]:
-    return ["--config", "tiny.yaml", f"--model.init_from={base}", f"--train.out_dir={out}", "--train.optimizer=adamw",
+    return ["--config", "tiny.yaml", f"--train.init_from={base}", f"--train.out_dir={out}", "--train.optimizer=adamw",
             "--train.lora.rank=2", "--train.learning_rate=3e-2", "--sample.max_new_tokens=1", *more]
 
 

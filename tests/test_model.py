@@ -51,7 +51,7 @@ def test_input_longer_than_context_is_a_clear_error(tiny_model, tiny_cfg):
 @pytest.mark.parametrize("mode,drop_rate", [("train", 0.0), ("eval", 0.3)])
 def test_no_future_leak_through_the_model(mode, drop_rate, attn_impl, tiny_cfg):
     torch.manual_seed(0)
-    cfg = ModelConfig(**{**tiny_cfg.__dict__, "drop_rate": drop_rate, "attn_impl": attn_impl})
+    cfg = ModelConfig(**{**tiny_cfg.__dict__, "drop_rate": drop_rate})
     model = getattr(GPTModel(cfg), mode)()
     idx = torch.randint(0, cfg.vocab_size, (2, cfg.context_length))
     base = model(idx)
@@ -120,10 +120,10 @@ def test_derived_buffers_not_in_state_dict(tiny_model):
 
 
 def test_attention_impls_share_weights_and_logits(tiny_cfg):
-    """model.attn_impl changes how attention is computed, not the checkpoint or the result."""
+    """train.attn_impl changes how attention is computed, not the checkpoint or the result."""
     torch.manual_seed(0)
     sdpa = GPTModel(tiny_cfg).eval()
-    explicit = GPTModel(ModelConfig(**{**tiny_cfg.__dict__, "attn_impl": "explicit"})).eval()
+    explicit = GPTModel(tiny_cfg).use_attention("explicit").eval()
     explicit.load_state_dict(sdpa.state_dict())
     idx = torch.randint(0, tiny_cfg.vocab_size, (2, tiny_cfg.context_length))
     assert torch.allclose(sdpa(idx), explicit(idx), atol=1e-5)
@@ -135,13 +135,15 @@ def test_config_validation():
     with pytest.raises(ValueError, match="drop_rate"):
         ModelConfig(drop_rate=1.0)
     with pytest.raises(ValueError, match="attn_impl"):
-        ModelConfig(attn_impl="flash")
+        TrainConfig(attn_impl="flash")
+    with pytest.raises(ValueError, match="attention impl"):
+        GPTModel(ModelConfig()).use_attention("flash")
 
 
 @pytest.mark.parametrize("attn_impl", ["sdpa", "explicit"])
 def test_activation_checkpointing_gives_the_same_loss_and_gradients_dropout_included(tiny_cfg, attn_impl):
     torch.manual_seed(0)
-    model = GPTModel(ModelConfig(**{**tiny_cfg.__dict__, "drop_rate": 0.3, "attn_impl": attn_impl})).train()
+    model = GPTModel(ModelConfig(**{**tiny_cfg.__dict__, "drop_rate": 0.3})).use_attention(attn_impl).train()
     x, y = torch.randint(0, tiny_cfg.vocab_size, (2, 4, 12))
     block_calls = []
     model.trf_blocks[0].register_forward_pre_hook(lambda *args: block_calls.append(1))

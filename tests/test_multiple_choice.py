@@ -311,7 +311,7 @@ def test_the_command_prints_acc_acc_norm_their_intervals_and_chance(items_file, 
     assert (printed["acc"], printed["acc_norm"]) == (expected.acc, expected.acc_norm)
     # --untrained: the model as train.py builds it before step 1, from the run's seed
     torch.manual_seed(7)
-    untrained = build_model(resolve_model_config(cfg.model, ()))
+    untrained = build_model(resolve_model_config(cfg.model, cfg.train.init_from, ()), cfg.train.init_from)
     assert evaluate.main(args + ["--json", "--untrained"]) == 0
     printed = json.loads(capsys.readouterr().out)
     expected = mc.score_task(untrained, mc.load_task(str(items_file)), mc.Scoring(Prompts.for_model(False), 32, 512, CPU))

@@ -41,7 +41,7 @@ def prepared(tmp_path):
 def chat_model(impl: str, dtype: torch.dtype = torch.float32) -> GPTModel:
     torch.manual_seed(0)
     return GPTModel(ModelConfig(vocab_size=CHAT_VOCAB_SIZE, context_length=WINDOW, emb_dim=32, n_heads=4,
-                                n_layers=2, drop_rate=0.0, attn_impl=impl)).to(dtype)
+                                n_layers=2, drop_rate=0.0)).use_attention(impl).to(dtype)
 
 
 def test_best_fit_fills_bins_within_capacity_and_places_every_item_once():

@@ -22,8 +22,8 @@ from gpt.gpt2.pretrained import build_model, load_model, resolve_model_config
 
 def load(init_from: str | Path, given=(), **fields):
     """Our model for `init_from`, in eval mode, as train.py builds it."""
-    cfg = resolve_model_config(ModelConfig(init_from=str(init_from), **fields), given)
-    return build_model(cfg).eval()
+    cfg = resolve_model_config(ModelConfig(**fields), str(init_from), given)
+    return build_model(cfg, str(init_from)).eval()
 
 
 def max_logit_difference(ours, theirs, idx: torch.Tensor) -> float:
@@ -83,12 +83,12 @@ def test_architecture_the_config_sets_must_match_the_weights(hf_small_vocab, tmp
     given = {"emb_dim", "n_layers", "n_heads", "context_length"}
     with pytest.raises(UserError, match=r"sets emb_dim 64 \(the weights need 32\), n_layers 3 \(the weights "
                                         r"need 2\); remove those keys"):
-        resolve_model_config(ModelConfig(init_from=str(folder), emb_dim=64, n_heads=2, n_layers=3,
-                                         context_length=64), given)
+        resolve_model_config(ModelConfig(emb_dim=64, n_heads=2, n_layers=3,
+                                         context_length=64), str(folder), given)
     with pytest.raises(UserError, match=r"context_length 65 \(the weights need at most 64\)"):
-        resolve_model_config(ModelConfig(init_from=str(folder), context_length=65), {"context_length"})
+        resolve_model_config(ModelConfig(context_length=65), str(folder), {"context_length"})
     # Fields nobody set come from the weights; matching ones and free ones are fine.
-    cfg = resolve_model_config(ModelConfig(init_from=str(folder), emb_dim=32, n_heads=2, drop_rate=0.3),
+    cfg = resolve_model_config(ModelConfig(emb_dim=32, n_heads=2, drop_rate=0.3), str(folder),
                                {"emb_dim", "n_heads", "drop_rate"})
     assert (cfg.emb_dim, cfg.n_layers, cfg.context_length, cfg.drop_rate) == (32, 2, 64, 0.3)
 
@@ -96,13 +96,13 @@ def test_architecture_the_config_sets_must_match_the_weights(hf_small_vocab, tmp
 def test_yaml_keys_count_as_set_even_at_their_default(hf_small_vocab, tmp_path):
     _, folder = hf_small_vocab
     path = tmp_path / "ft.yaml"
-    path.write_text(f"model:\n  init_from: {folder}\n  context_length: 256\n", encoding="utf-8")
+    path.write_text(f"model:\n  context_length: 256\ntrain:\n  init_from: {folder}\n", encoding="utf-8")
     cfg = load_config(str(path))  # loading reads no weights
     assert cfg.model.context_length == 256 == ModelConfig().context_length
     with pytest.raises(UserError, match=r"context_length 256 \(the weights need at most 64\)"):
-        resolve_model_config(cfg.model, cfg.given_keys["model"])
+        resolve_model_config(cfg.model, cfg.train.init_from, cfg.given_keys["model"])
     cfg = load_config(str(path), ["--model.context_length=32"])
-    assert resolve_model_config(cfg.model, cfg.given_keys["model"]).context_length == 32
+    assert resolve_model_config(cfg.model, cfg.train.init_from, cfg.given_keys["model"]).context_length == 32
 
 
 def test_bare_weights_file_is_sized_from_its_shapes(hf_small_vocab, tmp_path):
@@ -223,8 +223,8 @@ def test_finetune_config_takes_gpt2_small_architecture(no_local_weights):
     (no_local_weights / "gpt2" / "config.json").write_text(json.dumps(gpt2_config))
     (no_local_weights / "gpt2" / "model.safetensors").write_bytes(b"")  # resolving reads only config.json
     cfg = load_config("finetune-shakespeare.yaml")
-    assert cfg.model.init_from == "gpt2"
-    model_cfg = resolve_model_config(cfg.model, cfg.given_keys["model"])
+    assert cfg.train.init_from == "gpt2"
+    model_cfg = resolve_model_config(cfg.model, cfg.train.init_from, cfg.given_keys["model"])
     assert (model_cfg.vocab_size, model_cfg.emb_dim, model_cfg.n_heads, model_cfg.n_layers) == (50257, 768, 12, 12)
     assert model_cfg.qkv_bias and model_cfg.context_length <= 1024
 
@@ -252,21 +252,21 @@ def test_training_starts_from_the_weights(hf_gpt2_vocab, tmp_path):
     """tiny.yaml's architecture is the test model's, with context 32 of its 64 positions."""
     hf_model, folder = hf_gpt2_vocab
     out = tmp_path / "run"
-    assert train.main(["--config", "tiny.yaml", f"--model.init_from={folder}", f"--train.out_dir={out}",
+    assert train.main(["--config", "tiny.yaml", f"--train.init_from={folder}", f"--train.out_dir={out}",
                        "--train.max_iters=1", "--train.learning_rate=1e-9", "--train.min_lr=0",
                        "--sample.max_new_tokens=2"]) == 0
     model, config = load_model(out)
-    assert config.model.init_from == str(folder) and config.model.qkv_bias
+    assert config.train.init_from == str(folder) and config.model.qkv_bias
     wpe = hf_model.transformer.wpe.weight[:32]
     assert torch.allclose(model.pos_emb.weight, wpe, atol=1e-6)  # one step at lr 1e-9
 
 
 def test_training_reports_a_conflicting_architecture(hf_gpt2_vocab, tmp_path, capsys):
     _, folder = hf_gpt2_vocab
-    assert train.main(["--config", "tiny.yaml", f"--model.init_from={folder}", "--model.n_layers=4",
+    assert train.main(["--config", "tiny.yaml", f"--train.init_from={folder}", "--model.n_layers=4",
                        f"--train.out_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: model.init_from") and "n_layers 4 (the weights need 2)" in err
+    assert err.startswith("error: train.init_from") and "n_layers 4 (the weights need 2)" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
@@ -286,9 +286,9 @@ def test_the_weights_are_read_once_when_a_run_starts(hf_small_vocab, tmp_path, m
     real = pretrained.read_weights
     monkeypatch.setattr(pretrained, "read_weights",
                         lambda path, shapes_only=False: reads.append(shapes_only) or real(path, shapes_only))
-    cfg = resolve_model_config(ModelConfig(init_from=str(bare / weights_file)), ())
+    cfg = resolve_model_config(ModelConfig(), str(bare / weights_file), ())
     assert reads == [True] and cfg.vocab_size == 1000 and cfg.n_layers == 2
-    model = build_model(cfg).eval()
+    model = build_model(cfg, str(bare / weights_file)).eval()
     assert reads == [True, False]  # one read of the weights themselves
     idx = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     assert max_logit_difference(model, hf_model, idx) < 1e-5

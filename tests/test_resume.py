@@ -181,7 +181,7 @@ def test_activation_checkpointing_changes_no_weight_and_resumes_exactly(run_args
 
 
 def test_resume_allows_another_attention_path_but_not_another_model(tmp_path):
-    """model.attn_impl changes how attention is computed, not the weights: a resume may switch it."""
+    """train.attn_impl changes how attention is computed, not the weights: a resume may switch it."""
     import dataclasses
 
     from gpt.config import Config
@@ -190,9 +190,9 @@ def test_resume_allows_another_attention_path_but_not_another_model(tmp_path):
     saved = Config()
     checkpoint = {key: None for key in RESUME_KEYS} | {"config": dataclasses.asdict(saved), "step": 10,
                                                        "optimizer": {"muon": {}, "adamw": {}}}
-    switched = dataclasses.replace(saved, model=dataclasses.replace(saved.model, attn_impl="explicit"))
+    switched = dataclasses.replace(saved, train=dataclasses.replace(saved.train, attn_impl="explicit"))
     notes = check_resumable(checkpoint, tmp_path / "latest.pt", switched)
-    assert notes == ["model.attn_impl: checkpoint 'sdpa', config 'explicit'"]
+    assert notes == ["train.attn_impl: checkpoint 'sdpa', config 'explicit'"]
     deeper = dataclasses.replace(saved, model=dataclasses.replace(saved.model, n_layers=7))
     with pytest.raises(UserError, match="model.n_layers: checkpoint 6, config 7"):
         check_resumable(checkpoint, tmp_path / "latest.pt", deeper)

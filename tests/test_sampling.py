@@ -147,7 +147,7 @@ def test_sample_config_validation():
 def test_kv_cache_greedy_equals_recomputation(attn_impl, tiny_cfg):
     """Same tokens with and without the cache, batched, across the point where the cache fills up."""
     torch.manual_seed(3)
-    model = GPTModel(ModelConfig(**{**tiny_cfg.__dict__, "attn_impl": attn_impl})).eval()
+    model = GPTModel(tiny_cfg).use_attention(attn_impl).eval()
     prompt = torch.randint(0, tiny_cfg.vocab_size, (3, 4))
     steps = 2 * tiny_cfg.context_length
     cached = generate(model, prompt, steps, temperature=0, kv_cache=True)
@@ -161,7 +161,7 @@ def test_kv_cache_logits_equal_full_forward(attn_impl, tiny_cfg):
     """Feeding a sequence in pieces through the cache gives the full forward's logits: every slot is
     attended, the unfilled ones hidden by the causal mask's rows at the new positions."""
     torch.manual_seed(0)
-    model = GPTModel(ModelConfig(**{**tiny_cfg.__dict__, "attn_impl": attn_impl})).eval()
+    model = GPTModel(tiny_cfg).use_attention(attn_impl).eval()
     idx = torch.randint(0, tiny_cfg.vocab_size, (2, tiny_cfg.context_length))
     real = slice(0, tiny_cfg.vocab_size)  # padding logits are -inf in both
     full = model(idx)[..., real]

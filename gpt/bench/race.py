@@ -8,7 +8,7 @@ Evaluation is not timed. They train for the config's `train.max_iters` steps eac
 `--seconds S`, for as many steps as fit in S seconds of its own clock: the step count is fixed
 from the time of its first steps, so the learning-rate schedule still runs its whole course.
 
-A chat config (`data.format: chat`) races from its `model.init_from`, and is evaluated on every
+A chat config (`data.format: chat`) races from its `train.init_from`, and is evaluated on every
 held-out conversation: `--variants adamw+data.pack=false,adamw` times packing against one
 conversation a window, and `adamw,adamw+train.lora.rank=8` full fine-tuning against LoRA.
 
@@ -78,20 +78,20 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def build_racer(name: str, cfg: Config, device: torch.device) -> Racer:
-    """A variant ready to race: a text run from scratch, or a chat run from its `model.init_from`.
+    """A variant ready to race: a text run from scratch, or a chat run from its `train.init_from`.
 
     A chat race is evaluated on every held-out conversation, one per window, whatever `data.pack`
     says: every variant is then scored on the same windows, as `python -m gpt evaluate` scores them."""
     seed_everything(cfg.train.seed)  # every variant of one shape starts from the same weights
     if cfg.data.format == "chat":
-        cfg.model = resolve_model_config(cfg.model, cfg.given_keys.get("model", ()))
+        cfg.model = resolve_model_config(cfg.model, cfg.train.init_from, cfg.given_keys.get("model", ()))
         new_rows = range(cfg.model.vocab_size, CHAT_VOCAB_SIZE)  # the template's, where the base lacks them
         cfg.model = chat_model_config(cfg.model)
         context = cfg.model.context_length
         prepared = prepare_chat(cfg.data)
         train_set = load_chat_split(prepared, "train", context, cfg.data.pack)
         val_set = load_chat_split(prepared, "val", context)
-        model = build_model(cfg.model) if cfg.train.lora is None else lora_model(cfg, new_rows)[0]
+        model = build_model(cfg.model, cfg.train.init_from) if cfg.train.lora is None else lora_model(cfg, new_rows)[0]
         periodic = None
     else:
         context = cfg.model.context_length
@@ -99,7 +99,7 @@ def build_racer(name: str, cfg: Config, device: torch.device) -> Racer:
         train_set = load_split(prepared, "train", context, cfg.data.stride or context)
         val_set = load_split(prepared, "val", context, context)
         model, periodic = GPTModel(cfg.model), cfg.train.eval_iters
-    model = model.to(device).train()
+    model = model.use_attention(cfg.train.attn_impl).to(device).train()
     return Racer(
         name=name, cfg=cfg, model=model, net=compile_model(model, cfg.train.compile, device),
         optimizer=build_optimizer(model, cfg.train, device),

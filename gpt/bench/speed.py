@@ -136,13 +136,13 @@ class TrainBench:
 
     def __init__(self, variant: Variant, cfg: Config, device: torch.device, batches: list):
         self.variant = variant
-        model_cfg = dataclasses.replace(cfg.model, attn_impl=variant.attn_impl,
+        model_cfg = dataclasses.replace(cfg.model,
                                         vocab_pad_multiple=variant.vocab_pad_multiple or cfg.model.vocab_pad_multiple)
         self.train_cfg = dataclasses.replace(
             cfg.train, dtype=variant.dtype, compile=variant.compile,
             activation_checkpointing=variant.activation_checkpointing or cfg.train.activation_checkpointing)
         torch.manual_seed(cfg.train.seed)
-        self.model = GPTModel(model_cfg).to(device).train()
+        self.model = GPTModel(model_cfg).use_attention(variant.attn_impl).to(device).train()
         self.dist = Distributed(launched=True) if variant.ddp else SINGLE
         wrapped = self.dist.wrap(self.model, device)
         self.net = compile_model(wrapped, variant.compile, device)
@@ -392,8 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         setup_device(device)
         variants = [Variant("baseline (plain path)", "explicit", "float32", False, fused_adamw=False,
                             vocab_pad_multiple=1),
-                    Variant(f"default ({cfg.model.attn_impl} {cfg.train.dtype} compile={cfg.train.compile})",
-                            cfg.model.attn_impl, cfg.train.dtype, cfg.train.compile)]
+                    Variant(f"default ({cfg.train.attn_impl} {cfg.train.dtype} compile={cfg.train.compile})",
+                            cfg.train.attn_impl, cfg.train.dtype, cfg.train.compile)]
         variants += [parse_variant(v) for v in args.variants.split(",") if v]
         if args.ddp:
             variants.append(dataclasses.replace(variants[1], name="default in DDP (1 process)", ddp=True))

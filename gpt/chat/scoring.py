@@ -20,7 +20,7 @@
 - ended: the share of greedy replies (to every asked conversation, checkable or not) that end
   with `<|end|>` within `limit` tokens.
 
-The base is the model the fine-tuning started from (`model.init_from`) with the template's new
+The base is the model the fine-tuning started from (`train.init_from`) with the template's new
 token rows as fine-tuning initialises them (`gpt.gpt2.pretrained.add_token_rows`): exactly step 0.
 """
 

@@ -2,7 +2,7 @@
 
 OUT_DIR gets `config.json` and `model.safetensors` in the layout `GPT2LMHeadModel` reads
 (`gpt/gpt2/hf_format.py`), so `transformers.GPT2LMHeadModel.from_pretrained(OUT_DIR)` gives the same
-logits as the run's own model; so do `model.init_from: OUT_DIR` and `generate.py --checkpoint
+logits as the run's own model; so do `train.init_from: OUT_DIR` and `generate.py --checkpoint
 OUT_DIR` here. For a model over the full GPT-2 vocabulary it also gets the tokenizer files
 `GPT2Tokenizer` reads (`vocab.json` and `merges.txt` are GPT-2's `encoder.json` and
 `vocab.bpe`, the files this project tokenises with), so `pipeline("text-generation", OUT_DIR)`

@@ -1,4 +1,4 @@
-"""Where a model's weights start: `model.init_from` is `scratch`, a GPT-2 size, or a path.
+"""Where a model's weights start: `train.init_from` is `scratch`, a GPT-2 size, or a path.
 
 - `scratch` (the default): a new, randomly initialised `GPTModel`.
 - `gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`: OpenAI's released weights in Hugging Face's
@@ -20,7 +20,7 @@ The architecture comes from the weights, so a config may leave it out. A field t
 set (in the YAML or on the command line) must agree with the weights, or loading stops with
 the list of differences; `context_length` may be smaller than the weights' `n_positions`, and
 then only the first `context_length` rows of the position table are kept (positions past the
-context are never looked up). `drop_rate`, `vocab_pad_multiple` and `attn_impl` are free.
+context are never looked up). `drop_rate` and `vocab_pad_multiple` are free.
 
 Loading a config never touches the network or the weights. When a run starts,
 `resolve_model_config` sizes the model from config.json or the tensors' shapes (none of the weights
@@ -93,7 +93,7 @@ def download_gpt2(name: str) -> Path:
 
 
 def locate_weights(init_from: str) -> Path:
-    """The weights file `model.init_from` names (a GPT-2 size or a path); never `scratch`."""
+    """The weights file `train.init_from` names (a GPT-2 size or a path); never `scratch`."""
     if init_from in GPT2_SIZES:
         return find_weights(WEIGHTS_DIR / init_from) or download_gpt2(init_from)
     path = Path(init_from).expanduser()
@@ -108,7 +108,7 @@ def locate_weights(init_from: str) -> Path:
             raise UserError(f"{path} is not a .safetensors or .bin weights file; for a run trained "
                             "here, use generate.py --checkpoint")
         return path
-    raise UserError(f"model.init_from {init_from!r} is not {SCRATCH}, a GPT-2 size "
+    raise UserError(f"train.init_from {init_from!r} is not {SCRATCH}, a GPT-2 size "
                     f"({', '.join(GPT2_SIZES)}), a run folder trained here (best.pt or latest.pt) or an "
                     "existing path to Hugging Face GPT-2 weights")
 
@@ -180,19 +180,19 @@ def run_weights(checkpoint: Path) -> tuple[dict[str, torch.Tensor], ModelConfig]
     return state["model"], config.model
 
 
-def resolve_model_config(cfg: ModelConfig, given: Collection[str]) -> ModelConfig:
-    """`cfg` with the architecture of its `init_from` weights; `given` are the keys the user set.
+def resolve_model_config(cfg: ModelConfig, init_from: str, given: Collection[str]) -> ModelConfig:
+    """`cfg` with the architecture of the `init_from` weights; `given` are the keys the user set.
 
     A given architecture field must match the weights (context_length may be smaller).
     """
-    if cfg.init_from == SCRATCH:
+    if init_from == SCRATCH:
         return cfg
-    run = run_checkpoint(cfg.init_from)
+    run = run_checkpoint(init_from)
     if run is not None:
         run_cfg = config_from_dict(load_checkpoint(run, mmap=True)["config"], source=str(run)).model  # the weights stay unread
         wanted = {name: getattr(run_cfg, name) for name in ARCHITECTURE_FIELDS}
     else:
-        wanted = weights_architecture(locate_weights(cfg.init_from))
+        wanted = weights_architecture(locate_weights(init_from))
     conflicts = []
     for name in ARCHITECTURE_FIELDS:
         if name not in given:
@@ -204,35 +204,35 @@ def resolve_model_config(cfg: ModelConfig, given: Collection[str]) -> ModelConfi
             limit = "at most " if name == "context_length" else ""
             conflicts.append(f"{name} {value} (the weights need {limit}{wanted[name]})")
     if conflicts:
-        raise UserError(f"model.init_from {cfg.init_from!r} brings its own architecture, but the config "
+        raise UserError(f"train.init_from {init_from!r} brings its own architecture, but the config "
                         f"sets {', '.join(conflicts)}; remove those keys from the model section")
     return dataclasses.replace(cfg, **wanted)
 
 
-def build_model(cfg: ModelConfig) -> GPTModel:
-    """A new model for `cfg` (from `resolve_model_config`): random, or with its init_from weights.
+def build_model(cfg: ModelConfig, init_from: str = SCRATCH) -> GPTModel:
+    """A new model for `cfg` (from `resolve_model_config`): random, or with the `init_from` weights.
 
     `cfg.vocab_size` may exceed the weights' (a chat template's tokens, `gpt.chat.template`): the new rows
     are added by `add_token_rows`.
     """
     model = GPTModel(cfg)
-    if cfg.init_from == SCRATCH:
+    if init_from == SCRATCH:
         return model
-    run = run_checkpoint(cfg.init_from)
+    run = run_checkpoint(init_from)
     if run is not None:
         weights = run
         state, run_cfg = run_weights(run)
         vocab = run_cfg.vocab_size
         state = {**state, "pos_emb.weight": state["pos_emb.weight"][:cfg.context_length]}
     else:
-        weights = locate_weights(cfg.init_from)
+        weights = locate_weights(init_from)
         hf_state = normalise_keys(read_weights(weights))  # the one read of the weights
         if "wte.weight" not in hf_state:
             raise UserError(f"{weights} holds no wte tensor; it is not GPT-2 weights")
         vocab = hf_state["wte.weight"].shape[0]
         state = from_hf_state_dict(hf_state, dataclasses.replace(cfg, vocab_size=vocab), str(weights))
     if vocab > cfg.vocab_size:
-        raise UserError(f"model.init_from {cfg.init_from!r} has {vocab} token ids and the model {cfg.vocab_size}; "
+        raise UserError(f"train.init_from {init_from!r} has {vocab} token ids and the model {cfg.vocab_size}; "
                         "a vocabulary can grow (new tokens), not shrink")
     state = add_token_rows(state, vocab, cfg)
     try:
@@ -259,16 +259,16 @@ def add_token_rows(state: dict[str, torch.Tensor], vocab: int, cfg: ModelConfig)
     return state
 
 
-def refuse_random_base(cfg: ModelConfig) -> None:
-    """A UserError unless `cfg.init_from` brings weights for LoRA to freeze (not scratch)."""
-    if cfg.init_from == SCRATCH:
-        raise UserError("train.lora tunes adapters on pretrained weights, and model.init_from is scratch (random "
-                        f"weights, which adapters cannot teach); set model.init_from to {', '.join(GPT2_SIZES)}, a "
+def refuse_random_base(init_from: str) -> None:
+    """A UserError unless `init_from` brings weights for LoRA to freeze (not scratch)."""
+    if init_from == SCRATCH:
+        raise UserError("train.lora tunes adapters on pretrained weights, and train.init_from is scratch (random "
+                        f"weights, which adapters cannot teach); set train.init_from to {', '.join(GPT2_SIZES)}, a "
                         "run folder or Hugging Face weights, or leave train.lora out to train every weight")
 
 
 def lora_model(cfg: Config, new_rows: range, resumed: tuple[Path, dict] | None = None) -> tuple[GPTModel, dict]:
-    """A LoRA run's model (`cfg.model.init_from`'s weights, frozen, with fresh adapters and trainable token
+    """A LoRA run's model (`cfg.train.init_from`'s weights, frozen, with fresh adapters and trainable token
     rows `new_rows`) and the record of its base that its checkpoints keep (`gpt.lora.base_record`).
 
     With `resumed`, a checkpoint read from a path, the base must be the one it records: a UserError if
@@ -279,16 +279,16 @@ def lora_model(cfg: Config, new_rows: range, resumed: tuple[Path, dict] | None =
         raise UserError(f"{resumed[0]} is a LoRA run's checkpoint without the record of its base ({LORA_BASE}); "
                         "the file was damaged or edited: use another checkpoint")
     try:
-        base = build_model(cfg.model)
+        base = build_model(cfg.model, cfg.train.init_from)
     except UserError as e:
         if resumed is None:
             raise
         raise UserError(f"{resumed[0]} holds LoRA adapters, not a whole model, and their base cannot be loaded: "
                         f"{e}") from None
-    record = base_record(cfg.model.init_from, base, new_rows)
+    record = base_record(cfg.train.init_from, base, new_rows)
     if saved is not None and saved["sha256"] != record["sha256"]:
-        raise UserError(f"{resumed[0]} holds LoRA adapters for model.init_from {saved['init_from']!r} with weights of "
-                        f"sha256 {saved['sha256'][:12]}..., and {cfg.model.init_from!r} now has other weights "
+        raise UserError(f"{resumed[0]} holds LoRA adapters for train.init_from {saved['init_from']!r} with weights of "
+                        f"sha256 {saved['sha256'][:12]}..., and {cfg.train.init_from!r} now has other weights "
                         f"(sha256 {record['sha256'][:12]}...); put back the weights the adapters were tuned on, or "
                         "fine-tune again on these")
     return add_adapters(base, cfg.train.lora, new_rows), record
@@ -337,8 +337,8 @@ def load_for_sampling(location: str, device: torch.device) -> tuple[GPTModel, Sa
     """A model in eval mode on `device`, its sample settings (a run's, or defaults for GPT-2) and
     what it was read from."""
     if is_pretrained_source(location):
-        cfg = resolve_model_config(ModelConfig(init_from=location), given=())
-        return build_model(cfg).to(device).eval(), SampleConfig(), location
+        cfg = resolve_model_config(ModelConfig(), location, given=())
+        return build_model(cfg, location).to(device).eval(), SampleConfig(), location
     path = checkpoint_path(location)
     model, config = load_model(path, device)
     return model, config.sample, str(path)

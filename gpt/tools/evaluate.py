@@ -169,8 +169,8 @@ def load_scored_model(location: str, state: dict | None, device: torch.device
     """(model in eval mode, the run's data config or None for GPT-2's weights, its train settings (the
     defaults for GPT-2's weights), what it is); `state` is the run's checkpoint, already read, or None."""
     if state is None:
-        cfg = resolve_model_config(ModelConfig(init_from=location), given=())
-        return build_model(cfg).to(device).eval(), None, TrainConfig(), location
+        cfg = resolve_model_config(ModelConfig(), location, given=())
+        return build_model(cfg, location).to(device).eval(), None, TrainConfig(), location
     path = checkpoint_path(location)
     model, config = model_from_state(state, path, device)
     return model, config.data, config.train, str(path)
@@ -227,11 +227,12 @@ def chat_figures(path: Path, device: torch.device, overrides: Sequence[str] = ()
     train_answers = read_meta(prepared).get("train_answers", {})
     models = {"fine-tuned": (model, str(path))}
     note = None
-    if config.model.init_from == "scratch":
+    if config.train.init_from == "scratch":
         note = "no base: the run started from scratch"
     else:
         try:
-            models = {"base": (build_model(config.model).to(device).eval(), config.model.init_from), **models}
+            base = build_model(config.model, config.train.init_from)
+            models = {"base": (base.to(device).eval(), config.train.init_from), **models}
         except UserError as e:
             note = f"no base figures: {e}"
     precision = Precision(scoring_dtype(dtype, config.train.dtype, device), device)  # as for text
@@ -350,7 +351,8 @@ def evaluate_task(location: str, args, overrides: list[str], device: torch.devic
         config, source = config_from_dict(state["config"], source=str(path)), str(path)
         if args.untrained:  # as train.py builds it before step 1: seeded, then random or init_from's weights
             seed_everything(config.train.seed)
-            model, source = build_model(config.model).to(device).eval(), f"the untrained model of {path} (step 0)"
+            model = build_model(config.model, config.train.init_from).to(device).eval()
+            source = f"the untrained model of {path} (step 0)"
         else:
             model, config = model_from_state(state, path, device)
         run_data, run = config.data, config.train
