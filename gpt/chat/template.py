@@ -25,7 +25,6 @@ A reply (`stream_reply`) is sampled after `render_prompt(history)`, which is the
 from its oldest turns (the system prompt kept) so that it and the reply fit the context.
 """
 
-import codecs
 import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,7 +38,7 @@ from gpt.errors import UserError
 from gpt.gpt2.pretrained import is_pretrained_source, model_from_state
 from gpt.model import IGNORE_INDEX, GPTModel, ModelConfig
 from gpt.sampling import SampleConfig, generate_stream
-from gpt.tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer
+from gpt.tokenizer import EOT_ID, EOT_TOKEN, TextStream, get_tokenizer
 
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 ROLES = ("system", "user", "assistant")
@@ -282,18 +281,17 @@ def reply(model: nn.Module, history: list[dict], cfg: SampleConfig, device: torc
     """
     room = min(cfg.max_new_tokens, model.cfg.context_length // 2)
     history, _ = crop_history(history, model.cfg.context_length - room)
-    enc = get_tokenizer()
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    stream = TextStream()
     text, ids = "", []
     for token in stream_reply(model, render_prompt(history), cfg, device, generator):
         ids.append(token)
         if token == END_ID:
             break
-        piece = decoder.decode(enc.decode_single_token_bytes(token))
+        piece = stream.piece(token)
         text += piece
         if write is not None and piece:
             write(piece)
-    tail = decoder.decode(b"", final=True)
+    tail = stream.end()
     if write is not None and tail:
         write(tail)
     return text + tail, bool(ids) and ids[-1] == END_ID, ids
