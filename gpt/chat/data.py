@@ -31,11 +31,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from gpt.chat.template import IGNORE, TEMPLATE, conversation_from_record, render, spells_marker
+from gpt.chat.template import TEMPLATE, conversation_from_record, render, spells_marker
 from gpt.data import DataConfig, open_corpus, preparing, publish, reusable
 from gpt.corpus.downloads import DATA_DIR
 from gpt.distributed import SINGLE, Distributed
 from gpt.errors import UserError
+from gpt.model import IGNORE_INDEX
 from gpt.tokenizer import EOT_ID
 
 SPLITS = ("train", "val")
@@ -124,8 +125,8 @@ class ChatWindows(Dataset):
     and packed, (inputs, targets, positions).
 
     A conversation of n tokens takes n - 1 positions of a window (its inputs; its targets are its
-    tokens shifted by one), targets IGNORE outside the assistant's tokens. The rest of a window is
-    `<|endoftext|>` padding whose targets are ignored.
+    tokens shifted by one), targets IGNORE_INDEX outside the assistant's tokens. The rest of a
+    window is `<|endoftext|>` padding whose targets are ignored.
     - `pack` False: one conversation per window, at positions 0..n-2;
     - `pack` True: as many as fit, placed best-fit (`best_fit`), and `positions` restart at 0 at
       each conversation (and at the padding). The model reads a 0 as the start of a conversation
@@ -157,13 +158,14 @@ class ChatWindows(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         inputs = np.full(self.max_length, EOT_ID, dtype=np.uint16)  # uint16, like TokenWindows': widened on the device
-        targets = np.full(self.max_length, IGNORE, dtype=np.int64)
+        targets = np.full(self.max_length, IGNORE_INDEX, dtype=np.int64)
         positions = np.zeros(self.max_length, dtype=np.int16)
         at = 0  # where the next conversation starts in the window
         for start, end in self.windows[i]:
             n = end - start - 1  # its inputs are tokens start..end-2, its targets start+1..end-1
             inputs[at:at + n] = self.ids[start:end - 1]
-            targets[at:at + n] = np.where(self.mask[start + 1:end], self.ids[start + 1:end].astype(np.int64), IGNORE)
+            targets[at:at + n] = np.where(self.mask[start + 1:end], self.ids[start + 1:end].astype(np.int64),
+                                          IGNORE_INDEX)
             positions[at:at + n] = np.arange(n)
             at += n
         positions[at:] = np.arange(self.max_length - at)  # the padding: one more span of its own

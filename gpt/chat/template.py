@@ -17,9 +17,9 @@ of their own in the padded rows of the vocabulary (50257..50260; the model's voc
 Content is encoded with `encode_ordinary`: text that spells a marker (or `<|endoftext|>`) stays
 plain text, never a special id. Only the assistant's content and its `<|end|>` are targets;
 everything else, the `<|assistant|>` marker included (the chat command writes it), is ignored
-by the loss (`IGNORE`, cross-entropy's ignore_index). The template is saved in every chat run's
-checkpoints (`chat_template`), and training, evaluation and the chat command refuse a run whose
-template is not this one.
+by the loss (its target is `gpt.model.IGNORE_INDEX`, cross-entropy's ignore_index). The template
+is saved in every chat run's checkpoints (`chat_template`), and training, evaluation and the chat
+command refuse a run whose template is not this one.
 
 A reply (`stream_reply`) is sampled after `render_prompt(history)`, which is the history cropped
 from its oldest turns (the system prompt kept) so that it and the reply fit the context.
@@ -36,7 +36,7 @@ from gpt.checkpoint import checkpoint_path, load_checkpoint
 from gpt.config import Config
 from gpt.errors import UserError
 from gpt.gpt2.pretrained import is_pretrained_source, model_from_state
-from gpt.model import IGNORE_INDEX, GPTModel, ModelConfig
+from gpt.model import GPTModel, ModelConfig
 from gpt.sampling import SampleConfig, generate_stream
 from gpt.tokenizer import EOT_ID, EOT_TOKEN, TextStream, get_tokenizer
 
@@ -46,7 +46,6 @@ MARKERS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 SPECIAL_IDS = {SYSTEM: 50257, USER: 50258, ASSISTANT: 50259, END: 50260}  # the padded rows past GPT-2's 50257
 END_ID = SPECIAL_IDS[END]
 CHAT_VOCAB_SIZE = max(SPECIAL_IDS.values()) + 1  # model.vocab_size of a chat model
-IGNORE = IGNORE_INDEX  # the target of a token the loss skips (F.cross_entropy's ignore_index)
 TEMPLATE = {  # what a chat run's checkpoints record; an edit here must change the name
     "name": "gpt-chat-1",
     "tokens": dict(SPECIAL_IDS),
