@@ -29,7 +29,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,8 +137,12 @@ def _token_count(path: Path) -> int | None:
     return path.stat().st_size // 2 if path.exists() else None
 
 
-def _reusable(prepared: Path, wanted: dict, splits: tuple[str, ...]) -> bool:
-    """True if `prepared` holds complete token files made from exactly `wanted`."""
+def reusable(prepared: Path, wanted: dict, files: dict[str, str | None]) -> bool:
+    """True if `prepared` holds a meta.json made from exactly `wanted`, and complete `files`.
+
+    `files` maps each file that must be there to the meta.json key of its count of uint16 tokens,
+    or to None where being there is enough.
+    """
     meta_path = prepared / "meta.json"
     if not meta_path.exists():
         return False
@@ -148,7 +152,8 @@ def _reusable(prepared: Path, wanted: dict, splits: tuple[str, ...]) -> bool:
         meta = {}
     # A key meta.json lacks reads as None: what `wanted` holds for a setting left unset.
     if {k: meta.get(k) for k in wanted} == wanted and all(
-        _token_count(prepared / f"{split}.bin") == meta.get(f"{split}_tokens") for split in splits
+        (prepared / name).is_file() and (key is None or _token_count(prepared / name) == meta.get(key))
+        for name, key in files.items()
     ):
         return True
     print(f"{meta_path} was made from other data or settings; preparing again")
@@ -161,14 +166,17 @@ def _cannot_write(prepared: Path, e: OSError) -> UserError:
 
 
 @contextlib.contextmanager
-def _preparing(prepared: Path, splits: tuple[str, ...]) -> Iterator[dict[str, Path]]:
-    """Temporary token files in `prepared`, removed (with the folder, if made for them) unless published."""
+def preparing(prepared: Path, names: Iterable[str]) -> Iterator[dict[str, Path]]:
+    """A temporary file in `prepared` for each of `names`, removed (with the folder, if made for it) unless published.
+
+    An OSError inside becomes a UserError saying that `prepared` cannot be written.
+    """
     existed = prepared.is_dir()
     try:
         prepared.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _cannot_write(prepared, e) from None
-    temporary = {split: prepared / f"{split}.bin.tmp" for split in splits}
+    temporary = {name: prepared / f"{name}.tmp" for name in names}
     try:
         yield temporary
     except OSError as e:
@@ -181,12 +189,12 @@ def _preparing(prepared: Path, splits: tuple[str, ...]) -> Iterator[dict[str, Pa
                 prepared.rmdir()
 
 
-def _publish(prepared: Path, temporary: dict[str, Path], meta: dict) -> None:
-    """Move the finished token files into place; meta.json last: its presence means they are complete."""
+def publish(prepared: Path, temporary: dict[str, Path], meta: dict) -> None:
+    """Move the finished files of `preparing` into place; meta.json last: its presence means they are complete."""
     meta_path = prepared / "meta.json"
     meta_path.unlink(missing_ok=True)  # until the new meta is written, nothing here is valid
-    for split, path in temporary.items():
-        os.replace(path, prepared / f"{split}.bin")
+    for name, path in temporary.items():
+        os.replace(path, prepared / name)
     tmp = meta_path.with_name("meta.json.tmp")
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, meta_path)
@@ -244,20 +252,20 @@ def prepare(cfg: DataConfig) -> Path:
     wanted = {"corpus": source.name, "source": source.fingerprint(), "tokenizer": "gpt2",
               "val_fraction": None if val_source else cfg.val_fraction,
               "val_corpus": val_source.fingerprint() if val_source else None, "max_tokens": cfg.max_tokens}
-    if _reusable(prepared, wanted, ("train", "val")):
+    if reusable(prepared, wanted, {"train.bin": "train_tokens", "val.bin": "val_tokens"}):
         return prepared
-    with _preparing(prepared, ("train", "val")) as temporary:
-        train = write_tokens(source, temporary["train"], cfg.num_proc, cfg.max_tokens)
+    with preparing(prepared, ("train.bin", "val.bin")) as temporary:
+        train = write_tokens(source, temporary["train.bin"], cfg.num_proc, cfg.max_tokens)
         if val_source is not None:
-            n_val = write_tokens(val_source, temporary["val"], cfg.num_proc).tokens
+            n_val = write_tokens(val_source, temporary["val.bin"], cfg.num_proc).tokens
         else:
             n_val = val_token_count(train.tokens, cfg.val_fraction)
-            _split_off_tail(temporary["train"], temporary["val"], train.tokens - n_val)
+            _split_off_tail(temporary["train.bin"], temporary["val.bin"], train.tokens - n_val)
             train.tokens -= n_val
         if isinstance(source, ShakespeareSource):  # the plain text too, so a reader can see what the model learns
             (prepared / "input.txt").write_text("\n<|endoftext|>\n".join(source.texts), encoding="utf-8")
-        _publish(prepared, temporary, {**wanted, "documents": train.documents, "characters": train.characters,
-                                       "train_tokens": train.tokens, "val_tokens": n_val})
+        publish(prepared, temporary, {**wanted, "documents": train.documents, "characters": train.characters,
+                                      "train_tokens": train.tokens, "val_tokens": n_val})
     print(f"prepared {source.name}: {train.tokens:,} train and {n_val:,} val tokens "
           f"from {train.documents:,} documents in {prepared}")
     return prepared
@@ -273,11 +281,11 @@ def prepare_whole(cfg: DataConfig, spec: str, prepared_dir: str | None = None, m
     prepared = Path(prepared_dir) if prepared_dir else DATA_DIR / f"{source.name}-whole"
     wanted = {"corpus": source.name, "source": source.fingerprint(), "tokenizer": "gpt2", "split": "whole",
               "max_tokens": max_tokens}
-    if not _reusable(prepared, wanted, ("whole",)):
-        with _preparing(prepared, ("whole",)) as temporary:
-            written = write_tokens(source, temporary["whole"], cfg.num_proc, max_tokens)
-            _publish(prepared, temporary, {**wanted, "documents": written.documents,
-                                           "characters": written.characters, "whole_tokens": written.tokens})
+    if not reusable(prepared, wanted, {"whole.bin": "whole_tokens"}):
+        with preparing(prepared, ("whole.bin",)) as temporary:
+            written = write_tokens(source, temporary["whole.bin"], cfg.num_proc, max_tokens)
+            publish(prepared, temporary, {**wanted, "documents": written.documents,
+                                          "characters": written.characters, "whole_tokens": written.tokens})
     return prepared
 
 

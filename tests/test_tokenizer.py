@@ -3,7 +3,7 @@ import inspect
 import tiktoken_ext.openai_public as openai_public
 
 from gpt import tokenizer
-from gpt.tokenizer import EOT_ID, get_tokenizer
+from gpt.tokenizer import EOT_ID, TextStream, get_tokenizer
 
 
 def test_pinned_hashes_are_tiktokens_own():
@@ -40,3 +40,14 @@ def test_files_cached_and_verified():
         path = tokenizer.BPE_DIR / name
         assert path.is_file()
         assert tokenizer.sha256_of(path) == digest
+
+
+def test_text_stream_holds_back_split_characters_and_skips_ids_past_the_bpe():
+    enc = get_tokenizer()
+    ids = enc.encode_ordinary("naïve 🎭 café")  # the mask's 4 bytes come in three tokens
+    stream = TextStream()
+    pieces = [stream.piece(i) for i in ids]
+    assert pieces == ["na", "ïve", " ", "", "🎭", " café"]
+    assert stream.piece(enc.n_vocab) == "" and stream.end() == ""  # a chat template marker: not text
+    cut = TextStream()
+    assert cut.piece(ids[2]) == " " and cut.end() == "\ufffd"  # the rest of a character never came

@@ -24,7 +24,6 @@ many.
 
 import bisect
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -32,14 +31,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from gpt.chat.template import IGNORE, TEMPLATE, conversation_from_record, render, spells_marker
-from gpt.data import DataConfig, _cannot_write, open_corpus
+from gpt.chat.template import TEMPLATE, conversation_from_record, render, spells_marker
+from gpt.data import DataConfig, open_corpus, preparing, publish, reusable
 from gpt.corpus.downloads import DATA_DIR
 from gpt.distributed import SINGLE, Distributed
 from gpt.errors import UserError
+from gpt.model import IGNORE_INDEX
 from gpt.tokenizer import EOT_ID
 
 SPLITS = ("train", "val")
+SPLIT_FILES = ("bin", "mask", "idx")  # the suffixes of each split's files
 VAL_RECORDS = "val.jsonl"
 VAL_FIELDS = ("task", "answer", "choices")  # what val.jsonl keeps beside the messages; in meta.json, so that
 # files prepared before a field was kept are prepared again
@@ -58,15 +59,8 @@ def prepare_chat(cfg: DataConfig) -> Path:
               "template": TEMPLATE, "val_fraction": None if val_source else cfg.val_fraction,
               "val_corpus": val_source.fingerprint() if val_source else None, "max_tokens": cfg.max_tokens,
               "val_fields": list(VAL_FIELDS)}
-    meta_path = prepared / "meta.json"
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except ValueError:
-            meta = {}
-        if {k: meta.get(k) for k in wanted} == wanted and all((prepared / f"{s}.idx").is_file() for s in SPLITS):
-            return prepared
-        print(f"{meta_path} was made from other data or settings; preparing again")
+    if reusable(prepared, wanted, {f"{split}.idx": None for split in SPLITS}):
+        return prepared
     records = list(_conversations(source, cfg.max_tokens))
     if val_source is not None:
         train, val = records, list(_conversations(val_source, None))
@@ -76,27 +70,21 @@ def prepare_chat(cfg: DataConfig) -> Path:
             raise UserError(f"corpus {source.label!r} holds {len(records)} conversation(s): too few to hold "
                             f"{n_val} out at data.val_fraction {cfg.val_fraction}; add conversations")
         train, val = records[:-n_val], records[-n_val:]
-    try:
-        prepared.mkdir(parents=True, exist_ok=True)
-        meta_path.unlink(missing_ok=True)  # until the new meta is written, nothing here is valid
-        counts = {split: _write_split(prepared, split, rows) for split, rows in (("train", train), ("val", val))}
-        with open(prepared / f"{VAL_RECORDS}.tmp", "w", encoding="utf-8") as f:
+    names = [f"{split}.{suffix}" for split in SPLITS for suffix in SPLIT_FILES] + [VAL_RECORDS]
+    with preparing(prepared, names) as temporary:
+        counts = {split: _write_split(temporary, split, rows) for split, rows in (("train", train), ("val", val))}
+        with open(temporary[VAL_RECORDS], "w", encoding="utf-8") as f:
             for messages, record in val:
                 extra = {k: record[k] for k in VAL_FIELDS if k in record}
                 f.write(json.dumps({"messages": messages, **extra}) + "\n")
-        os.replace(prepared / f"{VAL_RECORDS}.tmp", prepared / VAL_RECORDS)
         answers: dict[str, Counter] = {}
         for _, record in train:
             if "answer" in record:
                 answers.setdefault(str(record.get("task", "answer")), Counter())[str(record["answer"])] += 1
         markers = sum(spells_marker(messages) for messages, _ in records)
-        meta = {**wanted, **{f"{s}_{k}": v for s, c in counts.items() for k, v in c.items()},
-                "spelt_markers": markers, "train_answers": {t: dict(c) for t, c in answers.items()}}
-        tmp = meta_path.with_name("meta.json.tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, meta_path)
-    except OSError as e:
-        raise _cannot_write(prepared, e) from None
+        publish(prepared, temporary, {**wanted, **{f"{s}_{k}": v for s, c in counts.items() for k, v in c.items()},
+                                      "spelt_markers": markers,
+                                      "train_answers": {t: dict(c) for t, c in answers.items()}})
     note = f"; {markers:,} spell a template marker in their text, kept as plain text" if markers else ""
     print(f"prepared {source.name} as chat: {len(train):,} train and {len(val):,} val conversations "
           f"({counts['train']['tokens']:,} and {counts['val']['tokens']:,} tokens) in {prepared}{note}")
@@ -115,8 +103,8 @@ def _conversations(source, max_tokens: int | None):
                 return
 
 
-def _write_split(prepared: Path, split: str, rows: list) -> dict:
-    """<split>.bin, .mask and .idx for `rows`; returns the counts."""
+def _write_split(temporary: dict[str, Path], split: str, rows: list) -> dict:
+    """<split>.bin, .mask and .idx for `rows`, into their files of `temporary`; returns the counts."""
     if not rows:
         raise UserError(f"the {split} split holds no conversation; add some")
     offsets, ids_all, mask_all = [0], [], []
@@ -128,9 +116,7 @@ def _write_split(prepared: Path, split: str, rows: list) -> dict:
     files = {"bin": np.array(ids_all, dtype=np.uint16), "mask": np.array(mask_all, dtype=np.uint8),
              "idx": np.array(offsets, dtype=np.int64)}
     for suffix, array in files.items():
-        tmp = prepared / f"{split}.{suffix}.tmp"
-        array.tofile(tmp)
-        os.replace(tmp, prepared / f"{split}.{suffix}")
+        array.tofile(temporary[f"{split}.{suffix}"])
     return {"conversations": len(rows), "tokens": len(ids_all), "targets": int(sum(mask_all))}
 
 
@@ -139,8 +125,8 @@ class ChatWindows(Dataset):
     and packed, (inputs, targets, positions).
 
     A conversation of n tokens takes n - 1 positions of a window (its inputs; its targets are its
-    tokens shifted by one), targets IGNORE outside the assistant's tokens. The rest of a window is
-    `<|endoftext|>` padding whose targets are ignored.
+    tokens shifted by one), targets IGNORE_INDEX outside the assistant's tokens. The rest of a
+    window is `<|endoftext|>` padding whose targets are ignored.
     - `pack` False: one conversation per window, at positions 0..n-2;
     - `pack` True: as many as fit, placed best-fit (`best_fit`), and `positions` restart at 0 at
       each conversation (and at the padding). The model reads a 0 as the start of a conversation
@@ -172,13 +158,14 @@ class ChatWindows(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         inputs = np.full(self.max_length, EOT_ID, dtype=np.uint16)  # uint16, like TokenWindows': widened on the device
-        targets = np.full(self.max_length, IGNORE, dtype=np.int64)
+        targets = np.full(self.max_length, IGNORE_INDEX, dtype=np.int64)
         positions = np.zeros(self.max_length, dtype=np.int16)
         at = 0  # where the next conversation starts in the window
         for start, end in self.windows[i]:
             n = end - start - 1  # its inputs are tokens start..end-2, its targets start+1..end-1
             inputs[at:at + n] = self.ids[start:end - 1]
-            targets[at:at + n] = np.where(self.mask[start + 1:end], self.ids[start + 1:end].astype(np.int64), IGNORE)
+            targets[at:at + n] = np.where(self.mask[start + 1:end], self.ids[start + 1:end].astype(np.int64),
+                                          IGNORE_INDEX)
             positions[at:at + n] = np.arange(n)
             at += n
         positions[at:] = np.arange(self.max_length - at)  # the padding: one more span of its own

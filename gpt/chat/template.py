@@ -17,15 +17,14 @@ of their own in the padded rows of the vocabulary (50257..50260; the model's voc
 Content is encoded with `encode_ordinary`: text that spells a marker (or `<|endoftext|>`) stays
 plain text, never a special id. Only the assistant's content and its `<|end|>` are targets;
 everything else, the `<|assistant|>` marker included (the chat command writes it), is ignored
-by the loss (`IGNORE`, cross-entropy's ignore_index). The template is saved in every chat run's
-checkpoints (`chat_template`), and training, evaluation and the chat command refuse a run whose
-template is not this one.
+by the loss (its target is `gpt.model.IGNORE_INDEX`, cross-entropy's ignore_index). The template
+is saved in every chat run's checkpoints (`chat_template`), and training, evaluation and the chat
+command refuse a run whose template is not this one.
 
 A reply (`stream_reply`) is sampled after `render_prompt(history)`, which is the history cropped
 from its oldest turns (the system prompt kept) so that it and the reply fit the context.
 """
 
-import codecs
 import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,9 +36,9 @@ from gpt.checkpoint import checkpoint_path, load_checkpoint
 from gpt.config import Config
 from gpt.errors import UserError
 from gpt.gpt2.pretrained import is_pretrained_source, model_from_state
-from gpt.model import IGNORE_INDEX, GPTModel, ModelConfig
+from gpt.model import GPTModel, ModelConfig
 from gpt.sampling import SampleConfig, generate_stream
-from gpt.tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer
+from gpt.tokenizer import EOT_ID, EOT_TOKEN, TextStream, get_tokenizer
 
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 ROLES = ("system", "user", "assistant")
@@ -47,7 +46,6 @@ MARKERS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 SPECIAL_IDS = {SYSTEM: 50257, USER: 50258, ASSISTANT: 50259, END: 50260}  # the padded rows past GPT-2's 50257
 END_ID = SPECIAL_IDS[END]
 CHAT_VOCAB_SIZE = max(SPECIAL_IDS.values()) + 1  # model.vocab_size of a chat model
-IGNORE = IGNORE_INDEX  # the target of a token the loss skips (F.cross_entropy's ignore_index)
 TEMPLATE = {  # what a chat run's checkpoints record; an edit here must change the name
     "name": "gpt-chat-1",
     "tokens": dict(SPECIAL_IDS),
@@ -282,18 +280,17 @@ def reply(model: nn.Module, history: list[dict], cfg: SampleConfig, device: torc
     """
     room = min(cfg.max_new_tokens, model.cfg.context_length // 2)
     history, _ = crop_history(history, model.cfg.context_length - room)
-    enc = get_tokenizer()
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    stream = TextStream()
     text, ids = "", []
     for token in stream_reply(model, render_prompt(history), cfg, device, generator):
         ids.append(token)
         if token == END_ID:
             break
-        piece = decoder.decode(enc.decode_single_token_bytes(token))
+        piece = stream.piece(token)
         text += piece
         if write is not None and piece:
             write(piece)
-    tail = decoder.decode(b"", final=True)
+    tail = stream.end()
     if write is not None and tail:
         write(tail)
     return text + tail, bool(ids) and ids[-1] == END_ID, ids

@@ -59,12 +59,10 @@ from gpt.gpt2.pretrained import (DEFAULT_RUN_CONFIG, build_model, default_checkp
 from gpt.resume import seed_everything
 from gpt.tools.multiple_choice import HELLASWAG, Prompts, Scoring, TaskScore, load_task, score_task, subset
 from gpt.tools.next_words import NEXT_WORDS
-from gpt.model import IGNORE_INDEX, GPTModel, ModelConfig
+from gpt.model import GPTModel, ModelConfig
 from gpt.precision import DTYPES, Precision, dtype_name, scoring_dtype
 from gpt.tokenizer import token_byte_lengths
-from gpt.training import (
-    batch_to_device, compile_model, out_of_memory_named, pick_device, setup_device, token_losses,
-)
+from gpt.training import compile_model, loss_sums, out_of_memory_named, pick_device, setup_device
 
 
 @dataclass
@@ -93,7 +91,6 @@ class Score:
         return self.text_nats / (self.text_bytes * math.log(2)) if self.text_bytes else math.nan
 
 
-@torch.no_grad()
 def score(model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision | None = None,
           dist: Distributed = SINGLE) -> Score:
     """Loss and bits per byte over every batch of `loader`, in eval mode; restores the mode.
@@ -101,35 +98,16 @@ def score(model: nn.Module, loader: DataLoader, device: torch.device, precision:
     `model` runs as given: compiled (`compile_model`), the loss is computed inside its graph. With
     several processes, each scores its share of the batches and the sums are over all.
     """
-    was_training = model.training
-    model.eval()
     # 0 bytes for <|endoftext|> and for ids past GPT-2's (a chat template's markers): not text
     lengths = token_byte_lengths()
     byte_lengths = torch.zeros(max(len(lengths), 1 << 16), dtype=torch.long)  # every uint16 id
     byte_lengths[:len(lengths)] = torch.tensor(lengths)
     byte_lengths = byte_lengths.to(device)
     windows = sum(len(batch) for batch in loader.batch_sampler)  # this process's; padding rows are none
-    per_batch = []  # each batch's (tokens, nats, text nats, text tokens, text bytes), left on the device: one sync at the end
-    for batch in tqdm(loader, desc="evaluating", unit="batch", leave=False, disable=None if dist.is_main else True):
-        inputs, targets, positions = batch_to_device(batch, device)
-        with precision.autocast() if precision else contextlib.nullcontext():
-            # IGNORE_INDEX targets (a chat window's prompt and padding, a padding row) give 0: they count nowhere
-            nats = token_losses(model, inputs, targets, positions).float()  # (B*T,), the loss inside the model
-        targets = targets.flatten()
-        counted = targets != IGNORE_INDEX
-        text_bytes = byte_lengths[targets.clamp(min=0)] * counted  # (B*T,), 0 for <|endoftext|> and ignored ones
-        is_text = text_bytes > 0
-        per_batch.append(torch.stack([counted.sum(), nats.sum(), (nats * is_text).sum(), is_text.sum(),
-                                      text_bytes.sum()]))
-    model.train(was_training)
-    # Summed in float64 (on the CPU: MPS has none) over any number of batches; each batch's counts
-    # are far below float32's 2**24, so they are exact.
-    batch_sums = torch.stack(per_batch).cpu().double().sum(0) if per_batch else torch.zeros(5, dtype=torch.float64)
-    sums = torch.cat([torch.tensor([windows], dtype=torch.float64), batch_sums])
     if dist.launched:
-        sums = dist.sum(sums.to(device)).cpu()
-    windows, tokens, nats, text_nats, text_tokens, text_bytes = sums.tolist()
-    return Score(int(windows), int(tokens), nats, int(text_tokens), text_nats, int(text_bytes))
+        windows = int(dist.sum(torch.tensor(windows, device=device)).item())
+    batches = tqdm(loader, desc="evaluating", unit="batch", leave=False, disable=None if dist.is_main else True)
+    return Score(windows, **asdict(loss_sums(model, batches, device, precision, dist, byte_lengths)))
 
 
 def describe(result: Score, label: str, what: str, dtype: torch.dtype) -> str:
