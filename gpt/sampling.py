@@ -220,8 +220,7 @@ def continue_prompt(
     With `write` and a single sample, text is passed to `write` as soon as each token is
     produced (bytes are held back until they form whole UTF-8 characters).
     """
-    if not prompt:
-        raise UserError('the prompt is empty; give some text to continue, e.g. "Your journey"')
+    check_prompt(prompt, "the prompt", 'some text to continue, e.g. "Your journey"')
     enc = get_tokenizer()
     ids = enc.encode(prompt, allowed_special={"<|endoftext|>"})
     idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)

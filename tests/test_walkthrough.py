@@ -236,8 +236,7 @@ class Watch:
 
 # Tiny sizes, all different, so that no shape matches by accident: B 2, T 6, C 24, H 3, D 8, F 96,
 # V 128 (100 real ids), context 10; the explicit attention, the path the block table follows.
-TINY = ModelConfig(vocab_size=100, context_length=10, emb_dim=24, n_heads=3, n_layers=2, drop_rate=0.0,
-                   attn_impl="explicit")
+TINY = ModelConfig(vocab_size=100, context_length=10, emb_dim=24, n_heads=3, n_layers=2, drop_rate=0.0)
 TINY_B, TINY_T = 2, 6
 TV = letters(TINY, TINY_B, TINY_T)
 
@@ -269,7 +268,7 @@ def sv(small) -> dict[str, int]:
 @pytest.fixture
 def tiny() -> GPTModel:
     torch.manual_seed(0)
-    return GPTModel(TINY).eval()
+    return GPTModel(TINY).use_attention("explicit").eval()
 
 
 def tiny_ids(rows: int = TINY_B, length: int = TINY_T, seed: int = 1) -> torch.Tensor:
