@@ -18,7 +18,7 @@ from gpt.chat.template import load_chat_model, reply
 from gpt.config import load_config
 from gpt.errors import ArgumentParser, run_cli
 from gpt.sampling import add_sample_options, check_prompt, compile_pays, for_decoding, sample_config
-from gpt.training import pick_device, setup_device
+from gpt.device import pick_device, setup_device
 
 DEFAULT_CHAT_CONFIG = "shakespeare-chat.yaml"  # with no --checkpoint, talk to the run this config writes
 

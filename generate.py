@@ -6,7 +6,7 @@ import sys
 from gpt.errors import ArgumentParser, run_cli
 from gpt.gpt2.pretrained import DEFAULT_RUN_CONFIG, default_checkpoint, load_for_sampling
 from gpt.sampling import add_sample_options, check_prompt, for_decoding, print_samples, sample_config
-from gpt.training import pick_device, setup_device
+from gpt.device import pick_device, setup_device
 
 
 def build_parser() -> argparse.ArgumentParser:

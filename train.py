@@ -31,7 +31,8 @@ from gpt.sampling import print_samples
 from gpt.tools.evaluate import final_val_line
 from gpt.tools.multiple_choice import Prompts, Scoring, TaskScorer
 from gpt.tools.plot import plot_after_training
-from gpt.training import Run, TrainData, new_run, pick_device, setup_device, train, train_data
+from gpt.device import pick_device, setup_device
+from gpt.training import Run, TrainData, new_run, train, train_data
 
 
 def run(cfg: Config, resume: bool, overwrite: bool, resume_command: str) -> int:

@@ -9,7 +9,6 @@ memory, stops the run before anything is saved (`NonFiniteLoss`, `OutOfMemory`).
 """
 
 import contextlib
-import ctypes
 import math
 import re
 import time
@@ -26,51 +25,9 @@ from gpt.compiled import CompiledOrEager, warn_compile_failed
 from gpt.config import TrainConfig
 from gpt.data import DataConfig, TrainBatches, eval_loader
 from gpt.distributed import SINGLE, Distributed
-from gpt.errors import UserError
 from gpt.model import IGNORE_INDEX
 from gpt.optim import build_optimizer, set_learning_rate, steps_unless
 from gpt.precision import Precision, pick_dtype
-
-
-def pick_device(name: str, option: str = "train.device") -> torch.device:
-    """`auto` -> cuda if available, then mps, then cpu; otherwise the named device, if present."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name not in ("cpu", "mps") and not name.startswith("cuda"):
-        raise UserError(f"{option} must be auto, cpu, mps or cuda[:N], got {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"{option} is {name!r} but CUDA is not available; use auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"{option} is 'mps' but MPS is not available; use auto or cpu")
-    return torch.device(name)
-
-
-def setup_device(device: torch.device) -> None:
-    """Process-wide speed settings for `device`: TF32 matmuls on CUDA, malloc tuning on CPU."""
-    if device.type == "cuda":
-        # TF32 keeps fp32's range with a 10-bit mantissa in matmuls: Ampere and later run
-        # them on tensor cores, several times faster, and training is unaffected.
-        allow_tf32_matmuls()
-    elif device.type == "cpu":
-        keep_freed_memory()
-
-
-def allow_tf32_matmuls(enabled: bool = True) -> None:
-    """float32 matmuls on CUDA in TF32 (or, `enabled` False, in full float32).
-
-    Through `fp32_precision`, the API of torch 2.9 and later: its legacy `allow_tf32` flags warn
-    that they are deprecated, and torch refuses to read one API's state once the other has set it.
-    The legacy flag only where the new API is missing.
-    """
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        matmul.fp32_precision = "tf32" if enabled else "ieee"
-    else:
-        matmul.allow_tf32 = enabled
 
 
 def compile_model(model: nn.Module | Callable, setting: bool | str, device: torch.device,
@@ -86,24 +43,6 @@ def compile_model(model: nn.Module | Callable, setting: bool | str, device: torc
     except Exception as e:  # e.g. an unsupported platform or Python version
         warn_compile_failed(e)
         return model
-
-
-def keep_freed_memory() -> bool:
-    """On glibc (Linux), keep freed memory in the process instead of handing it back to the OS.
-
-    PyTorch's CPU allocator mallocs and frees every activation on every step. glibc serves
-    blocks over 32 MiB (the logits of a batch over a 50,257-token vocabulary are ~200 MiB) with
-    a fresh mmap, which the kernel zero-fills page by page on first touch and unmaps on free:
-    half of a small model's CPU step went to that. Serving everything from the heap, and never
-    trimming it, roughly doubles CPU training speed. Returns False where this does not apply.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -10,7 +10,7 @@ Run it on a GPU box with `bash scripts/gpu_check.sh` (docs/gpus.md), or `python 
 TF32 is turned off for each test (`no_tf32`), and again (`tf32(False)`) where a test compares after
 running train.py's main, which turns it on: comparisons of two paths are then of fp32 sums taken in
 another order, not of 10-bit mantissas. Both go through the API training uses
-(`gpt.training.allow_tf32_matmuls`): torch refuses to mix it with the legacy flags.
+(`gpt.device.allow_tf32_matmuls`): torch refuses to mix it with the legacy flags.
 """
 
 import contextlib
@@ -33,7 +33,8 @@ from gpt.model import GPTModel, ModelConfig
 from gpt.optim import Muon, bf16_is_fast, build_optimizer
 from gpt.precision import Precision
 from gpt.sampling import generate
-from gpt.training import TrainData, allow_tf32_matmuls, setup_device, to_device, train, train_step, new_run
+from gpt.device import allow_tf32_matmuls, setup_device
+from gpt.training import TrainData, to_device, train, train_step, new_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)")
 

@@ -9,7 +9,7 @@ import gpt.__main__ as commands
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = {"attention", "model", "tokenizer", "data", "config", "training", "optim", "precision", "checkpoint",
-        "resume", "distributed", "sampling", "compiled", "metrics", "errors", "lora"}
+        "resume", "distributed", "device", "sampling", "compiled", "metrics", "errors", "lora"}
 TOOLS = {"bench", "chat", "corpus", "gpt2", "tools"}
 
 

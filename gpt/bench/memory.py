@@ -45,7 +45,8 @@ from gpt.lora import LoRAConfig, add_adapters
 from gpt.model import GPTModel
 from gpt.optim import build_optimizer
 from gpt.precision import Precision, pick_dtype
-from gpt.training import compile_model, pick_device, setup_device, train_step
+from gpt.device import pick_device, setup_device
+from gpt.training import compile_model, train_step
 
 # --compare: the two settings, by name, as the changes each makes to train's section.
 COMPARISONS = {

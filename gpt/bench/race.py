@@ -37,7 +37,8 @@ from gpt.model import GPTModel
 from gpt.optim import build_optimizer, set_learning_rate
 from gpt.precision import Precision, pick_dtype
 from gpt.resume import seed_everything
-from gpt.training import compile_model, evaluate, pick_device, setup_device, train_step
+from gpt.device import pick_device, setup_device
+from gpt.training import compile_model, evaluate, train_step
 
 TIMED_FROM = 3  # with --seconds: steps before this one (allocations, warm-up) don't set the pace
 PACE_STEPS = 10  # with --seconds: the step count is fixed after this many steps

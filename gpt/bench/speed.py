@@ -47,7 +47,8 @@ from gpt.model import GPTModel, ModelConfig
 from gpt.optim import build_optimizer, muon_parameters, steps_unless
 from gpt.precision import DTYPES, Precision, dtype_name, pick_dtype
 from gpt.sampling import decoding_dtype, for_decoding, generate
-from gpt.training import compile_model, pick_device, setup_device, train_step
+from gpt.device import pick_device, setup_device
+from gpt.training import compile_model, train_step
 
 # Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, in TFLOP/s: bf16/fp16, and
 # tf32 (what float32 matmuls run as here). Matched against the device name, first match wins.

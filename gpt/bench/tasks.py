@@ -27,7 +27,8 @@ from gpt.precision import Precision, dtype_name, pick_dtype
 from gpt.tools.multiple_choice import (Prompts, Scoring, batches_of, item_rows, load_task, padded_batch, score_task,
                                         subset)
 from gpt.tools.next_words import NEXT_WORDS
-from gpt.training import compile_model, pick_device, setup_device, train_step
+from gpt.device import pick_device, setup_device
+from gpt.training import compile_model, train_step
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,7 +62,8 @@ from gpt.tools.next_words import NEXT_WORDS
 from gpt.model import GPTModel, ModelConfig
 from gpt.precision import DTYPES, Precision, dtype_name, scoring_dtype
 from gpt.tokenizer import token_byte_lengths
-from gpt.training import compile_model, loss_sums, out_of_memory_named, pick_device, setup_device
+from gpt.device import pick_device, setup_device
+from gpt.training import compile_model, loss_sums, out_of_memory_named
 
 
 @dataclass
