@@ -214,7 +214,7 @@ def train_step(model: nn.Module, batches: Iterator[tuple[torch.Tensor, ...]], op
     micro_batches = [next(batches) for _ in range(dist.local_accum_steps(cfg.grad_accum_steps))]
     # 1 / the step's count, times world_size to undo DDP's mean over the processes' gradients
     scale = dist.world_size / dist.sum(counted_targets(micro_batches, device)).clamp(min=1)
-    loss_sum = torch.zeros((), device=device)  # the step's summed loss, scaled: its mean
+    step_loss = torch.zeros((), device=device)  # the mean over the step's targets, a micro-batch at a time
     for i, batch in enumerate(micro_batches):
         inputs, targets, positions = batch_to_device(batch, device)
         with gradient_sync(model, enabled=i == len(micro_batches) - 1):  # exchanged once, in the last backward
@@ -222,8 +222,8 @@ def train_step(model: nn.Module, batches: Iterator[tuple[torch.Tensor, ...]], op
                 loss = model(inputs, targets=targets, reduction="sum", positions=positions,
                              checkpoint_activations=cfg.activation_checkpointing) * scale
             precision.backward(loss)
-        loss_sum += loss.detach()  # on the device: no sync per micro-batch
-    loss = optimizer_step(model, optimizer, dist.sum(loss_sum) / dist.world_size, precision, cfg.grad_clip)
+        step_loss += loss.detach()  # on the device: no sync per micro-batch
+    loss = optimizer_step(model, optimizer, dist.sum(step_loss) / dist.world_size, precision, cfg.grad_clip)
     return loss, sum(batch[0].numel() for batch in micro_batches) * dist.world_size
 
 
