@@ -61,6 +61,7 @@ def test_bad_input_through_a_real_process(tmp_path):
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # a training run in subprocesses: over 8 s on 2 cores
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(

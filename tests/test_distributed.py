@@ -342,6 +342,7 @@ def test_a_run_resumes_with_another_number_of_processes(run_args, one_process, t
     assert largest_difference(tmp_path, one_process) < TOLERANCE
 
 
+@pytest.mark.slow  # a training run in subprocesses: over 8 s on 2 cores
 def test_ctrl_c_stops_every_process_at_one_step_and_saves(run_args, one_process, tmp_path):
     out = tmp_path / "run"
     proc = launch(2, [*run_args, "--train.max_iters=100000", "--train.eval_interval=5",

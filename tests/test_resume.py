@@ -153,6 +153,7 @@ def test_sigterm_then_sigint_each_save_print_the_command_and_it_resumes_exactly(
     assert_same_run(references("muon"), out / "latest.pt")
 
 
+@pytest.mark.slow  # a training run in subprocesses: over 8 s on 2 cores
 def test_activation_checkpointing_changes_no_weight_and_resumes_exactly(run_args, references, tmp_path,
                                                                         monkeypatch):
     """With dropout on: the checkpointed blocks replay their masks in backward, so a run with
