@@ -1,26 +1,12 @@
 """Text -> GPT-2 tokens on disk -> sliding-window batches.
 
-Preparation runs once per corpus: the documents of `data.corpus` (`gpt.corpus.sources`: text, JSONL,
-Parquet, folders of them, Hugging Face datasets, or the built-in Shakespeare) are tokenised
-with the GPT-2 BPE on every core (`gpt.corpus.encode`), joined with `<|endoftext|>`, and split (the
-last `val_fraction` of tokens is validation, unless `val_corpus` names a validation source of
-its own) into `train.bin` and `val.bin`, raw uint16 arrays (every GPT-2 id fits in 16 bits),
-beside a `meta.json` that records what they were made from. A later run whose sources and
-settings match reuses them without reading the corpus; any change prepares again.
-
-Preparation streams, so a corpus larger than RAM can be prepared: sources are read a block or
-a record at a time, tokenised in ~1M-character tasks, and the tokens are appended to a
-temporary file as they come (`data.max_tokens` stops it early). Reading checks as it goes (a
-bad byte, a line that is not JSON, a record without its text): an error removes the temporary
-files and leaves the previous token files, if any, as they were. `meta.json` is written last.
-
-Training reads the token files through `numpy.memmap`, so the corpus never has to fit in RAM.
-`TokenWindows` is the sliding window of "LLMs from scratch": window i is the `max_length`
-tokens starting at `i * stride`, and its target is the same window shifted one token right.
-`stride == max_length` gives non-overlapping windows; a smaller stride overlaps them (more,
-correlated, samples); a larger one skips tokens.
-
-The built-in corpus is Shakespeare's plays (`gpt.corpus.sources.shakespeare_documents`).
+`prepare` tokenises the corpus once (`gpt.corpus`: text, JSONL, Parquet, folders, Hugging Face
+datasets, the built-in Shakespeare; on every core, streaming, so a corpus need not fit in RAM) into
+`train.bin` and `val.bin`, uint16 arrays, beside the `meta.json` that says what they were made from;
+a later run with the same sources and settings reuses them. A failure leaves the previous files as
+they were: new files are published whole, meta.json last. `TokenWindows` is the sliding window of
+"LLMs from scratch" (window i starts at `i * stride`; its target is the window shifted one token),
+and `TrainBatches` the endless, resumable, seeded shuffle over them.
 """
 
 import contextlib

@@ -1,27 +1,12 @@
 """LoRA: fine-tune a pretrained GPT through small low-rank adapters, its own weights frozen.
 
-`train.lora` (a `LoRAConfig`; null or absent: off) wraps the chosen linears of every block in a
-`LoRALinear`: y = W x + b + (alpha / rank) * B A dropout(x), with W and b frozen, A (rank, in)
-random as nn.Linear's own (Kaiming-uniform) initialisation, as the paper, litgpt and peft start it,
-and B (out, rank) zero, so that before the first step the model is its base exactly. Only A and B
-train: for GPT-2 medium at rank 8 on every linear, 3.5M parameters of 357M.
-
-A chat fine-tune (`gpt.chat.template`) adds its marker tokens to the vocabulary; a base that lacks
-them has no rows to freeze for them. Those rows are a small trainable parameter (`NewTokenRows`),
-spliced into the frozen embedding by a parametrization (`torch.nn.utils.parametrize`) on both the
-embedding and the tied head, so the two stay one matrix: every other row is the base's, bit for
-bit, and gets no update.
-
-A LoRA run's checkpoints hold only what trains (`trainable_state`): the adapters and any new
-rows, a few MB where GPT-2 medium's weights are 1.4 GB, plus a record of its base
-(`LORA_BASE`: `train.init_from` and `fingerprint`, a sha256 over the base's weights as they
-were loaded), so a missing or changed base is refused rather than silently adapted.
-`gpt.gpt2.pretrained` builds the base, checks it and loads the adapters; everything that reads
-a run (sampling, chat, evaluation, export) gets a plain `GPTModel` with the adapters folded in
-(`merge`: W + (alpha / rank) B A).
-
-Muon is not offered for the adapters: it orthogonalises each matrix's update, and a rank-8
-factor's update orthogonalised is not the low-rank step LoRA is tuned for; the config refuses it.
+`train.lora` wraps the chosen linears of every block in a `LoRALinear`: y = W x + b + (alpha / rank)
+B A dropout(x), W and b frozen, A initialised as nn.Linear's own and B at zero, so the model starts
+as its base exactly. A chat run's new token rows are a small trainable `NewTokenRows`, spliced into
+the frozen tied embedding by a parametrization. Checkpoints hold only what trains, plus a record of
+the base (`train.init_from` and a sha256 of its weights), so a changed base is refused; every reader
+gets a plain `GPTModel` with the adapters merged in. Muon is refused: an orthogonalised update of a
+rank-8 factor is not the low-rank step LoRA is tuned for.
 """
 
 import hashlib

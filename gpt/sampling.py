@@ -1,26 +1,11 @@
-"""Autoregressive sampling: one token at a time, each forward seeing at most the context.
+"""Autoregressive sampling: one token at a time, each forward pass seeing at most the context.
 
-The model's mask buffer is `context_length` square and its position table has
-`context_length` rows, so every forward pass is given only the last `context_length` tokens.
-That is what lets a prompt longer than the context, or a generation that runs past it, work:
-the oldest tokens simply fall out of view.
-
-With the KV cache (the default), the prompt is run once and then each step feeds only the
-newest token, reusing the cached keys and values of the others: each step costs one position
-instead of the whole window. The cache (`GPTModel.kv_cache`) has `context_length` slots at fixed
-addresses and is kept between calls; once the sequence fills it, sampling falls back to cropping
-and recomputing the window, so positions never go past the context. Greedy generation gives the
-same tokens either way (tested).
-
-The one-token step can be compiled (`sample.compile`), on CUDA into a CUDA graph replayed with
-one launch (gpt-fast's recipe: eager decoding is bound by launching hundreds of small kernels per
-token). Compiling costs seconds, so `auto` compiles only where that is won back
-(`compile_pays`; the figures are in docs/generating.md). The draw happens on the model's device,
-and the next step is queued before the host reads the token it just drew: one host sync per token,
-while the device already works on the next.
-
-Everything here works on batches: `(B, T)` prompts give `B` independent continuations, and
-temperature, top-k, top-p and end-of-text handling are applied per row.
+Every forward pass is given only the last `context_length` tokens (the mask and the position table
+are that long), so a prompt longer than the context, or a generation past it, works: the oldest
+tokens fall out of view. The KV cache (the default) runs the prompt once, then feeds one token a
+step; once it is full, sampling crops and recomputes the window. The one-token step can be compiled
+(`sample.compile`; `auto` only where the compile is won back), and the next step is queued before the
+host reads the token just drawn. `(B, T)` prompts give `B` continuations, each row on its own.
 """
 
 import argparse
