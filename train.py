@@ -62,15 +62,15 @@ def train_run(cfg: Config, resume: bool, overwrite: bool, resume_command: str, d
     model, extras = run_model(cfg, resumed, new_rows)
     model.use_attention(cfg.train.attn_impl)
     run = new_run(model.to(device), cfg.train, device, dist)
-    fresh = resumed is None
-    if not fresh:
-        restore_run(run, data.batches, *resumed)
-    del resumed  # its tensors are in the run now
     describe_run(run, cfg, data, say)
-    checkpoints = RunCheckpoints(cfg, data.batches, dist, extras, last_saved=None if fresh else run.state.step)
+    last_saved = None if resumed is None else resumed[1]["step"]  # the last good checkpoint's step
+    checkpoints = RunCheckpoints(cfg, data.batches, dist, extras, last_saved)
     checkpoints.make_folder(overwrite)
-    log = run_log(cfg, fresh, data) if dist.is_main else None
+    log = run_log(cfg, resumed is None, data) if dist.is_main else None
     with StopRequest(quiet=not dist.is_main) as stop, checkpoints.explained_stops():
+        if resumed is not None:
+            restore_run(run, data.batches, *resumed)
+        del resumed  # its tensors are in the run now
         try:
             state = train(run, cfg.train, data, checkpoints.save, stop, log)
         finally:
