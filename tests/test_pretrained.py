@@ -292,3 +292,10 @@ def test_the_weights_are_read_once_when_a_run_starts(hf_small_vocab, tmp_path, m
     assert reads == [True, False]  # one read of the weights themselves
     idx = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     assert max_logit_difference(model, hf_model, idx) < 1e-5
+
+
+def test_a_bin_older_than_the_zip_format_is_sized_too(tmp_path):
+    """Mapping needs torch's zip format; an older .bin is read whole for its shapes instead of refused."""
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"wte.weight": torch.zeros(7, 4)}, path, _use_new_zipfile_serialization=False)
+    assert pretrained.read_weights(path, shapes_only=True)["wte.weight"].shape == (7, 4)

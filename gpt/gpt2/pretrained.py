@@ -134,7 +134,12 @@ def read_weights(path: Path, shapes_only: bool = False) -> dict[str, torch.Tenso
                 return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
     else:
         def reader(p):  # weights_only: a .bin is a pickle, and must not run code
-            return torch.load(p, map_location="cpu", weights_only=True, mmap=shapes_only)
+            try:  # mapped, for the shapes: a file older than torch's zip format cannot be, and is read
+                return torch.load(p, map_location="cpu", weights_only=True, mmap=shapes_only)
+            except RuntimeError:
+                if not shapes_only:
+                    raise
+                return torch.load(p, map_location="cpu", weights_only=True)
     try:
         state = reader(str(path))
     except Exception as e:  # truncated, foreign or unsafe files raise many types
