@@ -3,6 +3,7 @@
 `pick_device` turns `train.device` (or `--device`) into a torch device, `auto` picking CUDA, then
 Apple's GPU, then the CPU. `setup_device` turns on TF32 matmuls on CUDA and, on a Linux CPU, keeps
 freed memory in the process: both are settings of the process, made once when a script starts.
+`indexed` names the GPU that a plain `cuda` means, for the torch calls that need its number.
 """
 
 import ctypes
@@ -29,6 +30,17 @@ def pick_device(name: str, option: str = "train.device") -> torch.device:
     return torch.device(name)
 
 
+def indexed(device: torch.device) -> torch.device:
+    """`device` with its index: `cuda` -> `cuda:N`, N the current GPU; any other device as it is.
+
+    `pick_device("auto")` gives a plain `cuda`, which most of torch reads as the current GPU; a
+    process group's `device_id` and DDP's `device_ids` are refused or guessed without the number.
+    """
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def setup_device(device: torch.device) -> None:
     """Process-wide speed settings for `device`: TF32 matmuls on CUDA, malloc tuning on CPU."""
     if device.type == "cuda":
@@ -42,15 +54,12 @@ def setup_device(device: torch.device) -> None:
 def allow_tf32_matmuls(enabled: bool = True) -> None:
     """float32 matmuls on CUDA in TF32 (or, `enabled` False, in full float32).
 
-    Through `fp32_precision`, the API of torch 2.9 and later: its legacy `allow_tf32` flags warn
-    that they are deprecated, and torch refuses to read one API's state once the other has set it.
-    The legacy flag only where the new API is missing.
+    Through `torch.set_float32_matmul_precision`, which sets the new per-backend API
+    (`fp32_precision`, torch 2.9 and later) and the state it replaces together and warns on no
+    version. Setting `fp32_precision` alone leaves the old state unreadable: inductor's
+    max-autotune (and on torch 2.9 and 2.10 every compile) asks for it, and the compile fails.
     """
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        matmul.fp32_precision = "tf32" if enabled else "ieee"
-    else:
-        matmul.allow_tf32 = enabled
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
 
 
 def keep_freed_memory() -> bool:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from gpt.device import indexed
 from gpt.errors import UserError
 
 T = TypeVar("T")
@@ -137,7 +138,7 @@ class Distributed:
         # resend them before every forward (torch 2.13 renamed the option).
         no_buffer_sync = {SYNC_BUFFERS_OPTION: False}
         return DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
+            model, device_ids=[indexed(device).index] if device.type == "cuda" else None,
             gradient_as_bucket_view=True,  # gradients live in DDP's buffers: one copy less per step
             **no_buffer_sync,
         )
@@ -221,6 +222,7 @@ def start(device: torch.device) -> tuple[Distributed, torch.device]:
 def single_process_group(device: torch.device) -> Distributed:
     """A process group of this process alone, for timing what DDP itself costs (`gpt.bench --ddp`)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # init_process_group refuses a `device_id` without an index: `cuda` is named `cuda:N`
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                            device_id=device if backend == "nccl" else None)
+                            device_id=indexed(device) if backend == "nccl" else None)
     return Distributed(launched=True)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from gpt.compiled import CompiledOrEager, warn_compile_failed
 from gpt.config import TrainConfig
 from gpt.data import DataConfig, TrainBatches, eval_loader
+from gpt.device import indexed
 from gpt.distributed import SINGLE, Distributed
 from gpt.model import IGNORE_INDEX
 from gpt.optim import build_optimizer, set_learning_rate, steps_unless
@@ -161,9 +162,8 @@ class OutOfMemory(Exception):
 
     def __init__(self, phase: str, step: int, device: torch.device, error: torch.OutOfMemoryError):
         tried = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]?i?B)", str(error))
-        if device.type == "cuda" and device.index is None and torch.cuda.is_available():
-            # `cuda` is the current GPU: the line names it (cuda:0), as CUDA's own message does
-            device = torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available():  # `cuda` is the current GPU: the line names it (cuda:0), as CUDA's does
+            device = indexed(device)
         self.phase, self.step, self.device = phase, step, device
         self.tried = tried.group(1) if tried else None
         super().__init__(f"out of memory on {device} during {phase} {step}"
@@ -197,8 +197,13 @@ def gradient_sync(model: nn.Module, enabled: bool) -> contextlib.AbstractContext
 
 
 def counted_targets(batches: list[tuple[torch.Tensor, ...]], device: torch.device) -> torch.Tensor:
-    """The targets the loss counts in `batches` (not IGNORE_INDEX), counted on the host, where they are."""
-    return torch.tensor(float(sum(int((batch[1] != IGNORE_INDEX).sum()) for batch in batches)), device=device)
+    """The targets the loss counts in `batches` (not IGNORE_INDEX), counted on the host, where they are.
+
+    Sent to a GPU from pinned memory, asynchronously: a copy from pageable memory waits for the GPU."""
+    count = torch.tensor(float(sum(int((batch[1] != IGNORE_INDEX).sum()) for batch in batches)))
+    if device.type == "cuda":
+        count = count.pin_memory()
+    return count.to(device, non_blocking=True)
 
 
 def train_step(model: nn.Module, batches: Iterator[tuple[torch.Tensor, ...]], optimizer: torch.optim.Optimizer,
