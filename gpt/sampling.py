@@ -5,7 +5,8 @@ are that long), so a prompt longer than the context, or a generation past it, wo
 tokens fall out of view. The KV cache (the default) runs the prompt once, then feeds one token a
 step; once it is full, sampling crops and recomputes the window. The one-token step can be compiled
 (`sample.compile`; `auto` only where the compile is won back), and the next step is queued before the
-host reads the token just drawn. `(B, T)` prompts give `B` continuations, each row on its own.
+host reads the token just drawn. Decoding's attention runs in `DECODING_KERNELS`, which leave out
+cuDNN's. `(B, T)` prompts give `B` continuations, each row on its own.
 """
 
 import argparse
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gpt.compiled import CompiledOrEager
 from gpt.errors import UserError
@@ -25,6 +27,11 @@ from gpt.tokenizer import EOT_ID, TextStream, get_tokenizer
 # One-token steps a process must have ahead of it before compiling the step pays, under `auto`
 # (on CUDA; on a CPU compiling gains a few percent at most): docs/generating.md has the figures.
 COMPILE_PAYS_AFTER = 4096
+# The attention kernels decoding may use: every one but cuDNN's. cuDNN builds (and caches) a graph for
+# each new shape, and one-token decoding meets a new key length at every token: where torch picks
+# cuDNN (bf16 on recent GPUs and cuDNNs; scripts/gpu_check.sh prints the choice), a graph built per
+# token. Flash, memory-efficient and math attention take any length as it comes. Training keeps torch's.
+DECODING_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -177,10 +184,11 @@ def generate_stream(model: nn.Module, idx: torch.Tensor, cfg: SampleConfig, eos_
 
 def next_logits(model: nn.Module, new: torch.Tensor, cache, step: Callable) -> torch.Tensor:
     """(B, V) logits of the next token: `new` after what `cache` holds (then counted), or, with no
-    cache, `new` as the whole window (never more than the mask covers)."""
-    if cache is None:
-        return model(new)[:, -1, :]
-    logits = step(model, new, cache)
+    cache, `new` as the whole window (never more than the mask covers); attention in `DECODING_KERNELS`."""
+    with sdpa_kernel(DECODING_KERNELS):
+        if cache is None:
+            return model(new)[:, -1, :]
+        logits = step(model, new, cache)
     cache.advance(new.shape[1])
     return logits
 

@@ -29,6 +29,39 @@ class Recorder(torch.nn.Module):
         return [covered for _, covered, _ in self.calls]
 
 
+def enabled_kernels() -> dict[str, bool]:
+    """Which SDPA kernels are on now (process-wide flags, which a CPU build of torch has too)."""
+    cuda = torch.backends.cuda
+    return {"cudnn": cuda.cudnn_sdp_enabled(), "flash": cuda.flash_sdp_enabled(),
+            "efficient": cuda.mem_efficient_sdp_enabled(), "math": cuda.math_sdp_enabled()}
+
+
+def test_decoding_leaves_cudnn_attention_out_and_training_keeps_torch_s_choice(tiny_model, tiny_cfg):
+    """cuDNN's attention builds a graph for each new key length, and one-token decoding makes one at every
+    token: every forward pass of a decoding (the prompt, the one-token steps, the recomputed windows past the
+    context) runs with cuDNN's kernel off and the others on; a training step, and anything after, as torch has them."""
+    from gpt.config import TrainConfig
+    from gpt.optim import build_optimizer
+    from gpt.precision import Precision
+    from gpt.training import train_step
+    seen = []
+    tiny_model.register_forward_pre_hook(lambda module, args: seen.append(enabled_kernels()))
+    before = enabled_kernels()
+    assert all(before.values())  # torch's default: every kernel allowed
+    prompt = torch.randint(0, tiny_cfg.vocab_size, (2, 5))
+    for kv_cache in (True, False):
+        generate(tiny_model.eval(), prompt, 2 * tiny_cfg.context_length, temperature=0, kv_cache=kv_cache)
+    assert len(seen) == 2 * 2 * tiny_cfg.context_length
+    assert all(kernels == {**before, "cudnn": False} for kernels in seen)
+    assert enabled_kernels() == before  # set back after decoding
+    seen.clear()
+    cpu = torch.device("cpu")
+    batch = torch.randint(0, tiny_cfg.vocab_size, (2, 2, tiny_cfg.context_length)).to(torch.uint16)
+    train_step(tiny_model.train(), iter([tuple(batch)]), build_optimizer(tiny_model, TrainConfig(), cpu),
+               Precision(torch.float32, cpu), TrainConfig())
+    assert seen == [before]
+
+
 @pytest.mark.parametrize("kv_cache", [False, True])
 def test_generation_runs_past_the_context_and_crops(kv_cache, tiny_model, tiny_cfg):
     model = Recorder(tiny_model.eval())
