@@ -7,10 +7,11 @@
 #
 # In under 10 minutes (GPU_CHECK_SECONDS, default 570, is the budget; each step also has its own
 # limit) it
-#   1. installs what the tests need, into .venv-gpu (it sees the system's packages). Where torch
-#      (a CUDA build, 2.9 or later), tiktoken, yaml, tqdm, numpy and pytest already import, pip is
-#      not run at all, so a machine with no network works; otherwise pip installs
-#      requirements-dev.txt (torch 2.13.0 included) or, with a CUDA torch already there, the rest;
+#   1. checks that python3 imports what the tests need: torch (a CUDA build, 2.9 or later), tiktoken,
+#      yaml, tqdm, numpy and pytest. Where it does, it uses python3 as it is: no venv, no pip, so a
+#      machine with no network works. Where not, it says what is missing in one line and installs it
+#      into .venv-gpu (which also sees the packages of a python3 that is itself a venv's): the rest
+#      of requirements-dev.txt beside a CUDA torch already there, else all of it (torch 2.13.0 too);
 #   2. checks for (or makes) the tokenizer files and the prepared corpus, stopping with one line on
 #      what to copy where it cannot, then starts the CPU suite in the background, with CUDA
 #      hidden so it tests what CI tests, on half of the CPU cores;
@@ -29,12 +30,15 @@
 # Without a CUDA GPU the GPU steps are recorded as skipped (and the exit code is 1).
 #
 # --speed gives the speed figures of a GPU box in at most 8 minutes (GPU_CHECK_SECONDS defaults to
-# 480 there; its stages' limits add up to 80% of that): the install step, the check that the
-# tokenizer files and the prepared corpus are there (an offline box must have them copied into
-# data/), the bench at the settings matched with nanoGPT's bench.py (AdamW, one micro-step of
-# 12 x 1024, dropout 0, no clipping, as bench.py runs) with batch-1 sampling, the same settings
-# clipped at 1.0 as gpt2-124m.yaml clips, gpt2-124m.yaml as shipped (Muon, 8 x 8) with MFU and
-# the optimizer step's share, then tests/test_cuda.py.
+# 480 there; its stages' limits, sized for a cold compile cache, add up to less): the install
+# check, the check that the tokenizer files and the prepared corpus are there (an offline box must
+# have them copied into data/), the bench at the settings matched with nanoGPT's bench.py (AdamW,
+# one micro-step of 12 x 1024, dropout 0, no clipping, as bench.py runs) with batch-1 sampling,
+# gpt2-124m.yaml as shipped (Muon, 8 x 8, clipped at 1.0) with MFU and the optimizer step's and
+# clipping's shares, the attention kernel a training call and a one-token decoding call get, with
+# 200 greedy bf16 tokens timed with cuDNN's kernel avoided (as generate.py decodes) and allowed,
+# what Muon's last op costs (scripts/muon_add.py), then tests/test_cuda.py. Each stage prints how
+# long its set-up and compiles took.
 # Exit code: 0 when every step passed, 1 otherwise.
 #
 set -uo pipefail
@@ -111,39 +115,83 @@ gpu_stage() {
 log "gpu_check.sh report, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 { echo; if command -v nvidia-smi > /dev/null; then nvidia-smi 2>&1; else echo "nvidia-smi: not found"; fi; echo; echo "CPU cores: $(nproc)"; } >> "$REPORT"
 
-# 1. What the tests need.
+# 1. What the tests need: the current python3 where it has it all; a virtual environment only where
+# pip must install something, which then also sees the packages of a python3 that is itself a venv's.
 # shellcheck disable=SC2317,SC2329  # run through bash -c below, to run as a stage (SC2317: older shellcheck)
+missing_packages() {  # what the check needs that python3 cannot import, in one line (empty: nothing)
+    python3 - <<'PY' 2>/dev/null || echo "a python3 that runs"
+import importlib
+missing = []
+try:
+    import torch
+    major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    if not torch.cuda.is_available():
+        missing.append(f"a CUDA build of torch that sees a GPU (torch {torch.__version__} sees none)")
+    elif (major, minor) < (2, 9):
+        missing.append(f"torch 2.9 or later (this is {torch.__version__})")
+except Exception as error:  # not there, or there and broken (a CUDA library it cannot load)
+    missing.append("torch" if isinstance(error, ImportError) else f"a torch that imports ({type(error).__name__})")
+for name, package in (("tiktoken", "tiktoken"), ("yaml", "pyyaml"), ("tqdm", "tqdm"), ("numpy", "numpy"), ("pytest", "pytest")):
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        missing.append(package)
+print(", ".join(missing))
+PY
+}
+# shellcheck disable=SC2317,SC2329
 install() {
-    if python3 -m venv --system-site-packages .venv-gpu; then
-        # shellcheck disable=SC1091
-        . .venv-gpu/bin/activate
-    else
-        echo "could not make a virtual environment (is python3-venv installed?); installing into $(command -v python3)'s"
-    fi
-    local cuda_torch='import sys, torch
-major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
-sys.exit(0 if torch.cuda.is_available() and (major, minor) >= (2, 9) else 1)'
-    if python3 -c "$cuda_torch" 2>/dev/null && python3 -c 'import tiktoken, yaml, tqdm, numpy, pytest' 2>/dev/null; then
-        echo "torch (a CUDA build, 2.9 or later), tiktoken, yaml, tqdm, numpy and pytest import: no pip"
+    local missing python
+    missing=$(missing_packages)
+    python=$(command -v python3)
+    if [[ -z "$missing" ]]; then
+        echo "$python has torch (a CUDA build, 2.9 or later), tiktoken, yaml, tqdm, numpy and pytest: no venv, no pip"
         python3 -c 'import matplotlib' 2>/dev/null || echo "(matplotlib is missing: the tests that need it are skipped)"
         return 0
     fi
-    if python3 -c "$cuda_torch" 2>/dev/null; then
-        echo "keeping the installed torch (a CUDA build, 2.9 or later)"
-        grep -hv -e '^\s*#' -e '^\s*$' -e '^-r' -e '^torch' requirements.txt requirements-dev.txt \
-            | python3 -m pip install --quiet --disable-pip-version-check -r /dev/stdin
-    else
-        python3 -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+    if [[ "$missing" == "a CUDA build of torch"* && "$missing" != *,* ]] && ! nvidia-smi -L > /dev/null 2>&1; then
+        echo "no NVIDIA GPU here (nvidia-smi lists none): nothing to install; the GPU stages are skipped"
+        return 0
+    fi
+    echo "$python lacks $missing: installing into .venv-gpu"
+    if ! python3 -m venv --system-site-packages .venv-gpu; then
+        echo "error: $python lacks $missing, and no virtual environment could be made to install it into" \
+            "(is python3-venv installed?); install it into $python, or run with a python3 that has it"
+        return 1
+    fi
+    # A venv made by a venv's python sees the base interpreter's packages, not that venv's: add them.
+    local outer inner
+    outer=$(python3 -c 'import site, sys; print("\n".join(site.getsitepackages()) if sys.prefix != sys.base_prefix else "")')
+    inner=$(.venv-gpu/bin/python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    [[ -n "$outer" ]] && echo "$outer" > "$inner/outer-site-packages.pth"
+    # shellcheck disable=SC1091
+    . .venv-gpu/bin/activate
+    local requirements=(-r requirements-dev.txt)
+    if [[ "$missing" != *torch* ]]; then  # keep the CUDA torch there is: install the rest
+        requirements=(-r <(grep -hv -e '^\s*#' -e '^\s*$' -e '^-r' -e '^torch' requirements.txt requirements-dev.txt))
+    fi
+    if ! python3 -m pip install --quiet --disable-pip-version-check "${requirements[@]}"; then
+        echo "error: $python lacks $missing, and pip could not install it (no network?); install it, or run" \
+            "with a python3 that has it"
+        return 1
     fi
 }
-if ((SPEED_ONLY)); then INSTALL_LIMIT=30; else INSTALL_LIMIT=240; fi  # --speed: a box that has what it needs
-stage "install (.venv-gpu)" "$INSTALL_LIMIT" bash -c "$(declare -f install); install"
+if ((SPEED_ONLY)); then INSTALL_LIMIT=20; else INSTALL_LIMIT=240; fi  # --speed: a box that has what it needs
+stage "install (what is missing, if anything)" "$INSTALL_LIMIT" bash -c "$(declare -f missing_packages install); install"
+if ((LAST_CODE != 0)) && ! ((PLAN)); then
+    grep '^error:' "$REPORT" | tail -1
+    { echo; echo "=== summary (${SECONDS}s in all)"; printf '%s\n' "${SUMMARY[@]}"; } >> "$REPORT"
+    echo "report: $REPORT (${SECONDS}s)"
+    exit 1
+fi
+# The venv, where the install step needed one (not one left by an earlier run on a python3 that has it all).
 # shellcheck disable=SC1091
-[[ -f .venv-gpu/bin/activate ]] && . .venv-gpu/bin/activate
+((PLAN)) || { [[ -n "$(missing_packages)" && -f .venv-gpu/bin/activate ]] && . .venv-gpu/bin/activate; }
 python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null && HAVE_GPU=1
 stage "versions" 10 python3 -c 'import sys, torch
-print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
-      f"{torch.cuda.device_count()} GPU(s): {[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}, "
+print(f"python {sys.version.split()[0]} ({sys.executable}), torch {torch.__version__}, CUDA {torch.version.cuda}, "
+      f"cuDNN {torch.backends.cudnn.version()}, {torch.cuda.device_count()} GPU(s): "
+      f"{[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}, "
       f"bf16: {torch.cuda.is_available() and torch.cuda.is_bf16_supported()}")
 sys.exit(0 if torch.cuda.is_available() else 1)'
 
@@ -174,17 +222,23 @@ if ((LAST_CODE != 0)); then
 fi
 
 if ((SPEED_ONLY)); then
-    # Most important first. Each bench compiles the model (the first one also the decoding step);
-    # the clipped run finds the compiled graph in inductor's cache.
+    # Most important first. Each stage prints how long its set-up and compiles took: the bench each
+    # variant's "set up and warmed up in" (the compile) and each sampling path's first call; the decoding
+    # check each setting's first call; pytest each test's time (--durations). Limits are for a cold
+    # compile cache: GPT-2's training step takes 40-60 s to compile, its one-token step about 20 s.
     MATCHED=(--config gpt2-124m.yaml --train.optimizer=adamw --train.grad_accum_steps=1 --data.batch_size=12
              --train.grad_clip=0)
-    gpu_stage "gpt bench matched with nanoGPT (no clipping) + sampling" 90 \
+    gpu_stage "gpt bench matched with nanoGPT (no clipping) + sampling" 110 \
         python3 -m gpt bench "${MATCHED[@]}" --steps 10 --rounds 3 --warmup 3 --sample-tokens 200
-    gpu_stage "gpt bench matched, clipped at 1.0" 35 \
-        python3 -m gpt bench "${MATCHED[@]}" --train.grad_clip=1.0 --steps 10 --rounds 3 --warmup 3 --sample-tokens 0
-    gpu_stage "gpt bench gpt2-124m.yaml as shipped" 60 \
+    gpu_stage "gpt bench gpt2-124m.yaml as shipped" 75 \
         python3 -m gpt bench --config gpt2-124m.yaml --steps 1 --rounds 3 --warmup 1 --optimizer-steps --sample-tokens 0
-    gpu_stage "tests/test_cuda.py" 130 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py
+    # Decoding's attention kernel (cuDNN left out), and what cuDNN would cost: each setting in a fresh process.
+    gpu_stage "decoding kernels: cuDNN avoided and allowed" 60 bash -c "python3 scripts/sdpa_decoding.py kernels &&
+        python3 scripts/sdpa_decoding.py time --cudnn avoided && python3 scripts/sdpa_decoding.py time --cudnn allowed"
+    gpu_stage "Muon's update add (foreach fast path or not)" 20 python3 scripts/muon_add.py
+    XDIST=()  # the tests' compiles on several CPU cores at once, where pytest-xdist is installed
+    python3 -c 'import xdist' 2>/dev/null && (($(nproc) >= 8)) && XDIST=(-n 4)
+    gpu_stage "tests/test_cuda.py" 150 python3 -m pytest -q -rs --durations=8 -p no:cacheprovider "${XDIST[@]}" tests/test_cuda.py
     if ((PLAN)); then
         echo "the stages' limits: ${PLANNED}s of a ${BUDGET}s budget"
         exit 0

@@ -139,6 +139,57 @@ def test_compiled_training_on_cuda_matches_eager(tiny_cfg, activation_checkpoint
     assert [v for _, v in saves] == pytest.approx([v for _, v in eager_saves], abs=1e-3)
     assert max((p - q).abs().max().item() for p, q in zip(model.parameters(), eager.parameters())) < 1e-2
     assert not any(k.startswith("_orig_mod.") for k in model.state_dict())
+    if not activation_checkpointing:  # the final whole-val pass runs the periodic evaluation's graph
+        from torch._dynamo.utils import counters
+
+        from gpt.distributed import SINGLE
+        from gpt.tools.evaluate import final_val_line
+        graphs = counters["stats"]["unique_graphs"]
+        final_val_line(model, eval_loader(pattern_windows(), 4, None), TrainConfig(dtype="float32", compile=True),
+                       CUDA, SINGLE, False, 10)
+        assert counters["stats"]["unique_graphs"] == graphs  # on a GPU it scores in training's dtype: no recompile
+
+
+def test_a_training_step_waits_for_the_gpu_once(tiny_cfg):
+    """Muon and fused AdamW in bf16, clipped (gpt2-124m.yaml's step): the one host sync is the loss read at
+    the end (torch's sync debug mode warns at each); the count of targets goes up from pinned memory."""
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg).to(CUDA)
+    cfg = TrainConfig(grad_clip=1.0, grad_accum_steps=2)
+    optimizer = build_optimizer(model, cfg, CUDA)
+    precision = Precision(torch.bfloat16, CUDA)
+    batches = TrainBatches(pattern_windows(), 4, seed=0, pin_memory=True)
+    stream = iter(batches)
+    for _ in range(2):  # warm: the optimizer's state, the allocator's blocks, pinned memory
+        train_step(model, stream, optimizer, precision, cfg)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_step(model, stream, optimizer, precision, cfg)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs
+
+
+def test_a_one_process_group_on_the_gpu_takes_a_plain_cuda_device(tiny_cfg):
+    """`python -m gpt bench --ddp` on `auto`'s plain `cuda`: the NCCL group is made (it refuses a device_id
+    without an index), and DDP trains a step in it."""
+    from gpt.distributed import single_process_group
+    group = single_process_group(CUDA)
+    try:
+        assert torch.distributed.get_backend() == "nccl"
+        torch.manual_seed(0)
+        model = GPTModel(tiny_cfg).to(CUDA)
+        wrapped = group.wrap(model, CUDA)
+        assert wrapped.device_ids == [torch.cuda.current_device()]
+        cfg = TrainConfig(optimizer="adamw")
+        loss, _ = train_step(wrapped, iter(TrainBatches(pattern_windows(), 4, seed=0, pin_memory=True)),
+                             build_optimizer(model, cfg, CUDA), Precision(torch.bfloat16, CUDA), cfg, dist=group)
+        assert math.isfinite(loss)
+    finally:
+        group.close()
 
 
 # --------------------------------------------------------------------------- optimizers
@@ -264,6 +315,20 @@ def test_a_seeded_draw_on_the_gpu_repeats(tiny_cfg):
     prompt = torch.randint(0, tiny_cfg.vocab_size, (2, 3), device=CUDA)
     run = lambda seed: generate(model, prompt, 12, temperature=1.0, generator=torch.Generator(device=CUDA).manual_seed(seed))
     assert torch.equal(run(5), run(5)) and not torch.equal(run(5), run(6))
+
+
+def test_one_token_decoding_on_the_gpu_gets_a_kernel_that_is_not_cudnn_s():
+    """GPT-2 small's one-token call in bf16 (or fp16), as generate.py makes it: torch's kernel choice
+    inside DECODING_KERNELS, whatever it is outside (scripts/sdpa_decoding.py prints both)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from gpt.sampling import DECODING_KERNELS, decoding_dtype
+    dtype = decoding_dtype(CUDA) if decoding_dtype(CUDA) != torch.float32 else torch.float16
+    keys = torch.randn(1, 12, 1024, 64, device=CUDA, dtype=dtype)[:, :, :300]
+    query = torch.randn(1, 12, 1, 64, device=CUDA, dtype=dtype)
+    with sdpa_kernel(DECODING_KERNELS):
+        choice = torch._fused_sdp_choice(query, keys, keys)
+    assert choice != int(SDPBackend.CUDNN_ATTENTION) and choice in [int(k) for k in DECODING_KERNELS]
 
 
 def test_generate_py_decodes_in_bf16_on_cuda_after_setting_up_the_device(tiny_cfg):
