@@ -5,8 +5,9 @@ are that long), so a prompt longer than the context, or a generation past it, wo
 tokens fall out of view. The KV cache (the default) runs the prompt once, then feeds one token a
 step; once it is full, sampling crops and recomputes the window. The one-token step can be compiled
 (`sample.compile`; `auto` only where the compile is won back), and the next step is queued before the
-host reads the token just drawn. Decoding's attention runs in `DECODING_KERNELS`, which leave out
-cuDNN's. `(B, T)` prompts give `B` continuations, each row on its own.
+host reads the token just drawn, which it waits for alone (`read_later`). Uncompiled, attention runs
+in `DECODING_KERNELS`, which leave out cuDNN's. `(B, T)` prompts give `B` continuations, each row on
+its own.
 """
 
 import argparse
@@ -27,10 +28,11 @@ from gpt.tokenizer import EOT_ID, TextStream, get_tokenizer
 # One-token steps a process must have ahead of it before compiling the step pays, under `auto`
 # (on CUDA; on a CPU compiling gains a few percent at most): docs/generating.md has the figures.
 COMPILE_PAYS_AFTER = 4096
-# The attention kernels decoding may use: every one but cuDNN's. cuDNN builds (and caches) a graph for
-# each new shape, and one-token decoding meets a new key length at every token: where torch picks
-# cuDNN (bf16 on recent GPUs and cuDNNs; scripts/gpu_check.sh prints the choice), a graph built per
-# token. Flash, memory-efficient and math attention take any length as it comes. Training keeps torch's.
+# The attention kernels uncompiled decoding may use: every one but cuDNN's. cuDNN builds (and caches) a
+# graph for each new shape, and one-token decoding meets a new key length at every token: where torch
+# picks cuDNN (bf16 on an H200 with torch 2.11), 60-66 ms a token (docs/performance.md). Flash,
+# memory-efficient and math attention take any length as it comes. The compiled step has one shape
+# (every slot, masked): torch's choice, one cuDNN graph, is its fastest. Training keeps torch's too.
 DECODING_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -116,8 +118,14 @@ def for_decoding(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def decode_step(model: nn.Module, new: torch.Tensor, cache) -> torch.Tensor:
-    """(B, V) logits of the token after `new` (B, T), which continues what `cache` holds."""
-    return model(new, cache)[:, -1, :]
+    """(B, V) logits of the token after `new` (B, T), which continues what `cache` holds (None: `new` alone)."""
+    return (model(new) if cache is None else model(new, cache))[:, -1, :]
+
+
+def uncompiled_step(model: nn.Module, new: torch.Tensor, cache) -> torch.Tensor:
+    """`decode_step` as it runs uncompiled: a new key length at each call, so attention in `DECODING_KERNELS`."""
+    with sdpa_kernel(DECODING_KERNELS):
+        return decode_step(model, new, cache)
 
 
 def compile_pays(setting: bool | str, device: torch.device, steps: float) -> bool:
@@ -158,37 +166,58 @@ def generate_stream(model: nn.Module, idx: torch.Tensor, cfg: SampleConfig, eos_
     prompt = idx[:, -context:]
     cache = model.kv_cache(idx.shape[0]) if cfg.kv_cache else None
     ahead = min(cfg.max_new_tokens - 1, context - prompt.shape[1])  # one-token steps the cache takes
-    step = decode_step
+    step = uncompiled_step
     if cache is not None and compile_pays(cfg.compile, idx.device, ahead):
         step = compiled_decode_step(idx.device.type)
         for tensor in cache.tensors():  # written in place inside the graph, at the same address each call
             torch._dynamo.mark_static_address(tensor)
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    logits = next_logits(model, prompt, cache, decode_step)  # the prompt runs uncompiled: one shape to capture
+    logits = next_logits(model, prompt, cache, uncompiled_step)  # the prompt runs uncompiled: one shape to capture
     for made in range(1, cfg.max_new_tokens + 1):
         next_id = draw(logits, cfg, generator)
         if eos_id is not None:
             next_id = torch.where(finished, eos_id, next_id)
             finished |= next_id == eos_id
         idx = torch.cat([idx, next_id[:, None]], dim=1)
-        if made < cfg.max_new_tokens:  # queued before the token is read: the device keeps working
+        # The one wait per token: the new ids and whether every row has finished, read together, their
+        # copy queued before the next step, so that the device runs that step while the host waits.
+        read = read_later(torch.cat([next_id, finished.all()[None]]))
+        if made < cfg.max_new_tokens:
             if cache is not None and cache.length == context:
                 cache = None  # full: from here on, crop and recompute
             logits = next_logits(model, idx[:, -context:] if cache is None else next_id[:, None], cache, step)
-        # The one wait per token: the new ids and whether every row has finished, read together.
-        read = torch.cat([next_id, finished.all()[None]]).cpu()
+        read = read()
         yield read[:-1]
         if eos_id is not None and read[-1]:
             return
 
 
+def read_later(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Start copying `tensor` to the host -> a call that waits for that copy alone and returns it.
+
+    On CUDA the copy goes into pinned memory and an event marks its end: whatever is queued after it
+    (the next token's forward pass) keeps the GPU busy while the host waits, where `.cpu()` would
+    wait for that too. Elsewhere the copy is made at once.
+    """
+    if tensor.device.type != "cuda":
+        host = tensor.cpu()
+        return lambda: host
+    host = tensor.to("cpu", non_blocking=True)  # into pinned memory
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> torch.Tensor:
+        copied.synchronize()
+        return host
+    return wait
+
+
 def next_logits(model: nn.Module, new: torch.Tensor, cache, step: Callable) -> torch.Tensor:
     """(B, V) logits of the next token: `new` after what `cache` holds (then counted), or, with no
-    cache, `new` as the whole window (never more than the mask covers); attention in `DECODING_KERNELS`."""
-    with sdpa_kernel(DECODING_KERNELS):
-        if cache is None:
-            return model(new)[:, -1, :]
-        logits = step(model, new, cache)
+    cache, `new` as the whole window (never more than the mask covers), uncompiled."""
+    if cache is None:
+        return uncompiled_step(model, new, None)
+    logits = step(model, new, cache)
     cache.advance(new.shape[1])
     return logits
 

@@ -9,9 +9,9 @@ the model's shapes in the precision it decodes in (bf16 on a GPU with it): a tra
 of full windows, causal) and a one-token decoding call after half a window of cached keys, the
 latter with torch's kernels and with the ones decoding allows (`gpt.sampling.DECODING_KERNELS`).
 
-`time` decodes 200 greedy tokens with the KV cache, uncompiled (generate.py's path), after an
-8-token prompt, from a randomly initialised model: the first call (cuDNN builds its graphs here),
-then the median of 3 more. Run each setting in a process of its own, so that neither finds the
+`time` decodes 200 greedy tokens with the KV cache, uncompiled (generate.py's path; `--compile`:
+the one-token step compiled, CUDA graphs on CUDA), after an 8-token prompt, from a randomly
+initialised model: the first call (cuDNN builds its graphs here), then the median of 3 more. Run each setting in a process of its own, so that neither finds the
 other's graphs in cuDNN's cache. `--config` picks the shape (default: GPT-2 small, gpt2-124m.yaml).
 scripts/gpu_check.sh runs all three.
 """
@@ -62,8 +62,9 @@ def kernels(cfg: ModelConfig, batch_size: int, device: torch.device) -> None:
         print(f"  the same call in DECODING_KERNELS (generate.py's): {kernel_choice(query, slots, slots, False)}")
 
 
-def timed(cfg: ModelConfig, device: torch.device, tokens: int, calls: int) -> list[float]:
-    """Seconds of each of `calls` greedy decodings of `tokens` tokens with the KV cache, uncompiled."""
+def timed(cfg: ModelConfig, device: torch.device, tokens: int, calls: int, compile: bool) -> list[float]:
+    """Seconds of each of `calls` greedy decodings of `tokens` tokens with the KV cache, the one-token step
+    compiled or not."""
     torch.manual_seed(0)
     model = for_decoding(GPTModel(cfg).to(device), device)
     prompt = torch.randint(0, cfg.vocab_size, (1, 8), device=device)
@@ -72,7 +73,7 @@ def timed(cfg: ModelConfig, device: torch.device, tokens: int, calls: int) -> li
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
-        generate(model, prompt, tokens, temperature=0, compile=False)
+        generate(model, prompt, tokens, temperature=0, compile=compile)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - started)
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="time: decode in DECODING_KERNELS (avoided, generate.py's), or with cuDNN's too")
     parser.add_argument("--config", default="gpt2-124m.yaml", help="the model's shape (a config in configs/)")
     parser.add_argument("--tokens", type=int, default=200, help="time: greedy tokens per call")
+    parser.add_argument("--compile", action="store_true",
+                        help="time: the one-token step compiled (CUDA graphs on CUDA): one shape, so one cuDNN graph")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
@@ -96,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cudnn == "allowed":
         sampling.DECODING_KERNELS = ALL_KERNELS
-    seconds = timed(cfg.model, device, args.tokens, calls=4)
+    seconds = timed(cfg.model, device, args.tokens, calls=4, compile=args.compile)
     steady = statistics.median(seconds[1:])
-    print(f"cuDNN {args.cudnn} in decoding ({len(sampling.DECODING_KERNELS)} kernels enabled), {args.tokens} greedy "
+    step = "compiled" if args.compile else "uncompiled"
+    print(f"cuDNN {args.cudnn} in decoding ({len(sampling.DECODING_KERNELS)} kernels enabled, {step}), {args.tokens} greedy "
           f"tokens in {dtype_name(decoding_dtype(device))}: first call {seconds[0]:.2f} s ({args.tokens / seconds[0]:,.0f} tokens/s), "
           f"then {args.tokens / steady:,.0f} tokens/s (median of {len(seconds) - 1})")
     return 0

@@ -309,6 +309,23 @@ def test_decoding_waits_for_the_gpu_once_per_token(tiny_cfg):
         assert len(syncs) <= 12, (settings, [str(w.message) for w in syncs])
 
 
+def test_the_host_waits_for_the_token_alone_not_for_the_step_queued_after_it():
+    """`read_later`: the copy into pinned memory, then work queued behind it (here ~50 ms of float32
+    matmuls, as the next token's forward pass would be) is still running when the token is in hand."""
+    from gpt.sampling import read_later
+    token = torch.arange(5, device=CUDA)
+    wait = read_later(token)
+    work = torch.randn(4096, 4096, device=CUDA)
+    for _ in range(20):
+        work = work @ work / 64
+    got = wait()
+    behind = torch.cuda.Event()
+    behind.record()
+    assert not behind.query()  # the matmuls are still running
+    assert got.is_pinned() and torch.equal(got, torch.arange(5))
+    torch.cuda.synchronize()
+
+
 def test_a_seeded_draw_on_the_gpu_repeats(tiny_cfg):
     torch.manual_seed(0)
     model = GPTModel(tiny_cfg).to(CUDA).eval()

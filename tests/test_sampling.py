@@ -36,10 +36,12 @@ def enabled_kernels() -> dict[str, bool]:
             "efficient": cuda.mem_efficient_sdp_enabled(), "math": cuda.math_sdp_enabled()}
 
 
-def test_decoding_leaves_cudnn_attention_out_and_training_keeps_torch_s_choice(tiny_model, tiny_cfg):
+def test_uncompiled_decoding_leaves_cudnn_attention_out_and_training_keeps_torch_s_choice(tiny_model, tiny_cfg,
+                                                                                       monkeypatch):
     """cuDNN's attention builds a graph for each new key length, and one-token decoding makes one at every
-    token: every forward pass of a decoding (the prompt, the one-token steps, the recomputed windows past the
-    context) runs with cuDNN's kernel off and the others on; a training step, and anything after, as torch has them."""
+    token: every uncompiled forward pass of a decoding (the prompt, the one-token steps, the recomputed
+    windows past the context) runs with cuDNN's kernel off and the others on. The compiled step (one shape)
+    and a training step, and anything after, run with them as torch has them."""
     from gpt.config import TrainConfig
     from gpt.optim import build_optimizer
     from gpt.precision import Precision
@@ -54,6 +56,11 @@ def test_decoding_leaves_cudnn_attention_out_and_training_keeps_torch_s_choice(t
     assert len(seen) == 2 * 2 * tiny_cfg.context_length
     assert all(kernels == {**before, "cudnn": False} for kernels in seen)
     assert enabled_kernels() == before  # set back after decoding
+    seen.clear()
+    from gpt import sampling
+    monkeypatch.setattr(sampling, "compiled_decode_step", lambda device_type: sampling.decode_step)  # its seat
+    generate(tiny_model, prompt, 4, temperature=0, compile=True)
+    assert seen == [{**before, "cudnn": False}] + [before] * 3  # the prompt uncompiled, then the compiled step's
     seen.clear()
     cpu = torch.device("cpu")
     batch = torch.randint(0, tiny_cfg.vocab_size, (2, 2, tiny_cfg.context_length)).to(torch.uint16)
