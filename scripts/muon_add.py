@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gpt.bench.speed import synchronize  # noqa: E402
 from gpt.config import load_config  # noqa: E402
 from gpt.device import pick_device  # noqa: E402
 from gpt.model import GPTModel  # noqa: E402
@@ -31,12 +32,10 @@ from gpt.optim import indices_by, muon_parameters  # noqa: E402
 def median_ms(step, device: torch.device, rounds: int) -> float:
     times = []
     for _ in range(rounds + 3):  # 3 to warm up
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         started = time.perf_counter()
         step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - started)
     return statistics.median(times[3:]) * 1e3
 

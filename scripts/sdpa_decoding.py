@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gpt import sampling  # noqa: E402
+from gpt.bench.speed import synchronize  # noqa: E402
 from gpt.config import load_config  # noqa: E402
 from gpt.device import pick_device, setup_device  # noqa: E402
 from gpt.model import GPTModel, ModelConfig  # noqa: E402
@@ -70,12 +71,10 @@ def timed(cfg: ModelConfig, device: torch.device, tokens: int, calls: int, compi
     prompt = torch.randint(0, cfg.vocab_size, (1, 8), device=device)
     seconds = []
     for _ in range(calls):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         started = time.perf_counter()
         generate(model, prompt, tokens, temperature=0, compile=compile)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         seconds.append(time.perf_counter() - started)
     return seconds
 

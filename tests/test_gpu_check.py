@@ -125,3 +125,27 @@ def test_data_in_place_passes_the_check(tmp_path):
         (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "data" / name).write_text("")
     assert run_data_check(tmp_path, python_exit=0).returncode == 0
+
+
+def test_the_decoding_and_muon_scripts_the_speed_check_runs_work_on_a_cpu(capsys, monkeypatch):
+    """Their flow, on tiny.yaml's shape: the GPU gives the figures (docs/performance.md)."""
+    import importlib.util
+
+    from gpt import sampling
+    monkeypatch.setattr(sampling, "DECODING_KERNELS", sampling.DECODING_KERNELS)  # `allowed` changes it: set back after
+
+    def script(name: str):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    decoding, muon_add = script("sdpa_decoding"), script("muon_add")
+    assert decoding.main(["kernels", "--config", "tiny.yaml", "--device", "cpu"]) == 0
+    kernels = capsys.readouterr().out
+    assert "training call, 8 windows of 32, causal:" in kernels and "in DECODING_KERNELS (generate.py's):" in kernels
+    for cudnn in ("avoided", "allowed"):
+        assert decoding.main(["time", "--cudnn", cudnn, "--config", "tiny.yaml", "--tokens", "4", "--device", "cpu"]) == 0
+        assert re.search(rf"cuDNN {cudnn} in decoding .*first call [\d.]+ s .*then [\d,]+ tokens/s", capsys.readouterr().out)
+    assert muon_add.main(["--config", "tiny.yaml", "--rounds", "2", "--device", "cpu"]) == 0
+    assert re.search(r"over 12 matrices on cpu.* ms .*\(\d+\.\d\dx\)", capsys.readouterr().out)
