@@ -19,6 +19,9 @@ from torch.utils.checkpoint import checkpoint
 from gpt.attention import ATTENTION_IMPLS, CausalAttention, LayerCache, check_fits
 
 IGNORE_INDEX = -100  # a target the loss skips: F.cross_entropy's default ignore_index, written out
+# Where dropout acts, as "LLMs from Scratch" names them (exercise 4.3): the embeddings, the attention
+# weights, the shortcut (residual) connections
+DROPOUT_PLACES = ("emb", "attn", "shortcut")
 
 @dataclass
 class ModelConfig:
@@ -29,7 +32,10 @@ class ModelConfig:
     emb_dim: int = 384
     n_heads: int = 6
     n_layers: int = 6
-    drop_rate: float = 0.1  # embedding, attention-weight and residual dropout
+    drop_rate: float = 0.1  # dropout in each of the three places below that does not set its own
+    drop_rate_emb: float | None = None  # on the embeddings' sum (null: drop_rate)
+    drop_rate_attn: float | None = None  # on the attention weights, the seed's dropout (null: drop_rate)
+    drop_rate_shortcut: float | None = None  # on each sublayer's output, before it joins the residual (null: drop_rate)
     qkv_bias: bool = False
     vocab_pad_multiple: int = 64  # embedding rows rounded up to a multiple of this; 1 = none
 
@@ -45,8 +51,20 @@ class ModelConfig:
             raise ValueError(
                 f"model.emb_dim ({self.emb_dim}) must be divisible by model.n_heads ({self.n_heads})"
             )
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ValueError(f"model.drop_rate must be in [0, 1), got {self.drop_rate}")
+        for name in ("drop_rate", *(f"drop_rate_{place}" for place in DROPOUT_PLACES)):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"model.{name} must be in [0, 1){'' if name == 'drop_rate' else ' or null'}, got {value}")
+
+    def dropout(self, place: str) -> float:
+        """The dropout rate at `place` (emb, attn or shortcut): its own, else `drop_rate`."""
+        rate = getattr(self, f"drop_rate_{place}")
+        return self.drop_rate if rate is None else rate
+
+    def dropout_settings(self) -> dict[str, float]:
+        """The keys that set the dropout as it is: `{drop_rate: p}` where the three places agree, else each place's."""
+        rates = {f"drop_rate_{place}": self.dropout(place) for place in DROPOUT_PLACES}
+        return {"drop_rate": self.drop_rate} if set(rates.values()) == {self.drop_rate} else rates
 
 
 class FeedForward(nn.Module):
@@ -72,14 +90,14 @@ class TransformerBlock(nn.Module):
             d_in=cfg.emb_dim,
             d_out=cfg.emb_dim,
             context_length=cfg.context_length,
-            dropout=cfg.drop_rate,
+            dropout=cfg.dropout("attn"),
             qkv_bias=cfg.qkv_bias,
             num_heads=cfg.n_heads,
             out_proj=True,  # as GPT-2, whatever n_heads is
         )
         self.norm2 = nn.LayerNorm(cfg.emb_dim)
         self.ff = FeedForward(cfg)
-        self.drop_resid = nn.Dropout(cfg.drop_rate)
+        self.drop_resid = nn.Dropout(cfg.dropout("shortcut"))
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
                 apart: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,7 +157,7 @@ class GPTModel(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.emb_dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
-        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.drop_emb = nn.Dropout(cfg.dropout("emb"))
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.emb_dim)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.padded_vocab_size, bias=False)

@@ -28,6 +28,21 @@ def test_pretraining_runs_without_dropout_and_fine_tuning_keeps_it():
     assert load_config("finetune-shakespeare.yaml").model.drop_rate > 0
 
 
+def test_a_checkpoint_written_with_drop_rate_alone_keeps_its_meaning():
+    """Written before the three places had their own keys: its drop_rate still sets all three."""
+    old = asdict(load_config("tiny.yaml"))
+    old["model"] = {k: v for k, v in old["model"].items() if not k.startswith("drop_rate_")} | {"drop_rate": 0.2}
+    model = config_from_dict(old).model
+    assert [model.dropout(place) for place in ("emb", "attn", "shortcut")] == [0.2, 0.2, 0.2]
+
+
+def test_the_quick_start_trains_with_the_seed_s_dropout_on_the_attention_weights():
+    small = load_config("small.yaml").model
+    assert small.dropout("attn") == 0.1 and small.dropout("emb") == small.dropout("shortcut") == 0.0
+    overridden = load_config("small.yaml", ["--model.drop_rate_attn=null", "--model.drop_rate=0.2"]).model
+    assert [overridden.dropout(place) for place in ("emb", "attn", "shortcut")] == [0.2, 0.2, 0.2]
+
+
 def test_name_is_looked_up_in_configs():
     assert load_config("tiny.yaml").train.out_dir == "runs/tiny"
 

@@ -73,6 +73,29 @@ def test_dropout_on_in_train_off_in_eval(tiny_cfg):
     assert torch.equal(model(idx), model(idx))
 
 
+def test_each_place_of_dropout_has_its_own_rate_and_drop_rate_sets_the_rest(tiny_cfg):
+    """LLMs from Scratch's exercise 4.3: the embeddings, the attention weights and the shortcut connections."""
+    cfg = ModelConfig(**{**tiny_cfg.__dict__, "drop_rate": 0.0, "drop_rate_attn": 0.1})
+    model = GPTModel(cfg)
+    assert model.drop_emb.p == 0.0
+    assert all(block.att.dropout.p == 0.1 and block.drop_resid.p == 0.0 for block in model.trf_blocks)
+    alone = GPTModel(ModelConfig(**{**tiny_cfg.__dict__, "drop_rate": 0.2}))  # as configs and checkpoints before
+    assert alone.drop_emb.p == 0.2 and all(b.att.dropout.p == b.drop_resid.p == 0.2 for b in alone.trf_blocks)
+    assert cfg.dropout_settings() == {"drop_rate_emb": 0.0, "drop_rate_attn": 0.1, "drop_rate_shortcut": 0.0}
+    assert alone.cfg.dropout_settings() == {"drop_rate": 0.2}
+    with pytest.raises(ValueError, match="model.drop_rate_shortcut must be in .0, 1. or null, got 1.5"):
+        ModelConfig(drop_rate_shortcut=1.5)
+
+
+def test_attention_weight_dropout_alone_changes_training_s_outputs_only(tiny_cfg):
+    """Only the attention weights dropped: outputs differ between two training passes, and agree in eval."""
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(**{**tiny_cfg.__dict__, "drop_rate": 0.0, "drop_rate_attn": 0.3}))
+    idx = torch.randint(0, tiny_cfg.vocab_size, (2, 8))
+    assert not torch.allclose(model.train()(idx), model(idx))
+    assert torch.equal(model.eval()(idx), model(idx))
+
+
 def test_weight_tying_and_parameter_count(tiny_model, tiny_cfg):
     assert tiny_model.out_head.weight is tiny_model.tok_emb.weight
     d, n, c = tiny_cfg.emb_dim, tiny_cfg.n_layers, tiny_cfg.context_length

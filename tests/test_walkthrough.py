@@ -334,9 +334,13 @@ def test_the_config_table_names_each_sections_fields_and_small_yamls_values(smal
         assert named and named <= fields, f"{section_name}: {sorted(named - fields)} are not fields"
         sets[section_name] = small_sets
     model, data, train, sample = cfg.model, cfg.data, cfg.train, cfg.sample
-    found = claim(r"T (\d+), C (\d+), (\d+) heads, (\d+) layers, no dropout", sets["model"]).groups()
-    assert tuple(map(number, found)) == (model.context_length, model.emb_dim, model.n_heads, model.n_layers)
-    assert model.drop_rate == 0
+    found = claim(r"T (\d+), C (\d+), (\d+) heads, (\d+) layers, dropout ([\d.]+) on the attention weights only",
+                  sets["model"]).groups()
+    assert tuple(map(number, found)) == (model.context_length, model.emb_dim, model.n_heads, model.n_layers,
+                                         model.dropout("attn"))
+    assert model.dropout("emb") == model.dropout("shortcut") == 0
+    attn = claim(r"\(`drop_rate_attn` ([\d.]+) here: a tenth zeroed", section("4. Ids to logits")).group(1)
+    assert number(attn) == model.dropout("attn") == 0.1
     assert number(claim(r"B (\d+)", sets["data"]).group(1)) == data.batch_size
     steps, optimizer, peak, low, every = claim(r"(\d+) steps, (\w+), AdamW's rate ([\de.-]+) to ([\de.-]+), "
                                                r"evaluation every (\d+) steps", sets["train"]).groups()

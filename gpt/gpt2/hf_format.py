@@ -157,7 +157,7 @@ def to_hf_config(cfg: ModelConfig) -> dict:
         "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_embd": cfg.emb_dim,
         "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": None,
         "activation_function": "gelu_new", "layer_norm_epsilon": LAYER_NORM_EPS,
-        "resid_pdrop": cfg.drop_rate, "embd_pdrop": cfg.drop_rate, "attn_pdrop": cfg.drop_rate,
+        "resid_pdrop": cfg.dropout("shortcut"), "embd_pdrop": cfg.dropout("emb"), "attn_pdrop": cfg.dropout("attn"),
         "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True,
         "use_cache": True,
     }
