@@ -24,10 +24,10 @@ class CompiledOrEager(nn.Module):
     torch.compile compiles lazily, at the first call, so that is where a missing compiler or an
     unsupported platform shows; in a mode with CUDA graphs (`reduce-overhead`) the graph is recorded
     at a later call (torch warms the compiled code up first), and a graph that cannot be recorded
-    fails there. Those first calls are guarded: a failure is followed by one warning naming `setting` (the option
-    that turns compiling off), and that call and every later one run uncompiled. A failure after
-    them is a real error, and so is running out of memory. `eager` is a module (training's model)
-    or a function (sampling's one-token step).
+    fails there. Those first calls are guarded: a failure is followed by one warning naming
+    `setting` (the option that turns compiling off), and that call and every later one run
+    uncompiled. A failure after them is a real error, and so is running out of memory. `eager` is a
+    module (training's model) or a function (sampling's one-token step).
     """
 
     def __init__(self, eager: Callable, setting: str = "train.compile", **options):

@@ -66,6 +66,13 @@ class ModelConfig:
         rates = {f"drop_rate_{place}": self.dropout(place) for place in DROPOUT_PLACES}
         return {"drop_rate": self.drop_rate} if set(rates.values()) == {self.drop_rate} else rates
 
+    def dropout_text(self) -> str:
+        """The dropout as printed: `0.1`, or each place's where they differ (`emb 0.0, attn 0.1, shortcut 0.0`)."""
+        settings = self.dropout_settings()
+        if "drop_rate" in settings:
+            return str(self.drop_rate)
+        return ", ".join(f"{key.removeprefix('drop_rate_')} {rate}" for key, rate in settings.items())
+
 
 class FeedForward(nn.Module):
     """Position-wise MLP: widen 4x, GELU (tanh approximation, as GPT-2), project back."""

@@ -166,6 +166,7 @@ install() {
     [[ -n "$outer" ]] && echo "$outer" > "$inner/outer-site-packages.pth"
     # shellcheck disable=SC1091
     . .venv-gpu/bin/activate
+    [[ -n "${VENV_CHOSEN:-}" ]] && echo 1 > "$VENV_CHOSEN"  # the stages after this one run in it
     local requirements=(-r requirements-dev.txt)
     if [[ "$missing" != *torch* ]]; then  # keep the CUDA torch there is: install the rest
         requirements=(-r <(grep -hv -e '^\s*#' -e '^\s*$' -e '^-r' -e '^torch' requirements.txt requirements-dev.txt))
@@ -177,8 +178,11 @@ install() {
     fi
 }
 if ((SPEED_ONLY)); then INSTALL_LIMIT=20; else INSTALL_LIMIT=240; fi  # --speed: a box that has what it needs
+VENV_CHOSEN=$(mktemp)  # the install step writes 1 here where it made (or reused) .venv-gpu
+export VENV_CHOSEN
 stage "install (what is missing, if anything)" "$INSTALL_LIMIT" bash -c "$(declare -f missing_packages install); install"
 if ((LAST_CODE != 0)) && ! ((PLAN)); then
+    rm -f "$VENV_CHOSEN"
     grep '^error:' "$REPORT" | tail -1
     { echo; echo "=== summary (${SECONDS}s in all)"; printf '%s\n' "${SUMMARY[@]}"; } >> "$REPORT"
     echo "report: $REPORT (${SECONDS}s)"
@@ -186,7 +190,8 @@ if ((LAST_CODE != 0)) && ! ((PLAN)); then
 fi
 # The venv, where the install step needed one (not one left by an earlier run on a python3 that has it all).
 # shellcheck disable=SC1091
-((PLAN)) || { [[ -n "$(missing_packages)" && -f .venv-gpu/bin/activate ]] && . .venv-gpu/bin/activate; }
+[[ -s "$VENV_CHOSEN" ]] && . .venv-gpu/bin/activate
+rm -f "$VENV_CHOSEN"
 python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null && HAVE_GPU=1
 stage "versions" 10 python3 -c 'import sys, torch
 print(f"python {sys.version.split()[0]} ({sys.executable}), torch {torch.__version__}, CUDA {torch.version.cuda}, "

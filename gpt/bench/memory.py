@@ -141,7 +141,7 @@ def report(cfg: Config, device: torch.device, steps: int, compare: str, results:
             if adapters else "")
     print(f"peak memory over {steps} training step{'s' if steps > 1 else ''}, each setting in a fresh process: "
           f"{device}, "
-          f"{m.n_layers} layers, {m.emb_dim} wide, context {m.context_length}, dropout {m.dropout_settings()}, "
+          f"{m.n_layers} layers, {m.emb_dim} wide, context {m.context_length}, dropout {m.dropout_text()}, "
           f"batch {cfg.data.batch_size} x {cfg.train.grad_accum_steps} accumulation, dtype {cfg.train.dtype}, "
           f"compile {cfg.train.compile}, optimizer {cfg.train.optimizer}{lora}; {results[first]['kind']}")
     print(f"{compare:<26} {'peak':>10} {'before training':>16} {'training':>10} {'trainable':>12} {'step':>9}")

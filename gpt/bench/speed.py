@@ -353,14 +353,12 @@ def bench_optimizer_steps(cfg: Config, device: torch.device, step_seconds: float
 def matched_settings(cfg: Config, config_name: str | None) -> str:
     """The settings a comparison with another trainer must match, and the command that repeats them."""
     m, t = cfg.model, cfg.train
-    dropout = {f"model.{key}": rate for key, rate in m.dropout_settings().items()}
     settings = {"data.batch_size": cfg.data.batch_size, "train.grad_accum_steps": t.grad_accum_steps,
-                **dropout, "train.grad_clip": t.grad_clip, "train.optimizer": t.optimizer,
+                **{f"model.{key}": rate for key, rate in m.dropout_settings().items()},
+                "train.grad_clip": t.grad_clip, "train.optimizer": t.optimizer,
                 "train.dtype": t.dtype, "train.compile": str(t.compile).lower()}
-    dropout_text = ", ".join(f"{key.removeprefix('model.drop_rate_')} {rate}" if key != "model.drop_rate" else str(rate)
-                             for key, rate in dropout.items())
     return (f"settings (the default row): micro-batch {cfg.data.batch_size} x {m.context_length} tokens, "
-            f"{t.grad_accum_steps} accumulation step(s), dropout {dropout_text}, grad clip "
+            f"{t.grad_accum_steps} accumulation step(s), dropout {m.dropout_text()}, grad clip "
             f"{t.grad_clip or 'off'}, optimizer {t.optimizer}, dtype {t.dtype}, compile {t.compile}\n"
             f"  to repeat: python -m gpt bench --config {config_name or '<defaults>'} "
             + " ".join(f"--{key}={value}" for key, value in settings.items()))
