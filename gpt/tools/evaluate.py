@@ -227,7 +227,7 @@ def chat_figures(path: Path, device: torch.device, overrides: Sequence[str] = ()
     for name, (m, _) in models.items():
         loss[name] = score(compile_model(m, config.train.compile, device), eval_loader(windows, data.batch_size, None),
                            device, precision)
-        answers[name] = ask(m, asked, max_new_tokens, device)
+        answers[name] = ask(m, asked, max_new_tokens)
         likelihood[name] = rank_choices(m, tasks, scoring, name)
     with_choices = [r for r in records if "choices" in r]
     return ChatFigures(data.val_corpus or data.corpus, windows.conversations, precision.dtype, context, max_new_tokens,
