@@ -284,7 +284,7 @@ def test_val_records_keep_their_choices_and_older_prepared_files_are_prepared_ag
     assert "preparing again" not in capsys.readouterr().out
 
 
-def test_a_padded_last_batch_of_conversations_leaves_the_reply_loss_as_it_is(tmp_path):
+def test_a_padded_last_batch_of_conversations_leaves_the_reply_loss_as_it_is(tmp_path, monkeypatch):
     records = [{"messages": [{"role": "user", "content": f"Count to {n}"},
                              {"role": "assistant", "content": " ".join(map(str, range(1, n + 1)))}]} for n in range(1, 9)]
     prepared = prepare_chat(DataConfig(format="chat", corpus=str(write_jsonl(tmp_path / "chat.jsonl", records)),
@@ -302,6 +302,24 @@ def test_a_padded_last_batch_of_conversations_leaves_the_reply_loss_as_it_is(tmp
     assert (scored.windows, scored.tokens) == (7, int((y != IGNORE_INDEX).sum()))  # padding rows: no window, no target
     assert scored.loss == pytest.approx(nats.item() / scored.tokens, rel=1e-6)  # float32 on the CPU
     assert training_evaluate(model, loader, torch.device("cpu")) == pytest.approx(scored.loss, rel=1e-6)
+    # the chat evaluation's: the head only where a target counts, the same sums; packed windows too
+    for pack in (False, True):
+        loader = eval_loader(ChatWindows(prepared, "train", 24, pack), 3, None)
+        whole, replies = (evaluate.score(model, loader, torch.device("cpu")),
+                          evaluate.score_replies(model, loader, torch.device("cpu")))
+        assert (replies.windows, replies.tokens) == (whole.windows, whole.tokens) == (len(loader.dataset), scored.tokens)
+        assert replies.loss == pytest.approx(whole.loss, rel=1e-6)
+    assert len(loader.dataset) < 7 and not model.training  # packed: fewer windows
+    # compiled where training compiles (Dynamo's tracing alone here): one graph for every batch, no break
+    from torch._dynamo.utils import counters
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = evaluate.score_replies(model, loader, torch.device("cpu"), compile=True)
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2 and not counters["graph_break"]
+    torch._dynamo.reset()
+    assert compiled.tokens == replies.tokens and compiled.loss == pytest.approx(replies.loss, rel=1e-6)
 
 
 def test_greedy_replies_asked_as_one_batch_are_those_asked_one_at_a_time():

@@ -1,8 +1,8 @@
 """What `python -m gpt evaluate --checkpoint RUN` measures on a chat run, for it and for its base.
 
 - loss on replies: the mean next-token loss over the held-out conversations' assistant tokens
-  (each reply's text and its `<|end|>`), every conversation of the val split, one per window
-  (`gpt.tools.evaluate.score` over `gpt.chat.data.ChatWindows`);
+  (each reply's text and its `<|end|>`), every conversation of the val split, in the windows
+  training evaluates on (`gpt.tools.evaluate.score_replies` over `gpt.chat.data.ChatWindows`);
 - accuracy: the held-out questions that have one right answer (a record's `answer`; in
   `shakespeare-chat`, the play of a speech and its speaker), asked with the chat template and
   answered greedily, every conversation in one batch (`ask`: the replies `chat.py` gives one at a
