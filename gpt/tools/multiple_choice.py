@@ -27,10 +27,11 @@ length), which each ending's row then continues, so a chat question's 7 to 38 ca
 cost one pass over the conversation and a few tokens each. A context too long for the model loses
 its first tokens, and endings of different lengths keep different crops of it: those share only
 with the endings that keep the same crop, so every ending is scored after exactly its own row's
-context. A batch holds as many whole groups, longest contexts first, as fit the token budget of an
-eval batch (`data.batch_size` x `context_length`: the contexts right-padded to the longest, the
-endings to theirs). The output head runs only where an ending's token is predicted, once per
-distinct (context, ending start), over the real vocabulary (`ending_nats`, `log_probs`). With
+context. The output head runs only where an ending's token is predicted, once per distinct
+(context, ending start), over the real vocabulary (`ending_nats`, `log_probs`). A batch holds as
+many whole groups, longest contexts first (right-padded to the longest, their endings to theirs),
+as keep the head's positions within the token budget of an eval batch (`data.batch_size` x
+`context_length`: no more logits than that batch's) and the cache within as many numbers. With
 several processes each scores every world_size-th item and the counts are summed.
 """
 
@@ -259,25 +260,29 @@ def shared_contexts(rows: list[list[tuple[list[int], int]]]) -> list[Shared]:
     return groups
 
 
+def predictions(group: Shared) -> int:
+    """The positions the head runs at for a group: once per distinct start of its endings (`padded_batch`)."""
+    return len({tuple(ending[:j]) for ending in group.endings for j in range(len(ending))})
+
+
 def batches_of(groups: list[Shared], budget: int, context_length: int, max_rows: int) -> list[list[int]]:
-    """The groups (indices into `groups`) of each batch, longest contexts first: as many whole groups as
-    fit `budget` tokens run (the contexts padded to the longest, then the endings' rows padded to the
-    longest, as `padded_batch` makes them) and `max_rows` rows of cache, while every row's padded
-    ending stays within the context."""
+    """The groups (indices into `groups`) of each batch, longest contexts first: as many whole groups as keep
+    the head's positions within `budget` (an eval batch's tokens: its logits are no more than that batch's)
+    and the KV cache within `max_rows` rows (contexts and endings), while every row's padded ending stays
+    within the context."""
     def lengths(g: int) -> tuple[int, int]:  # its context's length, its longest ending's but the last token
         return len(groups[g].context), max(map(len, groups[g].endings)) - 1
     batches, current = [], []
-    contexts = rows = width = room = 0  # the batch's groups' longest context, rows, widest ending, least room
+    positions = rows = width = room = 0  # the batch's head positions, cache rows, widest ending, least room
     for g in sorted(range(len(groups)), key=lengths, reverse=True):
         length, wide = lengths(g)
-        count = len(groups[g].endings)
-        grown = (max(contexts, length), rows + count, max(width, wide), min(room, context_length - length))
-        tokens = (len(current) + 1) * grown[0] + grown[1] * grown[2]
-        if current and (tokens > budget or len(current) + 1 + grown[1] > max_rows or grown[2] > grown[3]):
+        grown = (positions + predictions(groups[g]), rows + 1 + len(groups[g].endings), max(width, wide),
+                 min(room, context_length - length))
+        if current and (grown[0] > budget or grown[1] > max_rows or grown[2] > grown[3]):
             batches.append(current)
-            current, grown = [], (length, count, wide, context_length - length)
+            current, grown = [], (predictions(groups[g]), 1 + len(groups[g].endings), wide, context_length - length)
         current.append(g)
-        contexts, rows, width, room = grown
+        positions, rows, width, room = grown
     return batches + [current] if current else batches
 
 
