@@ -20,6 +20,7 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -232,6 +233,16 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, eos_id: i
     return torch.cat([idx, torch.stack(new, dim=1).to(idx.device)], dim=1)
 
 
+def vocab_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """(..., emb_dim) hidden states -> (..., vocab_size) logits: `model.logits` over the real vocabulary only.
+
+    The padding ids' logits are -inf, which a softmax gives nothing and an argmax never picks:
+    leaving their rows out of the head gives the same softmax and the same argmax without the copy
+    of their bias into every row that `F.linear` makes before its matmul (a sixth of the time of a
+    batch's decoding step on small.yaml's model, measured)."""
+    return F.linear(model.final_norm(hidden), model.out_head.weight[:model.cfg.vocab_size])
+
+
 class RowCache:
     """A KV cache of one sequence a row, each row at its own length: prompts of different lengths as one batch.
 
@@ -310,7 +321,7 @@ def generate_rows(model: nn.Module, prompts: list[list[int]], limits: list[int],
     cache = RowCache.empty(model, len(prompts))
     with sdpa_kernel(DECODING_KERNELS):
         hidden = model.hidden_states(idx.to(device), cache)  # (B, width, emb_dim)
-        logits = model.logits(hidden[torch.arange(len(prompts), device=device), lengths - 1])  # (B, V)
+        logits = vocab_logits(model, hidden[torch.arange(len(prompts), device=device), lengths - 1])  # (B, V)
     cache.advance(lengths)
     while True:
         next_ids = draw(logits, cfg, generator)  # (live,)
@@ -325,7 +336,7 @@ def generate_rows(model: nn.Module, prompts: list[list[int]], limits: list[int],
             kept = torch.tensor(going, device=device)
             cache, next_ids, live = cache.select(kept), next_ids[kept], [live[place] for place in going]
         with sdpa_kernel(DECODING_KERNELS):
-            logits = model(next_ids[:, None], cache)[:, -1]  # (live, V)
+            logits = vocab_logits(model, model.hidden_states(next_ids[:, None], cache)[:, -1])  # (live, V)
         cache.advance(1)
 
 

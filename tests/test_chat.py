@@ -332,7 +332,9 @@ def test_greedy_replies_asked_as_one_batch_are_those_asked_one_at_a_time():
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.normal_(0.0, 0.3)
-        model.logit_bias[END_ID], model.logit_bias[EOT_ID] = 6.5, 5.0
+        direction = model.final_norm.bias.normal_(0.0, 1.0)  # every position's logits move along it
+        model.tok_emb.weight[END_ID] += 0.3 * direction  # the tied head's rows: <|end|> and <|endoftext|> likelier
+        model.tok_emb.weight[EOT_ID] += 0.42 * direction
     say = [[{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]
            for w in ("yes", "no", "maybe so", "café", "the king is dead")]
     long = [{"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "x"}]  # cropped to fit
@@ -345,7 +347,7 @@ def test_greedy_replies_asked_as_one_batch_are_those_asked_one_at_a_time():
             alone.append(reply(model, before_last_reply(messages), greedy, torch.device("cpu")))
         except UserError:
             alone.append(None)
-    assert alone[3] is None and {len(r[2]) for r in alone if r} >= {0, 12} and any(r[1] for r in alone if r)
+    assert alone[3] is None and {len(r[2]) for r in alone if r} >= {0, 3, 12} and sum(r[1] for r in alone if r) >= 3
     # each checkable record's answer is the reply given alone, but one's: all right but that one, if the texts agree
     records = [{"messages": m, "task": "t", "answer": r[0] if r and k != 1 else "not it"} if k % 3 != 2
                else {"messages": m} for k, (m, r) in enumerate(zip(conversations, alone))]

@@ -60,7 +60,7 @@ from gpt.distributed import SINGLE, Distributed
 from gpt.errors import UserError
 from gpt.model import IGNORE_INDEX
 from gpt.precision import Precision
-from gpt.sampling import RowCache
+from gpt.sampling import RowCache, vocab_logits
 from gpt.tokenizer import get_tokenizer
 from gpt.tools.next_words import NEXT_WORDS, next_words_task
 from gpt.training import compile_model
@@ -363,14 +363,11 @@ def ending_nats(model: nn.Module, contexts: torch.Tensor, lengths: torch.Tensor,
 
 def log_probs(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """(U, emb_dim) hidden states -> (U, vocab_size) log-probabilities of the next token, in float32 (as
-    F.cross_entropy takes them under autocast): `model.logits` over the real vocabulary only.
+    F.cross_entropy takes them under autocast), over the real vocabulary (`gpt.sampling.vocab_logits`).
 
-    The padding ids' logits are -inf, which a softmax gives nothing: leaving their rows out of the head
-    gives the same log-probabilities without the (U, V) copy of their bias that `F.linear` makes before
-    the matmul. F.cross_entropy's math (log_softmax, then the target's), computed once for the targets
-    that share a position: one fused pass, where logsumexp's four took 2.6x the time (measured)."""
-    weight = model.out_head.weight[:model.cfg.vocab_size]  # (vocab_size, emb_dim), a view
-    return F.linear(model.final_norm(hidden), weight).float().log_softmax(-1)
+    F.cross_entropy's math (log_softmax, then the target's), computed once for the targets that share
+    a position: one fused pass, where logsumexp's four took 2.6x the time (measured)."""
+    return vocab_logits(model, hidden).float().log_softmax(-1)
 
 
 @dataclass
