@@ -19,7 +19,7 @@ SCRIPTS = [
 
 # name: (module with `main(argv)`, its arguments, what it does, its guide).
 COMMANDS = {
-    "prepare": ("gpt.corpus.prepare", "--config X", "tokenise a config's corpus ahead of training, on every core",
+    "prepare": ("gpt.tools.prepare", "--config X", "tokenise a config's corpus ahead of training, on every core",
                 "docs/data.md"),
     "evaluate": ("gpt.tools.evaluate", "--checkpoint RUN",
                  "loss and bits per byte over a whole split; --task: HellaSwag, multiple choice",

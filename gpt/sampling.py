@@ -10,8 +10,6 @@ in `DECODING_KERNELS`, which leave out cuDNN's. `(B, T)` prompts give `B` contin
 its own.
 """
 
-import argparse
-import dataclasses
 import functools
 import sys
 from collections.abc import Callable, Iterator
@@ -21,7 +19,6 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gpt.compiled import CompiledOrEager
 from gpt.errors import UserError
 from gpt.tokenizer import EOT_ID, TextStream, get_tokenizer
 
@@ -144,6 +141,7 @@ def compiled_decode_step(device_type: str) -> Callable:
     graph and replayed with one launch. fullgraph: a graph break would fall back silently. If
     compiling fails, one warning and the plain step (`CompiledOrEager`).
     """
+    from gpt.compiled import CompiledOrEager  # torch.compile's machinery: only where decoding compiles
     mode = "reduce-overhead" if device_type == "cuda" else "default"
     compiled = CompiledOrEager(decode_step, "sample.compile", mode=mode, fullgraph=True)
 
@@ -285,39 +283,3 @@ def _write_now(text: str) -> None:
     sys.stdout.flush()
 
 
-def add_sample_options(parser: argparse.ArgumentParser, chat: bool = False) -> None:
-    """The sampling options of generate.py (and chat.py, which has no --num-samples or --stop-at-eot:
-    a reply is one, and ends at its end-of-turn token). Defaults: the run's `sample` section."""
-    parser.add_argument("--max-new-tokens", type=int, help="tokens to generate per sample")
-    parser.add_argument("--temperature", type=float, help="0 is greedy; higher is more random")
-    parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0: all)")
-    parser.add_argument("--top-p", type=float, help="sample among the most likely tokens holding "
-                        "this probability (1: all)")
-    parser.add_argument("--seed", type=int, help="random seed; the same seed gives the same text")
-    if not chat:
-        parser.add_argument("--num-samples", type=int, help="independent continuations, sampled as a batch")
-        parser.add_argument("--stop-at-eot", action=argparse.BooleanOptionalAction,
-                            help="end a sample at <|endoftext|>")
-    parser.add_argument("--kv-cache", action=argparse.BooleanOptionalAction,
-                        help="reuse earlier tokens' keys and values (faster; same tokens)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                        help="compile the one-token step (CUDA graphs on CUDA); the first token waits for "
-                        "the compile (default: where it pays, docs/generating.md)")
-
-
-def sample_config(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:
-    """The run's sample settings with the options given on the command line applied."""
-    given = {
-        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-        "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
-        "num_samples": getattr(args, "num_samples", None), "stop_at_eot": getattr(args, "stop_at_eot", None),
-        "kv_cache": args.kv_cache, "compile": getattr(args, "compile", None),
-    }
-    changes = {k: v for k, v in given.items() if v is not None}
-    if changes.get("top_k") == 0:
-        changes["top_k"] = None  # 0 means no top-k filter
-    try:
-        return dataclasses.replace(base, **changes)
-    except ValueError as e:
-        option = str(e).split()[0].replace("sample.", "--").replace("_", "-")
-        raise UserError(f"{option}: {e}") from None

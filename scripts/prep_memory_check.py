@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gpt.data import default_num_proc  # noqa: E402
+from gpt.corpus.writing import default_num_proc  # noqa: E402
 from gpt.bench.prep import run_child, write_corpus  # noqa: E402
 
 

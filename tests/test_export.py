@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import train
+from gpt.checkpoint import build_model, resolve_model_config
 from gpt.gpt2 import export
 from gpt.gpt2.hf_format import from_hf_state_dict, to_hf_state_dict
 from gpt.model import GPTModel, ModelConfig
-from gpt.gpt2.pretrained import build_model, resolve_model_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,7 +57,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_a_trained_run_round_trips(tiny_run, tmp_path, capsys):
-    from gpt.gpt2.pretrained import load_model
+    from gpt.checkpoint import load_model
     out = tmp_path / "hf"
     assert export.main([str(tiny_run), str(out)]) == 0
     assert f"to {out}" in capsys.readouterr().out
@@ -76,7 +76,7 @@ def test_a_trained_run_round_trips(tiny_run, tmp_path, capsys):
 @pytest.mark.slow
 def test_a_lora_run_exports_with_its_adapters_merged(tiny_run, tmp_path):
     """A LoRA run's checkpoint holds adapters only; its export is a whole GPT-2: the base with them merged."""
-    from gpt.gpt2.pretrained import load_model
+    from gpt.checkpoint import load_model
     from gpt.lora import is_adapted
     lora = tmp_path / "lora"
     assert train.main(["--config", "tiny.yaml", f"--train.init_from={tiny_run}", f"--train.out_dir={lora}",

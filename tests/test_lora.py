@@ -13,11 +13,10 @@ from torch.nn.utils import parametrize
 import chat
 import generate
 import train
-from gpt.checkpoint import load_checkpoint
-from gpt.config import TrainConfig, load_config
+from gpt.checkpoint import load_checkpoint, load_model
+from gpt.config import LoRAConfig, TrainConfig, load_config
 from gpt.errors import UserError
-from gpt.gpt2.pretrained import load_model
-from gpt.lora import LORA_BASE, LoRAConfig, LoRALinear, add_adapters, fingerprint, is_adapted, merge
+from gpt.lora import LORA_BASE, LoRALinear, add_adapters, fingerprint, is_adapted, merge
 from gpt.model import GPTModel, ModelConfig
 from gpt.optim import build_optimizer
 

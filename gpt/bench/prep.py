@@ -22,8 +22,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from gpt.corpus.sources import import_pyarrow, shakespeare_documents
-from gpt.data import default_num_proc
+from gpt.corpus.plays import shakespeare_documents
+from gpt.corpus.sources import import_pyarrow
+from gpt.corpus.writing import default_num_proc
 from gpt.errors import ArgumentParser, UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]  # the clone: gpt/bench/prep.py -> .
@@ -32,7 +33,8 @@ RECORD_CHARS = 4000  # JSONL and Parquet records of about this many characters
 CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
-from gpt.data import DataConfig, prepare
+from gpt.config import DataConfig
+from gpt.corpus.prepare import prepare
 from gpt.bench.memory import resident_peak  # VmHWM: this program's own peak
 from gpt.tokenizer import get_tokenizer
 

@@ -32,9 +32,11 @@ import torch
 from torch.utils.data import Dataset
 
 from gpt.chat.template import TEMPLATE, conversation_from_record, render, spells_marker
-from gpt.data import DataConfig, open_corpus, preparing, publish, reusable
-from gpt.corpus.downloads import DATA_DIR
-from gpt.distributed import SINGLE, Distributed
+from gpt.config import DataConfig
+from gpt.corpus.prepare import open_corpus, reusable
+from gpt.corpus.writing import preparing, publish
+from gpt.distributed import Distributed, SINGLE
+from gpt.downloads import DATA_DIR
 from gpt.errors import UserError
 from gpt.model import IGNORE_INDEX
 from gpt.tokenizer import EOT_ID

@@ -17,10 +17,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from gpt.checkpoint import checkpoint_path, load_checkpoint
+from gpt.checkpoint import checkpoint_path, load_checkpoint, load_model
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.gpt2.hf_format import to_hf_config, to_hf_state_dict
-from gpt.gpt2.pretrained import load_model
 from gpt.model import GPTModel
 from gpt.tokenizer import EOT_ID, EOT_TOKEN, bpe_files
 

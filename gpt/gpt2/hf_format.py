@@ -28,7 +28,6 @@ BLOCK_NORMS = {"norm1": "ln_1", "norm2": "ln_2"}
 GPT2_HEADS = {768: 12, 1024: 16, 1280: 20, 1600: 25}  # n_embd -> n_head of the released sizes
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # both are the tanh approximation nn.GELU uses
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, what GPTModel uses
-ARCHITECTURE_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias")
 
 
 def normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -48,14 +48,16 @@ from torch import nn
 from tqdm import tqdm
 
 from gpt.chat.template import END_ID, encode_content, render_prompt
-from gpt.corpus.downloads import DATA_DIR
-from gpt.distributed import SINGLE, Distributed
+from gpt.compiled import compile_model
+from gpt.config import TrainConfig
+from gpt.distributed import Distributed, SINGLE
+from gpt.downloads import DATA_DIR
 from gpt.errors import UserError
+from gpt.metrics import Figures
 from gpt.model import IGNORE_INDEX
 from gpt.precision import Precision
 from gpt.tokenizer import get_tokenizer
 from gpt.tools.next_words import NEXT_WORDS, next_words_task
-from gpt.training import compile_model
 
 TASK_DIR = DATA_DIR / "tasks"
 HELLASWAG = "hellaswag"
@@ -413,8 +415,39 @@ class TaskScorer:
     def columns(self) -> list[str]:
         return [name for task in self.tasks for name in TaskScore(task.name).metrics()]
 
-    def __call__(self, model: nn.Module, precision: Precision) -> list[TaskScore]:
-        """Each task's score for `model` (the plain module: not DDP's), in training's precision."""
+    @property
+    def references(self) -> dict[str, tuple[float, str]]:
+        return reference_lines([task.name for task in self.tasks])
+
+    def __call__(self, model: nn.Module, precision: Precision) -> Figures:
+        """Each task's figures for `model` (the plain module: not DDP's), in training's precision: its
+        metrics, and its acc_norm and time for the evaluation's line."""
         self.scoring.precision = precision
-        return [score_task(model, task, self.scoring, self.dist, rows=rows)
-                for task, rows in zip(self.tasks, self.rows)]
+        scores = [score_task(model, task, self.scoring, self.dist, rows=rows)
+                  for task, rows in zip(self.tasks, self.rows)]
+        return Figures({name: value for score in scores for name, value in score.metrics().items()},
+                       "".join(f", {score.name} acc_norm {score.acc_norm:.4f} ({score.seconds:.1f} s)"
+                               for score in scores))
+
+
+def reference_lines(tasks: list[str]) -> dict[str, tuple[float, str]]:
+    """The lines a plot of these tasks' acc_norm draws beside them (`gpt.metrics.draw_tasks`): label ->
+    (value, line style): GPT-2 124M's HellaSwag score, and chance for the tasks of 4 endings."""
+    lines = {}
+    if HELLASWAG in tasks:
+        lines[f"GPT-2 124M on {HELLASWAG} ({GPT2_HELLASWAG['gpt2']})"] = (GPT2_HELLASWAG["gpt2"], "--")
+    if set(tasks) & {HELLASWAG, NEXT_WORDS}:  # 4 endings each
+        lines["chance (4 endings)"] = (0.25, ":")
+    return lines
+
+
+def task_evaluation(cfg: TrainConfig, chat: bool, context: int, batch_size: int, device: torch.device,
+                    dist: Distributed = SINGLE) -> TaskScorer:
+    """The evaluation a training run makes of `cfg.eval_tasks` (`gpt.training.evaluations`): each task read
+    (downloaded, made) by rank 0 first, then by the others; a line on each from rank 0."""
+    scoring = Scoring(Prompts.for_model(chat), context, batch_size * context, device, compile=cfg.compile)
+    scorer = dist.in_turn(lambda: TaskScorer(cfg.eval_tasks, cfg.eval_task_items, scoring, dist))
+    if dist.is_main:
+        for task in scorer.tasks:
+            print(f"scoring {task.name} at each evaluation: {len(task.items):,} items of {task.source}")
+    return scorer
