@@ -53,7 +53,7 @@ def token_losses(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                  positions: torch.Tensor | None = None) -> torch.Tensor:
     """(B*T,) next-token losses of one (B, T) batch, 0 where a target is IGNORE_INDEX, computed by the model.
 
-    The one call every evaluation makes (`loss_sums`: `evaluate`, `gpt.tools.evaluate.score`), so that through a
+    The one call every evaluation makes (`loss_sums`: `evaluate`, `score`), so that through a
     compiled model they run one graph, with the loss inside it (no (B, T, V) logits leave it)."""
     return model(inputs, targets=targets, reduction="none", positions=positions)
 

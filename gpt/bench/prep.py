@@ -2,7 +2,7 @@
 
 Writes a corpus of `--megabytes` (Shakespeare's plays, again and again, each copy under its own
 heading) in a temporary folder, as one text file, as JSONL records of ~4 KB (the size of a web
-page in FineWeb) or as Parquet, then prepares it with `gpt.data.prepare` (what train.py runs)
+page in FineWeb) or as Parquet, then prepares it with `gpt.corpus.prepare.prepare` (what train.py runs)
 at each `--num-proc`, in turns, `--rounds` times. Each preparation runs in a child process of
 its own, so the figures are its own: MB/s of text (UTF-8 bytes, whatever the format), and the
 peak resident memory of the process that reads and writes (`VmHWM`) and of its largest

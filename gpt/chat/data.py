@@ -1,6 +1,6 @@
 """Conversations on disk and in batches: what `data.format: chat` trains on.
 
-Preparation (`prepare_chat`, once per corpus, like `gpt.data.prepare`) reads the records of
+Preparation (`prepare_chat`, once per corpus, like `gpt.corpus.prepare.prepare`) reads the records of
 `data.corpus` (`Source.records`: JSONL, Parquet, hf:, or the built-in `shakespeare-chat`),
 checks each one (`gpt.chat.template.conversation_from_record`: a bad one is an error naming its file and
 line or row) and renders it with the chat template into three files per split:

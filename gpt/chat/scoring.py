@@ -2,7 +2,7 @@
 
 - loss on replies: the mean next-token loss over the held-out conversations' assistant tokens
   (each reply's text and its `<|end|>`), every conversation of the val split, one per window
-  (`gpt.tools.evaluate.score` over `gpt.chat.data.ChatWindows`);
+  (`gpt.training.score` over `gpt.chat.data.ChatWindows`);
 - accuracy: the held-out questions that have one right answer (a record's `answer`; in
   `shakespeare-chat`, the play of a speech and its speaker), asked with the chat template and
   answered greedily; a reply is right when it equals the answer (case, spaces and a final

@@ -13,7 +13,7 @@ Design choices:
   with; nothing in the model changes, and the hooks are removed afterwards.
 - Eval mode (dropout off), and the weights before attention dropout: what the model does
   when it samples.
-- The checkpoint is read as generate.py reads it (`gpt.gpt2.pretrained.load_for_sampling`): a run
+- The checkpoint is read as generate.py reads it (`gpt.cli.load_for_sampling`): a run
   folder or checkpoint file, GPT-2's weights or a Hugging Face folder. A prompt longer than the
   context is cropped to its last `context_length` tokens, as generation crops it.
 - matplotlib is optional, as in `gpt.metrics`' plot: `--print` works without it. The figure is drawn on
