@@ -1,5 +1,7 @@
 """Export to Hugging Face's GPT-2 format: transformers loads it with the same logits, and so do we."""
 
+import json
+
 import pytest
 import torch
 
@@ -46,6 +48,22 @@ def test_exported_model_gives_the_same_logits_in_transformers(qkv_bias, tiny_cfg
     assert theirs.config.vocab_size == 101 and theirs.config.n_positions == tiny_cfg.context_length
     idx = torch.randint(0, 101, (2, tiny_cfg.context_length), generator=torch.Generator().manual_seed(1))
     assert max_difference(model, theirs, idx) < 1e-5
+
+
+# What llama.cpp's convert_hf_to_gguf.py reads from a GPT-2 config.json (llama.cpp's conversion/gpt2.py,
+# GPT2Model.set_gguf_parameters, and TextModel: the class by `architectures`, the block count, the
+# vocabulary's size); OpenAI's own GPT-2 config.json has each of them.
+LLAMA_CPP_GPT2_KEYS = ("architectures", "n_ctx", "n_embd", "n_head", "n_layer", "layer_norm_epsilon", "vocab_size")
+
+
+def test_the_config_holds_what_llama_cpps_converter_reads(tiny_cfg, tmp_path):
+    export.export_model(randomised(tiny_cfg), tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text(encoding="utf-8"))
+    assert [key for key in LLAMA_CPP_GPT2_KEYS if key not in config] == []
+    assert config["architectures"] == ["GPT2LMHeadModel"]  # the converter's class for it: GPT2Model
+    assert config["n_ctx"] == config["n_positions"] == tiny_cfg.context_length
+    assert (config["n_embd"], config["n_head"], config["n_layer"]) == (32, 4, 2)
+    assert config["layer_norm_epsilon"] == 1e-5 and config["vocab_size"] == 101
 
 
 @pytest.fixture(scope="module")
