@@ -6,23 +6,13 @@ import pytest
 import torch
 
 import train
+from conftest import randomised
 from gpt.gpt2 import export
 from gpt.gpt2.hf_format import from_hf_state_dict, to_hf_state_dict
 from gpt.model import GPTModel, ModelConfig
 from gpt.gpt2.pretrained import build_model, resolve_model_config
 
 transformers = pytest.importorskip("transformers")
-
-
-def randomised(cfg: ModelConfig) -> GPTModel:
-    """A model with every parameter random (LayerNorms and biases too), padding rows kept zero."""
-    torch.manual_seed(0)
-    model = GPTModel(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.3)
-        model.tok_emb.weight[cfg.vocab_size:] = 0.0
-    return model
 
 
 def max_difference(ours: GPTModel, theirs, idx: torch.Tensor) -> float:
@@ -33,7 +23,7 @@ def max_difference(ours: GPTModel, theirs, idx: torch.Tensor) -> float:
 
 def test_layout_conversion_is_its_own_inverse(tiny_cfg):
     cfg = ModelConfig(**{**tiny_cfg.__dict__, "qkv_bias": True})
-    state = randomised(cfg).state_dict()
+    state = randomised(cfg).eval().state_dict()
     back = from_hf_state_dict(to_hf_state_dict(state, cfg), cfg, "test")
     assert back.keys() == state.keys()
     assert all(torch.equal(back[k], state[k]) for k in state)
@@ -41,7 +31,7 @@ def test_layout_conversion_is_its_own_inverse(tiny_cfg):
 
 @pytest.mark.parametrize("qkv_bias", [False, True])  # without: written as zero biases
 def test_exported_model_gives_the_same_logits_in_transformers(qkv_bias, tiny_cfg, tmp_path):
-    model = randomised(ModelConfig(**{**tiny_cfg.__dict__, "qkv_bias": qkv_bias}))
+    model = randomised(ModelConfig(**{**tiny_cfg.__dict__, "qkv_bias": qkv_bias})).eval()
     files = export.export_model(model, tmp_path / "hf")
     assert sorted(f.name for f in files) == ["config.json", "model.safetensors"]  # 101 tokens: no tokenizer
     theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
