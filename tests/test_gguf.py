@@ -337,3 +337,18 @@ def test_a_lora_run_exports_with_its_adapters_merged(lora_run, text_run, tmp_pat
     assert relative_difference(out, model, ids) < TOLERANCE["f32"]
     assert np.abs(our_logits(base, ids) - our_logits(model, ids)).max() > 1e-2  # the adapters are in it
     assert llama_greedy(out, ids) == our_greedy(model, ids)
+
+
+@pytest.mark.slow
+def test_the_benchmark_script_runs_on_a_tiny_shape(text_run, capsys):
+    """scripts/gguf_bench.py (docs/gpt2.md's sizes and speeds) end to end, on the text run and tiny.yaml's shape."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("gguf_bench", Path(__file__).parent.parent / "scripts" / "gguf_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--run", str(text_run), "--shape", "tiny.yaml", "--new-tokens", "4", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("tokens/s") == 8 and out.count("x generate.py") == 8
+    assert "f32 " in out and " MB" in out and "tiny.yaml's shape, random weights" in out
+    assert [line.split(";")[-1].strip() for line in out.splitlines() if line.strip().startswith("f32:")] == ["4 of 4 tokens"]
