@@ -108,11 +108,9 @@ def bpe_tokens(vocab_size: int, chat_template: dict | None) -> tuple[list[str], 
     """(tokens by id, merges) of GPT-2's BPE, with a chat template's markers after its 50,257 tokens."""
     vocab_bpe, encoder_json = bpe_files()
     encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))  # byte-level token text -> id
-    tokens = sorted(encoder, key=encoder.__getitem__)
-    for marker, token_id in sorted((chat_template or {"tokens": {}})["tokens"].items(), key=lambda t: t[1]):
-        tokens.append(marker)
-        assert len(tokens) == token_id + 1
-    assert len(tokens) == vocab_size and tokens[EOT_ID] == EOT_TOKEN
+    markers = chat_template["tokens"] if chat_template is not None else {}  # marker -> id, from 50257 on
+    tokens = sorted(encoder, key=encoder.__getitem__) + sorted(markers, key=markers.__getitem__)
+    assert len(tokens) == vocab_size and tokens[EOT_ID] == EOT_TOKEN  # as check_exportable ensures
     lines = Path(vocab_bpe).read_text(encoding="utf-8").splitlines()
     merges = [" ".join(line.split()) for line in lines[1:] if line.strip()]  # after the "#version" line
     return tokens, merges
