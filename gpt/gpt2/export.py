@@ -38,17 +38,15 @@ def chat_tokenizer_config(template: dict) -> dict:
     ids follow GPT-2's 50,257, as here) and the template as a Jinja `chat_template`, so
     `tokenizer.apply_chat_template` gives the ids `gpt.chat.template.render_prompt` gives (for content that
     spells no marker: Hugging Face's tokenizer turns such text into the marker, ours keeps it text)."""
+    from gpt.chat.template import jinja_template  # the chat tool, for a chat run only
     tokens = {EOT_TOKEN: EOT_ID, **template["tokens"]}
     end = next(t for t in template["tokens"] if t == "<|end|>")
-    jinja = ("{{ '" + EOT_TOKEN + "' }}{% for message in messages %}{{ '<|' + message['role'] + '|>' + "
-             "message['content'] + '" + end + "' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}"
-             "{% endif %}")
     return {
         "tokenizer_class": "GPT2Tokenizer", "model_max_length": None, "add_prefix_space": False,
         "bos_token": EOT_TOKEN, "eos_token": end, "unk_token": EOT_TOKEN, "pad_token": EOT_TOKEN,
         "added_tokens_decoder": {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
                                           "normalized": False, "single_word": False} for t, i in tokens.items()},
-        "chat_template": jinja, "gpt_chat_template": template,
+        "chat_template": jinja_template(), "gpt_chat_template": template,
     }
 
 

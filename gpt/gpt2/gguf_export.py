@@ -17,7 +17,7 @@ the same way without the round trip through files:
   `gpt2` BPE with GPT-2's pre-tokenizer, `<|endoftext|>` a control token, BOS and EOS, and no BOS added
   in front of a prompt (generate.py adds none). A chat run (`gpt.chat.template`) adds its four markers as
   control tokens, `<|end|>` as the end of a turn, and its template as Jinja in `tokenizer.chat_template`,
-  the one its Hugging Face export carries (`chat_tokenizer_config`).
+  the one its Hugging Face export carries (`gpt.chat.template.jinja_template`).
 
 A model llama.cpp's `gpt2` cannot hold is refused before anything is written: a vocabulary that is not
 GPT-2's (the file carries GPT-2's tokenizer), and for q8_0 rows that do not split into its blocks of 32.
@@ -35,7 +35,6 @@ import torch
 from gpt.checkpoint import checkpoint_path, load_checkpoint
 from gpt.config import config_from_dict
 from gpt.errors import UserError
-from gpt.gpt2.export import chat_tokenizer_config
 from gpt.gpt2.hf_format import HF_PREFIX, to_hf_config, to_hf_state_dict
 from gpt.gpt2.pretrained import load_model  # the one loader of a run (a LoRA run's adapters merged)
 from gpt.model import GPTModel, ModelConfig
@@ -151,8 +150,9 @@ def write_gguf(model: GPTModel, path: Path, dtype: str = DEFAULT_DTYPE, chat_tem
         writer.add_add_bos_token(False)  # a prompt is its own tokens, as generate.py encodes it
         writer.add_add_eos_token(False)
         if chat_template is not None:  # a reply ends at <|end|>; the template starts with <|endoftext|>
+            from gpt.chat.template import jinja_template  # the chat tool, for a chat run only
             writer.add_eot_token_id(chat_template["tokens"]["<|end|>"])
-            writer.add_chat_template(chat_tokenizer_config(chat_template)["chat_template"])
+            writer.add_chat_template(jinja_template())
 
         for tensor_name, data in gguf_tensors(model).items():
             qtype = tensor_type(gguf, tensor_name, data, dtype)
