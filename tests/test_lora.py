@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 import chat
 import generate
 import train
+from conftest import randomised
 from gpt.checkpoint import load_checkpoint, load_model
 from gpt.config import LoRAConfig, TrainConfig, load_config
 from gpt.errors import UserError
@@ -21,17 +22,6 @@ from gpt.model import GPTModel, ModelConfig
 from gpt.optim import build_optimizer
 
 MERGE_TOLERANCE = 1e-5  # float32: W x + s B (A x) and (W + s B A) x round differently, by ~1e-7 here
-
-
-def randomised(cfg: ModelConfig, seed: int = 0) -> GPTModel:
-    """A model with every parameter random (LayerNorms and biases too), padding rows kept zero."""
-    torch.manual_seed(seed)
-    model = GPTModel(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.3)
-        model.tok_emb.weight[cfg.vocab_size:] = 0.0
-    return model
 
 
 @pytest.fixture

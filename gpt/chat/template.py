@@ -176,6 +176,15 @@ def render_prompt(messages: list[dict]) -> list[int]:
     return render(messages)[0] + [SPECIAL_IDS[ASSISTANT]]
 
 
+def jinja_template() -> str:
+    """The template as Jinja, for the chat front ends of other programs (Hugging Face's
+    `apply_chat_template`, llama.cpp's chat, LM Studio): with `add_generation_prompt`, the text whose
+    tokens (markers parsed as special) are `render_prompt`'s, for content that spells no marker."""
+    return ("{{ '" + EOT_TOKEN + "' }}{% for message in messages %}{{ '<|' + message['role'] + '|>' + "
+            "message['content'] + '" + END + "' }}{% endfor %}{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}"
+            "{% endif %}")
+
+
 def crop_history(messages: list[dict], budget: int) -> tuple[list[dict], int]:
     """The history without its oldest turns, so that `render_prompt` is at most `budget` ids.
 

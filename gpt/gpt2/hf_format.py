@@ -153,7 +153,10 @@ def to_hf_config(cfg: ModelConfig) -> dict:
     eot = 50256  # <|endoftext|>; only meaningful when the vocabulary has it
     config = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_embd": cfg.emb_dim,
+        # n_ctx beside n_positions, as OpenAI's GPT-2 config.json has it: llama.cpp's convert_hf_to_gguf.py
+        # reads n_ctx (and stops with KeyError: 'n_ctx' without it); transformers reads n_positions.
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_ctx": cfg.context_length,
+        "n_embd": cfg.emb_dim,
         "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": None,
         "activation_function": "gelu_new", "layer_norm_epsilon": LAYER_NORM_EPS,
         "resid_pdrop": cfg.dropout("shortcut"), "embd_pdrop": cfg.dropout("emb"), "attn_pdrop": cfg.dropout("attn"),
