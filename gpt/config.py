@@ -143,7 +143,7 @@ class TrainConfig:
     tensorboard: bool = False  # also log each evaluation to <out_dir>/tensorboard (gpt/metrics.py)
     eval_tasks: list[str] = field(default_factory=list)  # multiple-choice tasks scored at each evaluation: hellaswag, shakespeare-next-words or a JSONL file (gpt/tools/multiple_choice.py)
     eval_task_items: int | None = None  # score this fixed subset of each task's items; None: all of them
-    lora: LoRAConfig | None = None  # low-rank adapters on a frozen init_from model instead of full fine-tuning: gpt/lora.py
+    lora: LoRAConfig | None = None  # low-rank adapters on a frozen init_from model instead of full fine-tuning: gpt/lora/
 
     def __post_init__(self):
         if not self.init_from:
@@ -172,7 +172,7 @@ class TrainConfig:
             raise ValueError(f"train.eval_task_items must be at least 1 (or null), got {self.eval_task_items}")
         if self.lora is not None:
             self.lora.__post_init__()
-            if self.optimizer == "muon":  # why not: gpt/lora.py
+            if self.optimizer == "muon":  # why not: gpt/lora/__init__.py
                 raise ValueError("train.lora trains its adapters with AdamW, and train.optimizer is muon (for "
                                  "whole matrices); set train.optimizer: adamw")
 

@@ -1,4 +1,4 @@
-"""LoRA (gpt/lora.py): the adapted model starts as its base, only the adapters and new token rows
+"""LoRA (gpt/lora/): the adapted model starts as its base, only the adapters and new token rows
 train, merging changes no output, and a LoRA run's checkpoints hold the adapters alone, name their
 base, resume exactly and load everywhere a run is read."""
 
