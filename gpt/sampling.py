@@ -7,7 +7,7 @@ step; once it is full, sampling crops and recomputes the window. The one-token s
 (`sample.compile`; `auto` only where the compile is won back), and the next step is queued before the
 host reads the token just drawn, which it waits for alone (`read_later`). Uncompiled, attention runs
 in `DECODING_KERNELS`, which leave out cuDNN's. `(B, T)` prompts give `B` continuations, each row on
-its own.
+its own. (Prompts of different lengths as one batch, for the evaluations: `gpt.tools.batched`.)
 """
 
 import functools

@@ -11,7 +11,7 @@ import torch
 import chat
 import train
 from gpt.chat.data import ChatWindows, VAL_RECORDS, prepare_chat
-from gpt.chat.scoring import before_last_reply, choice_tasks, rank_choices
+from gpt.chat.scoring import ask, before_last_reply, choice_tasks, normalise, rank_choices
 from gpt.chat.template import (CHAT_VOCAB_SIZE, END_ID, SPECIAL_IDS, TEMPLATE, conversation_from_record, crop_history,
                                encode_content, load_chat_model, render, render_prompt, reply)
 from gpt.checkpoint import build_model, load_checkpoint, resolve_model_config
@@ -273,7 +273,7 @@ def test_val_records_keep_their_choices_and_older_prepared_files_are_prepared_ag
     assert "preparing again" not in capsys.readouterr().out
 
 
-def test_a_padded_last_batch_of_conversations_leaves_the_reply_loss_as_it_is(tmp_path):
+def test_a_padded_last_batch_of_conversations_leaves_the_reply_loss_as_it_is(tmp_path, monkeypatch):
     records = [{"messages": [{"role": "user", "content": f"Count to {n}"},
                              {"role": "assistant", "content": " ".join(map(str, range(1, n + 1)))}]} for n in range(1, 9)]
     prepared = prepare_chat(DataConfig(format="chat", corpus=str(write_jsonl(tmp_path / "chat.jsonl", records)),
@@ -291,6 +291,60 @@ def test_a_padded_last_batch_of_conversations_leaves_the_reply_loss_as_it_is(tmp
     assert (scored.windows, scored.tokens) == (7, int((y != IGNORE_INDEX).sum()))  # padding rows: no window, no target
     assert scored.loss == pytest.approx(nats.item() / scored.tokens, rel=1e-6)  # float32 on the CPU
     assert training_evaluate(model, loader, torch.device("cpu")) == pytest.approx(scored.loss, rel=1e-6)
+    # the chat evaluation's: the head only where a target counts, the same sums; packed windows too
+    for pack in (False, True):
+        loader = eval_loader(ChatWindows(prepared, "train", 24, pack), 3, None)
+        whole, replies = (evaluate.score(model, loader, torch.device("cpu")),
+                          evaluate.score_replies(model, loader, torch.device("cpu")))
+        assert (replies.windows, replies.tokens) == (whole.windows, whole.tokens) == (len(loader.dataset), scored.tokens)
+        assert replies.loss == pytest.approx(whole.loss, rel=1e-6)
+    assert len(loader.dataset) < 7 and not model.training  # packed: fewer windows
+    # compiled where training compiles (Dynamo's tracing alone here): one graph for every batch, no break
+    from torch._dynamo.utils import counters
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = evaluate.score_replies(model, loader, torch.device("cpu"), compile=True)
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2 and not counters["graph_break"]
+    torch._dynamo.reset()
+    assert compiled.tokens == replies.tokens and compiled.loss == pytest.approx(replies.loss, rel=1e-6)
+
+
+def test_greedy_replies_asked_as_one_batch_are_those_asked_one_at_a_time():
+    """`ask` decodes every conversation in one batch; `reply`, one at a time, gives the same replies (float32):
+    cropped histories, replies that end with <|end|>, that stop at <|endoftext|>, that run to the limit."""
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(vocab_size=CHAT_VOCAB_SIZE, context_length=64, emb_dim=16, n_heads=2, n_layers=1,
+                                 drop_rate=0.0)).eval()
+    with torch.no_grad():  # larger weights than the init's, and the two ends made likely: replies of every kind
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.3)
+        model.logit_bias[END_ID], model.logit_bias[EOT_ID] = 6.5, 5.0
+    say = [[{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]
+           for w in ("yes", "no", "maybe so", "café", "the king is dead")]
+    long = [{"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "x"}]  # cropped to fit
+    too_long = [{"role": "system", "content": "rule " * 80}, *say[0]]  # no room for a reply: skipped
+    conversations = [MESSAGES[1:3], MESSAGES, long, too_long, *say]
+    greedy = SampleConfig(temperature=0.0, max_new_tokens=12)
+    alone = []
+    for messages in conversations:
+        try:
+            alone.append(reply(model, before_last_reply(messages), greedy, torch.device("cpu")))
+        except UserError:
+            alone.append(None)
+    assert alone[3] is None and {len(r[2]) for r in alone if r} >= {0, 12} and any(r[1] for r in alone if r)
+    # each checkable record's answer is the reply given alone, but one's: all right but that one, if the texts agree
+    records = [{"messages": m, "task": "t", "answer": r[0] if r and k != 1 else "not it"} if k % 3 != 2
+               else {"messages": m} for k, (m, r) in enumerate(zip(conversations, alone))]
+    answers = ask(model, records, 12)
+    assert (answers.asked, answers.skipped) == (len(conversations) - 1, 1)
+    assert answers.ended == sum(r[1] for r in alone if r)
+    checkable = [k for k, r in enumerate(records) if "answer" in r and alone[k]]
+    assert answers.questions["t"] == len(checkable)
+    assert answers.right["t"] == sum(normalise(records[k]["answer"]) == normalise(alone[k][0]) for k in checkable)
+    assert answers.right["t"] == len(checkable) - 1
 
 
 # --------------------------------------------------------------------------- likelihood of the choices

@@ -160,6 +160,37 @@ def test_batched_scoring_picks_what_one_ending_at_a_time_picks(budget):
     assert result.right_norm == norm
 
 
+@pytest.mark.parametrize("attn_impl", ["sdpa", "explicit"])
+def test_a_context_runs_once_for_its_endings_and_each_ending_scores_as_its_own_row(attn_impl):
+    """Endings that keep the same context share one pass over it (and the predictions after a common start);
+    a context cropped to fit keeps a crop per ending length, each its own group. Against one row at a time,
+    float32, to 1e-5, in one batch of contexts of different lengths and in a batch per group."""
+    long = "the king " * 20  # cropped to fit the context of 24, as each ending's length leaves room
+    items = [Item(long, ("and", "and the", "and the queen", "and the queen and"), 0),
+             Item("a fox", ("ran", "ran over", "ran over the hill", "sat"), 1),
+             Item(long + "sun", ("and", "moon", "night"), 2),  # one crop for all three
+             Item("café night", ("sun", "sun moon"), 0)]
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(context_length=24, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0))
+    model.use_attention(attn_impl).eval()
+    prompts = Prompts.for_model(chat=False)
+    rows = [mc.item_rows(i, prompts, 24) for i in items]
+    groups = mc.shared_contexts(rows)
+    assert [len(g.endings) for g in groups] == [1, 1, 1, 1, 4, 3, 2]  # the first item's 4 lengths, 4 crops
+    assert [g.rows for g in groups[4:]] == [[4, 5, 6, 7], [8, 9, 10], [11, 12]]
+    assert all(len(g.context) + len(e) == 25 for g in groups[:4] for e in g.endings)  # each crop as its row keeps
+    alone = reference_losses(model, items, prompts, 24)
+    for budget in (10_000, 16):  # every group in one batch (while their endings fit the context); one a batch
+        batches = mc.batches_of(groups, budget, 24, mc.cache_rows(model, budget))
+        assert (len(batches) < len(groups)) == (budget > 16)
+        for scored, expected in zip(mc.ending_losses(model, rows, mc.Scoring(prompts, 24, budget, CPU)), alone):
+            np.testing.assert_allclose(scored[:, 0].numpy(), expected, rtol=1e-5, atol=1e-5)
+    # a batch's rows stay within the context: a cropped group's padded ending would run past it
+    for batch in mc.batches_of(groups, 10_000, 24, 1000):
+        width = max(len(e) for g in batch for e in groups[g].endings) - 1
+        assert all(len(groups[g].context) + width <= 24 for g in batch)
+
+
 def test_several_processes_split_the_items_and_sum_the_counts(items_file, monkeypatch):
     torch.manual_seed(0)
     model = GPTModel(ModelConfig(context_length=32, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0))
@@ -392,8 +423,9 @@ def test_compiled_scoring_is_one_graph_for_every_batch_and_counts_what_eager_sco
         compiled = mc.score_task(model, task, mc.Scoring(Prompts.for_model(False), 32, 64, CPU, compile=True))
     assert not [w for w in caught if "torch.compile failed" in str(w.message)]  # no fallback to eager
     assert options == [{"dynamic": True}]  # a graph for any batch's shape, not one per shape
-    batches = len(mc.batches_of([mc.item_rows(i, Prompts.for_model(False), 32) for i in task.items], 64, 32))
+    groups = mc.shared_contexts([mc.item_rows(i, Prompts.for_model(False), 32) for i in task.items])
+    batches = len(mc.batches_of(groups, 64, 32, mc.cache_rows(model, 64)))
     # (a second graph when two sizes that happened to be equal at the first call part: "duck sizing")
-    assert batches == 4 and 1 <= counters["stats"]["unique_graphs"] <= 2 and not counters["graph_break"]
+    assert batches == 3 and 1 <= counters["stats"]["unique_graphs"] <= 2 and not counters["graph_break"]
     torch._dynamo.reset()
     assert (compiled.items, compiled.right, compiled.right_norm) == (eager.items, eager.right, eager.right_norm)

@@ -7,6 +7,7 @@ import torch
 from gpt.model import GPTModel, ModelConfig
 from gpt.sampling import SampleConfig, continue_prompt, filter_logits, generate
 from gpt.tokenizer import EOT_ID
+from gpt.tools.batched import generate_rows
 
 
 class Recorder(torch.nn.Module):
@@ -212,6 +213,31 @@ def test_kv_cache_logits_equal_full_forward(attn_impl, tiny_cfg):
     assert cache.length == tiny_cfg.context_length and cache.pos.item() == tiny_cfg.context_length
     with pytest.raises(ValueError, match="holds 16 positions; 17 needed"):
         cache.advance(1)  # full: the sampler crops and recomputes instead
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "explicit"])
+def test_prompts_of_different_lengths_decode_as_one_batch_as_each_alone(attn_impl, tiny_cfg):
+    """Right-padded rows of a `RowCache`: greedy, float32, each row's tokens are those it gets alone, up to
+    the last position of the context, and a row that stops leaves the others as they are."""
+    torch.manual_seed(3)
+    model = GPTModel(tiny_cfg).use_attention(attn_impl).eval()
+    with torch.no_grad():  # larger weights than the init's: varied tokens, not one repeated
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.3)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, tiny_cfg.vocab_size, (n,), generator=generator).tolist() for n in (1, 5, 9, 3, 16, 12)]
+    limits = [tiny_cfg.context_length + 1 - len(p) for p in prompts[:-1]] + [2]  # to the context's end; a short one
+    greedy = SampleConfig(temperature=0.0)
+    alone = [generate(model, torch.tensor([p]), n, temperature=0)[0, len(p):].tolist() for p, n in zip(prompts, limits)]
+    assert generate_rows(model, prompts, limits, greedy) == alone
+    assert len({t for row in alone for t in row}) > 10  # a real comparison
+    stop = {alone[1][2], alone[3][0]}  # rows end at their first token in `stop`, and keep it
+    cut = [next((i + 1 for i, t in enumerate(row) if t in stop), len(row)) for row in alone]
+    assert generate_rows(model, prompts, limits, greedy, stop=stop) == [row[:n] for row, n in zip(alone, cut)]
+    assert cut[1] <= 3 and cut[3] == 1 and generate_rows(model, [], [], greedy) == []
+    with pytest.raises(ValueError, match="do not fit a context of 16"):
+        generate_rows(model, [[1] * 10], [8], greedy)
 
 
 def test_the_cache_is_kept_between_calls_and_reset(tiny_model):

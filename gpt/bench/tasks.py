@@ -6,8 +6,8 @@ process, `--rounds` times each:
   and compiled where the run compiles;
 - runs `--steps` training steps of the config on random token ids.
 
-It prints items/s and the padded tokens/s of the scoring, the time of a training step, and the
-share of a run that scoring at every evaluation would take: evaluations x one scoring, over that
+It prints items/s and the tokens/s the scoring runs (each shared context once, padded, then its
+endings' rows, padded), the time of a training step, and the share of a run that scoring at every evaluation would take: evaluations x one scoring, over that
 plus max_iters training steps (the run's own periodic loss estimates and saves left out: the
 share is an upper bound).
 """
@@ -26,8 +26,8 @@ from gpt.errors import ArgumentParser, run_cli
 from gpt.model import GPTModel
 from gpt.optim import build_optimizer
 from gpt.precision import Precision, dtype_name, pick_dtype
-from gpt.tools.multiple_choice import (Prompts, Scoring, batches_of, item_rows, load_task, padded_batch, score_task,
-                                       subset)
+from gpt.tools.multiple_choice import (Prompts, Scoring, batches_of, cache_rows, item_rows, load_task, padded_batch,
+                                       score_task, shared_contexts, subset)
 from gpt.tools.next_words import NEXT_WORDS
 from gpt.training import train_step
 
@@ -58,9 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         budget = cfg.data.batch_size * context
         prompts = Prompts.for_model(cfg.data.format == "chat")
         scoring = Scoring(prompts, context, budget, device, precision, cfg.train.compile)
-        rows = [item_rows(item, prompts, context) for item in task.items]
-        padded = sum(padded_batch([row for i in batch for row in rows[i]], context)[0].numel()  # the tokens scoring runs
-                     for batch in batches_of(rows, budget, context))
+        groups = shared_contexts([item_rows(item, prompts, context) for item in task.items])
+        padded = sum(contexts.numel() + inputs.numel()  # the tokens scoring runs: each context once, then the endings
+                     for contexts, _, _, inputs, *_ in (padded_batch([groups[g] for g in batch]) for batch in
+                                                        batches_of(groups, budget, context, cache_rows(model, budget))))
         optimizer = build_optimizer(model, cfg.train, device)
         shape = (cfg.data.batch_size, context)
         generator = torch.Generator().manual_seed(0)
@@ -81,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{task.name}, {len(task.items):,} items: {device}, {m.n_layers} layers, {m.emb_dim} wide, context "
               f"{context}, {dtype_name(precision.dtype)}, compile {cfg.train.compile}; median of rounds 2.. of "
               f"{args.rounds}")
-        print(f"scoring: {score_s:.2f} s, {len(task.items) / score_s:,.1f} items/s, {padded / score_s:,.0f} padded "
-              f"tokens/s ({padded:,} padded tokens)")
+        print(f"scoring: {score_s:.2f} s, {len(task.items) / score_s:,.1f} items/s, {padded / score_s:,.0f} tokens/s "
+              f"({padded:,} tokens run: each context once, then its endings, padded)")
         if not stepping:
             return
         step_s = statistics.median(stepping[1:] or stepping)

@@ -1,11 +1,12 @@
 """What `python -m gpt evaluate --checkpoint RUN` measures on a chat run, for it and for its base.
 
 - loss on replies: the mean next-token loss over the held-out conversations' assistant tokens
-  (each reply's text and its `<|end|>`), every conversation of the val split, one per window
-  (`gpt.training.score` over `gpt.chat.data.ChatWindows`);
+  (each reply's text and its `<|end|>`), every conversation of the val split, in the windows
+  training evaluates on (`gpt.tools.evaluate.score_replies` over `gpt.chat.data.ChatWindows`);
 - accuracy: the held-out questions that have one right answer (a record's `answer`; in
   `shakespeare-chat`, the play of a speech and its speaker), asked with the chat template and
-  answered greedily; a reply is right when it equals the answer (case, spaces and a final
+  answered greedily, every conversation in one batch (`ask`: the replies `chat.py` gives one at a
+  time, tested); a reply is right when it equals the answer (case, spaces and a final
   full stop aside). Beside it, the majority-answer baseline: the accuracy of always giving the
   answer the train split gives most often for that task;
 - likelihood: every held-out question that has `choices` (all of them, not the `--replies`
@@ -33,10 +34,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gpt.chat.template import reply
 from gpt.chat.data import VAL_RECORDS
+from gpt.chat.template import END_ID, crop_history, render_prompt
 from gpt.errors import UserError
 from gpt.sampling import SampleConfig
+from gpt.tokenizer import EOT_ID, TextStream
+from gpt.tools.batched import generate_rows
 from gpt.tools.multiple_choice import Item, Scoring, Task, TaskScore, score_task
 
 REPLIES = 100  # held-out conversations replied to (--replies)
@@ -109,17 +112,49 @@ def choice_counts(task: Task) -> str:
     return f"{min(counts)}" if len(counts) == 1 else f"{min(counts)}-{max(counts)}"
 
 
+def reply_prompt(history: list[dict], limit: int, context_length: int) -> tuple[list[int], int]:
+    """(the prompt's ids, the tokens its reply may take) for the reply to `history`, as
+    `gpt.chat.template.reply` asks for it: the history cropped from its oldest turns to leave room for
+    the reply, then at most `limit` tokens, within the context. A UserError if the system prompt leaves no room."""
+    room = min(limit, context_length // 2)
+    prompt = render_prompt(crop_history(history, context_length - room)[0])
+    return prompt, min(limit, context_length - len(prompt))
+
+
+def reply_text(ids: list[int]) -> tuple[str, bool]:
+    """(text, ended with <|end|>) of a reply's ids, as `gpt.chat.template.reply` reads them as they come: up to
+    <|end|>, or to another marker or <|endoftext|>, which ends the reply too (and is not text)."""
+    stream, text = TextStream(), ""
+    for token in ids:
+        if token >= EOT_ID:  # <|end|>, another marker or <|endoftext|>
+            return text + stream.end(), token == END_ID
+        text += stream.piece(token)
+    return text + stream.end(), False
+
+
 @torch.no_grad()
-def ask(model: nn.Module, records: list[dict], limit: int, device: torch.device) -> Answers:
-    """Greedy replies to each record's conversation up to its last reply; what they got right."""
-    greedy = replace(SampleConfig(), temperature=0.0, max_new_tokens=limit)
+def ask(model: nn.Module, records: list[dict], limit: int) -> Answers:
+    """Greedy replies to each record's conversation up to its last reply, all of them decoded as one batch
+    (`gpt.tools.batched.generate_rows`: the replies `gpt.chat.template.reply` gives one at a time); what they got right."""
     answers = Answers()
+    asked, prompts, rooms = [], [], []
     for record in records:
         try:
-            text, ended, _ = reply(model, before_last_reply(record["messages"]), greedy, device)
+            prompt, room = reply_prompt(before_last_reply(record["messages"]), limit, model.cfg.context_length)
         except UserError:  # its system prompt alone leaves no room for a reply in this context
             answers.skipped += 1
             continue
+        asked.append(record)
+        prompts.append(prompt)
+        rooms.append(room)
+    was_training = model.training
+    model.eval()
+    # a reply ends at <|end|>, at another marker or at <|endoftext|>: any id from EOT_ID on
+    replies = generate_rows(model, prompts, rooms, replace(SampleConfig(), temperature=0.0),
+                            stop=range(EOT_ID, model.cfg.vocab_size))
+    model.train(was_training)
+    for record, ids in zip(asked, replies):
+        text, ended = reply_text(ids)
         answers.asked += 1
         answers.ended += ended
         if "answer" in record:

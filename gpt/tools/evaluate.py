@@ -2,7 +2,8 @@
 
 With `--task`, the accuracy on a multiple-choice task instead (`evaluate_task`, which scores through
 `gpt.tools.multiple_choice`). On a chat run, its held-out conversations instead, for it and its
-base (`chat_figures`: what `gpt.chat.scoring` says; `chat_table` prints them).
+base (`chat_figures`: what `gpt.chat.scoring` says; `chat_table` prints them). Their loss on the
+replies is `score`'s over the chat windows with the head only where a target counts (`score_replies`).
 
 `score` is the one evaluation over every window of a token file: training's final figure
 (`train.whole_val_at_end`: `final_val_line`) and this command both call it. The windows are those training
@@ -40,6 +41,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from gpt.chat.data import VAL_RECORDS, load_chat_split, prepare_chat, read_meta
 from gpt.chat.scoring import (Answers, REPLIES, REPLY_LIMIT, ask, choice_counts, choice_tasks, held_out, majority,
@@ -56,12 +60,12 @@ from gpt.device import pick_device, setup_device
 from gpt.downloads import DATA_DIR
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.gpt2.pretrained import is_pretrained_source
-from gpt.model import GPTModel, ModelConfig
+from gpt.model import GPTModel, IGNORE_INDEX, ModelConfig
 from gpt.precision import DTYPES, Precision, dtype_name, scoring_dtype
 from gpt.resume import seed_everything
-from gpt.tools.multiple_choice import HELLASWAG, Prompts, Scoring, TaskScore, load_task, score_task, subset
+from gpt.tools.multiple_choice import HELLASWAG, Prompts, Scoring, TaskScore, load_task, log_probs, score_task, subset
 from gpt.tools.next_words import NEXT_WORDS
-from gpt.training import Score, describe, score
+from gpt.training import Score, batch_to_device, describe, score
 
 
 def prepare_whole(cfg: DataConfig, spec: str, prepared_dir: str | None = None, max_tokens: int | None = None,
@@ -80,6 +84,43 @@ def prepare_whole(cfg: DataConfig, spec: str, prepared_dir: str | None = None, m
             publish(prepared, temporary, {**wanted, "documents": written.documents,
                                           "characters": written.characters, "whole_tokens": written.tokens})
     return prepared
+
+
+def counted_nats(model: nn.Module, inputs: torch.Tensor, positions: torch.Tensor | None, counted: torch.Tensor,
+                 targets: torch.Tensor) -> torch.Tensor:
+    """(N,) next-token losses of the N `targets` predicted at the `counted` places of the flattened (B, T)
+    inputs (chat windows, packed where `positions` are given), the head only there."""
+    hidden = model.hidden_states(inputs, positions=positions).flatten(0, 1)  # (B * T, emb_dim)
+    return -log_probs(model, hidden[counted]).gather(1, targets[:, None]).squeeze(1)
+
+
+def score_replies(model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision | None = None,
+                  compile: bool | str = False) -> Score:
+    """`score`'s loss over chat windows (their counted targets: the replies), the head only at those targets.
+
+    On shakespeare-chat a quarter of a window's positions, where `score` runs the head at all of them
+    (the loss inside the model's graph, as training's final figure is computed); the same sums to
+    float32's rounding (tested). `counted_nats` runs through torch.compile where `compile` (the
+    run's train.compile) says so, for any batch's count of targets at once. In eval mode; restores the mode."""
+    was_training = model.training
+    model.eval()
+    nats = compile_model(counted_nats, compile, device, dynamic=True)
+    windows = sum(len(batch) for batch in loader.batch_sampler)  # padding rows are none
+    per_batch = []  # each batch's (tokens, nats), left on the device: one sync at the end
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="evaluating", unit="batch", leave=False, disable=None):
+            inputs, targets, positions = batch_to_device(batch, device)
+            targets = targets.flatten()
+            counted = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
+            with precision.autocast() if precision else contextlib.nullcontext():
+                losses = nats(model, inputs, positions, counted, targets[counted]).float()
+            per_batch.append(torch.stack([torch.tensor(len(counted), device=device, dtype=torch.float32),
+                                          losses.sum()]))
+    model.train(was_training)
+    tokens, total = torch.stack(per_batch).cpu().double().sum(0).tolist() if per_batch else (0, 0.0)
+    return Score(windows, int(tokens), total)
+
+
 
 
 def data_config(base: DataConfig, overrides: list[str], source: str) -> tuple[DataConfig, set[str]]:
@@ -173,9 +214,9 @@ def chat_figures(path: Path, device: torch.device, overrides: Sequence[str] = ()
           f"likelihood; in {dtype_name(precision.dtype)}", file=sys.stderr)
     loss, answers, likelihood = {}, {}, {}
     for name, (m, _) in models.items():
-        loss[name] = score(compile_model(m, config.train.compile, device), eval_loader(windows, data.batch_size, None),
-                           device, precision)
-        answers[name] = ask(m, asked, max_new_tokens, device)
+        loss[name] = score_replies(m, eval_loader(windows, data.batch_size, None), device, precision,
+                                   config.train.compile)
+        answers[name] = ask(m, asked, max_new_tokens)
         likelihood[name] = rank_choices(m, tasks, scoring, name)
     with_choices = [r for r in records if "choices" in r]
     return ChatFigures(data.val_corpus or data.corpus, windows.conversations, precision.dtype, context, max_new_tokens,
