@@ -292,20 +292,20 @@ def test_a_padded_last_batch_of_conversations_leaves_the_reply_loss_as_it_is(tmp
     assert scored.loss == pytest.approx(nats.item() / scored.tokens, rel=1e-6)  # float32 on the CPU
     assert training_evaluate(model, loader, torch.device("cpu")) == pytest.approx(scored.loss, rel=1e-6)
     # the chat evaluation's: the head only where a target counts, the same sums; packed windows too
-    for pack in (False, True):
-        loader = eval_loader(ChatWindows(prepared, "train", 24, pack), 3, None)
-        whole, replies = (evaluate.score(model, loader, torch.device("cpu")),
-                          evaluate.score_replies(model, loader, torch.device("cpu")))
-        assert (replies.windows, replies.tokens) == (whole.windows, whole.tokens) == (len(loader.dataset), scored.tokens)
+    for pack, budget in ((False, 30), (True, 30), (True, 1)):  # batches of several windows; of one each
+        windows = ChatWindows(prepared, "train", 24, pack)
+        whole = evaluate.score(model, eval_loader(windows, 3, None), torch.device("cpu"))
+        replies = evaluate.score_replies(model, windows, budget, torch.device("cpu"))
+        assert (replies.windows, replies.tokens) == (whole.windows, whole.tokens) == (len(windows), scored.tokens)
         assert replies.loss == pytest.approx(whole.loss, rel=1e-6)
-    assert len(loader.dataset) < 7 and not model.training  # packed: fewer windows
+    assert len(windows) < 7 and not model.training  # packed: fewer windows
     # compiled where training compiles (Dynamo's tracing alone here): one graph for every batch, no break
     from torch._dynamo.utils import counters
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
     torch._dynamo.reset()
     counters.clear()
-    compiled = evaluate.score_replies(model, loader, torch.device("cpu"), compile=True)
+    compiled = evaluate.score_replies(model, windows, 30, torch.device("cpu"), compile=True)
     assert 1 <= counters["stats"]["unique_graphs"] <= 2 and not counters["graph_break"]
     torch._dynamo.reset()
     assert compiled.tokens == replies.tokens and compiled.loss == pytest.approx(replies.loss, rel=1e-6)

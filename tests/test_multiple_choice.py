@@ -180,15 +180,20 @@ def test_a_context_runs_once_for_its_endings_and_each_ending_scores_as_its_own_r
     assert [g.rows for g in groups[4:]] == [[4, 5, 6, 7], [8, 9, 10], [11, 12]]
     assert all(len(g.context) + len(e) == 25 for g in groups[:4] for e in g.endings)  # each crop as its row keeps
     alone = reference_losses(model, items, prompts, 24)
-    for budget in (10_000, 16):  # every group in one batch (while their endings fit the context); one a batch
+    for budget in (10_000, 1):  # every group in one batch (while their endings fit the context); one a batch
         batches = mc.batches_of(groups, budget, 24, mc.cache_rows(model, budget))
-        assert (len(batches) < len(groups)) == (budget > 16)
+        assert (len(batches) < len(groups)) == (budget > 1)
         for scored, expected in zip(mc.ending_losses(model, rows, mc.Scoring(prompts, 24, budget, CPU)), alone):
             np.testing.assert_allclose(scored[:, 0].numpy(), expected, rtol=1e-5, atol=1e-5)
-    # a batch's rows stay within the context: a cropped group's padded ending would run past it
-    for batch in mc.batches_of(groups, 10_000, 24, 1000):
-        width = max(len(e) for g in batch for e in groups[g].endings) - 1
-        assert all(len(groups[g].context) + width <= 24 for g in batch)
+    # a batch's rows stay within the context (a cropped group's padded ending would run past it), its head's
+    # positions within the budget and its cache within its rows, unless one group alone is over them
+    assert [mc.predictions(g) for g in groups[4:]] == [4, 1, 2]  # " ran", " ran over", ... share their starts
+    for budget, rows in ((10_000, 1000), (12, 9)):
+        for batch in mc.batches_of(groups, budget, 24, rows):
+            width = max(len(e) for g in batch for e in groups[g].endings) - 1
+            assert all(len(groups[g].context) + width <= 24 for g in batch)
+            assert len(batch) == 1 or (sum(mc.predictions(groups[g]) for g in batch) <= budget
+                                       and sum(1 + len(groups[g].endings) for g in batch) <= rows)
 
 
 def test_several_processes_split_the_items_and_sum_the_counts(items_file, monkeypatch):
@@ -426,6 +431,6 @@ def test_compiled_scoring_is_one_graph_for_every_batch_and_counts_what_eager_sco
     groups = mc.shared_contexts([mc.item_rows(i, Prompts.for_model(False), 32) for i in task.items])
     batches = len(mc.batches_of(groups, 64, 32, mc.cache_rows(model, 64)))
     # (a second graph when two sizes that happened to be equal at the first call part: "duck sizing")
-    assert batches == 3 and 1 <= counters["stats"]["unique_graphs"] <= 2 and not counters["graph_break"]
+    assert batches == 2 and 1 <= counters["stats"]["unique_graphs"] <= 2 and not counters["graph_break"]
     torch._dynamo.reset()
     assert (compiled.items, compiled.right, compiled.right_norm) == (eager.items, eager.right, eager.right_norm)

@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         prompts = Prompts.for_model(cfg.data.format == "chat")
         scoring = Scoring(prompts, context, budget, device, precision, cfg.train.compile)
         groups = shared_contexts([item_rows(item, prompts, context) for item in task.items])
-        padded = sum(contexts.numel() + inputs.numel()  # the tokens scoring runs: each context once, then the endings
-                     for contexts, _, _, inputs, *_ in (padded_batch([groups[g] for g in batch]) for batch in
-                                                        batches_of(groups, budget, context, cache_rows(model, budget))))
+        padded = sum(contexts.numel() + wide.numel() + narrow.numel()  # the tokens run: each context, then the endings
+                     for contexts, _, _, wide, narrow, *_ in (padded_batch([groups[g] for g in batch]) for batch in
+                                                              batches_of(groups, budget, context, cache_rows(model, budget))))
         optimizer = build_optimizer(model, cfg.train, device)
         shape = (cfg.data.batch_size, context)
         generator = torch.Generator().manual_seed(0)

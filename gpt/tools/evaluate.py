@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from gpt.chat.data import VAL_RECORDS, load_chat_split, prepare_chat, read_meta
@@ -55,7 +55,7 @@ from gpt.compiled import compile_model
 from gpt.config import DataConfig, TrainConfig, build_config, config_from_dict, parse_overrides
 from gpt.corpus.prepare import open_corpus, prepare, reusable
 from gpt.corpus.writing import preparing, publish, write_tokens
-from gpt.data import TokenWindows, eval_loader, load_split
+from gpt.data import TokenWindows, eval_loader, full_batch, load_split
 from gpt.device import pick_device, setup_device
 from gpt.downloads import DATA_DIR
 from gpt.errors import ArgumentParser, UserError, run_cli
@@ -94,18 +94,30 @@ def counted_nats(model: nn.Module, inputs: torch.Tensor, positions: torch.Tensor
     return -log_probs(model, hidden[counted]).gather(1, targets[:, None]).squeeze(1)
 
 
-def score_replies(model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision | None = None,
-                  compile: bool | str = False) -> Score:
-    """`score`'s loss over chat windows (their counted targets: the replies), the head only at those targets.
+def score_replies(model: nn.Module, windows: Dataset, budget: int, device: torch.device,
+                  precision: Precision | None = None, compile: bool | str = False) -> Score:
+    """`score`'s loss over every chat window of `windows` (their counted targets: the replies), the head
+    only at those targets.
 
     On shakespeare-chat a quarter of a window's positions, where `score` runs the head at all of them
     (the loss inside the model's graph, as training's final figure is computed); the same sums to
-    float32's rounding (tested). `counted_nats` runs through torch.compile where `compile` (the
-    run's train.compile) says so, for any batch's count of targets at once. In eval mode; restores the mode."""
+    float32's rounding (tested). A batch holds as many consecutive windows as keep their counted
+    targets within `budget` (an eval batch's tokens: no more logits than that batch's).
+    `counted_nats` runs through torch.compile where `compile` (the run's train.compile) says so, for
+    any batch's shape at once. In eval mode; restores the mode."""
+    counts = [int((windows[i][1] != IGNORE_INDEX).sum()) for i in range(len(windows))]
+    batches, current, held = [], [], 0  # each batch's windows; the current one's and its counted targets
+    for i, count in enumerate(counts):
+        if current and held + count > budget:
+            batches.append(current)
+            current, held = [], 0
+        current.append(i)
+        held += count
+    loader = DataLoader(windows, batch_sampler=batches + [current] if current else batches,
+                        collate_fn=lambda items: full_batch(items, len(items)))
     was_training = model.training
     model.eval()
     nats = compile_model(counted_nats, compile, device, dynamic=True)
-    windows = sum(len(batch) for batch in loader.batch_sampler)  # padding rows are none
     per_batch = []  # each batch's (tokens, nats), left on the device: one sync at the end
     with torch.no_grad():
         for batch in tqdm(loader, desc="evaluating", unit="batch", leave=False, disable=None):
@@ -118,7 +130,7 @@ def score_replies(model: nn.Module, loader: DataLoader, device: torch.device, pr
                                           losses.sum()]))
     model.train(was_training)
     tokens, total = torch.stack(per_batch).cpu().double().sum(0).tolist() if per_batch else (0, 0.0)
-    return Score(windows, int(tokens), total)
+    return Score(len(windows), int(tokens), total)
 
 
 
@@ -214,8 +226,7 @@ def chat_figures(path: Path, device: torch.device, overrides: Sequence[str] = ()
           f"likelihood; in {dtype_name(precision.dtype)}", file=sys.stderr)
     loss, answers, likelihood = {}, {}, {}
     for name, (m, _) in models.items():
-        loss[name] = score_replies(m, eval_loader(windows, data.batch_size, None), device, precision,
-                                   config.train.compile)
+        loss[name] = score_replies(m, windows, data.batch_size * context, device, precision, config.train.compile)
         answers[name] = ask(m, asked, max_new_tokens)
         likelihood[name] = rank_choices(m, tasks, scoring, name)
     with_choices = [r for r in records if "choices" in r]

@@ -27,10 +27,11 @@ length), which each ending's row then continues, so a chat question's 7 to 38 ca
 cost one pass over the conversation and a few tokens each. A context too long for the model loses
 its first tokens, and endings of different lengths keep different crops of it: those share only
 with the endings that keep the same crop, so every ending is scored after exactly its own row's
-context. A batch holds as many whole groups, longest contexts first, as fit the token budget of an
-eval batch (`data.batch_size` x `context_length`: the contexts right-padded to the longest, the
-endings to theirs). The output head runs only where an ending's token is predicted, once per
-distinct (context, ending start), over the real vocabulary (`ending_nats`, `log_probs`). With
+context. The output head runs only where an ending's token is predicted, once per distinct
+(context, ending start), over the real vocabulary (`ending_nats`, `log_probs`). A batch holds as
+many whole groups, longest contexts first (right-padded to the longest, their endings to theirs),
+as keep the head's positions within the token budget of an eval batch (`data.batch_size` x
+`context_length`: no more logits than that batch's) and the cache within as many numbers. With
 several processes each scores every world_size-th item and the counts are summed.
 """
 
@@ -261,63 +262,75 @@ def shared_contexts(rows: list[list[tuple[list[int], int]]]) -> list[Shared]:
     return groups
 
 
+def predictions(group: Shared) -> int:
+    """The positions the head runs at for a group: once per distinct start of its endings (`padded_batch`)."""
+    return len({tuple(ending[:j]) for ending in group.endings for j in range(len(ending))})
+
+
 def batches_of(groups: list[Shared], budget: int, context_length: int, max_rows: int) -> list[list[int]]:
-    """The groups (indices into `groups`) of each batch, longest contexts first: as many whole groups as
-    fit `budget` tokens run (the contexts padded to the longest, then the endings' rows padded to the
-    longest, as `padded_batch` makes them) and `max_rows` rows of cache, while every row's padded
-    ending stays within the context."""
+    """The groups (indices into `groups`) of each batch, longest contexts first: as many whole groups as keep
+    the head's positions within `budget` (an eval batch's tokens: its logits are no more than that batch's)
+    and the KV cache within `max_rows` rows (contexts and endings), while every row's padded ending stays
+    within the context."""
     def lengths(g: int) -> tuple[int, int]:  # its context's length, its longest ending's but the last token
         return len(groups[g].context), max(map(len, groups[g].endings)) - 1
     batches, current = [], []
-    contexts = rows = width = room = 0  # the batch's groups' longest context, rows, widest ending, least room
+    positions = rows = width = room = 0  # the batch's head positions, cache rows, widest ending, least room
     for g in sorted(range(len(groups)), key=lengths, reverse=True):
         length, wide = lengths(g)
-        count = len(groups[g].endings)
-        grown = (max(contexts, length), rows + count, max(width, wide), min(room, context_length - length))
-        tokens = (len(current) + 1) * grown[0] + grown[1] * grown[2]
-        if current and (tokens > budget or len(current) + 1 + grown[1] > max_rows or grown[2] > grown[3]):
+        grown = (positions + predictions(groups[g]), rows + 1 + len(groups[g].endings), max(width, wide),
+                 min(room, context_length - length))
+        if current and (grown[0] > budget or grown[1] > max_rows or grown[2] > grown[3]):
             batches.append(current)
-            current, grown = [], (length, count, wide, context_length - length)
+            current, grown = [], (predictions(groups[g]), 1 + len(groups[g].endings), wide, context_length - length)
         current.append(g)
-        contexts, rows, width, room = grown
+        positions, rows, width, room = grown
     return batches + [current] if current else batches
 
 
 def padded_batch(groups: list[Shared]) -> tuple[torch.Tensor, ...]:
-    """(contexts (G, L), lengths (G,), group_of (R,), inputs (R, W), positions (U,), sources (N,), targets (N,),
-    row_of (N,)) of G groups and their R endings of up to W + 1 tokens.
+    """(contexts (G, L), lengths (G,), group_of (R,), wide (R1, W1), narrow (R2, W2), positions (U,), sources (N,),
+    targets (N,), owners (N,)) of G groups and their R = R1 + R2 endings.
 
-    Each context is right-padded to the longest, L; row r is its ending but the last token,
-    right-padded to W, continuing its group's context (`group_of`). The hidden states `ending_nats`
-    makes are each context's last, then the (R, W) rows flattened: a context's last predicts the
-    first token of each of its endings, row r's position j the ending's token j + 1. `positions` are
-    the hidden states where a token is predicted, each once: the endings of a group that start alike
-    share the predictions after the same start ("Henry IV" and "Henry V" the one after "Henry"),
-    whose hidden states are the same. `sources` say which of them predicts each of the N `targets`,
-    and `row_of` whose row (in the batch) it is. U and N are padded to a multiple of `ALIGN`, the
-    targets with IGNORE_INDEX."""
+    Each context is right-padded to the longest, L. Each ending but its last token is a row that
+    continues its group's context (`group_of`); the rows, longest first, fall into two blocks, each
+    right-padded to its longest: `wide` and then `narrow`, split where the two hold the fewest
+    tokens (shakespeare-chat's replies of 2 to 10 tokens: a third fewer than one block). The hidden
+    states `ending_nats` makes are each context's last, then the wide rows' flattened, then the
+    narrow ones': a context's last predicts the first token of each of its endings, a row's
+    position j its ending's token j + 1. `positions` are the hidden states where a token is
+    predicted, each once: the endings of a group that start alike share the predictions after the
+    same start ("Henry IV" and "Henry V" the one after "Henry"), whose hidden states are the same.
+    `sources` say which of them predicts each of the N `targets`, and `owners` whose ending it is
+    (its number over all the items' rows: `Shared.rows`). U and N are padded to a multiple of
+    `ALIGN`, the targets with IGNORE_INDEX."""
     length = max(len(group.context) for group in groups)
-    width = max(len(ending) for group in groups for ending in group.endings) - 1
     contexts = torch.zeros(len(groups), length, dtype=torch.long)
     for g, group in enumerate(groups):
         contexts[g, :len(group.context)] = torch.tensor(group.context)
-    endings = [(g, ending) for g, group in enumerate(groups) for ending in group.endings]
-    inputs = torch.zeros(len(endings), width, dtype=torch.long)
-    positions, sources, targets, row_of = list(range(len(groups))), [], [], []
+    endings = sorted(((g, ending, number) for g, group in enumerate(groups) for ending, number in
+                      zip(group.endings, group.rows)), key=lambda row: len(row[1]), reverse=True)
+    widths = [len(ending) - 1 for _, ending, _ in endings]
+    split = min(range(1, len(endings) + 1), key=lambda k: k * widths[0] + (len(endings) - k) * widths[k % len(endings)])
+    blocks = [torch.zeros(split, widths[0], dtype=torch.long),
+              torch.zeros(len(endings) - split, widths[split] if split < len(endings) else 0, dtype=torch.long)]
+    positions, sources, targets, owners = list(range(len(groups))), [], [], []
     predicted = {(g, ()): g for g in range(len(groups))}  # (group, an ending's start) -> what predicts its next token
-    for r, (g, ending) in enumerate(endings):
-        inputs[r, :len(ending) - 1] = torch.tensor(ending[:-1])
+    for r, (g, ending, number) in enumerate(endings):
+        block, k = (blocks[0], r) if r < split else (blocks[1], r - split)
+        block[k, :len(ending) - 1] = torch.tensor(ending[:-1])
+        first = len(groups) + (0 if r < split else blocks[0].numel()) + k * block.shape[1]  # the row's first state
         for j in range(len(ending)):
             source = predicted.setdefault((g, tuple(ending[:j])), len(positions))
             if source == len(positions):  # the first ending of its group to start this way
-                positions.append(len(groups) + r * width + j - 1)
+                positions.append(first + j - 1)
             sources.append(source)
         targets += ending
-        row_of += [r] * len(ending)
+        owners += [number] * len(ending)
     spare, missing = -len(positions) % ALIGN, -len(targets) % ALIGN
-    return (contexts, torch.tensor([len(group.context) for group in groups]), torch.tensor([g for g, _ in endings]),
-            inputs, torch.tensor(positions + [0] * spare), torch.tensor(sources + [0] * missing),
-            torch.tensor(targets + [IGNORE_INDEX] * missing), torch.tensor(row_of + [0] * missing))
+    return (contexts, torch.tensor([len(group.context) for group in groups]), torch.tensor([g for g, _, _ in endings]),
+            *blocks, torch.tensor(positions + [0] * spare), torch.tensor(sources + [0] * missing),
+            torch.tensor(targets + [IGNORE_INDEX] * missing), torch.tensor(owners + [0] * missing))
 
 
 def cache_rows(model: nn.Module, budget: int) -> int:
@@ -328,25 +341,26 @@ def cache_rows(model: nn.Module, budget: int) -> int:
 
 
 def ending_nats(model: nn.Module, contexts: torch.Tensor, lengths: torch.Tensor, group_of: torch.Tensor,
-                inputs: torch.Tensor, positions: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor
-                ) -> torch.Tensor:
+                wide: torch.Tensor, narrow: torch.Tensor, positions: torch.Tensor, sources: torch.Tensor,
+                targets: torch.Tensor) -> torch.Tensor:
     """(N,) next-token losses of `targets` (`padded_batch`), 0 where a target is IGNORE_INDEX.
 
     The (G, L) contexts run once, into a KV cache (`gpt.tools.batched.RowCache`: each row at its own
-    length), which each of their endings' (R, W) rows then continues: a chat question's 7 to 38
-    replies share one pass over its conversation. The head runs at `positions` only, not over every
-    context token: on small.yaml's model it is most of the compute. Each loss is the negative
+    length), which each of their endings' rows then continues: a chat question's 7 to 38 replies
+    share one pass over its conversation. The head runs at `positions` only, not over every context
+    token: on small.yaml's model it is most of the compute. Each loss is the negative
     log-probability of its target at its position (`F.cross_entropy`'s math, the log-probabilities
     computed once for the targets that share them). Compiled as one function where training
     compiles (`Scoring`)."""
     cache = RowCache.empty(model, len(contexts))
     hidden = model.hidden_states(contexts, cache)  # (G, L, emb_dim)
-    hidden = hidden[torch.arange(len(contexts), device=contexts.device), lengths - 1]  # (G, emb_dim): each last
-    if inputs.shape[1]:  # some ending has a token after its first
-        cache.advance(lengths)
-        rows = model.hidden_states(inputs, cache.select(group_of))  # (R, W, emb_dim)
-        hidden = torch.cat([hidden, rows.flatten(0, 1)])
-    return -log_probs(model, hidden[positions])[sources, targets.clamp(min=0)].masked_fill(targets == IGNORE_INDEX, 0.0)
+    states = [hidden[torch.arange(len(contexts), device=contexts.device), lengths - 1]]  # (G, emb_dim): each last
+    cache.advance(lengths)
+    for rows, owners in ((wide, group_of[:len(wide)]), (narrow, group_of[len(wide):])):
+        if rows.shape[0] and rows.shape[1]:  # some ending of the block has a token after its first
+            states.append(model.hidden_states(rows, cache.select(owners)).flatten(0, 1))  # (rows * width, emb_dim)
+    return -log_probs(model, torch.cat(states)[positions])[sources, targets.clamp(min=0)].masked_fill(
+        targets == IGNORE_INDEX, 0.0)
 
 
 def log_probs(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -435,24 +449,18 @@ def ending_losses(model: nn.Module, rows: list[list[tuple[list[int], int]]], sco
     was_training = model.training
     model.eval()
     groups = shared_contexts(rows)
-    per_batch, numbers = [], []  # each batch's (rows, 2), left on the device (one sync at the end); their numbers
+    sums = torch.zeros(sum(map(len, rows)), 2, device=scoring.device)  # per ending: summed loss, tokens
     bar = tqdm(total=len(groups), desc=progress, unit="context", leave=False, disable=None if progress else True)
     for batch in batches_of(groups, scoring.budget, scoring.context_length, cache_rows(model, scoring.budget)):
-        *tensors, row_of = (t.to(scoring.device) for t in padded_batch([groups[g] for g in batch]))
+        *tensors, owners = (t.to(scoring.device) for t in padded_batch([groups[g] for g in batch]))
         targets = tensors[-1]
         with scoring.precision.autocast() if scoring.precision else contextlib.nullcontext():
             losses = scoring.nats(model, *tensors).float()  # (N,), 0 where ignored
-        sums = torch.zeros(len(tensors[2]), 2, device=scoring.device)  # (rows, 2): summed loss, tokens
-        sums.index_add_(0, row_of, torch.stack([losses, (targets != IGNORE_INDEX).float()], 1))
-        per_batch.append(sums)
-        numbers.append(torch.tensor([number for g in batch for number in groups[g].rows]))
+        sums.index_add_(0, owners, torch.stack([losses, (targets != IGNORE_INDEX).float()], 1))
         bar.update(len(batch))
     bar.close()
     model.train(was_training)
-    sums = torch.zeros(sum(map(len, rows)), 2, dtype=torch.float64)
-    if per_batch:
-        sums[torch.cat(numbers)] = torch.cat(per_batch).double().cpu()
-    return list(sums.split([len(item) for item in rows]))
+    return list(sums.cpu().double().split([len(item) for item in rows]))  # one sync, at the end
 
 
 def score_task(model: nn.Module, task: Task, scoring: Scoring, dist: Distributed = SINGLE,
