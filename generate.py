@@ -3,10 +3,10 @@
 import argparse
 import sys
 
-from gpt.errors import ArgumentParser, run_cli
-from gpt.gpt2.pretrained import DEFAULT_RUN_CONFIG, default_checkpoint, load_for_sampling
-from gpt.sampling import add_sample_options, check_prompt, for_decoding, print_samples, sample_config
+from gpt.cli import DEFAULT_RUN_CONFIG, add_sample_options, default_checkpoint, load_for_sampling, sample_config
 from gpt.device import pick_device, setup_device
+from gpt.errors import ArgumentParser, run_cli
+from gpt.sampling import check_prompt, for_decoding, print_samples
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,12 +19,13 @@ SCRIPTS = [
 
 # name: (module with `main(argv)`, its arguments, what it does, its guide).
 COMMANDS = {
-    "prepare": ("gpt.corpus.prepare", "--config X", "tokenise a config's corpus ahead of training, on every core",
+    "prepare": ("gpt.tools.prepare", "--config X", "tokenise a config's corpus ahead of training, on every core",
                 "docs/data.md"),
     "evaluate": ("gpt.tools.evaluate", "--checkpoint RUN",
                  "loss and bits per byte over a whole split; --task: HellaSwag, multiple choice",
                  "docs/evaluation.md"),
-    "export": ("gpt.gpt2.export", "RUN OUT_DIR", "write a run as a Hugging Face GPT-2 model folder", "docs/gpt2.md"),
+    "export": ("gpt.gpt2.export", "RUN OUT_DIR | OUT.gguf",
+               "write a run as a Hugging Face GPT-2 model folder, or one GGUF file for llama.cpp", "docs/gpt2.md"),
     "attention-map": ("gpt.tools.attention_map", "PROMPT --checkpoint RUN",
                       "draw every head's attention weights on a prompt", "docs/generating.md"),
     "plot": ("gpt.tools.plot", "RUN", "draw a run's train and val loss as loss.png", "docs/training.md"),

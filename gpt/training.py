@@ -13,7 +13,8 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -21,29 +22,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from gpt.compiled import CompiledOrEager, warn_compile_failed
-from gpt.config import TrainConfig
-from gpt.data import DataConfig, TrainBatches, eval_loader
+from gpt.compiled import CompiledOrEager, compile_model
+from gpt.config import DataConfig, TrainConfig
+from gpt.data import TrainBatches, eval_loader
 from gpt.device import indexed
-from gpt.distributed import SINGLE, Distributed
+from gpt.distributed import Distributed, SINGLE
+from gpt.metrics import Figures
 from gpt.model import IGNORE_INDEX
 from gpt.optim import build_optimizer, set_learning_rate, steps_unless
-from gpt.precision import Precision, pick_dtype
-
-
-def compile_model(model: nn.Module | Callable, setting: bool | str, device: torch.device,
-                  **options) -> nn.Module | Callable:
-    """`torch.compile(model, **options)` (a module or a function) if `setting` asks for it (auto: on CUDA),
-    else `model` itself.
-
-    Compiled, it is a `CompiledOrEager`: if compiling fails, it warns once and runs `model` as it is."""
-    if setting is False or (setting == "auto" and device.type != "cuda"):
-        return model
-    try:
-        return CompiledOrEager(model, **options)
-    except Exception as e:  # e.g. an unsupported platform or Python version
-        warn_compile_failed(e)
-        return model
+from gpt.precision import Precision, dtype_name, pick_dtype, scoring_dtype
+from gpt.tokenizer import token_byte_lengths
 
 
 def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -65,7 +53,7 @@ def token_losses(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                  positions: torch.Tensor | None = None) -> torch.Tensor:
     """(B*T,) next-token losses of one (B, T) batch, 0 where a target is IGNORE_INDEX, computed by the model.
 
-    The one call every evaluation makes (`loss_sums`: `evaluate`, `gpt.tools.evaluate.score`), so that through a
+    The one call every evaluation makes (`loss_sums`: `evaluate`, `score`), so that through a
     compiled model they run one graph, with the loss inside it (no (B, T, V) logits leave it)."""
     return model(inputs, targets=targets, reduction="none", positions=positions)
 
@@ -126,6 +114,73 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
     """
     sums = loss_sums(model, loader, device, precision, dist)
     return sums.nats / sums.tokens
+
+
+@dataclass
+class Score:
+    """Sums over the scored tokens of every window; the figures are properties."""
+
+    windows: int = 0
+    tokens: int = 0  # target tokens scored
+    nats: float = 0.0  # their summed next-token loss
+    text_tokens: int = 0  # those that are text (all but <|endoftext|>)
+    text_nats: float = 0.0
+    text_bytes: int = 0  # the UTF-8 bytes of those
+
+    @property
+    def loss(self) -> float:
+        """Mean nats per scored token."""
+        return self.nats / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 50))
+
+    @property
+    def bits_per_byte(self) -> float:
+        """Nats of the text tokens / (their UTF-8 bytes x ln 2)."""
+        return self.text_nats / (self.text_bytes * math.log(2)) if self.text_bytes else math.nan
+
+
+def score(model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision | None = None,
+          dist: Distributed = SINGLE) -> Score:
+    """Loss and bits per byte over every batch of `loader`, in eval mode; restores the mode.
+
+    `model` runs as given: compiled (`compile_model`), the loss is computed inside its graph. With
+    several processes, each scores its share of the batches and the sums are over all.
+    """
+    # 0 bytes for <|endoftext|> and for ids past GPT-2's (a chat template's markers): not text
+    lengths = token_byte_lengths()
+    byte_lengths = torch.zeros(max(len(lengths), 1 << 16), dtype=torch.long)  # every uint16 id
+    byte_lengths[:len(lengths)] = torch.tensor(lengths)
+    byte_lengths = byte_lengths.to(device)
+    windows = sum(len(batch) for batch in loader.batch_sampler)  # this process's; padding rows are none
+    if dist.launched:
+        windows = int(dist.sum(torch.tensor(windows, device=device)).item())
+    batches = tqdm(loader, desc="evaluating", unit="batch", leave=False, disable=None if dist.is_main else True)
+    return Score(windows, **asdict(loss_sums(model, batches, device, precision, dist, byte_lengths)))
+
+
+def describe(result: Score, label: str, what: str, dtype: torch.dtype) -> str:
+    """One line: `<label> over all N windows of <what>: loss (ppl), bits per byte (..., in <dtype>)`."""
+    return (f"{label} over all {result.windows:,} windows of {what}: {result.loss:.4f} "
+            f"(ppl {result.perplexity:.1f}), {result.bits_per_byte:.4f} bits per byte "
+            f"({result.tokens:,} tokens, {result.text_bytes:,} bytes of text, in {dtype_name(dtype)})")
+
+
+def final_val_line(model: nn.Module, loader: DataLoader, run: TrainConfig, device: torch.device, dist: Distributed,
+                   what: tuple[str, str], step: int) -> str:
+    """Training's final figure, after `step`: the val loss over every window, named by `what` (the data
+    format's `whole_val`: a chat run's is over the replies only), in the precision runs are compared in
+    (float32 on any CPU), compiled where `run` compiled training."""
+    precision = Precision(scoring_dtype("comparable", run.dtype, device), device)
+    # Compiled again, not passed from `train`: Dynamo finds the graph the periodic evaluation
+    # compiled for this module and shape (the same `token_losses` call) and compiles nothing more
+    # (measured in one process and through DDP: docs/performance.md).
+    scored_model = compile_model(model, run.compile, device)
+    with out_of_memory_named("the evaluation over the whole val split after step", step, device):
+        scored = score(scored_model, loader, device, precision, dist)
+    return describe(scored, *what, precision.dtype)
 
 
 @dataclass
@@ -294,6 +349,15 @@ def new_run(model: nn.Module, cfg: TrainConfig, device: torch.device, dist: Dist
     return Run(model, build_optimizer(model, cfg, device), Precision(pick_dtype(cfg.dtype, device), device), dist=dist)
 
 
+class Evaluation(Protocol):
+    """Run at each evaluation, after the loss: (model, precision) -> Figures; `columns` names its metrics."""
+
+    columns: list[str]
+    references: dict[str, tuple[float, str]]  # lines a plot of its metrics draws beside them (gpt.metrics)
+
+    def __call__(self, model: nn.Module, precision: Precision) -> Figures: ...
+
+
 @dataclass
 class TrainData:
     """What a run reads: endless shuffled train batches and the fixed loaders it evaluates with."""
@@ -301,9 +365,17 @@ class TrainData:
     batches: TrainBatches  # (inputs, targets) forever, resumable
     eval_loaders: dict[str, DataLoader]  # "train" and "val": evenly spread batches, for the periodic estimate
     whole_val: DataLoader | None = None  # every val window: the figure to compare runs by
-    # the multiple-choice tasks scored at each evaluation (train.eval_tasks): (model, precision) -> each
-    # task's score (`gpt.tools.multiple_choice.TaskScore`: name, acc_norm, seconds, metrics())
-    score_tasks: Callable[[nn.Module, Precision], list] | None = None
+    evaluations: list[Evaluation] = field(default_factory=list)  # beyond the loss (train.eval_tasks' tasks)
+
+
+def evaluations(cfg: TrainConfig, chat: bool, context: int, batch_size: int, device: torch.device,
+                dist: Distributed) -> list[Evaluation]:
+    """What a run evaluates beyond the loss: `cfg.eval_tasks`' multiple-choice tasks, framed as a chat run's
+    prompts where `chat` (`gpt.tools.multiple_choice`, imported only for them)."""
+    if not cfg.eval_tasks:
+        return []
+    from gpt.tools.multiple_choice import task_evaluation
+    return [task_evaluation(cfg, chat, context, batch_size, device, dist)]
 
 
 def train_data(train_set: Dataset, val_set: Dataset, data: DataConfig, cfg: TrainConfig, dist: Distributed,
@@ -342,11 +414,11 @@ class Progress:
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{self.rate:,.0f}")
         self.bar.update(1)
 
-    def report(self, state: TrainState, tasks: list) -> None:
-        """An evaluation's line (both losses, their perplexities, the speed, each task's acc_norm and its time)
-        and its metrics to the log."""
+    def report(self, state: TrainState, figures: list[Figures]) -> None:
+        """An evaluation's line (both losses, their perplexities, the speed and what each other evaluation
+        adds) and its metrics to the log."""
         if self.show:
-            scores = "".join(f", {task.name} acc_norm {task.acc_norm:.4f} ({task.seconds:.1f} s)" for task in tasks)
+            scores = "".join(f.line for f in figures)
             self.bar.write(
                 f"step {state.step}: train loss {state.train_loss:.4f} "
                 f"(ppl {math.exp(min(state.train_loss, 50)):.1f}), val loss {state.val_loss:.4f} "
@@ -355,12 +427,12 @@ class Progress:
         if self.log is not None:
             self.log({"step": state.step, "train_loss": state.train_loss, "val_loss": state.val_loss,
                       "lr": self.lr, "tokens_per_s": self.rate,
-                      **{name: value for task in tasks for name, value in task.metrics().items()}})
+                      **{name: value for f in figures for name, value in f.metrics.items()}})
 
 
-def measure(net: nn.Module, data: TrainData, run: Run) -> list:
-    """Evaluate the train and val loss into `run.state` (and the best val loss) through `net`, and score
-    `data`'s tasks -> their scores; NonFiniteLoss if a loss is not finite."""
+def measure(net: nn.Module, data: TrainData, run: Run) -> list[Figures]:
+    """Evaluate the train and val loss into `run.state` (and the best val loss) through `net`, then run
+    `data`'s other evaluations -> their figures; NonFiniteLoss if a loss is not finite."""
     state, device = run.state, run.precision.device
     with out_of_memory_named("the evaluation at step", state.step, device):
         state.train_loss = evaluate(net, data.eval_loaders["train"], device, run.precision, run.dist)
@@ -371,7 +443,7 @@ def measure(net: nn.Module, data: TrainData, run: Run) -> list:
     if state.val_loss < state.best_val_loss:
         state.best_val_loss, state.best_step = state.val_loss, state.step
     with out_of_memory_named("the tasks' evaluation at step", state.step, device):
-        return data.score_tasks(run.model, run.precision) if data.score_tasks else []
+        return [evaluate_more(run.model, run.precision) for evaluate_more in data.evaluations]
 
 
 def save_if_finite(run: Run, save: Callable[[Run], None]) -> None:

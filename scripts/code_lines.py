@@ -4,9 +4,12 @@ over the readability guide's limits (40 lines, 6 parameters). A report for contr
 Usage: python scripts/code_lines.py [--limits]
 
 A code line is a line holding code: blank lines, comments and docstrings are not counted. The core is
-`gpt/*.py` and the three scripts; the learner's path is what one training step and one sampling step
-run through: attention, the model, the training step and its helpers, the schedule, precision, the
-data loader and the sampler with its cache.
+`gpt/*.py` and the three scripts; the learner's path is what a run of `configs/tiny.yaml` runs through
+from train.py to its sample: the script, the config's sections and loading, building the model,
+attention and the model, the training loop and its step, the default optimizer (Muon with AdamW) and
+its schedule, precision, the windows and batches, saving the checkpoints, and the sampler with its
+cache. It leaves out what such a run never calls: the strict loader's checks behind `load_config`,
+resuming, the errors of a stop, and the final whole-val pass (tiny.yaml skips it).
 """
 
 import argparse
@@ -19,12 +22,20 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ("train.py", "generate.py", "chat.py")
 # (file, the top-level functions and classes of it on the path; None: all of it)
 LEARNER_PATH = (
+    ("train.py", None),
+    ("gpt/config.py", ("DataConfig", "TrainConfig", "Config", "load_config", "build_config")),
+    ("gpt/checkpoint.py", ("save_checkpoint", "model_weights", "run_model", "build_model")),
     ("gpt/attention.py", None),
     ("gpt/model.py", None),
-    ("gpt/training.py", None),
-    ("gpt/optim.py", ("learning_rate", "set_learning_rate")),
+    ("gpt/training.py", ("to_device", "batch_to_device", "token_losses", "LossSums", "loss_sums", "evaluate",
+                         "TrainState", "gradient_sync", "counted_targets", "train_step", "optimizer_step",
+                         "step_unless_on_device", "Run", "new_run", "TrainData", "train_data", "Progress", "measure",
+                         "save_if_finite", "train")),
+    ("gpt/optim.py", ("orthogonalise", "muon_lr_ratio", "Muon", "MuonWithAdamW", "muon_parameters", "adamw",
+                      "build_optimizer", "learning_rate", "set_learning_rate")),
     ("gpt/precision.py", None),
-    ("gpt/data.py", ("TokenWindows", "load_split", "TrainBatches", "full_batch", "eval_loader")),
+    ("gpt/data.py", ("TokenWindows", "load_split", "TrainBatches", "full_batch", "eval_loader", "TextFormat")),
+    ("gpt/resume.py", ("RunCheckpoints", "training_checkpoint", "best_checkpoint")),
     ("gpt/sampling.py", None),
 )
 MAX_LINES, MAX_PARAMETERS = 40, 6

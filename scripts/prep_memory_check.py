@@ -2,7 +2,7 @@
 
 Writes a text file of `--gigabytes` (default 2) into a temporary folder (Shakespeare's plays,
 repeated, each copy under its own heading; `--format jsonl` or `parquet` for records of ~4 KB),
-prepares it in a child process with `gpt.data.prepare` (the code train.py runs) on
+prepares it in a child process with `gpt.corpus.prepare.prepare` (the code train.py runs) on
 `--num-proc` processes, and prints the peak resident memory of the process that
 reads and writes (and what it held before preparing: its imports) and of its largest tokenising
 worker, and the time taken. Everything it wrote is deleted at the end. Needs about
@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gpt.data import default_num_proc  # noqa: E402
+from gpt.corpus.writing import default_num_proc  # noqa: E402
 from gpt.bench.prep import run_child, write_corpus  # noqa: E402
 
 

@@ -35,6 +35,18 @@ class SavesOnly:
         self.record(run.state)
 
 
+def randomised(cfg: ModelConfig, seed: int = 0) -> GPTModel:
+    """A model with every parameter random (LayerNorms and biases too), padding rows kept zero: a swapped
+    or mis-split tensor then changes the logits instead of hiding behind a constant."""
+    torch.manual_seed(seed)
+    model = GPTModel(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.3)
+        model.tok_emb.weight[cfg.vocab_size:] = 0.0
+    return model
+
+
 @pytest.fixture
 def tiny_cfg() -> ModelConfig:
     return ModelConfig(vocab_size=101, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)

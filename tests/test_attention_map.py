@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt.tools import attention_map
-from gpt.tools.attention_map import attention_weights, prompt_ids
 from gpt.checkpoint import BEST_NAME, save_checkpoint
+from gpt.cli import load_for_sampling
 from gpt.config import Config, TrainConfig
 from gpt.model import GPTModel, ModelConfig
-from gpt.gpt2.pretrained import load_for_sampling
 from gpt.tokenizer import get_tokenizer
+from gpt.tools import attention_map
+from gpt.tools.attention_map import attention_weights, prompt_ids
 
 PROMPT = "Your journey starts with one step"  # 6 tokens
 LONG_PROMPT = "To be, or not to be, that is the question: whether 'tis nobler in the mind"

@@ -10,31 +10,20 @@ import torch
 
 import chat
 import train
-from gpt.chat.data import VAL_RECORDS, ChatWindows, prepare_chat
+from gpt.chat.data import ChatWindows, VAL_RECORDS, prepare_chat
 from gpt.chat.scoring import ask, before_last_reply, choice_tasks, normalise, rank_choices
-from gpt.chat.template import (
-    CHAT_VOCAB_SIZE,
-    END_ID,
-    SPECIAL_IDS,
-    TEMPLATE,
-    conversation_from_record,
-    crop_history,
-    encode_content,
-    render,
-    render_prompt,
-    reply,
-)
-from gpt.checkpoint import load_checkpoint
+from gpt.chat.template import (CHAT_VOCAB_SIZE, END_ID, SPECIAL_IDS, TEMPLATE, conversation_from_record, crop_history,
+                               encode_content, load_chat_model, render, render_prompt, reply)
+from gpt.checkpoint import build_model, load_checkpoint, resolve_model_config
+from gpt.config import DataConfig
 from gpt.corpus import shakespeare_chat
 from gpt.corpus.shakespeare_chat import excerpt, scenes, title_of
-from gpt.data import DataConfig, eval_loader
+from gpt.data import eval_loader
 from gpt.errors import UserError
-from gpt.gpt2.pretrained import build_model, resolve_model_config
-from gpt.model import IGNORE_INDEX, GPTModel, ModelConfig
+from gpt.model import GPTModel, IGNORE_INDEX, ModelConfig
 from gpt.sampling import SampleConfig, generate
 from gpt.tokenizer import EOT_ID
-from gpt.tools import evaluate
-from gpt.tools import multiple_choice as mc
+from gpt.tools import evaluate, multiple_choice as mc
 from gpt.training import evaluate as training_evaluate
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Two and three?"},
@@ -451,7 +440,7 @@ def test_resume_with_another_template_is_refused(runs, capsys):
 
 @pytest.mark.slow
 def test_greedy_chat_reply_equals_generate(runs):
-    model, _ = chat.load_chat_model(str(runs.tuned), "cpu")[:2]
+    model, _ = load_chat_model(str(runs.tuned), "cpu")[:2]
     history = [{"role": "user", "content": "Add 2 and 3."}]
     cfg = SampleConfig(temperature=0.0, max_new_tokens=6)
     _, ended, ids = reply(model, history, cfg, torch.device("cpu"))
@@ -531,7 +520,7 @@ def test_export_carries_the_template_and_its_tokens(runs, tmp_path):
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     assert ids == render_prompt(MESSAGES[:4])
     theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
-    ours = chat.load_chat_model(str(runs.tuned), "cpu")[0]
+    ours = load_chat_model(str(runs.tuned), "cpu")[0]
     x = torch.tensor([ids])
     with torch.no_grad():
         assert (ours(x)[..., :CHAT_VOCAB_SIZE] - theirs(x).logits).abs().max() < 1e-4

@@ -118,7 +118,7 @@ def test_the_final_val_loss_covers_every_window_of_the_val_split(tmp_path, corpu
 
     import numpy as np
 
-    from gpt.gpt2.pretrained import load_model
+    from gpt.checkpoint import load_model
     out = tmp_path / "run"
     assert train.main(["--config", "tiny.yaml", f"--data.corpus={corpus_file}", "--train.whole_val_at_end=true",
                        f"--data.prepared_dir={tmp_path / 'prepared'}", "--model.context_length=8",

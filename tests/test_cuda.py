@@ -29,12 +29,12 @@ from conftest import MuonOneByOne, SavesOnly
 from gpt.checkpoint import load_checkpoint
 from gpt.config import TrainConfig
 from gpt.data import TokenWindows, TrainBatches, eval_loader
+from gpt.device import allow_tf32_matmuls, setup_device
 from gpt.model import GPTModel, ModelConfig
 from gpt.optim import Muon, bf16_is_fast, build_optimizer
 from gpt.precision import Precision
 from gpt.sampling import generate
-from gpt.device import allow_tf32_matmuls, setup_device
-from gpt.training import TrainData, to_device, train, train_step, new_run
+from gpt.training import TrainData, new_run, to_device, train, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)")
 
@@ -143,10 +143,10 @@ def test_compiled_training_on_cuda_matches_eager(tiny_cfg, activation_checkpoint
         from torch._dynamo.utils import counters
 
         from gpt.distributed import SINGLE
-        from gpt.tools.evaluate import final_val_line
+        from gpt.training import final_val_line
         graphs = counters["stats"]["unique_graphs"]
         final_val_line(model, eval_loader(pattern_windows(), 4, None), TrainConfig(dtype="float32", compile=True),
-                       CUDA, SINGLE, False, 10)
+                       CUDA, SINGLE, ("val loss", "the val split"), 10)
         assert counters["stats"]["unique_graphs"] == graphs  # on a GPU it scores in training's dtype: no recompile
 
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from gpt.data import PAD_INPUT_ID, DataConfig, TokenWindows, TrainBatches, eval_loader, load_split, prepare
-from gpt import data
-from gpt.corpus import encode
-from gpt.corpus import sources
+from gpt.config import DataConfig
+from gpt.corpus import Block, encode, sources, writing
 from gpt.corpus.encode import Encoded, encode_documents
+from gpt.corpus.plays import markdown_play_to_text
+from gpt.corpus.prepare import prepare
+from gpt.data import PAD_INPUT_ID, TokenWindows, TrainBatches, eval_loader, load_split
 from gpt.errors import UserError
 from gpt.model import IGNORE_INDEX
-from gpt.corpus.sources import Block, markdown_play_to_text
 from gpt.tokenizer import EOT_ID, get_tokenizer
 
 PLAY = """# Macbeth
@@ -202,7 +202,7 @@ def test_failed_preparation_leaves_the_previous_files_and_no_temporary_ones(
         yield Encoded(np.array([1, 2, 3], dtype=np.uint16).tobytes(), 1, 10, 10)
         raise failure
 
-    monkeypatch.setattr(data, "encode_documents", failing)
+    monkeypatch.setattr(writing, "encode_documents", failing)
     with pytest.raises(raised, match="cannot write the prepared corpus .*No space left on device" if raised
                        is UserError else None):
         prepare(cfg)
@@ -303,7 +303,7 @@ def test_eval_batches_all_have_the_full_shape_and_padding_rows_are_no_windows():
 def test_preparation_streams_in_bounded_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(encode, "CHUNK_CHARS", 1 << 14)
     monkeypatch.setattr(sources, "BLOCK_BYTES", 1 << 14)
-    monkeypatch.setattr(data, "COPY_BYTES", 1 << 14)
+    monkeypatch.setattr(writing, "COPY_BYTES", 1 << 14)
     line = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer\n"
     enc = get_tokenizer()  # built before measuring
 

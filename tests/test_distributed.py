@@ -24,14 +24,13 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from gpt import distributed
 from gpt.config import TrainConfig, load_config
 from gpt.data import TokenWindows, TrainBatches, eval_loader
-from gpt.distributed import SINGLE, BatchShare, Distributed
+from gpt.distributed import BatchShare, Distributed, SINGLE
 from gpt.errors import UserError
 from gpt.metrics import read_metrics
 from gpt.model import GPTModel
 from gpt.optim import build_optimizer
 from gpt.precision import Precision
-from gpt.tools.evaluate import score
-from gpt.training import evaluate, train_step
+from gpt.training import evaluate, score, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")

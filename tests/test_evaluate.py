@@ -11,12 +11,14 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from gpt.checkpoint import save_checkpoint
-from gpt.config import Config, TrainConfig
-from gpt.data import DataConfig, TokenWindows, eval_loader, load_split, prepare
+from gpt.config import Config, DataConfig, TrainConfig
+from gpt.corpus.prepare import prepare
+from gpt.data import TextFormat, TokenWindows, eval_loader, load_split
 from gpt.distributed import SINGLE
 from gpt.model import GPTModel, ModelConfig
-from gpt.tools import evaluate
 from gpt.tokenizer import EOT_ID, get_tokenizer
+from gpt.tools import evaluate
+from gpt.training import final_val_line, score
 
 CPU = torch.device("cpu")
 
@@ -29,7 +31,7 @@ def test_score_counts_the_nats_and_bytes_of_exactly_the_scored_tokens(batch_size
     torch.manual_seed(0)
     model = GPTModel(ModelConfig(context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0))
     windows = TokenWindows(np.array(tokens, dtype=np.uint16), max_length=8, stride=8)
-    result = evaluate.score(model, eval_loader(windows, batch_size, max_batches=None), torch.device("cpu"))
+    result = score(model, eval_loader(windows, batch_size, max_batches=None), torch.device("cpu"))
 
     # Independently: window i predicts tokens 8i+1 .. 8i+8; <|endoftext|> is no text, so it counts
     # in the loss but in neither the nats nor the bytes of bits per byte.
@@ -98,7 +100,7 @@ def test_the_final_figure_and_the_command_compile_where_the_run_s_training_would
     torch._dynamo.reset()
     counters.clear()
     windows = load_split(prepare(cfg.data), "val", 8, 8)
-    line = evaluate.final_val_line(model, eval_loader(windows, 5, None), cfg.train, CPU, SINGLE, False, 1)
+    line = final_val_line(model, eval_loader(windows, 5, None), cfg.train, CPU, SINGLE, TextFormat.whole_val, 1)
     assert counters["stats"]["unique_graphs"] == int(compiled)
     torch._dynamo.reset()
     assert len(windows) % 5 and printed["windows"] == len(windows) and printed["tokens"] == 8 * len(windows)

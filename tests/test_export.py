@@ -1,26 +1,18 @@
 """Export to Hugging Face's GPT-2 format: transformers loads it with the same logits, and so do we."""
 
+import json
+
 import pytest
 import torch
 
 import train
+from conftest import randomised
+from gpt.checkpoint import build_model, resolve_model_config
 from gpt.gpt2 import export
 from gpt.gpt2.hf_format import from_hf_state_dict, to_hf_state_dict
 from gpt.model import GPTModel, ModelConfig
-from gpt.gpt2.pretrained import build_model, resolve_model_config
 
 transformers = pytest.importorskip("transformers")
-
-
-def randomised(cfg: ModelConfig) -> GPTModel:
-    """A model with every parameter random (LayerNorms and biases too), padding rows kept zero."""
-    torch.manual_seed(0)
-    model = GPTModel(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.3)
-        model.tok_emb.weight[cfg.vocab_size:] = 0.0
-    return model
 
 
 def max_difference(ours: GPTModel, theirs, idx: torch.Tensor) -> float:
@@ -31,7 +23,7 @@ def max_difference(ours: GPTModel, theirs, idx: torch.Tensor) -> float:
 
 def test_layout_conversion_is_its_own_inverse(tiny_cfg):
     cfg = ModelConfig(**{**tiny_cfg.__dict__, "qkv_bias": True})
-    state = randomised(cfg).state_dict()
+    state = randomised(cfg).eval().state_dict()
     back = from_hf_state_dict(to_hf_state_dict(state, cfg), cfg, "test")
     assert back.keys() == state.keys()
     assert all(torch.equal(back[k], state[k]) for k in state)
@@ -39,13 +31,29 @@ def test_layout_conversion_is_its_own_inverse(tiny_cfg):
 
 @pytest.mark.parametrize("qkv_bias", [False, True])  # without: written as zero biases
 def test_exported_model_gives_the_same_logits_in_transformers(qkv_bias, tiny_cfg, tmp_path):
-    model = randomised(ModelConfig(**{**tiny_cfg.__dict__, "qkv_bias": qkv_bias}))
+    model = randomised(ModelConfig(**{**tiny_cfg.__dict__, "qkv_bias": qkv_bias})).eval()
     files = export.export_model(model, tmp_path / "hf")
     assert sorted(f.name for f in files) == ["config.json", "model.safetensors"]  # 101 tokens: no tokenizer
     theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     assert theirs.config.vocab_size == 101 and theirs.config.n_positions == tiny_cfg.context_length
     idx = torch.randint(0, 101, (2, tiny_cfg.context_length), generator=torch.Generator().manual_seed(1))
     assert max_difference(model, theirs, idx) < 1e-5
+
+
+# What llama.cpp's convert_hf_to_gguf.py reads from a GPT-2 config.json (llama.cpp's conversion/gpt2.py,
+# GPT2Model.set_gguf_parameters, and TextModel: the class by `architectures`, the block count, the
+# vocabulary's size); OpenAI's own GPT-2 config.json has each of them.
+LLAMA_CPP_GPT2_KEYS = ("architectures", "n_ctx", "n_embd", "n_head", "n_layer", "layer_norm_epsilon", "vocab_size")
+
+
+def test_the_config_holds_what_llama_cpps_converter_reads(tiny_cfg, tmp_path):
+    export.export_model(randomised(tiny_cfg), tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text(encoding="utf-8"))
+    assert [key for key in LLAMA_CPP_GPT2_KEYS if key not in config] == []
+    assert config["architectures"] == ["GPT2LMHeadModel"]  # the converter's class for it: GPT2Model
+    assert config["n_ctx"] == config["n_positions"] == tiny_cfg.context_length
+    assert (config["n_embd"], config["n_head"], config["n_layer"]) == (32, 4, 2)
+    assert config["layer_norm_epsilon"] == 1e-5 and config["vocab_size"] == 101
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +65,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_a_trained_run_round_trips(tiny_run, tmp_path, capsys):
-    from gpt.gpt2.pretrained import load_model
+    from gpt.checkpoint import load_model
     out = tmp_path / "hf"
     assert export.main([str(tiny_run), str(out)]) == 0
     assert f"to {out}" in capsys.readouterr().out
@@ -76,7 +84,7 @@ def test_a_trained_run_round_trips(tiny_run, tmp_path, capsys):
 @pytest.mark.slow
 def test_a_lora_run_exports_with_its_adapters_merged(tiny_run, tmp_path):
     """A LoRA run's checkpoint holds adapters only; its export is a whole GPT-2: the base with them merged."""
-    from gpt.gpt2.pretrained import load_model
+    from gpt.checkpoint import load_model
     from gpt.lora import is_adapted
     lora = tmp_path / "lora"
     assert train.main(["--config", "tiny.yaml", f"--train.init_from={tiny_run}", f"--train.out_dir={lora}",

@@ -19,7 +19,7 @@ import generate
 import train
 from gpt.gpt2 import export
 from gpt.tools import attention_map, evaluate, multiple_choice
-from gpt.model import GPTModel
+from gpt.model import GPTModel, ModelConfig
 
 TRAIN, GENERATE, ATTENTION_MAP, CHAT, EVALUATE, EXPORT = train, generate, attention_map, chat, evaluate, export
 
@@ -132,6 +132,16 @@ def world(tmp_path_factory) -> SimpleNamespace:
     state["model"]["final_norm.weight"][0] += 0.5
     torch.save(state, w.changed_base / "best.pt")
     shutil.rmtree(w.gone_base)
+
+    # For the GGUF export: models llama.cpp's gpt2 cannot hold (as a file) or store (as q8_0), and a file in the way.
+    saved = torch.load(w.run / "best.pt", weights_only=True)
+    for name, change in {"vocab-101": {"vocab_size": 101}, "width-48": {"emb_dim": 48}}.items():
+        model_cfg = {**saved["config"]["model"], **change}
+        (root / name).mkdir()
+        torch.save({**saved, "config": {**saved["config"], "model": model_cfg},
+                    "model": GPTModel(ModelConfig(**model_cfg)).state_dict()}, root / name / "best.pt")
+    w.vocab_101_run, w.width_48_run = root / "vocab-101", root / "width-48"
+    w.existing_gguf = text("existing.gguf", "mine")
     return w
 
 
@@ -185,6 +195,10 @@ def chat_data(w, corpus, *more):
 
 def without_datasets(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` fails as if not installed
+
+
+def without_gguf(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` fails as if not installed
 
 
 def needs(module: str):
@@ -419,6 +433,28 @@ CASES = [
      r"train.init_from '.*gone-base' is not scratch, a GPT-2 size"),
     ("export a LoRA run whose base is gone", "lora", EXPORT, lambda w: [str(w.lora_chat_run), str(w.root / "hf")],
      r"lora-chat-run/best.pt holds LoRA adapters, not a whole model, and their base cannot be loaded"),
+    ("GGUF export of no run", "export", EXPORT, lambda w: [str(w.root / "nowhere"), str(w.root / "out.gguf")],
+     r"no checkpoint at .*nowhere; train one first"),
+    ("GGUF export of a folder that holds no run", "export", EXPORT, lambda w: [str(w.no_text), str(w.root / "out.gguf")],
+     r"no checkpoint in .*no-text \(looked for best.pt and latest.pt\); train one first"),
+    ("GGUF export in an unknown dtype", "export", EXPORT,
+     lambda w: [str(w.run), str(w.root / "out.gguf"), "--dtype", "q4_0"],
+     r"argument --dtype: invalid choice: '?q4_0'? \(choose from '?f32'?, '?f16'?, '?q8_0'?\); see python -m gpt export --help"),
+    ("GGUF export over an existing file", "export", EXPORT, lambda w: [str(w.run), str(w.existing_gguf)],
+     r"existing.gguf already exists; choose another name or pass --overwrite to replace it"),
+    ("GGUF export of a vocabulary that is not GPT-2's", "export", EXPORT,
+     lambda w: [str(w.vocab_101_run), str(w.root / "out.gguf")],
+     r"vocab-101/best.pt has model.vocab_size 101, and a GGUF file for llama.cpp's gpt2 carries GPT-2's tokenizer "
+     r"\(50257 ids\); export it to Hugging Face's format instead \(an OUT_DIR not ending in .gguf\)"),
+    ("q8_0 of rows that are not whole blocks", "export", EXPORT,
+     lambda w: [str(w.width_48_run), str(w.root / "out.gguf"), "--dtype", "q8_0"],
+     r"--dtype q8_0 stores each row of weights in blocks of 32 values, and .*width-48/best.pt has model.emb_dim 48, "
+     r"not a multiple of 32; use --dtype f16 or f32"),
+    ("--dtype for a Hugging Face export", "export", EXPORT, lambda w: [str(w.run), str(w.root / "hf"), "--dtype", "f16"],
+     r"--dtype is for a GGUF file \(OUT ending in .gguf, or --format gguf\); the Hugging Face export into .*hf "
+     r"writes float32"),
+    ("GGUF export without gguf installed", "export", EXPORT, lambda w: [str(w.run), str(w.root / "out.gguf")],
+     r'writing GGUF needs the gguf package: pip install gguf, or pip install -e "\.\[gguf\]"', without_gguf),
     ("empty prompt", "prompt", GENERATE, lambda w: ["", "--checkpoint", str(w.run)],
      r'the prompt is empty; give some text to continue, e.g. "Your journey"'),
     ("empty prompt for the attention map", "prompt", ATTENTION_MAP, lambda w: ["", "--checkpoint", str(w.run)],
@@ -480,7 +516,7 @@ ACCEPTED = [
 def test_the_table_is_large_and_covers_every_area():
     assert len(CASES) >= 20 and len({case[0] for case in CASES}) == len(CASES)
     assert {case[1] for case in CASES} == {"config", "command line", "torchrun", "data", "run folder", "checkpoint",
-                                           "memory", "prompt", "chat", "task", "lora"}
+                                           "memory", "prompt", "chat", "task", "lora", "export"}
 
 
 @pytest.mark.parametrize("case,script,argv,message", [(c[0], *c[2:5]) for c in ACCEPTED], ids=[c[0] for c in ACCEPTED])
@@ -511,7 +547,7 @@ def test_hostile_input_is_one_clear_line_and_loses_nothing(world, case, script, 
     assert err.startswith("error: ") and re.search(message, err), err
     after = snapshot(world.root)
     assert {name: after.get(name) for name in before} == before  # nothing lost or changed
-    assert not [name for name in after if name not in before and name.endswith(".pt")]  # nothing saved
+    assert not [name for name in after if name not in before and name.endswith((".pt", ".gguf", ".tmp"))]  # nothing saved
     assert not (world.root / "pwned").exists()  # the pickle's code never ran
 
 

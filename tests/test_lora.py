@@ -1,4 +1,4 @@
-"""LoRA (gpt/lora.py): the adapted model starts as its base, only the adapters and new token rows
+"""LoRA (gpt/lora/): the adapted model starts as its base, only the adapters and new token rows
 train, merging changes no output, and a LoRA run's checkpoints hold the adapters alone, name their
 base, resume exactly and load everywhere a run is read."""
 
@@ -13,26 +13,15 @@ from torch.nn.utils import parametrize
 import chat
 import generate
 import train
-from gpt.checkpoint import load_checkpoint
-from gpt.config import TrainConfig, load_config
+from conftest import randomised
+from gpt.checkpoint import load_checkpoint, load_model
+from gpt.config import LoRAConfig, TrainConfig, load_config
 from gpt.errors import UserError
-from gpt.gpt2.pretrained import load_model
-from gpt.lora import LORA_BASE, LoRAConfig, LoRALinear, add_adapters, fingerprint, is_adapted, merge
+from gpt.lora import LORA_BASE, LoRALinear, add_adapters, fingerprint, is_adapted, merge
 from gpt.model import GPTModel, ModelConfig
 from gpt.optim import build_optimizer
 
 MERGE_TOLERANCE = 1e-5  # float32: W x + s B (A x) and (W + s B A) x round differently, by ~1e-7 here
-
-
-def randomised(cfg: ModelConfig, seed: int = 0) -> GPTModel:
-    """A model with every parameter random (LayerNorms and biases too), padding rows kept zero."""
-    torch.manual_seed(seed)
-    model = GPTModel(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.3)
-        model.tok_emb.weight[cfg.vocab_size:] = 0.0
-    return model
 
 
 @pytest.fixture

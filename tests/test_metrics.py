@@ -8,14 +8,15 @@ import torch
 
 import train
 from conftest import SavesOnly
-from gpt.tools import plot
+from gpt import metrics
+from gpt.config import TrainConfig
 from gpt.data import TokenWindows, TrainBatches, eval_loader
 from gpt.errors import UserError
 from gpt.metrics import COLUMNS, RunLog, append_metrics, read_metrics, start_metrics
 from gpt.model import GPTModel
 from gpt.optim import learning_rate
-from gpt.config import TrainConfig
-from gpt.training import TrainData, train as train_loop, new_run
+from gpt.tools import plot
+from gpt.training import TrainData, new_run, train as train_loop
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -112,7 +113,7 @@ def test_without_matplotlib_training_prints_a_hint_and_the_command_fails(tmp_pat
     append_metrics(tmp_path / "metrics.csv", row(10, 5.0))
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import now raises ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    assert plot.plot_after_training(tmp_path) == (
+    assert metrics.plot_after_training(tmp_path) == (
         "no loss plot: drawing loss.png needs matplotlib: pip install matplotlib (or the [plot] extra)")
     assert plot.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()

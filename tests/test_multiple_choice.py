@@ -12,11 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import train
-from gpt.checkpoint import save_checkpoint
-from gpt.config import Config, TrainConfig, load_config
-from gpt.data import DataConfig
+from gpt.checkpoint import build_model, resolve_model_config, save_checkpoint
+from gpt.config import Config, DataConfig, TrainConfig, load_config
 from gpt.errors import UserError
-from gpt.gpt2.pretrained import build_model, resolve_model_config
 from gpt.metrics import read_metrics
 from gpt.model import GPTModel, ModelConfig
 from gpt.tokenizer import get_tokenizer

@@ -10,9 +10,9 @@ import torch
 
 from gpt.chat.data import ChatWindows, best_fit, prepare_chat
 from gpt.chat.template import CHAT_VOCAB_SIZE
-from gpt.config import TrainConfig
-from gpt.data import DataConfig, eval_loader, full_batch
-from gpt.model import IGNORE_INDEX, GPTModel, ModelConfig, conversations_apart
+from gpt.config import DataConfig, TrainConfig
+from gpt.data import eval_loader, full_batch
+from gpt.model import GPTModel, IGNORE_INDEX, ModelConfig, conversations_apart
 from gpt.precision import Precision
 from gpt.tokenizer import EOT_ID
 from gpt.training import token_losses, train_step

@@ -11,13 +11,12 @@ import torch
 
 import generate
 import train
-from gpt.gpt2 import pretrained
+from gpt.checkpoint import build_model, load_model, resolve_model_config
 from gpt.config import load_config
 from gpt.errors import UserError
-from gpt.gpt2 import hf_format
+from gpt.gpt2 import hf_format, pretrained
 from gpt.gpt2.hf_format import architecture_from_weights
 from gpt.model import ModelConfig
-from gpt.gpt2.pretrained import build_model, load_model, resolve_model_config
 
 
 def load(init_from: str | Path, given=(), **fields):

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from gpt.model import GPTModel, ModelConfig
-from gpt.sampling import SampleConfig, continue_prompt, filter_logits, generate, generate_rows
+from gpt.sampling import SampleConfig, continue_prompt, filter_logits, generate
 from gpt.tokenizer import EOT_ID
+from gpt.tools.batched import generate_rows
 
 
 class Recorder(torch.nn.Module):

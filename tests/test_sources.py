@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpt.config import DataConfig
 from gpt.corpus import encode
-from gpt.data import DataConfig, prepare
+from gpt.corpus.prepare import prepare
 from gpt.errors import UserError
 from gpt.tokenizer import EOT_ID, get_tokenizer
 
@@ -139,7 +140,7 @@ def test_hf_source_streams_a_local_dataset_through_datasets(tmp_path):
 
 
 def test_prepare_command_makes_the_files_train_py_reuses(corpus_file, tmp_path, capsys):
-    from gpt.corpus import prepare as prepare_command
+    from gpt.tools import prepare as prepare_command
 
     argv = ["--config", "tiny.yaml", f"--data.corpus={corpus_file}", f"--data.prepared_dir={tmp_path / 'p'}"]
     assert prepare_command.main(argv) == 0

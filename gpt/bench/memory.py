@@ -39,14 +39,15 @@ from pathlib import Path
 
 import torch
 
-from gpt.config import Config, load_config
+from gpt.compiled import compile_model
+from gpt.config import Config, LoRAConfig, load_config
+from gpt.device import pick_device, setup_device
 from gpt.errors import ArgumentParser, UserError, run_cli
-from gpt.lora import LoRAConfig, add_adapters
+from gpt.lora import add_adapters
 from gpt.model import GPTModel
 from gpt.optim import build_optimizer
 from gpt.precision import Precision, pick_dtype
-from gpt.device import pick_device, setup_device
-from gpt.training import compile_model, train_step
+from gpt.training import train_step
 
 # --compare: the two settings, by name, as the changes each makes to train's section.
 COMPARISONS = {

@@ -2,7 +2,7 @@
 
 Writes a corpus of `--megabytes` (Shakespeare's plays, again and again, each copy under its own
 heading) in a temporary folder, as one text file, as JSONL records of ~4 KB (the size of a web
-page in FineWeb) or as Parquet, then prepares it with `gpt.data.prepare` (what train.py runs)
+page in FineWeb) or as Parquet, then prepares it with `gpt.corpus.prepare.prepare` (what train.py runs)
 at each `--num-proc`, in turns, `--rounds` times. Each preparation runs in a child process of
 its own, so the figures are its own: MB/s of text (UTF-8 bytes, whatever the format), and the
 peak resident memory of the process that reads and writes (`VmHWM`) and of its largest
@@ -22,8 +22,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from gpt.corpus.sources import import_pyarrow, shakespeare_documents
-from gpt.data import default_num_proc
+from gpt.corpus.plays import shakespeare_documents
+from gpt.corpus.sources import import_pyarrow
+from gpt.corpus.writing import default_num_proc
 from gpt.errors import ArgumentParser, UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]  # the clone: gpt/bench/prep.py -> .
@@ -32,7 +33,8 @@ RECORD_CHARS = 4000  # JSONL and Parquet records of about this many characters
 CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
-from gpt.data import DataConfig, prepare
+from gpt.config import DataConfig
+from gpt.corpus.prepare import prepare
 from gpt.bench.memory import resident_peak  # VmHWM: this program's own peak
 from gpt.tokenizer import get_tokenizer
 

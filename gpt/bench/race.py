@@ -29,16 +29,19 @@ import torch
 
 from gpt.chat.data import load_chat_split, prepare_chat
 from gpt.chat.template import CHAT_VOCAB_SIZE, chat_model_config
-from gpt.config import OPTIMIZERS, Config, load_config
-from gpt.data import TrainBatches, eval_loader, load_split, prepare
+from gpt.checkpoint import build_model, resolve_model_config
+from gpt.compiled import compile_model
+from gpt.config import Config, OPTIMIZERS, load_config
+from gpt.corpus.prepare import prepare
+from gpt.data import TrainBatches, eval_loader, load_split
+from gpt.device import pick_device, setup_device
 from gpt.errors import ArgumentParser, UserError, run_cli
-from gpt.gpt2.pretrained import build_model, lora_model, resolve_model_config
+from gpt.lora import lora_model
 from gpt.model import GPTModel
 from gpt.optim import build_optimizer, set_learning_rate
 from gpt.precision import Precision, pick_dtype
 from gpt.resume import seed_everything
-from gpt.device import pick_device, setup_device
-from gpt.training import compile_model, evaluate, train_step
+from gpt.training import evaluate, train_step
 
 TIMED_FROM = 3  # with --seconds: steps before this one (allocations, warm-up) don't set the pace
 PACE_STEPS = 10  # with --seconds: the step count is fixed after this many steps

@@ -40,15 +40,16 @@ from dataclasses import dataclass
 
 import torch
 
+from gpt.compiled import compile_model
 from gpt.config import Config, load_config
-from gpt.distributed import SINGLE, Distributed, single_process_group
+from gpt.device import pick_device, setup_device
+from gpt.distributed import Distributed, SINGLE, single_process_group
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.model import GPTModel, ModelConfig
 from gpt.optim import build_optimizer, muon_parameters, steps_unless
 from gpt.precision import DTYPES, Precision, dtype_name, pick_dtype
 from gpt.sampling import decoding_dtype, for_decoding, generate
-from gpt.device import pick_device, setup_device
-from gpt.training import compile_model, train_step
+from gpt.training import train_step
 
 # Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, in TFLOP/s: bf16/fp16, and
 # tf32 (what float32 matmuls run as here). Matched against the device name, first match wins.

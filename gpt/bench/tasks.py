@@ -19,16 +19,17 @@ import time
 
 import torch
 
+from gpt.compiled import compile_model
 from gpt.config import load_config
+from gpt.device import pick_device, setup_device
 from gpt.errors import ArgumentParser, run_cli
 from gpt.model import GPTModel
 from gpt.optim import build_optimizer
 from gpt.precision import Precision, dtype_name, pick_dtype
 from gpt.tools.multiple_choice import (Prompts, Scoring, batches_of, cache_rows, item_rows, load_task, padded_batch,
-                                        score_task, shared_contexts, subset)
+                                       score_task, shared_contexts, subset)
 from gpt.tools.next_words import NEXT_WORDS
-from gpt.device import pick_device, setup_device
-from gpt.training import compile_model, train_step
+from gpt.training import train_step
 
 
 def main(argv: list[str] | None = None) -> int:

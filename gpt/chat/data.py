@@ -1,6 +1,6 @@
 """Conversations on disk and in batches: what `data.format: chat` trains on.
 
-Preparation (`prepare_chat`, once per corpus, like `gpt.data.prepare`) reads the records of
+Preparation (`prepare_chat`, once per corpus, like `gpt.corpus.prepare.prepare`) reads the records of
 `data.corpus` (`Source.records`: JSONL, Parquet, hf:, or the built-in `shakespeare-chat`),
 checks each one (`gpt.chat.template.conversation_from_record`: a bad one is an error naming its file and
 line or row) and renders it with the chat template into three files per split:
@@ -32,9 +32,11 @@ import torch
 from torch.utils.data import Dataset
 
 from gpt.chat.template import TEMPLATE, conversation_from_record, render, spells_marker
-from gpt.data import DataConfig, open_corpus, preparing, publish, reusable
-from gpt.corpus.downloads import DATA_DIR
-from gpt.distributed import SINGLE, Distributed
+from gpt.config import DataConfig
+from gpt.corpus.prepare import open_corpus, reusable
+from gpt.corpus.writing import preparing, publish
+from gpt.distributed import Distributed, SINGLE
+from gpt.downloads import DATA_DIR
 from gpt.errors import UserError
 from gpt.model import IGNORE_INDEX
 from gpt.tokenizer import EOT_ID

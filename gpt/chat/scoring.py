@@ -34,11 +34,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gpt.chat.template import END_ID, crop_history, render_prompt
 from gpt.chat.data import VAL_RECORDS
+from gpt.chat.template import END_ID, crop_history, render_prompt
 from gpt.errors import UserError
-from gpt.sampling import SampleConfig, generate_rows
+from gpt.sampling import SampleConfig
 from gpt.tokenizer import EOT_ID, TextStream
+from gpt.tools.batched import generate_rows
 from gpt.tools.multiple_choice import Item, Scoring, Task, TaskScore, score_task
 
 REPLIES = 100  # held-out conversations replied to (--replies)
@@ -134,7 +135,7 @@ def reply_text(ids: list[int]) -> tuple[str, bool]:
 @torch.no_grad()
 def ask(model: nn.Module, records: list[dict], limit: int) -> Answers:
     """Greedy replies to each record's conversation up to its last reply, all of them decoded as one batch
-    (`gpt.sampling.generate_rows`: the replies `gpt.chat.template.reply` gives one at a time); what they got right."""
+    (`gpt.tools.batched.generate_rows`: the replies `gpt.chat.template.reply` gives one at a time); what they got right."""
     answers = Answers()
     asked, prompts, rooms = [], [], []
     for record in records:

@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gpt.checkpoint import checkpoint_path, load_checkpoint
+from gpt.checkpoint import checkpoint_path, load_checkpoint, model_from_state
 from gpt.config import Config
 from gpt.errors import UserError
-from gpt.gpt2.pretrained import is_pretrained_source, model_from_state
+from gpt.gpt2.pretrained import is_pretrained_source
 from gpt.model import GPTModel, ModelConfig
 from gpt.sampling import SampleConfig, generate_stream
 from gpt.tokenizer import EOT_ID, EOT_TOKEN, TextStream, get_tokenizer
@@ -176,6 +176,15 @@ def render_prompt(messages: list[dict]) -> list[int]:
     return render(messages)[0] + [SPECIAL_IDS[ASSISTANT]]
 
 
+def jinja_template() -> str:
+    """The template as Jinja, for the chat front ends of other programs (Hugging Face's
+    `apply_chat_template`, llama.cpp's chat, LM Studio): with `add_generation_prompt`, the text whose
+    tokens (markers parsed as special) are `render_prompt`'s, for content that spells no marker."""
+    return ("{{ '" + EOT_TOKEN + "' }}{% for message in messages %}{{ '<|' + message['role'] + '|>' + "
+            "message['content'] + '" + END + "' }}{% endfor %}{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}"
+            "{% endif %}")
+
+
 def crop_history(messages: list[dict], budget: int) -> tuple[list[dict], int]:
     """The history without its oldest turns, so that `render_prompt` is at most `budget` ids.
 
@@ -220,19 +229,6 @@ def chat_model_config(cfg: ModelConfig) -> ModelConfig:
         raise UserError(f"data.format chat needs a model over GPT-2's vocabulary (50257 ids), and "
                         f"model.vocab_size is {cfg.vocab_size}")
     return dataclasses.replace(cfg, vocab_size=CHAT_VOCAB_SIZE)
-
-
-def check_resumed_template(saved: object, path: object, chat: bool) -> None:
-    """A UserError if a run resumes with another template than its checkpoint's (None: a text run)."""
-    wanted = TEMPLATE if chat else None
-    if saved == wanted:
-        return
-    def name(t: object) -> str:
-        return "none (a text run)" if t is None else repr(t.get("name") if isinstance(t, dict) else t)
-    raise UserError(f"{path} was trained with the chat template {name(saved)} and this run asks for "
-                    f"{name(wanted)} (data.format {'chat' if chat else 'text'}); a run keeps its template: "
-                    "resume with the settings it was started with, or start a new run with --overwrite or "
-                    "another train.out_dir")
 
 
 def load_chat_model(location: str, device: torch.device) -> tuple[GPTModel, Config, Path]:

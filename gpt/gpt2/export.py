@@ -10,6 +10,9 @@ works as it is. A chat run (`gpt.chat.template`) carries its template too: its f
 50257..50260) as added special tokens and a Jinja `chat_template` in `tokenizer_config.json`, so
 `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` gives the ids chat.py feeds
 the model. A non-empty OUT_DIR is left alone unless `--overwrite` is given.
+
+An OUT ending in .gguf (or `--format gguf`) writes one GGUF file for llama.cpp instead:
+`gpt/gpt2/gguf_export.py`.
 """
 
 import json
@@ -17,10 +20,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from gpt.checkpoint import checkpoint_path, load_checkpoint
+from gpt.checkpoint import checkpoint_path, load_checkpoint, load_model
 from gpt.errors import ArgumentParser, UserError, run_cli
 from gpt.gpt2.hf_format import to_hf_config, to_hf_state_dict
-from gpt.gpt2.pretrained import load_model
 from gpt.model import GPTModel
 from gpt.tokenizer import EOT_ID, EOT_TOKEN, bpe_files
 
@@ -35,17 +37,15 @@ def chat_tokenizer_config(template: dict) -> dict:
     ids follow GPT-2's 50,257, as here) and the template as a Jinja `chat_template`, so
     `tokenizer.apply_chat_template` gives the ids `gpt.chat.template.render_prompt` gives (for content that
     spells no marker: Hugging Face's tokenizer turns such text into the marker, ours keeps it text)."""
+    from gpt.chat.template import jinja_template  # the chat tool, for a chat run only
     tokens = {EOT_TOKEN: EOT_ID, **template["tokens"]}
     end = next(t for t in template["tokens"] if t == "<|end|>")
-    jinja = ("{{ '" + EOT_TOKEN + "' }}{% for message in messages %}{{ '<|' + message['role'] + '|>' + "
-             "message['content'] + '" + end + "' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}"
-             "{% endif %}")
     return {
         "tokenizer_class": "GPT2Tokenizer", "model_max_length": None, "add_prefix_space": False,
         "bos_token": EOT_TOKEN, "eos_token": end, "unk_token": EOT_TOKEN, "pad_token": EOT_TOKEN,
         "added_tokens_decoder": {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
                                           "normalized": False, "single_word": False} for t, i in tokens.items()},
-        "chat_template": jinja, "gpt_chat_template": template,
+        "chat_template": jinja_template(), "gpt_chat_template": template,
     }
 
 
@@ -95,15 +95,31 @@ def export_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool) -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gpt.gpt2 import gguf_export  # GGUF: OUT ending in .gguf, or --format gguf
+
     parser = ArgumentParser(prog="python -m gpt export",
                             description="Write a trained run as a Hugging Face GPT-2 model "
-                            "(config.json + model.safetensors) that transformers can load.")
+                            "(config.json + model.safetensors) that transformers can load, or as one GGUF "
+                            "file for llama.cpp, ollama and LM Studio (OUT ending in .gguf).")
     parser.add_argument("run_dir", help="a run folder (train.out_dir) or a checkpoint file")
-    parser.add_argument("out_dir", help="the folder to write the Hugging Face model into")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty out_dir")
+    parser.add_argument("out_dir", metavar="OUT", help="the folder to write the Hugging Face model into, "
+                        "or the .gguf file to write")
+    parser.add_argument("--format", choices=("hf", "gguf"),
+                        help="hf (a folder) or gguf (one file); by default gguf for an OUT ending in .gguf")
+    parser.add_argument("--dtype", choices=gguf_export.DTYPES,
+                        help=f"GGUF only: the weights' type (default {gguf_export.DEFAULT_DTYPE})")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty out_dir, or replace OUT.gguf")
     args = parser.parse_args(argv)
 
     def work() -> None:
+        if gguf_export.wants_gguf(args.out_dir, args.format):
+            dtype = args.dtype or gguf_export.DEFAULT_DTYPE
+            out = gguf_export.export_run(args.run_dir, args.out_dir, dtype, args.overwrite)
+            print(f"wrote {out} ({dtype}, {out.stat().st_size / 1e6:,.1f} MB)")
+            return
+        if args.dtype is not None:
+            raise UserError(f"--dtype is for a GGUF file (OUT ending in .gguf, or --format gguf); the Hugging "
+                            f"Face export into {args.out_dir} writes float32")
         files = export_run(args.run_dir, args.out_dir, args.overwrite)
         print(f"wrote {', '.join(f.name for f in files)} to {Path(args.out_dir)}")
 

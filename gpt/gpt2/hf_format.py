@@ -28,7 +28,6 @@ BLOCK_NORMS = {"norm1": "ln_1", "norm2": "ln_2"}
 GPT2_HEADS = {768: 12, 1024: 16, 1280: 20, 1600: 25}  # n_embd -> n_head of the released sizes
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # both are the tanh approximation nn.GELU uses
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, what GPTModel uses
-ARCHITECTURE_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias")
 
 
 def normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -154,7 +153,10 @@ def to_hf_config(cfg: ModelConfig) -> dict:
     eot = 50256  # <|endoftext|>; only meaningful when the vocabulary has it
     config = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_embd": cfg.emb_dim,
+        # n_ctx beside n_positions, as OpenAI's GPT-2 config.json has it: llama.cpp's convert_hf_to_gguf.py
+        # reads n_ctx (and stops with KeyError: 'n_ctx' without it); transformers reads n_positions.
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_ctx": cfg.context_length,
+        "n_embd": cfg.emb_dim,
         "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": None,
         "activation_function": "gelu_new", "layer_norm_epsilon": LAYER_NORM_EPS,
         "resid_pdrop": cfg.dropout("shortcut"), "embd_pdrop": cfg.dropout("emb"), "attn_pdrop": cfg.dropout("attn"),

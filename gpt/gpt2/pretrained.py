@@ -7,8 +7,9 @@
   `huggingface_hub` (which reuses its own cache, so a second run downloads nothing).
 - a run trained here: its folder (best.pt, else latest.pt) or a `.pt` checkpoint file; the
   architecture is the run's (a chat fine-tune starts this way: configs/shakespeare-chat.yaml).
-  A LoRA run's weights are its base's with its adapters merged in (`load_model`), so a run can
-  start from one, full or LoRA again, as long as that run's own base is still there, unchanged.
+  A LoRA run's weights are its base's with its adapters merged in (`gpt.checkpoint.load_model`), so
+  a run can start from one, full or LoRA again, as long as that run's own base is still there.
+  Those are read by `gpt.checkpoint` itself; this module reads GPT-2's and Hugging Face's.
 - a path: a folder holding `config.json` and `model.safetensors` or `pytorch_model.bin`
   (what `save_pretrained` and `python -m gpt export` write), or one of those weight files.
   A bare weights file with no `config.json` beside it is sized from its tensor shapes, with the
@@ -22,45 +23,29 @@ the list of differences; `context_length` may be smaller than the weights' `n_po
 then only the first `context_length` rows of the position table are kept (positions past the
 context are never looked up). `drop_rate` and `vocab_pad_multiple` are free.
 
-Loading a config never touches the network or the weights. When a run starts,
-`resolve_model_config` sizes the model from config.json or the tensors' shapes (none of the weights
-read), and `build_model` reads them, once.
-
-`load_model` (and `model_from_state`, for a checkpoint already read) is how everything that reads
-a run gets its model: generate.py, chat.py, `python -m gpt evaluate`, `export` and
-`attention-map`. It lives here, not in gpt/checkpoint.py, because a LoRA run (`gpt.lora`) is a
-base read by `build_model` plus the adapters of its checkpoint: `lora_model` builds the base,
-checks it is the one the run was tuned on (its `fingerprint`), adds the adapters, and
-`model_from_state` merges them, so every reader gets a plain `GPTModel`. train.py builds a LoRA
-run's model with `lora_model` too, fresh or resumed.
+Loading a config never touches the network or the weights. When a run starts, `gpt.checkpoint`'s
+builder asks `pretrained_architecture` for the architecture (from config.json or the tensors' shapes,
+none of the weights read), and `pretrained_state` for the weights, read once. This package is
+imported only for those: a run from scratch or from a run trained here never loads it.
 """
 
 import dataclasses
 import json
 import sys
-from collections.abc import Collection
 from pathlib import Path
 
 import torch
 
-from gpt.checkpoint import BEST_NAME, LATEST_NAME, checkpoint_path, load_checkpoint, load_weights
-from gpt.config import Config, config_from_dict, load_config
-from gpt.corpus.downloads import DATA_DIR
+from gpt.config import GPT2_SIZES, SCRATCH
+from gpt.downloads import DATA_DIR
 from gpt.errors import UserError, first_line
-from gpt.gpt2.hf_format import (ARCHITECTURE_FIELDS, architecture_from_config, architecture_from_weights,
-                                from_hf_state_dict, normalise_keys)
-from gpt.lora import LORA_BASE, add_adapters, base_record, merge
-from gpt.model import GPTModel, ModelConfig
-from gpt.sampling import SampleConfig
+from gpt.gpt2.hf_format import architecture_from_config, architecture_from_weights, from_hf_state_dict, normalise_keys
+from gpt.model import ModelConfig
 
-SCRATCH = "scratch"
-GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HF_REPO = "openai-community/{name}"  # the four sizes as OpenAI released them, on huggingface.co
 WEIGHTS_DIR = DATA_DIR / "gpt2-weights"  # <name>/config.json + model.safetensors, by hand
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 CONFIG_FILE = "config.json"
-RUN_FILES = (BEST_NAME, LATEST_NAME)  # a folder holding one of these is a run trained here
-DEFAULT_RUN_CONFIG = "small.yaml"  # with no --checkpoint, read the run this config writes (the quick start's)
 
 
 def find_weights(folder: Path) -> Path | None:
@@ -163,166 +148,6 @@ def weights_architecture(weights: Path) -> dict:
     return architecture_from_weights(read_weights(weights, shapes_only=True), str(weights))
 
 
-def run_checkpoint(init_from: str) -> Path | None:
-    """The checkpoint of a run folder trained here (best.pt, else latest.pt) or a .pt file; None
-    when `init_from` names something else (scratch, a GPT-2 size, Hugging Face weights)."""
-    if init_from in GPT2_SIZES or init_from == SCRATCH:
-        return None
-    path = Path(init_from).expanduser()
-    if path.is_dir() and any((path / name).is_file() for name in RUN_FILES):
-        return checkpoint_path(path)
-    if path.is_file() and path.suffix == ".pt":
-        return path
-    return None
-
-
-def run_weights(checkpoint: Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    """The weights of a run's checkpoint (a LoRA run's merged into its base) and their model config."""
-    state = load_checkpoint(checkpoint)
-    config = config_from_dict(state["config"], source=str(checkpoint))
-    if config.train.lora is not None:  # adapters only: the weights are its base's with them merged in
-        return model_from_state(state, checkpoint)[0].state_dict(), config.model
-    return state["model"], config.model
-
-
-def resolve_model_config(cfg: ModelConfig, init_from: str, given: Collection[str]) -> ModelConfig:
-    """`cfg` with the architecture of the `init_from` weights; `given` are the keys the user set.
-
-    A given architecture field must match the weights (context_length may be smaller).
-    """
-    if init_from == SCRATCH:
-        return cfg
-    run = run_checkpoint(init_from)
-    if run is not None:
-        run_cfg = config_from_dict(load_checkpoint(run, mmap=True)["config"], source=str(run)).model  # the weights stay unread
-        wanted = {name: getattr(run_cfg, name) for name in ARCHITECTURE_FIELDS}
-    else:
-        wanted = weights_architecture(locate_weights(init_from))
-    conflicts = []
-    for name in ARCHITECTURE_FIELDS:
-        if name not in given:
-            continue
-        value = getattr(cfg, name)
-        if name == "context_length" and value <= wanted[name]:
-            wanted[name] = value  # a shorter context: the position table is cropped
-        elif value != wanted[name]:
-            limit = "at most " if name == "context_length" else ""
-            conflicts.append(f"{name} {value} (the weights need {limit}{wanted[name]})")
-    if conflicts:
-        raise UserError(f"train.init_from {init_from!r} brings its own architecture, but the config "
-                        f"sets {', '.join(conflicts)}; remove those keys from the model section")
-    return dataclasses.replace(cfg, **wanted)
-
-
-def build_model(cfg: ModelConfig, init_from: str = SCRATCH) -> GPTModel:
-    """A new model for `cfg` (from `resolve_model_config`): random, or with the `init_from` weights.
-
-    `cfg.vocab_size` may exceed the weights' (a chat template's tokens, `gpt.chat.template`): the new rows
-    are added by `add_token_rows`.
-    """
-    model = GPTModel(cfg)
-    if init_from == SCRATCH:
-        return model
-    run = run_checkpoint(init_from)
-    if run is not None:
-        weights = run
-        state, run_cfg = run_weights(run)
-        vocab = run_cfg.vocab_size
-        state = {**state, "pos_emb.weight": state["pos_emb.weight"][:cfg.context_length]}
-    else:
-        weights = locate_weights(init_from)
-        hf_state = normalise_keys(read_weights(weights))  # the one read of the weights
-        if "wte.weight" not in hf_state:
-            raise UserError(f"{weights} holds no wte tensor; it is not GPT-2 weights")
-        vocab = hf_state["wte.weight"].shape[0]
-        state = from_hf_state_dict(hf_state, dataclasses.replace(cfg, vocab_size=vocab), str(weights))
-    if vocab > cfg.vocab_size:
-        raise UserError(f"train.init_from {init_from!r} has {vocab} token ids and the model {cfg.vocab_size}; "
-                        "a vocabulary can grow (new tokens), not shrink")
-    state = add_token_rows(state, vocab, cfg)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        lines = [line.strip() for line in str(e).strip().splitlines()]
-        detail = lines[1] if len(lines) > 1 else lines[0]  # the first specific mismatch
-        raise UserError(f"the weights in {weights} do not fit their config.json ({detail[:200]})") from None
-    return model
-
-
-def add_token_rows(state: dict[str, torch.Tensor], vocab: int, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """`state` with its embedding (and tied head) sized for `cfg`: rows past `vocab` up to
-    `cfg.vocab_size` (new tokens, e.g. a chat template's markers) start at the mean of the real
-    tokens' rows, a neutral start (a zero row would give each new token the logit 0 everywhere);
-    the padding rows past `cfg.vocab_size` are zero, as GPTModel keeps them."""
-    rows = state["tok_emb.weight"]
-    grown = torch.zeros(cfg.padded_vocab_size, rows.shape[1], dtype=rows.dtype)
-    grown[:vocab] = rows[:vocab]
-    grown[vocab:cfg.vocab_size] = rows[:vocab].float().mean(0).to(rows.dtype)
-    state = {**state, "tok_emb.weight": grown}
-    if "out_head.weight" in state:
-        state["out_head.weight"] = grown  # tied
-    return state
-
-
-def refuse_random_base(init_from: str) -> None:
-    """A UserError unless `init_from` brings weights for LoRA to freeze (not scratch)."""
-    if init_from == SCRATCH:
-        raise UserError("train.lora tunes adapters on pretrained weights, and train.init_from is scratch (random "
-                        f"weights, which adapters cannot teach); set train.init_from to {', '.join(GPT2_SIZES)}, a "
-                        "run folder or Hugging Face weights, or leave train.lora out to train every weight")
-
-
-def lora_model(cfg: Config, new_rows: range, resumed: tuple[Path, dict] | None = None) -> tuple[GPTModel, dict]:
-    """A LoRA run's model (`cfg.train.init_from`'s weights, frozen, with fresh adapters and trainable token
-    rows `new_rows`) and the record of its base that its checkpoints keep (`gpt.lora.base_record`).
-
-    With `resumed`, a checkpoint read from a path, the base must be the one it records: a UserError if
-    it cannot be loaded or its weights changed (the adapters only mean something on their own base).
-    """
-    saved = resumed[1].get(LORA_BASE) if resumed is not None else None
-    if resumed is not None and not (isinstance(saved, dict) and {"init_from", "sha256"} <= set(saved)):
-        raise UserError(f"{resumed[0]} is a LoRA run's checkpoint without the record of its base ({LORA_BASE}); "
-                        "the file was damaged or edited: use another checkpoint")
-    try:
-        base = build_model(cfg.model, cfg.train.init_from)
-    except UserError as e:
-        if resumed is None:
-            raise
-        raise UserError(f"{resumed[0]} holds LoRA adapters, not a whole model, and their base cannot be loaded: "
-                        f"{e}") from None
-    record = base_record(cfg.train.init_from, base, new_rows)
-    if saved is not None and saved["sha256"] != record["sha256"]:
-        raise UserError(f"{resumed[0]} holds LoRA adapters for train.init_from {saved['init_from']!r} with weights of "
-                        f"sha256 {saved['sha256'][:12]}..., and {cfg.train.init_from!r} now has other weights "
-                        f"(sha256 {record['sha256'][:12]}...); put back the weights the adapters were tuned on, or "
-                        "fine-tune again on these")
-    return add_adapters(base, cfg.train.lora, new_rows), record
-
-
-def load_model(location: str | Path, device: str | torch.device = "cpu") -> tuple[GPTModel, Config]:
-    """The trained model (in eval mode, on `device`) and its config, from a run dir or file."""
-    path = checkpoint_path(location)
-    # read on the CPU: the optimizer state need not reach the device
-    return model_from_state(load_checkpoint(path), path, device)
-
-
-def model_from_state(state: dict, path: Path, device: str | torch.device = "cpu") -> tuple[GPTModel, Config]:
-    """The model (in eval mode, on `device`) and config of a checkpoint already read from `path`; a
-    LoRA run's is its base with the adapters merged in, a plain GPTModel."""
-    config = config_from_dict(state["config"], source=str(path))
-    if config.train.lora is None:
-        model = GPTModel(config.model)
-        load_weights(model, state["model"], path)
-    else:
-        saved = state.get(LORA_BASE)
-        rows = saved.get("new_token_rows") if isinstance(saved, dict) else None
-        rows = range(*rows) if isinstance(rows, list) and len(rows) == 2 else range(0)
-        model, _ = lora_model(config, rows, (path, state))
-        load_weights(model, state["model"], path)
-        merge(model)
-    return model.to(device).eval(), config
-
-
 def is_pretrained_source(location: str) -> bool:
     """True for a GPT-2 size name or Hugging Face-format weights, False for a run or checkpoint."""
     if location in GPT2_SIZES:
@@ -333,17 +158,17 @@ def is_pretrained_source(location: str) -> bool:
     return path.is_file() and path.name.endswith((".safetensors", ".bin"))
 
 
-def default_checkpoint() -> str:
-    """The run folder generate.py and python -m gpt attention-map read when given no --checkpoint."""
-    return load_config(DEFAULT_RUN_CONFIG).train.out_dir
+def pretrained_architecture(init_from: str) -> dict:
+    """Our architecture fields for the GPT-2 or Hugging Face weights `init_from` names, none of them read."""
+    return weights_architecture(locate_weights(init_from))
 
 
-def load_for_sampling(location: str, device: torch.device) -> tuple[GPTModel, SampleConfig, str]:
-    """A model in eval mode on `device`, its sample settings (a run's, or defaults for GPT-2) and
-    what it was read from."""
-    if is_pretrained_source(location):
-        cfg = resolve_model_config(ModelConfig(), location, given=())
-        return build_model(cfg, location).to(device).eval(), SampleConfig(), location
-    path = checkpoint_path(location)
-    model, config = load_model(path, device)
-    return model, config.sample, str(path)
+def pretrained_state(init_from: str, cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], int, Path]:
+    """The weights `init_from` names as our state dict for `cfg`, their vocabulary size and their file
+    (the one read of them)."""
+    weights = locate_weights(init_from)
+    hf_state = normalise_keys(read_weights(weights))
+    if "wte.weight" not in hf_state:
+        raise UserError(f"{weights} holds no wte tensor; it is not GPT-2 weights")
+    vocab = hf_state["wte.weight"].shape[0]
+    return from_hf_state_dict(hf_state, dataclasses.replace(cfg, vocab_size=vocab), str(weights)), vocab, weights

@@ -13,10 +13,10 @@ Design choices:
   with; nothing in the model changes, and the hooks are removed afterwards.
 - Eval mode (dropout off), and the weights before attention dropout: what the model does
   when it samples.
-- The checkpoint is read as generate.py reads it (`gpt.gpt2.pretrained.load_for_sampling`): a run
+- The checkpoint is read as generate.py reads it (`gpt.cli.load_for_sampling`): a run
   folder or checkpoint file, GPT-2's weights or a Hugging Face folder. A prompt longer than the
   context is cropped to its last `context_length` tokens, as generation crops it.
-- matplotlib is optional, as in `gpt.tools.plot`: `--print` works without it. The figure is drawn on
+- matplotlib is optional, as in `gpt.metrics`' plot: `--print` works without it. The figure is drawn on
   a `matplotlib.figure.Figure` directly (no pyplot, no GUI backend), masked cells in grey so
   they are not mistaken for weights near 0, one colour scale (0 to 1) for every head.
 """
@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 
+from gpt.cli import DEFAULT_RUN_CONFIG, default_checkpoint, load_for_sampling
 from gpt.errors import ArgumentParser, UserError, run_cli
+from gpt.gpt2.pretrained import is_pretrained_source
+from gpt.metrics import INSTALL_HINT
 from gpt.model import GPTModel
-from gpt.tools.plot import INSTALL_HINT
-from gpt.gpt2.pretrained import DEFAULT_RUN_CONFIG, default_checkpoint, is_pretrained_source, load_for_sampling
 from gpt.sampling import check_prompt
 from gpt.tokenizer import get_tokenizer
 

@@ -29,13 +29,12 @@ GPU (`gpt.precision.comparable_dtype`, which says why); `--dtype` chooses anothe
 says which it ran in.
 
 Compiled: wherever the run's training compiles (`train.compile`; `auto`: on CUDA; GPT-2's weights
-take the default), the model runs through `gpt.training.compile_model`, the loss inside its graph.
+take the default), the model runs through `gpt.compiled.compile_model`, the loss inside its graph.
 Every batch has the same shape (`gpt.data.eval_loader` pads the last one), so one graph serves all.
 """
 
 import contextlib
 import json
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -47,70 +46,44 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from gpt.chat.data import VAL_RECORDS, load_chat_split, prepare_chat, read_meta
-from gpt.chat.scoring import (REPLIES, REPLY_LIMIT, Answers, ask, choice_counts, choice_tasks, held_out, majority,
+from gpt.chat.scoring import (Answers, REPLIES, REPLY_LIMIT, ask, choice_counts, choice_tasks, held_out, majority,
                               percent, rank_choices)
 from gpt.chat.template import chat_model_from_state, check_template
-from gpt.checkpoint import checkpoint_path, load_checkpoint
-from gpt.config import TrainConfig, build_config, config_from_dict, parse_overrides
-from gpt.data import DataConfig, TokenWindows, eval_loader, full_batch, load_split, prepare, prepare_whole
-from gpt.distributed import SINGLE, Distributed
-from gpt.errors import ArgumentParser, UserError, run_cli
-from gpt.gpt2.pretrained import (DEFAULT_RUN_CONFIG, build_model, default_checkpoint, is_pretrained_source,
-                                 model_from_state, resolve_model_config)
-from gpt.resume import seed_everything
-from gpt.tools.multiple_choice import (HELLASWAG, Prompts, Scoring, TaskScore, load_task, log_probs, score_task,
-                                       subset)
-from gpt.tools.next_words import NEXT_WORDS
-from gpt.model import IGNORE_INDEX, GPTModel, ModelConfig
-from gpt.precision import DTYPES, Precision, dtype_name, scoring_dtype
-from gpt.tokenizer import token_byte_lengths
+from gpt.checkpoint import build_model, checkpoint_path, load_checkpoint, model_from_state, resolve_model_config
+from gpt.cli import DEFAULT_RUN_CONFIG, default_checkpoint
+from gpt.compiled import compile_model
+from gpt.config import DataConfig, TrainConfig, build_config, config_from_dict, parse_overrides
+from gpt.corpus.prepare import open_corpus, prepare, reusable
+from gpt.corpus.writing import preparing, publish, write_tokens
+from gpt.data import TokenWindows, eval_loader, full_batch, load_split
 from gpt.device import pick_device, setup_device
-from gpt.training import batch_to_device, compile_model, loss_sums, out_of_memory_named
+from gpt.downloads import DATA_DIR
+from gpt.errors import ArgumentParser, UserError, run_cli
+from gpt.gpt2.pretrained import is_pretrained_source
+from gpt.model import GPTModel, IGNORE_INDEX, ModelConfig
+from gpt.precision import DTYPES, Precision, dtype_name, scoring_dtype
+from gpt.resume import seed_everything
+from gpt.tools.multiple_choice import HELLASWAG, Prompts, Scoring, TaskScore, load_task, log_probs, score_task, subset
+from gpt.tools.next_words import NEXT_WORDS
+from gpt.training import Score, batch_to_device, describe, score
 
 
-@dataclass
-class Score:
-    """Sums over the scored tokens of every window; the figures are properties."""
+def prepare_whole(cfg: DataConfig, spec: str, prepared_dir: str | None = None, max_tokens: int | None = None,
+                  option: str = "--corpus") -> Path:
+    """Tokenise all of the corpus `spec` (its first `max_tokens`) into whole.bin, once; return the dir.
 
-    windows: int = 0
-    tokens: int = 0  # target tokens scored
-    nats: float = 0.0  # their summed next-token loss
-    text_tokens: int = 0  # those that are text (all but <|endoftext|>)
-    text_nats: float = 0.0
-    text_bytes: int = 0  # the UTF-8 bytes of those
-
-    @property
-    def loss(self) -> float:
-        """Mean nats per scored token."""
-        return self.nats / self.tokens
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(min(self.loss, 50))
-
-    @property
-    def bits_per_byte(self) -> float:
-        """Nats of the text tokens / (their UTF-8 bytes x ln 2)."""
-        return self.text_nats / (self.text_bytes * math.log(2)) if self.text_bytes else math.nan
-
-
-def score(model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision | None = None,
-          dist: Distributed = SINGLE) -> Score:
-    """Loss and bits per byte over every batch of `loader`, in eval mode; restores the mode.
-
-    `model` runs as given: compiled (`compile_model`), the loss is computed inside its graph. With
-    several processes, each scores its share of the batches and the sums are over all.
+    The dir is `prepared_dir`, or data/<name>-whole/ (cfg.prepared_dir belongs to cfg.corpus).
     """
-    # 0 bytes for <|endoftext|> and for ids past GPT-2's (a chat template's markers): not text
-    lengths = token_byte_lengths()
-    byte_lengths = torch.zeros(max(len(lengths), 1 << 16), dtype=torch.long)  # every uint16 id
-    byte_lengths[:len(lengths)] = torch.tensor(lengths)
-    byte_lengths = byte_lengths.to(device)
-    windows = sum(len(batch) for batch in loader.batch_sampler)  # this process's; padding rows are none
-    if dist.launched:
-        windows = int(dist.sum(torch.tensor(windows, device=device)).item())
-    batches = tqdm(loader, desc="evaluating", unit="batch", leave=False, disable=None if dist.is_main else True)
-    return Score(windows, **asdict(loss_sums(model, batches, device, precision, dist, byte_lengths)))
+    source = open_corpus(spec, cfg, option)
+    prepared = Path(prepared_dir) if prepared_dir else DATA_DIR / f"{source.name}-whole"
+    wanted = {"corpus": source.name, "source": source.fingerprint(), "tokenizer": "gpt2", "split": "whole",
+              "max_tokens": max_tokens}
+    if not reusable(prepared, wanted, {"whole.bin": "whole_tokens"}):
+        with preparing(prepared, ("whole.bin",)) as temporary:
+            written = write_tokens(source, temporary["whole.bin"], cfg.num_proc, max_tokens)
+            publish(prepared, temporary, {**wanted, "documents": written.documents,
+                                          "characters": written.characters, "whole_tokens": written.tokens})
+    return prepared
 
 
 def counted_nats(model: nn.Module, inputs: torch.Tensor, positions: torch.Tensor | None, counted: torch.Tensor,
@@ -160,27 +133,6 @@ def score_replies(model: nn.Module, windows: Dataset, budget: int, device: torch
     return Score(len(windows), int(tokens), total)
 
 
-def describe(result: Score, label: str, what: str, dtype: torch.dtype) -> str:
-    """One line: `<label> over all N windows of <what>: loss (ppl), bits per byte (..., in <dtype>)`."""
-    return (f"{label} over all {result.windows:,} windows of {what}: {result.loss:.4f} "
-            f"(ppl {result.perplexity:.1f}), {result.bits_per_byte:.4f} bits per byte "
-            f"({result.tokens:,} tokens, {result.text_bytes:,} bytes of text, in {dtype_name(dtype)})")
-
-
-def final_val_line(model: nn.Module, loader: DataLoader, run: TrainConfig, device: torch.device, dist: Distributed,
-                   chat: bool, step: int) -> str:
-    """Training's final figure, after `step`: the val loss over every window (a chat run's replies only),
-    in the precision runs are compared in (float32 on any CPU), compiled where `run` compiled training."""
-    precision = Precision(scoring_dtype("comparable", run.dtype, device), device)
-    # Compiled again, not passed from `train`: Dynamo finds the graph the periodic evaluation
-    # compiled for this module and shape (the same `token_losses` call) and compiles nothing more
-    # (measured in one process and through DDP: docs/performance.md).
-    scored_model = compile_model(model, run.compile, device)
-    with out_of_memory_named("the evaluation over the whole val split after step", step, device):
-        scored = score(scored_model, loader, device, precision, dist)
-    if chat:
-        return describe(scored, "val loss (replies only)", "the val conversations", precision.dtype)
-    return describe(scored, "val loss", "the val split", precision.dtype)
 
 
 def data_config(base: DataConfig, overrides: list[str], source: str) -> tuple[DataConfig, set[str]]:

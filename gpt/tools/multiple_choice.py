@@ -22,7 +22,7 @@ run's held-out questions this way.
 
 Scoring (`score_task`) runs a context once for all the endings that share it, where llm.c runs it
 again in each ending's row: an item's endings that keep the same context (`shared_contexts`) go
-into a batch as one context row, run into a KV cache (`gpt.sampling.RowCache`, each row at its own
+into a batch as one context row, run into a KV cache (`gpt.tools.batched.RowCache`, each row at its own
 length), which each ending's row then continues, so a chat question's 7 to 38 candidate replies
 cost one pass over the conversation and a few tokens each. A context too long for the model loses
 its first tokens, and endings of different lengths keep different crops of it: those share only
@@ -55,15 +55,17 @@ from torch import nn
 from tqdm import tqdm
 
 from gpt.chat.template import END_ID, encode_content, render_prompt
-from gpt.corpus.downloads import DATA_DIR
-from gpt.distributed import SINGLE, Distributed
+from gpt.compiled import compile_model
+from gpt.config import TrainConfig
+from gpt.distributed import Distributed, SINGLE
+from gpt.downloads import DATA_DIR
 from gpt.errors import UserError
+from gpt.metrics import Figures
 from gpt.model import IGNORE_INDEX
 from gpt.precision import Precision
-from gpt.sampling import RowCache, vocab_logits
 from gpt.tokenizer import get_tokenizer
+from gpt.tools.batched import RowCache, vocab_logits
 from gpt.tools.next_words import NEXT_WORDS, next_words_task
-from gpt.training import compile_model
 
 TASK_DIR = DATA_DIR / "tasks"
 HELLASWAG = "hellaswag"
@@ -343,7 +345,7 @@ def ending_nats(model: nn.Module, contexts: torch.Tensor, lengths: torch.Tensor,
                 targets: torch.Tensor) -> torch.Tensor:
     """(N,) next-token losses of `targets` (`padded_batch`), 0 where a target is IGNORE_INDEX.
 
-    The (G, L) contexts run once, into a KV cache (`gpt.sampling.RowCache`: each row at its own
+    The (G, L) contexts run once, into a KV cache (`gpt.tools.batched.RowCache`: each row at its own
     length), which each of their endings' rows then continues: a chat question's 7 to 38 replies
     share one pass over its conversation. The head runs at `positions` only, not over every context
     token: on small.yaml's model it is most of the compute. Each loss is the negative
@@ -363,7 +365,7 @@ def ending_nats(model: nn.Module, contexts: torch.Tensor, lengths: torch.Tensor,
 
 def log_probs(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """(U, emb_dim) hidden states -> (U, vocab_size) log-probabilities of the next token, in float32 (as
-    F.cross_entropy takes them under autocast), over the real vocabulary (`gpt.sampling.vocab_logits`).
+    F.cross_entropy takes them under autocast), over the real vocabulary (`gpt.tools.batched.vocab_logits`).
 
     F.cross_entropy's math (log_softmax, then the target's), computed once for the targets that share
     a position: one fused pass, where logsumexp's four took 2.6x the time (measured)."""
@@ -500,8 +502,39 @@ class TaskScorer:
     def columns(self) -> list[str]:
         return [name for task in self.tasks for name in TaskScore(task.name).metrics()]
 
-    def __call__(self, model: nn.Module, precision: Precision) -> list[TaskScore]:
-        """Each task's score for `model` (the plain module: not DDP's), in training's precision."""
+    @property
+    def references(self) -> dict[str, tuple[float, str]]:
+        return reference_lines([task.name for task in self.tasks])
+
+    def __call__(self, model: nn.Module, precision: Precision) -> Figures:
+        """Each task's figures for `model` (the plain module: not DDP's), in training's precision: its
+        metrics, and its acc_norm and time for the evaluation's line."""
         self.scoring.precision = precision
-        return [score_task(model, task, self.scoring, self.dist, rows=rows)
-                for task, rows in zip(self.tasks, self.rows)]
+        scores = [score_task(model, task, self.scoring, self.dist, rows=rows)
+                  for task, rows in zip(self.tasks, self.rows)]
+        return Figures({name: value for score in scores for name, value in score.metrics().items()},
+                       "".join(f", {score.name} acc_norm {score.acc_norm:.4f} ({score.seconds:.1f} s)"
+                               for score in scores))
+
+
+def reference_lines(tasks: list[str]) -> dict[str, tuple[float, str]]:
+    """The lines a plot of these tasks' acc_norm draws beside them (`gpt.metrics.draw_tasks`): label ->
+    (value, line style): GPT-2 124M's HellaSwag score, and chance for the tasks of 4 endings."""
+    lines = {}
+    if HELLASWAG in tasks:
+        lines[f"GPT-2 124M on {HELLASWAG} ({GPT2_HELLASWAG['gpt2']})"] = (GPT2_HELLASWAG["gpt2"], "--")
+    if set(tasks) & {HELLASWAG, NEXT_WORDS}:  # 4 endings each
+        lines["chance (4 endings)"] = (0.25, ":")
+    return lines
+
+
+def task_evaluation(cfg: TrainConfig, chat: bool, context: int, batch_size: int, device: torch.device,
+                    dist: Distributed = SINGLE) -> TaskScorer:
+    """The evaluation a training run makes of `cfg.eval_tasks` (`gpt.training.evaluations`): each task read
+    (downloaded, made) by rank 0 first, then by the others; a line on each from rank 0."""
+    scoring = Scoring(Prompts.for_model(chat), context, batch_size * context, device, compile=cfg.compile)
+    scorer = dist.in_turn(lambda: TaskScorer(cfg.eval_tasks, cfg.eval_task_items, scoring, dist))
+    if dist.is_main:
+        for task in scorer.tasks:
+            print(f"scoring {task.name} at each evaluation: {len(task.items):,} items of {task.source}")
+    return scorer

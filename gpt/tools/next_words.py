@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt.corpus.downloads import DATA_DIR
-from gpt.data import DataConfig, prepare
+from gpt.config import DataConfig
+from gpt.corpus.prepare import prepare
+from gpt.downloads import DATA_DIR
 from gpt.tokenizer import get_tokenizer
 
 NEXT_WORDS = "shakespeare-next-words"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from gpt.errors import UserError
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"  # data/ beside gpt/ in the clone
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # data/ beside gpt/ in the clone
 DOWNLOAD_DIR = DATA_DIR / "downloads"
 
 

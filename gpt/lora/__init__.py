@@ -7,55 +7,24 @@ the frozen tied embedding by a parametrization. Checkpoints hold only what train
 the base (`train.init_from` and a sha256 of its weights), so a changed base is refused; every reader
 gets a plain `GPTModel` with the adapters merged in. Muon is refused: an orthogonalised update of a
 rank-8 factor is not the low-rank step LoRA is tuned for.
+
+A seam of `gpt.checkpoint`'s builder: it imports this package only for a run with `train.lora`, and
+hands `lora_model` and `merged_model` a function that builds the base, so nothing here builds a model.
 """
 
 import hashlib
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from gpt.config import GPT2_SIZES, LoRAConfig, SCRATCH, TrainConfig
+from gpt.errors import UserError
 from gpt.model import GPTModel
 
-# The linears of a block that may take adapters, by the names `train.lora.targets` uses: each name's
-# path in a block (`TransformerBlock`), and the two groups of them.
-LINEARS = {"W_query": "att.W_query", "W_key": "att.W_key", "W_value": "att.W_value", "out_proj": "att.out_proj",
-           "ff.fc": "ff.fc", "ff.proj": "ff.proj"}
-GROUPS = {"attention": ("W_query", "W_key", "W_value", "out_proj"), "mlp": ("ff.fc", "ff.proj")}
 LORA_BASE = "lora_base"  # the checkpoint key of the base's record (`base_record`)
-
-
-@dataclass
-class LoRAConfig:
-    """Low-rank adapters instead of full fine-tuning (`train.lora`)."""
-
-    rank: int = 8  # the adapters' inner dimension r
-    alpha: float = 16.0  # the update is scaled by alpha / rank
-    dropout: float = 0.05  # on the adapters' input only
-    targets: list[str] = field(default_factory=lambda: ["attention", "mlp"])  # groups or names of LINEARS
-
-    def __post_init__(self):
-        if self.rank < 1:
-            raise ValueError(f"train.lora.rank must be at least 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise ValueError(f"train.lora.alpha must be more than 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"train.lora.dropout must be in [0, 1), got {self.dropout}")
-        unknown = [name for name in self.targets if name not in GROUPS and name not in LINEARS]
-        if unknown or not self.targets:
-            what = f"names {unknown[0]!r}, which is not a linear of the model" if unknown else "is empty"
-            raise ValueError(f"train.lora.targets {what}; give {', '.join(GROUPS)} (groups) or "
-                             f"{', '.join(LINEARS)}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def paths(self) -> list[str]:
-        """The targets as paths in a block (`att.W_query`, ...), each once, in the block's order."""
-        names = {n for target in self.targets for n in GROUPS.get(target, (target,))}
-        return [path for name, path in LINEARS.items() if name in names]
 
 
 class LoRALinear(nn.Module):
@@ -180,3 +149,50 @@ def adapters_line(model: nn.Module, cfg: LoRAConfig) -> str:
             f"{new_rows}: {trainable:,} trainable parameters ({100 * trainable / total:.2f}% of {total:,}), "
             "the rest frozen")
 
+
+def lora_model(cfg: TrainConfig, build_base: Callable[[], GPTModel], new_rows: range,
+               resumed: tuple[Path, dict] | None = None) -> tuple[GPTModel, dict]:
+    """A LoRA run's model (`build_base()`: `cfg.init_from`'s weights, frozen, with fresh adapters and trainable
+    token rows `new_rows`) and the record of its base that its checkpoints keep (`base_record`).
+
+    With `resumed`, a checkpoint read from a path, the base must be the one it records: a UserError if
+    it cannot be loaded or its weights changed (the adapters only mean something on their own base).
+    """
+    if cfg.init_from == SCRATCH:
+        raise UserError("train.lora tunes adapters on pretrained weights, and train.init_from is scratch (random "
+                        f"weights, which adapters cannot teach); set train.init_from to {', '.join(GPT2_SIZES)}, a "
+                        "run folder or Hugging Face weights, or leave train.lora out to train every weight")
+    saved = resumed[1].get(LORA_BASE) if resumed is not None else None
+    if resumed is not None and not (isinstance(saved, dict) and {"init_from", "sha256"} <= set(saved)):
+        raise UserError(f"{resumed[0]} is a LoRA run's checkpoint without the record of its base ({LORA_BASE}); "
+                        "the file was damaged or edited: use another checkpoint")
+    try:
+        base = build_base()
+    except UserError as e:
+        if resumed is None:
+            raise
+        raise UserError(f"{resumed[0]} holds LoRA adapters, not a whole model, and their base cannot be loaded: "
+                        f"{e}") from None
+    record = base_record(cfg.init_from, base, new_rows)
+    if saved is not None and saved["sha256"] != record["sha256"]:
+        raise UserError(f"{resumed[0]} holds LoRA adapters for train.init_from {saved['init_from']!r} with weights of "
+                        f"sha256 {saved['sha256'][:12]}..., and {cfg.init_from!r} now has other weights "
+                        f"(sha256 {record['sha256'][:12]}...); put back the weights the adapters were tuned on, or "
+                        "fine-tune again on these")
+    return add_adapters(base, cfg.lora, new_rows), record
+
+
+def saved_rows(state: dict) -> range:
+    """The new token rows a LoRA run's checkpoint `state` records of its base (none if it records none)."""
+    saved = state.get(LORA_BASE)
+    rows = saved.get("new_token_rows") if isinstance(saved, dict) else None
+    return range(*rows) if isinstance(rows, list) and len(rows) == 2 else range(0)
+
+
+def merged_model(cfg: TrainConfig, build_base: Callable[[], GPTModel], state: dict, path: Path,
+                 load_weights: Callable[[nn.Module, dict, Path], None]) -> GPTModel:
+    """A LoRA run's model from its checkpoint `state` read from `path`: the base, checked, with the saved
+    adapters loaded (`load_weights`) and merged in, a plain GPTModel."""
+    model, _ = lora_model(cfg, build_base, saved_rows(state), (path, state))
+    load_weights(model, state["model"], path)
+    return merge(model)
