@@ -107,8 +107,8 @@ class CausalAttention(nn.Module):
         future = None  # the rows of the mask the shapes give: the last T of the first `keys` rows
         if cache is not None:  # keys, values: (B, n_heads, slots, head_dim)
             keys, values, positions = cache.write(keys, values)
-            if positions is not None:  # every slot: the mask's rows at the new positions, (T, context_length)
-                future = self.mask[positions]
+            if positions is not None:  # every slot: the mask's rows at the new positions, (T, slots)
+                future = self.mask[positions, :keys.shape[-2]]
         if apart is not None:  # packed sequences: the seed's mask, and every other sequence's keys
             future = self._last_rows(num_tokens, num_tokens) | apart  # (B, 1, T, T)
 

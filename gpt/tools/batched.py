@@ -39,18 +39,20 @@ class RowCache:
     positions hiding the slots after them. So prompts right-padded to one length run as one batch:
     a row's padding lies after its own tokens, where its mask hides it, and its next tokens
     overwrite it; each row attends to exactly its own tokens, as it would alone (tested on both
-    attention paths). Every row has every slot of the context (the mask's rows are that long).
+    attention paths). A cache holds only the slots its batch fills, not the whole context (the
+    mask's rows are cut to them): a short batch attends over, and copies, that much less.
     """
 
     def __init__(self, pos: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]):
         self.pos = pos  # (B, 1): each row's next position
-        self.layers = [RowLayer(k, v, self) for k, v in zip(keys, values)]  # each (B, H, context_length, D)
+        self.layers = [RowLayer(k, v, self) for k, v in zip(keys, values)]  # each (B, H, slots, D)
 
     @staticmethod
-    def empty(model: nn.Module, batch: int) -> "RowCache":
-        """A cache for `batch` sequences of `model`, in its weights' dtype and on their device, every row at 0."""
+    def empty(model: nn.Module, batch: int, slots: int | None = None) -> "RowCache":
+        """A cache for `batch` sequences of `model`, in its weights' dtype and on their device, every row at 0,
+        each of `slots` positions (None: the model's context_length; no more than it)."""
         cfg, weight = model.cfg, model.tok_emb.weight
-        shape = (batch, cfg.n_heads, cfg.context_length, cfg.emb_dim // cfg.n_heads)
+        shape = (batch, cfg.n_heads, slots or cfg.context_length, cfg.emb_dim // cfg.n_heads)
         def zeros() -> list[torch.Tensor]:
             return [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(cfg.n_layers)]
         return RowCache(torch.zeros(batch, 1, dtype=torch.long, device=weight.device), zeros(), zeros())
@@ -106,7 +108,8 @@ def generate_rows(model: nn.Module, prompts: list[list[int]], limits: list[int],
     live = list(range(len(prompts)))  # the rows still in the batch, in the cache's order
     if not live:
         return out
-    cache = RowCache.empty(model, len(prompts))
+    fed = max(len(prompt) + limit - 1 for prompt, limit in zip(prompts, limits))  # the slots the rows fill
+    cache = RowCache.empty(model, len(prompts), fed)
     with sdpa_kernel(DECODING_KERNELS):
         hidden = model.hidden_states(idx.to(device), cache)  # (B, width, emb_dim)
         logits = vocab_logits(model, hidden[torch.arange(len(prompts), device=device), lengths - 1])  # (B, V)

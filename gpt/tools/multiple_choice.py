@@ -335,7 +335,7 @@ def padded_batch(groups: list[Shared]) -> tuple[torch.Tensor, ...]:
 
 def cache_rows(model: nn.Module, budget: int) -> int:
     """The most rows (contexts and endings) a batch's KV cache may hold: as many numbers as the logits of an
-    eval batch of `budget` tokens, which training holds at once. Every row has every slot of the context."""
+    eval batch of `budget` tokens, which training holds at once, were every row as long as the context."""
     cfg = model.cfg
     return max(2, budget * cfg.padded_vocab_size // (cfg.context_length * cfg.n_layers * 2 * cfg.emb_dim))
 
@@ -352,7 +352,7 @@ def ending_nats(model: nn.Module, contexts: torch.Tensor, lengths: torch.Tensor,
     log-probability of its target at its position (`F.cross_entropy`'s math, the log-probabilities
     computed once for the targets that share them). Compiled as one function where training
     compiles (`Scoring`)."""
-    cache = RowCache.empty(model, len(contexts))
+    cache = RowCache.empty(model, len(contexts), contexts.shape[1] + wide.shape[1])  # the slots the batch fills
     hidden = model.hidden_states(contexts, cache)  # (G, L, emb_dim)
     states = [hidden[torch.arange(len(contexts), device=contexts.device), lengths - 1]]  # (G, emb_dim): each last
     cache.advance(lengths)
