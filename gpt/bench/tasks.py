@@ -7,9 +7,9 @@ process, `--rounds` times each:
 - runs `--steps` training steps of the config on random token ids.
 
 It prints items/s and the tokens/s the scoring runs (each shared context once, padded, then its
-endings' rows, padded), the time of a training step, and the share of a run that scoring at every evaluation would take: evaluations x one scoring, over that
-plus max_iters training steps (the run's own periodic loss estimates and saves left out: the
-share is an upper bound).
+endings' rows, padded), the time of a training step, and the share of a run that scoring at every
+evaluation would take: evaluations x one scoring, over that plus max_iters training steps (the
+run's own periodic loss estimates and saves left out: the share is an upper bound).
 """
 
 import math

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from gpt.chat.data import VAL_RECORDS
-from gpt.chat.template import END_ID, crop_history, render_prompt
+from gpt.chat.template import END_ID, reply_prompt
 from gpt.errors import UserError
 from gpt.sampling import SampleConfig
 from gpt.tokenizer import EOT_ID, TextStream
@@ -112,15 +112,6 @@ def choice_counts(task: Task) -> str:
     return f"{min(counts)}" if len(counts) == 1 else f"{min(counts)}-{max(counts)}"
 
 
-def reply_prompt(history: list[dict], limit: int, context_length: int) -> tuple[list[int], int]:
-    """(the prompt's ids, the tokens its reply may take) for the reply to `history`, as
-    `gpt.chat.template.reply` asks for it: the history cropped from its oldest turns to leave room for
-    the reply, then at most `limit` tokens, within the context. A UserError if the system prompt leaves no room."""
-    room = min(limit, context_length // 2)
-    prompt = render_prompt(crop_history(history, context_length - room)[0])
-    return prompt, min(limit, context_length - len(prompt))
-
-
 def reply_text(ids: list[int]) -> tuple[str, bool]:
     """(text, ended with <|end|>) of a reply's ids, as `gpt.chat.template.reply` reads them as they come: up to
     <|end|>, or to another marker or <|endoftext|>, which ends the reply too (and is not text)."""
@@ -140,13 +131,13 @@ def ask(model: nn.Module, records: list[dict], limit: int) -> Answers:
     asked, prompts, rooms = [], [], []
     for record in records:
         try:
-            prompt, room = reply_prompt(before_last_reply(record["messages"]), limit, model.cfg.context_length)
+            prompt = reply_prompt(before_last_reply(record["messages"]), limit, model.cfg.context_length)
         except UserError:  # its system prompt alone leaves no room for a reply in this context
             answers.skipped += 1
             continue
         asked.append(record)
         prompts.append(prompt)
-        rooms.append(room)
+        rooms.append(min(limit, model.cfg.context_length - len(prompt)))  # as much as the reply may take
     was_training = model.training
     model.eval()
     # a reply ends at <|end|>, at another marker or at <|endoftext|>: any id from EOT_ID on

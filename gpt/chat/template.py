@@ -267,6 +267,13 @@ def stream_reply(model: nn.Module, prompt: list[int], cfg: SampleConfig, device:
             return
 
 
+def reply_prompt(history: list[dict], max_new_tokens: int, context_length: int) -> list[int]:
+    """The prompt's ids for the reply to `history`: the history cropped from its oldest turns to leave room
+    for min(max_new_tokens, half the context) tokens of reply. A UserError if the system prompt leaves none."""
+    room = min(max_new_tokens, context_length // 2)
+    return render_prompt(crop_history(history, context_length - room)[0])
+
+
 def reply(model: nn.Module, history: list[dict], cfg: SampleConfig, device: torch.device,
           generator: torch.Generator | None = None, write: Callable[[str], None] | None = None,
           ) -> tuple[str, bool, list[int]]:
@@ -274,11 +281,10 @@ def reply(model: nn.Module, history: list[dict], cfg: SampleConfig, device: torc
 
     `write` gets the text as it comes, whole UTF-8 characters at a time.
     """
-    room = min(cfg.max_new_tokens, model.cfg.context_length // 2)
-    history, _ = crop_history(history, model.cfg.context_length - room)
     stream = TextStream()
     text, ids = "", []
-    for token in stream_reply(model, render_prompt(history), cfg, device, generator):
+    prompt = reply_prompt(history, cfg.max_new_tokens, model.cfg.context_length)
+    for token in stream_reply(model, prompt, cfg, device, generator):
         ids.append(token)
         if token == END_ID:
             break

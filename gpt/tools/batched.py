@@ -68,7 +68,6 @@ class RowCache:
                         [layer.values[rows] for layer in self.layers])
 
 
-
 class RowLayer:
     """One attention layer's keys and values in a `RowCache`."""
 
@@ -83,7 +82,6 @@ class RowLayer:
         self.keys.scatter_(2, slots, keys.to(self.keys.dtype))
         self.values.scatter_(2, slots, values.to(self.values.dtype))
         return self.keys, self.values, positions[:, None, :]
-
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from gpt.chat.data import VAL_RECORDS, load_chat_split, prepare_chat, read_meta
@@ -105,22 +105,24 @@ def score_replies(model: nn.Module, windows: Dataset, budget: int, device: torch
     targets within `budget` (an eval batch's tokens: no more logits than that batch's).
     `counted_nats` runs through torch.compile where `compile` (the run's train.compile) says so, for
     any batch's shape at once. In eval mode; restores the mode."""
-    counts = [int((windows[i][1] != IGNORE_INDEX).sum()) for i in range(len(windows))]
-    batches, current, held = [], [], 0  # each batch's windows; the current one's and its counted targets
-    for i, count in enumerate(counts):
-        if current and held + count > budget:
-            batches.append(current)
-            current, held = [], 0
-        current.append(i)
-        held += count
-    loader = DataLoader(windows, batch_sampler=batches + [current] if current else batches,
-                        collate_fn=lambda items: full_batch(items, len(items)))
+    def batches():  # each window read once, into the batch it fits
+        current, held = [], 0  # the current batch's windows and their counted targets
+        for i in range(len(windows)):
+            window = windows[i]
+            count = int((window[1] != IGNORE_INDEX).sum())
+            if current and held + count > budget:
+                yield full_batch(current, len(current))
+                current, held = [], 0
+            current.append(window)
+            held += count
+        if current:
+            yield full_batch(current, len(current))
     was_training = model.training
     model.eval()
     nats = compile_model(counted_nats, compile, device, dynamic=True)
     per_batch = []  # each batch's (tokens, nats), left on the device: one sync at the end
     with torch.no_grad():
-        for batch in tqdm(loader, desc="evaluating", unit="batch", leave=False, disable=None):
+        for batch in tqdm(batches(), desc="evaluating", unit="batch", leave=False, disable=None):
             inputs, targets, positions = batch_to_device(batch, device)
             targets = targets.flatten()
             counted = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
@@ -131,8 +133,6 @@ def score_replies(model: nn.Module, windows: Dataset, budget: int, device: torch
     model.train(was_training)
     tokens, total = torch.stack(per_batch).cpu().double().sum(0).tolist() if per_batch else (0, 0.0)
     return Score(len(windows), int(tokens), total)
-
-
 
 
 def data_config(base: DataConfig, overrides: list[str], source: str) -> tuple[DataConfig, set[str]]:
