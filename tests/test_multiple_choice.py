@@ -160,6 +160,26 @@ def test_batched_scoring_picks_what_one_ending_at_a_time_picks(budget):
     assert result.right_norm == norm
 
 
+def test_the_head_by_vocabulary_pieces_gives_cross_entropy_over_the_whole_vocabulary():
+    """`target_nats` runs the head `VOCAB_PIECE` vocabulary rows at a time, the last piece shorter: each
+    target's loss is F.cross_entropy's over the model's whole logits, float32 to 1e-5, for targets in
+    the first, middle and last pieces and at their edges, several targets at one position."""
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(context_length=8, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0)).eval()
+    with torch.no_grad():
+        model.out_head.weight.mul_(50)  # logits spread over tens of nats: a wrong column or piece shows
+    piece, vocab = mc.VOCAB_PIECE, model.cfg.vocab_size
+    assert vocab > 3 * piece and vocab % piece
+    hidden = torch.randn(5, 32)
+    targets = torch.tensor([0, piece - 1, piece, 2 * piece + 7, vocab - 1, vocab - 1, 1, 3 * piece])
+    sources = torch.tensor([0, 1, 2, 3, 4, 0, 4, 2])
+    with torch.no_grad():
+        expected = F.cross_entropy(model.logits(hidden)[sources], targets, reduction="none")
+        scored = mc.target_nats(model, hidden, sources, targets)
+    assert expected.std() > 1
+    torch.testing.assert_close(scored, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("attn_impl", ["sdpa", "explicit"])
 def test_a_context_runs_once_for_its_endings_and_each_ending_scores_as_its_own_row(attn_impl):
     """Endings that keep the same context share one pass over it (and the predictions after a common start);

@@ -63,7 +63,7 @@ from gpt.gpt2.pretrained import is_pretrained_source
 from gpt.model import GPTModel, IGNORE_INDEX, ModelConfig
 from gpt.precision import DTYPES, Precision, dtype_name, scoring_dtype
 from gpt.resume import seed_everything
-from gpt.tools.multiple_choice import HELLASWAG, Prompts, Scoring, TaskScore, load_task, log_probs, score_task, subset
+from gpt.tools.multiple_choice import HELLASWAG, Prompts, Scoring, TaskScore, load_task, score_task, subset, target_nats
 from gpt.tools.next_words import NEXT_WORDS
 from gpt.training import Score, batch_to_device, describe, score
 
@@ -91,7 +91,7 @@ def counted_nats(model: nn.Module, inputs: torch.Tensor, positions: torch.Tensor
     """(N,) next-token losses of the N `targets` predicted at the `counted` places of the flattened (B, T)
     inputs (chat windows, packed where `positions` are given), the head only there."""
     hidden = model.hidden_states(inputs, positions=positions).flatten(0, 1)  # (B * T, emb_dim)
-    return -log_probs(model, hidden[counted]).gather(1, targets[:, None]).squeeze(1)
+    return target_nats(model, hidden[counted], torch.arange(len(counted), device=counted.device), targets)
 
 
 def score_replies(model: nn.Module, windows: Dataset, budget: int, device: torch.device,
