@@ -180,6 +180,46 @@ def test_the_head_by_vocabulary_pieces_gives_cross_entropy_over_the_whole_vocabu
     torch.testing.assert_close(scored, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_scoring_runs_the_exact_head_only_where_an_ending_could_be_picked_and_picks_the_same(monkeypatch):
+    """`score_task` asks for the picks only (`ending_losses(..., every=False)`, `picking_nats`): an ending that
+    cannot be its item's pick by acc or acc_norm keeps a lower bound of its loss, above the pick's.
+    float32, on a model whose mass lies mostly on the ids the bound sums over (as a trained one's
+    does), some bounds loose: the same picks as exact losses everywhere, for fewer exact positions."""
+    rng = np.random.default_rng(1)
+    words = ["the", "fox", "ran", "over", "a", "hill", "and", "café", "night", "sun", "moon", "king", "of", "to"]
+    items = [Item(" ".join(rng.choice(words, rng.integers(3, 40))),  # some cropped to fit: several groups
+                  tuple(" ".join(rng.choice(words, rng.integers(1, 7))) for _ in range(rng.integers(3, 9))), 0)
+             for _ in range(24)]
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(context_length=24, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0)).eval()
+    with torch.no_grad():
+        model.out_head.weight[:mc.BOUND_IDS] *= 30
+    prompts = Prompts.for_model(chat=False)
+    rows = [mc.item_rows(i, prompts, 24) for i in items]
+    scoring = mc.Scoring(prompts, 24, 64, CPU)
+    exact = mc.ending_losses(model, rows, scoring)
+    positions, target_nats = [], mc.target_nats
+    monkeypatch.setattr(mc, "target_nats", lambda m, hidden, *rest: positions.append(len(hidden))
+                        or target_nats(m, hidden, *rest))
+    picked = mc.ending_losses(model, rows, scoring, every=False)
+    assert 0 < sum(positions) < 0.7 * sum(mc.predictions(g) for g in mc.shared_contexts(rows))
+    bounded = 0
+    for ours, right in zip(picked, exact):
+        assert torch.equal(ours[:, 1], right[:, 1]) and (ours[:, 0] <= right[:, 0] + 1e-5).all()
+        left_out = ~torch.isclose(ours[:, 0], right[:, 0], rtol=1e-6, atol=1e-6)
+        bounded += int(left_out.sum())
+        for measure in (lambda scored: scored[:, 0], lambda scored: scored[:, 0] / scored[:, 1]):
+            assert int(measure(ours).argmin()) == int(measure(right).argmin())
+            assert (measure(ours)[left_out] > measure(right).min()).all()
+    assert bounded > 20  # of 124 endings
+    # score_task counts those picks: the counts of exact losses everywhere
+    task = Task("t", items, "made here")
+    ours = mc.score_task(model, task, scoring)
+    monkeypatch.setattr(mc, "ending_losses", lambda *args, every: exact)
+    right = mc.score_task(model, task, scoring)
+    assert (ours.items, ours.right, ours.right_norm) == (right.items, right.right, right.right_norm)
+
+
 @pytest.mark.parametrize("attn_impl", ["sdpa", "explicit"])
 def test_a_context_runs_once_for_its_endings_and_each_ending_scores_as_its_own_row(attn_impl):
     """Endings that keep the same context share one pass over it (and the predictions after a common start);
@@ -430,7 +470,7 @@ def test_a_chat_run_is_scored_through_its_template(items_file, tmp_path, capsys)
 @pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_compiled_scoring_is_one_graph_for_every_batch_and_counts_what_eager_scoring_counts(
         backend, items_file, monkeypatch):
-    """Where training compiles (`train.compile`; auto: CUDA), `ending_nats` goes through torch.compile with
+    """Where training compiles (`train.compile`; auto: CUDA), `ending_states` goes through torch.compile with
     dynamic shapes: Dynamo's tracing alone (its eager backend), or Inductor's real compile on this CPU
     (slow). No graph break, no fallback to eager, the same counts."""
     import warnings

@@ -28,7 +28,9 @@ cost one pass over the conversation and a few tokens each. A context too long fo
 its first tokens, and endings of different lengths keep different crops of it: those share only
 with the endings that keep the same crop, so every ending is scored after exactly its own row's
 context. The output head runs only where an ending's token is predicted, once per distinct
-(context, ending start), over the real vocabulary (`ending_nats`, `target_nats`). A batch holds as
+(context, ending start), over the real vocabulary (`ending_states`, `target_nats`), and in
+float32 only as far as the picks need: a cheap lower bound of every ending's loss first, then
+the exact loss of each ending that could still be its item's pick (`picking_nats`). A batch holds as
 many whole groups, longest contexts first (right-padded to the longest, their endings to theirs),
 as keep the head's positions within the token budget of an eval batch (`data.batch_size` x
 `context_length`: no more logits than that batch's) and the cache within as many numbers. With
@@ -296,7 +298,7 @@ def padded_batch(groups: list[Shared]) -> tuple[torch.Tensor, ...]:
     continues its group's context (`group_of`); the rows, longest first, fall into two blocks, each
     right-padded to its longest: `wide` and then `narrow`, split where the two hold the fewest
     tokens (shakespeare-chat's replies of 2 to 10 tokens: a third fewer than one block). The hidden
-    states `ending_nats` makes are each context's last, then the wide rows' flattened, then the
+    states `ending_states` makes are each context's last, then the wide rows' flattened, then the
     narrow ones': a context's last predicts the first token of each of its endings, a row's
     position j its ending's token j + 1. `positions` are the hidden states where a token is
     predicted, each once: the endings of a group that start alike share the predictions after the
@@ -340,18 +342,15 @@ def cache_rows(model: nn.Module, budget: int) -> int:
     return max(2, budget * cfg.padded_vocab_size // (cfg.context_length * cfg.n_layers * 2 * cfg.emb_dim))
 
 
-def ending_nats(model: nn.Module, contexts: torch.Tensor, lengths: torch.Tensor, group_of: torch.Tensor,
-                wide: torch.Tensor, narrow: torch.Tensor, positions: torch.Tensor, sources: torch.Tensor,
-                targets: torch.Tensor) -> torch.Tensor:
-    """(N,) next-token losses of `targets` (`padded_batch`), 0 where a target is IGNORE_INDEX.
+def ending_states(model: nn.Module, contexts: torch.Tensor, lengths: torch.Tensor, group_of: torch.Tensor,
+                  wide: torch.Tensor, narrow: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(U, emb_dim) the hidden states at `positions` (`padded_batch`): where the endings' tokens are predicted.
 
     The (G, L) contexts run once, into a KV cache (`gpt.tools.batched.RowCache`: each row at its own
     length), which each of their endings' rows then continues: a chat question's 7 to 38 replies
-    share one pass over its conversation. The head runs at `positions` only, not over every context
-    token: on small.yaml's model it is most of the compute. Each loss is the negative
-    log-probability of its target at its position (`F.cross_entropy`'s math, the log-probabilities
-    computed once for the targets that share them). Compiled as one function where training
-    compiles (`Scoring`)."""
+    share one pass over its conversation. The head then runs at these positions only
+    (`target_nats`, `picking_nats`), not over every context token: on small.yaml's model it is most
+    of the compute. Compiled where training compiles (`Scoring`)."""
     cache = RowCache.empty(model, len(contexts), contexts.shape[1] + wide.shape[1])  # the slots the batch fills
     hidden = model.hidden_states(contexts, cache)  # (G, L, emb_dim)
     states = [hidden[torch.arange(len(contexts), device=contexts.device), lengths - 1]]  # (G, emb_dim): each last
@@ -359,8 +358,7 @@ def ending_nats(model: nn.Module, contexts: torch.Tensor, lengths: torch.Tensor,
     for rows, owners in ((wide, group_of[:len(wide)]), (narrow, group_of[len(wide):])):
         if rows.shape[0] and rows.shape[1]:  # some ending of the block has a token after its first
             states.append(model.hidden_states(rows, cache.select(owners)).flatten(0, 1))  # (rows * width, emb_dim)
-    return target_nats(model, torch.cat(states)[positions], sources, targets.clamp(min=0)).masked_fill(
-        targets == IGNORE_INDEX, 0.0)
+    return torch.cat(states)[positions]
 
 
 VOCAB_PIECE = 4096  # the head's vocabulary rows at a time in `target_nats`
@@ -387,6 +385,60 @@ def target_nats(model: nn.Module, hidden: torch.Tensor, sources: torch.Tensor, t
     return torch.stack(norms, 1).logsumexp(1)[sources] - picked
 
 
+BOUND_IDS = 1024  # the ids every position's bound sums over, with the batch's targets: GPT-2's most frequent
+MARGIN = 1e-3  # nats a token by which a bound must exceed the best exact loss to leave an ending out (rounding)
+
+
+def bound_nats(model: nn.Module, hidden: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) lower bounds of `target_nats`: each position's normaliser summed over a few ids only, the first
+    BOUND_IDS (GPT-2's BPE merged its most frequent tokens first) and every target of the batch, which
+    the sum over the whole vocabulary can only exceed. A fiftieth of the head's work on small.yaml's
+    model, and close where the model is sure: its mass is on those ids."""
+    first = torch.arange(min(BOUND_IDS, model.cfg.vocab_size), device=targets.device)
+    ids, where = torch.cat([first, targets]).unique(return_inverse=True)
+    logits = F.linear(model.final_norm(hidden), model.out_head.weight[ids]).float()  # (U, ids)
+    return logits.logsumexp(-1)[sources] - logits[sources, where[len(first):]]
+
+
+def picking_nats(model: nn.Module, hidden: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor,
+                 owners: torch.Tensor, groups: list[Shared]) -> torch.Tensor:
+    """(N,) the targets' losses (`padded_batch`; 0 where IGNORE_INDEX): exact for every ending that could be its
+    group's pick by acc or acc_norm, lower bounds (`bound_nats`) for the others, which then lie above the
+    pick's. So each item's picks are those of exact losses everywhere, for a part of the head's work.
+
+    An exact branch and bound, in two rounds of the head at the positions they need: first each
+    group's lowest bound by either measure; then every ending whose bound is not above the best of
+    those exact losses (by more than MARGIN a token, for rounding). A group is an item's endings
+    that share a context (all of them, unless the context was cropped), and the best of a group is
+    no better than the best of its item: an ending left out cannot be the item's pick either."""
+    counted = targets != IGNORE_INDEX
+    targets = targets.clamp(min=0)
+    nats = bound_nats(model, hidden, sources, targets).masked_fill(~counted, 0.0)
+    numbers = torch.tensor(sorted(n for group in groups for n in group.rows))  # the batch's endings
+    ending = torch.searchsorted(numbers, owners.cpu()).to(owners.device)  # each target's ending among them
+    members = [torch.searchsorted(numbers, torch.tensor(group.rows)) for group in groups]
+    def per_ending(values: torch.Tensor) -> torch.Tensor:  # (N,) -> each ending's sum, on the CPU
+        return torch.zeros(len(numbers), device=values.device).index_add_(0, ending, values).cpu()
+    tokens = per_ending(counted.float())
+    exact = torch.zeros(len(numbers), dtype=torch.bool)
+    for first_round in (True, False):
+        summed = per_ending(nats)
+        wanted = torch.zeros_like(exact)
+        for rows in members:
+            for value, slack in ((summed[rows], MARGIN * tokens[rows]), ((summed / tokens)[rows], MARGIN)):
+                if first_round:
+                    wanted[rows[value.argmin()]] = True
+                else:
+                    wanted[rows] |= value <= value[exact[rows]].min() + slack
+        wanted &= ~exact
+        if wanted.any():
+            needed = wanted.to(ending.device)[ending] & counted  # the wanted endings' targets
+            positions, where = sources[needed].unique(return_inverse=True)
+            nats[needed] = target_nats(model, hidden[positions], where, targets[needed])
+        exact |= wanted
+    return nats
+
+
 @dataclass
 class Scoring:
     """How items are scored for a model: prompts, the model's context, the batch budget, where and how."""
@@ -396,12 +448,12 @@ class Scoring:
     budget: int  # tokens per batch (padded): an eval batch's, data.batch_size x context_length
     device: torch.device
     precision: Precision | None = None  # autocast, as training runs
-    compile: bool | str = False  # as train.compile: `ending_nats` through torch.compile where it says so
+    compile: bool | str = False  # as train.compile: `ending_states` through torch.compile where it says so
 
     def __post_init__(self):
         # Every batch has its own rows, length and count of positions: compiled for any shape at
         # once, rather than again as each dimension first changes
-        self.nats = compile_model(ending_nats, self.compile, self.device, dynamic=True)
+        self.states = compile_model(ending_states, self.compile, self.device, dynamic=True)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -455,19 +507,31 @@ class TaskScore:
 
 @torch.no_grad()
 def ending_losses(model: nn.Module, rows: list[list[tuple[list[int], int]]], scoring: Scoring,
-                  progress: str | None = None) -> list[torch.Tensor]:
+                  progress: str | None = None, every: bool = True) -> list[torch.Tensor]:
     """Per item (its `item_rows`), an (endings, 2) float64 tensor: each ending's summed loss and its token
-    count, in eval mode. `progress` names the bar (None: no bar)."""
+    count, in eval mode. `progress` names the bar (None: no bar).
+
+    With `every` False, only what the picks need where the head runs in full float32: an ending that
+    cannot be its item's pick by acc or acc_norm gets a lower bound of its loss, above the pick's
+    (`picking_nats`); the picks are the same. Under autocast to 16 bits or in TF32 matmuls (CUDA's
+    float32 here) every loss is exact: the bounds' rounding would not stay within MARGIN."""
     was_training = model.training
     model.eval()
     groups = shared_contexts(rows)
+    prune = (not every and model.out_head.weight.dtype == torch.float32
+             and (scoring.precision is None or scoring.precision.dtype == torch.float32)
+             and torch.get_float32_matmul_precision() == "highest")
     sums = torch.zeros(sum(map(len, rows)), 2, device=scoring.device)  # per ending: summed loss, tokens
     bar = tqdm(total=len(groups), desc=progress, unit="context", leave=False, disable=None if progress else True)
     for batch in batches_of(groups, scoring.budget, scoring.context_length, cache_rows(model, scoring.budget)):
-        *tensors, owners = (t.to(scoring.device) for t in padded_batch([groups[g] for g in batch]))
-        targets = tensors[-1]
+        *tensors, sources, targets, owners = (t.to(scoring.device) for t in padded_batch([groups[g] for g in batch]))
         with scoring.precision.autocast() if scoring.precision else contextlib.nullcontext():
-            losses = scoring.nats(model, *tensors).float()  # (N,), 0 where ignored
+            hidden = scoring.states(model, *tensors)
+            if prune:
+                losses = picking_nats(model, hidden, sources, targets, owners, [groups[g] for g in batch])
+            else:
+                losses = target_nats(model, hidden, sources, targets.clamp(min=0)).masked_fill(
+                    targets == IGNORE_INDEX, 0.0)
         sums.index_add_(0, owners, torch.stack([losses, (targets != IGNORE_INDEX).float()], 1))
         bar.update(len(batch))
     bar.close()
@@ -488,7 +552,7 @@ def score_task(model: nn.Module, task: Task, scoring: Scoring, dist: Distributed
     show = announce is not None and dist.is_main
     if show:
         print(announce, file=sys.stderr)
-    losses = ending_losses(model, rows, scoring, task.name if show else None)
+    losses = ending_losses(model, rows, scoring, task.name if show else None, every=False)
     right = right_norm = 0
     for item, scored in zip(items, losses):
         summed, tokens = scored.unbind(1)
