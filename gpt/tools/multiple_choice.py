@@ -372,8 +372,8 @@ def target_nats(model: nn.Module, hidden: torch.Tensor, sources: torch.Tensor, t
     computed once for the targets that share it. The head runs VOCAB_PIECE vocabulary rows at a
     time, and no (U, vocab) logits are ever held: on a 2-core CPU the (U, 4096) matmuls take three
     quarters of the time of one (U, 50257), measured. A piece's normaliser is one of its logits
-    minus that logit's log_softmax (one fused pass, where logsumexp's four take 1.2x the head's
-    time, measured); the pieces' normalisers then add up as their logsumexp."""
+    minus that logit's log_softmax (one fused pass: with logsumexp's four the head takes 1.2x as
+    long, measured); the pieces' normalisers then add up as their logsumexp."""
     x = model.final_norm(hidden)
     weight = model.out_head.weight[:model.cfg.vocab_size]
     norms, picked = [], torch.zeros(targets.shape, device=hidden.device)
