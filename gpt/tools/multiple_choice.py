@@ -392,8 +392,8 @@ MARGIN = 1e-3  # nats a token by which a bound must exceed the best exact loss t
 def bound_nats(model: nn.Module, hidden: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(N,) lower bounds of `target_nats`: each position's normaliser summed over a few ids only, the first
     BOUND_IDS (GPT-2's BPE merged its most frequent tokens first) and every target of the batch, which
-    the sum over the whole vocabulary can only exceed. A fiftieth of the head's work on small.yaml's
-    model, and close where the model is sure: its mass is on those ids."""
+    the sum over the whole vocabulary can only exceed. On the chat demo 1,105 to 1,345 ids, under 3%
+    of the head's work, and close where the model is sure: its mass is on those ids."""
     first = torch.arange(min(BOUND_IDS, model.cfg.vocab_size), device=targets.device)
     ids, where = torch.cat([first, targets]).unique(return_inverse=True)
     logits = F.linear(model.final_norm(hidden), model.out_head.weight[ids]).float()  # (U, ids)
