@@ -401,9 +401,9 @@ def bound_nats(model: nn.Module, hidden: torch.Tensor, sources: torch.Tensor, ta
 
 
 def picking_nats(model: nn.Module, hidden: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor,
-                 owners: torch.Tensor, groups: list[Shared]) -> torch.Tensor:
-    """(N,) the targets' losses (`padded_batch`; 0 where IGNORE_INDEX): exact for every ending that could be its
-    group's pick by acc or acc_norm, lower bounds (`bound_nats`) for the others, which then lie above the
+                 counted: torch.Tensor, owners: torch.Tensor, groups: list[Shared]) -> torch.Tensor:
+    """(N,) the targets' losses (`padded_batch`; the `counted` ones count): exact for every ending that could be
+    its group's pick by acc or acc_norm, lower bounds (`bound_nats`) for the others, which then lie above the
     pick's. So each item's picks are those of exact losses everywhere, for a part of the head's work.
 
     An exact branch and bound, in two rounds of the head at the positions they need: first each
@@ -411,8 +411,6 @@ def picking_nats(model: nn.Module, hidden: torch.Tensor, sources: torch.Tensor, 
     those exact losses (by more than MARGIN a token, for rounding). A group is an item's endings
     that share a context (all of them, unless the context was cropped), and the best of a group is
     no better than the best of its item: an ending left out cannot be the item's pick either."""
-    counted = targets != IGNORE_INDEX
-    targets = targets.clamp(min=0)
     nats = bound_nats(model, hidden, sources, targets).masked_fill(~counted, 0.0)
     numbers = torch.tensor(sorted(n for group in groups for n in group.rows))  # the batch's endings
     ending = torch.searchsorted(numbers, owners.cpu()).to(owners.device)  # each target's ending among them
@@ -524,15 +522,15 @@ def ending_losses(model: nn.Module, rows: list[list[tuple[list[int], int]]], sco
     sums = torch.zeros(sum(map(len, rows)), 2, device=scoring.device)  # per ending: summed loss, tokens
     bar = tqdm(total=len(groups), desc=progress, unit="context", leave=False, disable=None if progress else True)
     for batch in batches_of(groups, scoring.budget, scoring.context_length, cache_rows(model, scoring.budget)):
-        *tensors, sources, targets, owners = (t.to(scoring.device) for t in padded_batch([groups[g] for g in batch]))
+        chosen = [groups[g] for g in batch]
+        *tensors, sources, targets, owners = (t.to(scoring.device) for t in padded_batch(chosen))
+        counted = targets != IGNORE_INDEX
+        targets = targets.clamp(min=0)  # the padding's IGNORE_INDEX as an id; its losses are dropped below
         with scoring.precision.autocast() if scoring.precision else contextlib.nullcontext():
             hidden = scoring.states(model, *tensors)
-            if prune:
-                losses = picking_nats(model, hidden, sources, targets, owners, [groups[g] for g in batch])
-            else:
-                losses = target_nats(model, hidden, sources, targets.clamp(min=0)).masked_fill(
-                    targets == IGNORE_INDEX, 0.0)
-        sums.index_add_(0, owners, torch.stack([losses, (targets != IGNORE_INDEX).float()], 1))
+            losses = (picking_nats(model, hidden, sources, targets, counted, owners, chosen) if prune
+                      else target_nats(model, hidden, sources, targets))
+        sums.index_add_(0, owners, torch.stack([losses.masked_fill(~counted, 0.0), counted.float()], 1))
         bar.update(len(batch))
     bar.close()
     model.train(was_training)
