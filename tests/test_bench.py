@@ -74,16 +74,18 @@ def test_bench_prints_the_settings_to_match_and_a_command_that_repeats_them(caps
 def test_memory_bench_measures_less_with_activation_checkpointing(capsys):
     """Each setting in its own process; at a size where the blocks' activations outweigh the
     logits (a 256-token vocabulary, context 256, 8 layers), checkpointing must cut training's peak
-    memory (measured: to about half of it)."""
+    memory (measured: to 0.50x-0.56x of it, once 0.78x; resident memory is noisy). The ratio is read
+    from the bench's own line, computed before rounding: the GiB columns' two decimals alone can
+    turn 0.78x into 0.80x."""
     code = bench.main(["memory", "--config", "tiny.yaml", "--model.vocab_size=256", "--model.context_length=256",
                        "--model.n_layers=8", "--data.batch_size=16", "--train.optimizer=adamw", "--steps", "1"])
     out = capsys.readouterr().out
     assert code == 0, out
     # off|on, peak, before training, training (GiB)
     rows = dict(re.findall(r"^(off|on) +[\d.]+ G +[\d.]+ G +([\d.]+) G ", out, re.MULTILINE))
-    assert set(rows) == {"off", "on"}, out
-    assert 0 < float(rows["on"]) < 0.8 * float(rows["off"]), out  # training's own peak memory
-    assert "peak resident (RSS)" in out and re.search(r"^on / off +[\d.]+x", out, re.MULTILINE)
+    assert set(rows) == {"off", "on"} and all(float(value) > 0 for value in rows.values()), out
+    ratio = re.search(r"^on / off +[\d.]+x +([\d.]+)x", out, re.MULTILINE)  # peak, then training's own
+    assert "peak resident (RSS)" in out and ratio and float(ratio[1]) < 0.85, out
 
 
 @pytest.mark.slow
